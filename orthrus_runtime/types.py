@@ -1,0 +1,251 @@
+"""Plain data classes passed between the engine and everything that calls it.
+
+Nothing here imports torch: the Serve layer, the gRPC client and the metrics
+code depend on these without loading the model stack.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+Mode = Literal["orthrus", "ar"]
+MODES: tuple[str, ...] = ("orthrus", "ar")
+FinishReason = Literal["stop", "length", "abort"]
+
+MAX_STOP_STRINGS = 16
+_U64 = 2**64
+
+
+class InvalidRequestError(ValueError):
+    """A request the engine refuses before queueing it (maps to HTTP 400 / INVALID_ARGUMENT)."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine's step loop has died; no request can be served any more."""
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens. temperature == 0 means greedy."""
+
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int = -1  # -1 (or 0): no top-k filtering
+    top_p: float = 1.0
+    seed: Optional[int] = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def validate(self) -> None:
+        def bad(msg: str) -> None:
+            raise InvalidRequestError(msg)
+
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int):
+            bad(f"max_tokens must be an integer, got {self.max_tokens!r}")
+        if self.max_tokens < 1:
+            bad(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)):
+            bad(f"temperature must be a number, got {self.temperature!r}")
+        if not (self.temperature >= 0.0) or self.temperature == float("inf"):
+            bad(f"temperature must be >= 0 and finite, got {self.temperature}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int):
+            bad(f"top_k must be an integer, got {self.top_k!r}")
+        if self.top_k < -1:
+            bad(f"top_k must be -1 (disabled), 0 (disabled) or positive, got {self.top_k}")
+        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)):
+            bad(f"top_p must be a number, got {self.top_p!r}")
+        if not (0.0 < self.top_p <= 1.0):
+            bad(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None:
+            if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+                bad(f"seed must be an integer, got {self.seed!r}")
+            if not (-(2**63) <= self.seed < _U64):
+                bad(f"seed must fit in 64 bits, got {self.seed}")
+        if not isinstance(self.stop, list) or not all(isinstance(s, str) for s in self.stop):
+            bad("stop must be a list of strings")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            bad(f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(self.stop)}")
+        if any(s == "" for s in self.stop):
+            bad("stop strings must not be empty")
+        if not isinstance(self.stop_token_ids, list) or not all(
+            isinstance(t, int) and not isinstance(t, bool) for t in self.stop_token_ids
+        ):
+            bad("stop_token_ids must be a list of integers")
+
+
+@dataclass
+class GenerateRequest:
+    """One generation request. Exactly one of prompt, messages, prompt_token_ids is set."""
+
+    prompt: Optional[str] = None
+    messages: Optional[list[dict[str, str]]] = None  # [{"role": ..., "content": ...}], chat template applied
+    prompt_token_ids: Optional[list[int]] = None
+    params: SamplingParams = field(default_factory=SamplingParams)
+    mode: str = "orthrus"
+    request_id: Optional[str] = None
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class AcceptanceStats:
+    """Speculative statistics of one request (or, summed, of many).
+
+    num_cycles: decode cycles (one draft + one verify pass each; in ar mode, one AR step each).
+    num_draft_tokens: draft tokens that were verified.
+    num_accepted_tokens: verified draft tokens that were accepted.
+    accepted_per_position[i]: accepted drafts at draft position i (0-based).
+    Tokens emitted by the cycles = num_accepted_tokens + num_cycles (each cycle adds one AR token).
+    """
+
+    num_cycles: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens emitted per cycle (accepted drafts + the AR token)."""
+        if self.num_cycles == 0:
+            return 0.0
+        return (self.num_accepted_tokens + self.num_cycles) / self.num_cycles
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    def add(self, other: "AcceptanceStats") -> None:
+        self.num_cycles += other.num_cycles
+        self.num_draft_tokens += other.num_draft_tokens
+        self.num_accepted_tokens += other.num_accepted_tokens
+        n = max(len(self.accepted_per_position), len(other.accepted_per_position))
+        a = self.accepted_per_position + [0] * (n - len(self.accepted_per_position))
+        for i, v in enumerate(other.accepted_per_position):
+            a[i] += v
+        self.accepted_per_position = a
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["mean_accepted_length"] = self.mean_accepted_length
+        d["acceptance_rate"] = self.acceptance_rate
+        return d
+
+
+@dataclass
+class GenerateDelta:
+    """One streamed increment of a request's output.
+
+    token_ids are the new ids since the last delta; text is their text increment
+    (held back while a multi-byte character or a possible stop string is incomplete).
+    The last delta has finished=True with finish_reason, usage and stats set.
+    """
+
+    request_id: str
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finished: bool = False
+    finish_reason: Optional[str] = None
+    usage: Optional[Usage] = None
+    stats: Optional[AcceptanceStats] = None
+    # Seconds from arrival to being scheduled (set on the final delta).
+    queue_time_s: Optional[float] = None
+
+
+@dataclass
+class ModelInfo:
+    model_id: str
+    architecture: str  # "qwen3" or "llama"
+    block_size: int
+    max_model_len: int
+    vocab_size: int
+    mask_token_id: int
+    modes: list[str] = field(default_factory=lambda: list(MODES))
+    eos_token_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class EngineStats:
+    """A snapshot of the engine: gauges plus cumulative counters (never reset)."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0  # fraction of KV blocks in use, 0..1
+    num_kv_blocks_total: int = 0
+    num_kv_blocks_free: int = 0
+    num_preemptions: int = 0
+    num_requests_finished: int = 0
+    finished_by_reason: dict[str, int] = field(default_factory=dict)
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    # Per mode ("orthrus"/"ar") acceptance counters.
+    spec: dict[str, AcceptanceStats] = field(default_factory=dict)
+    loop_alive: bool = True
+    num_steps: int = 0
+
+
+# ---------------------------------------------------------------------------
+# Records the engine hands to a stat logger (see orthrus_runtime/metrics.py).
+# The engine calls StatLogger.on_step once per step and on_request_finished once
+# per request, from its step-loop thread; a logger must be cheap and never raise.
+
+
+@dataclass
+class CycleRecord:
+    """One decode cycle of one sequence in one step."""
+
+    mode: str  # "orthrus" or "ar"
+    num_draft_tokens: int  # drafts verified this cycle (0 in ar mode)
+    num_accepted_tokens: int  # accepted drafts: positions 0..num_accepted_tokens-1
+    num_emitted_tokens: int  # tokens added to the output (accepted + 1, less if a stop cut it)
+
+
+@dataclass
+class StepRecord:
+    duration_s: float  # wall time of the whole step
+    decode_duration_s: float  # wall time of its draft+verify cycle (0 when no sequence decoded)
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    num_preemptions: int  # new in this step
+    num_prompt_tokens: int  # prompt tokens prefilled in this step (first time only, not recompute)
+    num_generation_tokens: int  # tokens emitted in this step
+    cycles: list[CycleRecord] = field(default_factory=list)
+
+
+@dataclass
+class RequestRecord:
+    request_id: str
+    mode: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    arrival_time: float  # time.monotonic() values
+    first_scheduled_time: Optional[float]
+    first_token_time: Optional[float]
+    finished_time: float
+    # (time, number of tokens) of each emission after the first token.
+    emissions: list[tuple[float, int]] = field(default_factory=list)
+
+
+class StatLogger:
+    """Interface for engine statistics sinks; the default does nothing."""
+
+    def on_step(self, record: StepRecord) -> None:  # noqa: D401
+        return None
+
+    def on_request_finished(self, record: RequestRecord) -> None:
+        return None
