@@ -1,0 +1,316 @@
+"""Prometheus metrics of one Orthrus replica, defined once for the engine and the router.
+
+Names carry the prefix ``orthrus_`` and mean what vLLM's ``vllm:`` metrics of the
+same name mean, so PromQL written for vLLM carries over by swapping the prefix:
+
+    rate(orthrus_spec_decode_num_accepted_tokens_total[5m])
+      / rate(orthrus_spec_decode_num_draft_tokens_total[5m])     -> acceptance rate
+    1 + rate(orthrus_spec_decode_num_accepted_tokens_total[5m])
+      / rate(orthrus_spec_decode_num_drafts_total[5m])           -> mean acceptance length
+
+Every series is labelled ``model`` and ``replica``; where the decoding mode changes
+the meaning of a number (speculative counters, generated tokens, finished requests,
+per-request latencies, cycle histograms) it is labelled ``mode`` ("orthrus"/"ar").
+
+Export: each replica serves its own registry over HTTP (``start_metrics_server``),
+rather than going through Ray's metrics agent. prometheus-client gives exact
+counter/histogram semantics, bucket layouts chosen here, and no agent in between
+whose report interval would blur rates; in Kubernetes each GPU replica runs in its
+own worker pod, so a PodMonitor scrapes one fixed port per pod.
+
+No ray import here: the engine package must load without Ray.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections import defaultdict
+from typing import Optional
+
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from orthrus_runtime.types import MODES, CycleRecord, RequestRecord, StatLogger, StepRecord
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "orthrus_"
+FINISH_REASONS = ("stop", "length", "abort")
+# Label value of a step whose decode batch held sequences of both modes: its one
+# wall-clock duration cannot be split between them.
+MIXED_MODE = "mixed"
+
+# Bucket layouts. Latencies span a millisecond CPU step up to many-minute queues.
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75,
+                1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15,
+               0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+REQUEST_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0,
+                   20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0)
+QUEUE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 640.0)
+CYCLE_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.03,
+                 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
+# Tokens emitted per cycle are whole numbers from 1 to block size + 1: one bucket per
+# integer up to 17 (block size 16 is the default), then coarser for larger blocks.
+ACCEPTED_LENGTH_BUCKETS = tuple(float(i) for i in range(1, 18)) + (20.0, 24.0, 33.0, 48.0, 65.0)
+
+BASE_LABELS = ("model", "replica")
+
+
+class OrthrusMetrics(StatLogger):
+    """All metrics of one replica, in a registry of its own.
+
+    The engine calls on_step / on_request_finished from its step-loop thread; the
+    router calls on_request_error from its event loop. prometheus-client metrics are
+    thread-safe, and the per-position child cache is guarded by a lock.
+    """
+
+    def __init__(self, model: str, replica: str, registry: Optional[CollectorRegistry] = None):
+        if not model or not replica:
+            raise ValueError("OrthrusMetrics needs a non-empty model and replica label")
+        self.model = str(model)
+        self.replica = str(replica)
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        base = list(BASE_LABELS)
+        moded = base + ["mode"]
+        r = self.registry
+
+        def counter(name: str, doc: str, labels: list[str]) -> Counter:
+            return Counter(PREFIX + name, doc, labels, registry=r)
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(PREFIX + name, doc, base, registry=r)
+
+        def histogram(name: str, doc: str, labels: list[str], buckets) -> Histogram:
+            return Histogram(PREFIX + name, doc, labels, buckets=buckets, registry=r)
+
+        # Speculative decoding (vLLM: vllm:spec_decode_*).
+        self.spec_decode_num_drafts = counter(
+            "spec_decode_num_drafts",
+            "Number of spec decoding drafts: orthrus decode cycles of one sequence that verified at least one draft token.",
+            moded)
+        self.spec_decode_num_draft_tokens = counter(
+            "spec_decode_num_draft_tokens", "Number of draft tokens verified.", moded)
+        self.spec_decode_num_accepted_tokens = counter(
+            "spec_decode_num_accepted_tokens", "Number of accepted draft tokens.", moded)
+        self.spec_decode_num_accepted_tokens_per_pos = counter(
+            "spec_decode_num_accepted_tokens_per_pos",
+            "Accepted draft tokens per draft position (0-based).", moded + ["position"])
+        # Tokens, requests, scheduling (vLLM: vllm:prompt_tokens etc.).
+        self.prompt_tokens = counter(
+            "prompt_tokens", "Number of prefill tokens processed (recomputation after preemption excluded).", base)
+        self.generation_tokens = counter(
+            "generation_tokens", "Number of generation tokens emitted.", moded)
+        self.request_success = counter(
+            "request_success", "Count of finished requests, by finish reason.", moded + ["finished_reason"])
+        self.num_preemptions = counter(
+            "num_preemptions", "Cumulative number of preemptions from the engine.", base)
+        self.request_errors = counter(
+            "request_errors", "Requests refused or failed, by status code and protocol (http/grpc).",
+            base + ["code", "protocol"])
+        # Scheduler state.
+        self.num_requests_running = gauge("num_requests_running", "Number of requests in model execution batches.")
+        self.num_requests_waiting = gauge("num_requests_waiting", "Number of requests waiting to be processed.")
+        self.kv_cache_usage_perc = gauge("kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.")
+        # Per-request latencies.
+        self.time_to_first_token_seconds = histogram(
+            "time_to_first_token_seconds", "Histogram of time to first token in seconds.", moded, TTFT_BUCKETS)
+        self.inter_token_latency_seconds = histogram(
+            "inter_token_latency_seconds",
+            "Histogram of the time between successive token emissions of a request in seconds "
+            "(one emission may carry several tokens in orthrus mode).", moded, ITL_BUCKETS)
+        self.request_time_per_output_token_seconds = histogram(
+            "request_time_per_output_token_seconds",
+            "Histogram of each request's time per output token after the first, in seconds.", moded, ITL_BUCKETS)
+        self.e2e_request_latency_seconds = histogram(
+            "e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.", moded, REQUEST_BUCKETS)
+        self.request_queue_time_seconds = histogram(
+            "request_queue_time_seconds", "Histogram of time spent waiting before first being scheduled in seconds.",
+            moded, QUEUE_BUCKETS)
+        # Decode cycles.
+        self.cycle_duration_seconds = histogram(
+            "cycle_duration_seconds",
+            "Histogram of the wall time of one batched decode cycle (draft + verify) in seconds; "
+            "mode is 'mixed' when the batch held both modes.", moded, CYCLE_BUCKETS)
+        self.accepted_length = histogram(
+            "accepted_length",
+            "Histogram of tokens emitted per decode cycle of one sequence (accepted drafts + the AR token).",
+            moded, ACCEPTED_LENGTH_BUCKETS)
+
+        self._lock = threading.Lock()
+        self._per_pos: dict[tuple[str, int], Counter] = {}
+        self._precreate_series()
+
+    # -- helpers -----------------------------------------------------------------
+
+    def _precreate_series(self) -> None:
+        """Create every fixed-label series at zero, so rate() and ratios have data
+        from the first scrape instead of appearing only after the first event."""
+        m, rp = self.model, self.replica
+        for metric in (self.prompt_tokens, self.num_preemptions, self.num_requests_running,
+                       self.num_requests_waiting, self.kv_cache_usage_perc):
+            metric.labels(m, rp)
+        for mode in MODES:
+            for metric in (self.spec_decode_num_drafts, self.spec_decode_num_draft_tokens,
+                           self.spec_decode_num_accepted_tokens, self.generation_tokens,
+                           self.time_to_first_token_seconds, self.inter_token_latency_seconds,
+                           self.request_time_per_output_token_seconds, self.e2e_request_latency_seconds,
+                           self.request_queue_time_seconds, self.cycle_duration_seconds,
+                           self.accepted_length):
+                metric.labels(m, rp, mode)
+            for reason in FINISH_REASONS:
+                self.request_success.labels(m, rp, mode, reason)
+        self.cycle_duration_seconds.labels(m, rp, MIXED_MODE)
+
+    def _pos_counter(self, mode: str, pos: int) -> Counter:
+        key = (mode, pos)
+        c = self._per_pos.get(key)
+        if c is None:
+            with self._lock:
+                c = self._per_pos.get(key)
+                if c is None:
+                    c = self.spec_decode_num_accepted_tokens_per_pos.labels(self.model, self.replica, mode, str(pos))
+                    self._per_pos[key] = c
+        return c
+
+    # -- StatLogger ----------------------------------------------------------------
+
+    def on_step(self, rec: StepRecord) -> None:
+        try:
+            self._on_step(rec)
+        except Exception:  # a metrics bug must never take the engine loop down
+            logger.exception("orthrus metrics: on_step failed")
+
+    def _on_step(self, rec: StepRecord) -> None:
+        m, rp = self.model, self.replica
+        self.num_requests_running.labels(m, rp).set(rec.num_running)
+        self.num_requests_waiting.labels(m, rp).set(rec.num_waiting)
+        self.kv_cache_usage_perc.labels(m, rp).set(rec.kv_cache_usage)
+        if rec.num_preemptions:
+            self.num_preemptions.labels(m, rp).inc(rec.num_preemptions)
+        if rec.num_prompt_tokens:
+            self.prompt_tokens.labels(m, rp).inc(rec.num_prompt_tokens)
+
+        drafts: dict[str, int] = defaultdict(int)
+        draft_tokens: dict[str, int] = defaultdict(int)
+        accepted: dict[str, int] = defaultdict(int)
+        emitted: dict[str, int] = defaultdict(int)
+        per_pos: dict[tuple[str, int], int] = defaultdict(int)
+        modes: set[str] = set()
+        for c in rec.cycles:
+            modes.add(c.mode)
+            emitted[c.mode] += c.num_emitted_tokens
+            self.accepted_length.labels(m, rp, c.mode).observe(c.num_accepted_tokens + 1)
+            if c.mode == "orthrus" and c.num_draft_tokens > 0:
+                drafts[c.mode] += 1
+                draft_tokens[c.mode] += c.num_draft_tokens
+                accepted[c.mode] += c.num_accepted_tokens
+                # Every drafted position gets a series (possibly 0): a position
+                # that never accepts is a fact the dashboard should show.
+                for pos in range(c.num_draft_tokens):
+                    per_pos[(c.mode, pos)] += 1 if pos < c.num_accepted_tokens else 0
+        for mode, n in drafts.items():
+            self.spec_decode_num_drafts.labels(m, rp, mode).inc(n)
+            self.spec_decode_num_draft_tokens.labels(m, rp, mode).inc(draft_tokens[mode])
+            self.spec_decode_num_accepted_tokens.labels(m, rp, mode).inc(accepted[mode])
+        for (mode, pos), n in per_pos.items():
+            self._pos_counter(mode, pos).inc(n)
+
+        self._count_generation_tokens(rec, emitted)
+        if rec.cycles and rec.decode_duration_s > 0:
+            mode = next(iter(modes)) if len(modes) == 1 else MIXED_MODE
+            self.cycle_duration_seconds.labels(m, rp, mode).observe(rec.decode_duration_s)
+
+    def _count_generation_tokens(self, rec: StepRecord, emitted_by_mode: dict[str, int]) -> None:
+        """generation_tokens by mode: cycle emissions go to their own mode; tokens
+        the step emitted outside any cycle (the first token a prefill samples) go to
+        the step's single mode when it has one, else to the engine's dominant mode
+        of the step. The sum over modes always equals the step's total."""
+        m, rp = self.model, self.replica
+        in_cycles = sum(emitted_by_mode.values())
+        for mode, n in emitted_by_mode.items():
+            if n:
+                self.generation_tokens.labels(m, rp, mode).inc(n)
+        rest = rec.num_generation_tokens - in_cycles
+        if rest > 0:
+            if emitted_by_mode:
+                mode = max(emitted_by_mode, key=lambda k: emitted_by_mode[k])
+            else:
+                mode = MODES[0]
+            self.generation_tokens.labels(m, rp, mode).inc(rest)
+
+    def on_request_finished(self, rec: RequestRecord) -> None:
+        try:
+            self._on_request_finished(rec)
+        except Exception:
+            logger.exception("orthrus metrics: on_request_finished failed")
+
+    def _on_request_finished(self, rec: RequestRecord) -> None:
+        m, rp, mode = self.model, self.replica, rec.mode
+        self.request_success.labels(m, rp, mode, rec.finish_reason).inc()
+        self.e2e_request_latency_seconds.labels(m, rp, mode).observe(max(0.0, rec.finished_time - rec.arrival_time))
+        if rec.first_scheduled_time is not None:
+            self.request_queue_time_seconds.labels(m, rp, mode).observe(
+                max(0.0, rec.first_scheduled_time - rec.arrival_time))
+        if rec.first_token_time is None:
+            return
+        self.time_to_first_token_seconds.labels(m, rp, mode).observe(max(0.0, rec.first_token_time - rec.arrival_time))
+        itl = self.inter_token_latency_seconds.labels(m, rp, mode)
+        prev = rec.first_token_time
+        tokens_after_first = 0
+        for t, n in rec.emissions:
+            itl.observe(max(0.0, t - prev))
+            prev = t
+            tokens_after_first += n
+        if tokens_after_first > 0:
+            self.request_time_per_output_token_seconds.labels(m, rp, mode).observe(
+                max(0.0, prev - rec.first_token_time) / tokens_after_first)
+
+    def on_request_error(self, code: str, protocol: str) -> None:
+        try:
+            self.request_errors.labels(self.model, self.replica, str(code), str(protocol)).inc()
+        except Exception:
+            logger.exception("orthrus metrics: on_request_error failed")
+
+
+# -- HTTP export ---------------------------------------------------------------------
+
+_servers: dict[int, tuple[object, threading.Thread]] = {}
+_servers_lock = threading.Lock()
+
+
+def start_metrics_server(registry: CollectorRegistry, port: int, host: str = "0.0.0.0", max_tries: int = 16) -> int:
+    """Serve ``registry`` at http://host:port/metrics from a daemon thread.
+
+    Tries port, port+1, ... (max_tries ports) so that several replicas on one node
+    each get an endpoint; returns the port actually bound (port 0: any free port).
+    """
+    if max_tries < 1:
+        raise ValueError("max_tries must be >= 1")
+    last_err: Optional[OSError] = None
+    candidates = [0] if port == 0 else range(port, min(port + max_tries, 65536))
+    for p in candidates:
+        try:
+            server, thread = prometheus_client.start_http_server(p, addr=host, registry=registry)
+        except OSError as e:
+            last_err = e
+            continue
+        bound = server.server_port
+        with _servers_lock:
+            _servers[bound] = (server, thread)
+        logger.info("orthrus metrics served on %s:%d", host, bound)
+        return bound
+    raise OSError(f"no free metrics port in {port}..{port + max_tries - 1} on {host}: {last_err}")
+
+
+def stop_metrics_server(port: int) -> None:
+    """Stop a server started by start_metrics_server (no-op when none runs there)."""
+    with _servers_lock:
+        entry = _servers.pop(port, None)
+    if entry is None:
+        return
+    server, thread = entry
+    server.shutdown()  # type: ignore[attr-defined]
+    server.server_close()  # type: ignore[attr-defined]
+    thread.join(timeout=5)
