@@ -1,0 +1,434 @@
+"""LLMEngine: the synchronous core. `add_request` queues, `step` runs one
+scheduling step (prefill chunks + one draft/verify cycle for every decoding
+sequence) and returns the deltas it produced.
+
+One Orthrus cycle for a sequence with L cached tokens and anchor x_L (emitted,
+not yet cached):
+  1. draft:  diffusion view over [x_L, MASK x (B-1)] at positions L..L+B-1 -> q_0..q_{B-2};
+             d_i ~ q_i;
+  2. verify: AR view over [x_L, d_0..d_{K-2}] at L..L+K-1 (writes K/V) -> p_0..p_{K-1};
+  3. accept: rejection sampling -> a accepted drafts plus one recovered/bonus token;
+  4. emit d_0..d_{a-1} and the new anchor; roll the cache back to L+a+1 tokens.
+ar mode is the same with K = 1 and no draft pass.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from .detokenizer import IncrementalDetokenizer
+from .kv_cache import BlockManager, KVCache, bytes_per_block
+from .model import DualViewModel
+from .rejection_sampler import rejection_sample
+from .runner import ModelRunner
+from .sampling import processed_probs, sample_inverse_cdf
+from .scheduler import Scheduler
+from .sequence import Sequence, SeqStatus
+from .types import (
+    MODES,
+    AcceptanceStats,
+    CycleRecord,
+    EngineStats,
+    GenerateDelta,
+    GenerateRequest,
+    InvalidRequestError,
+    ModelInfo,
+    RequestRecord,
+    SamplingParams,
+    StatLogger,
+    StepRecord,
+    Usage,
+)
+
+
+@dataclass
+class EngineConfig:
+    block_size: int
+    mask_token_id: int
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 2048
+    kv_page_size: int = 16
+    num_kv_blocks: Optional[int] = None  # None: from kv_cache_bytes
+    kv_cache_bytes: int = 256 * 2**20
+    seed: int = 0
+    model_id: str = "orthrus"
+    # Benchmarks only: forced acceptance (see force_acceptance()); None in production.
+    verify_policy: str = "full"
+
+
+class LLMEngine:
+    def __init__(self, model: DualViewModel, cfg: EngineConfig, tokenizer: Any = None,
+                 stat_logger: Optional[StatLogger] = None):
+        if cfg.block_size < 2:
+            raise ValueError(f"block_size must be >= 2, got {cfg.block_size}")
+        self.model = model.eval()
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.stat_logger = stat_logger or StatLogger()
+        self.device = model.lm_head.weight.device
+        self.dtype = model.lm_head.weight.dtype
+        mcfg = model.cfg
+        n_embed = mcfg.vocab_size + (1 if model.model.mask_embedding is not None else 0)
+        if not (0 <= cfg.mask_token_id < n_embed):
+            raise ValueError(f"mask_token_id {cfg.mask_token_id} is outside the embedding table (size {n_embed})")
+        num_blocks = cfg.num_kv_blocks
+        if num_blocks is None:
+            num_blocks = cfg.kv_cache_bytes // bytes_per_block(mcfg, cfg.kv_page_size, self.dtype)
+        need = -(-(cfg.max_model_len + cfg.block_size) // cfg.kv_page_size)
+        if num_blocks < need:
+            raise ValueError(
+                f"KV cache of {num_blocks} blocks x {cfg.kv_page_size} tokens cannot hold one sequence of "
+                f"max_model_len {cfg.max_model_len} plus a block of {cfg.block_size}: raise the KV budget "
+                f"or lower max_model_len"
+            )
+        self.kv = KVCache(mcfg, num_blocks, cfg.kv_page_size, self.dtype, self.device)
+        self.blocks = BlockManager(num_blocks, cfg.kv_page_size)
+        self.runner = ModelRunner(model, self.kv, self.device)
+        self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens, self._lookahead)
+        self.seqs: dict[str, Sequence] = {}
+        self._ids = itertools.count()
+        self._rng = torch.Generator().manual_seed(cfg.seed)
+        self.eos_ids = frozenset(mcfg.eos_token_ids)
+        if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
+            self.eos_ids = self.eos_ids | {int(tokenizer.eos_token_id)}
+        # Cumulative counters.
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+        self.num_finished = 0
+        self.finished_by_reason: dict[str, int] = {}
+        self.spec = {m: AcceptanceStats(accepted_per_position=[0] * (cfg.block_size - 1)) for m in MODES}
+        self.num_steps = 0
+        # Benchmarks only: a per-position acceptance profile forcing how many drafts verification
+        # accepts (every pass still runs). None in production.
+        self.forced_accept: Optional[list[float]] = None
+
+    # -- requests -----------------------------------------------------------------
+    def model_info(self) -> ModelInfo:
+        m = self.model.cfg
+        return ModelInfo(model_id=self.cfg.model_id, architecture=m.arch, block_size=self.cfg.block_size,
+                         max_model_len=self.cfg.max_model_len, vocab_size=m.vocab_size,
+                         mask_token_id=self.cfg.mask_token_id, eos_token_ids=sorted(self.eos_ids))
+
+    def tokenize(self, req: GenerateRequest) -> list[int]:
+        given = [x is not None for x in (req.prompt, req.messages, req.prompt_token_ids)]
+        if sum(given) != 1:
+            raise InvalidRequestError("exactly one of prompt, messages or prompt_token_ids must be given")
+        if req.prompt_token_ids is not None:
+            ids = req.prompt_token_ids
+            if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                raise InvalidRequestError("prompt_token_ids must be a list of integers")
+            return list(ids)
+        if self.tokenizer is None:
+            raise InvalidRequestError("this engine has no tokenizer: send prompt_token_ids")
+        if req.messages is not None:
+            msgs = req.messages
+            if not isinstance(msgs, list) or not msgs:
+                raise InvalidRequestError("messages must be a non-empty list")
+            for m in msgs:
+                if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                    raise InvalidRequestError("each message needs string fields 'role' and 'content'")
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise InvalidRequestError("this model has no chat template: send a prompt instead")
+            text = self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            return list(self.tokenizer.encode(text, add_special_tokens=False))
+        if not isinstance(req.prompt, str):
+            raise InvalidRequestError("prompt must be a string")
+        if req.prompt == "":
+            raise InvalidRequestError("prompt must not be empty")
+        return list(self.tokenizer.encode(req.prompt))
+
+    def validate(self, req: GenerateRequest) -> list[int]:
+        """Check a request; returns its prompt ids. Raises InvalidRequestError."""
+        if not isinstance(req.params, SamplingParams):
+            raise InvalidRequestError("params must be SamplingParams")
+        req.params.validate()
+        if req.mode not in MODES:
+            raise InvalidRequestError(f"mode must be one of {', '.join(MODES)}, got {req.mode!r}")
+        ids = self.tokenize(req)
+        if not ids:
+            raise InvalidRequestError("the prompt is empty")
+        V = self.model.cfg.vocab_size
+        bad = [t for t in ids if not (0 <= t < V)]
+        if bad:
+            raise InvalidRequestError(f"unknown token id(s) {bad[:5]} (vocabulary size {V})")
+        bad = [t for t in req.params.stop_token_ids if not (0 <= t < V)]
+        if bad:
+            raise InvalidRequestError(f"unknown stop token id(s) {bad[:5]} (vocabulary size {V})")
+        total = len(ids) + req.params.max_tokens
+        if total > self.cfg.max_model_len:
+            raise InvalidRequestError(
+                f"prompt ({len(ids)} tokens) plus max_tokens ({req.params.max_tokens}) = {total} exceeds "
+                f"max_model_len {self.cfg.max_model_len}"
+            )
+        if req.request_id is not None and (not isinstance(req.request_id, str) or req.request_id in self.seqs):
+            raise InvalidRequestError(f"request_id {req.request_id!r} is invalid or already in use")
+        return ids
+
+    def add_request(self, req: GenerateRequest, prompt_ids: Optional[list[int]] = None,
+                    arrival_time: Optional[float] = None) -> str:
+        ids = prompt_ids if prompt_ids is not None else self.validate(req)
+        rid = req.request_id or f"req-{next(self._ids)}"
+        p = req.params
+        gen = None
+        if not p.greedy:
+            seed = p.seed if p.seed is not None else int(torch.randint(0, 2**62, (1,), generator=self._rng))
+            gen = torch.Generator().manual_seed(seed % 2**64)
+        eos = frozenset() if p.ignore_eos else self.eos_ids
+        seq = Sequence(
+            request_id=rid, prompt_token_ids=ids, params=p, mode=req.mode,
+            arrival_time=arrival_time if arrival_time is not None else time.monotonic(),
+            eos_token_ids=eos | frozenset(p.stop_token_ids),
+            detok=IncrementalDetokenizer(self.tokenizer, ids, p.stop), generator=gen,
+        )
+        seq.stats.accepted_per_position = [0] * (self.cfg.block_size - 1)
+        self.seqs[rid] = seq
+        self.scheduler.add(seq)
+        return rid
+
+    def abort(self, request_id: str) -> Optional[GenerateDelta]:
+        seq = self.seqs.get(request_id)
+        if seq is None:
+            return None
+        return self._finish(seq, "abort", time.monotonic())
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- stepping ---------------------------------------------------------------------
+    def _lookahead(self, seq: Sequence) -> int:
+        """K/V slots one decode cycle writes (the verify block)."""
+        return self._verify_len(seq)
+
+    def _verify_len(self, seq: Sequence) -> int:
+        if seq.mode == "ar":
+            return 1
+        return max(1, min(self.cfg.block_size, seq.remaining))
+
+    def step(self) -> list[GenerateDelta]:
+        t0 = time.monotonic()
+        sched = self.scheduler.schedule()
+        now = time.monotonic()
+        deltas: list[GenerateDelta] = []
+        prompt_tokens = 0
+        cycles: list[CycleRecord] = []
+        gen_before = self.generation_tokens
+        for seq, _ in sched.prefills:
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = now
+        if sched.prefills:
+            prompt_tokens = self._run_prefill(sched.prefills)
+        t_dec = time.monotonic()
+        for mode in MODES:
+            group = [s for s in sched.decodes if s.mode == mode]
+            if group:
+                cycles += self._run_cycle(group)
+        decode_s = time.monotonic() - t_dec if sched.decodes else 0.0
+        now = time.monotonic()
+        for seq in list(self.scheduler.running):
+            d = self._collect(seq, now)
+            if d is not None:
+                deltas.append(d)
+        self.num_steps += 1
+        self.stat_logger.on_step(StepRecord(
+            duration_s=time.monotonic() - t0, decode_duration_s=decode_s,
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            kv_cache_usage=self.blocks.usage, num_preemptions=sched.num_preempted,
+            num_prompt_tokens=prompt_tokens, num_generation_tokens=self.generation_tokens - gen_before,
+            cycles=cycles,
+        ))
+        return deltas
+
+    def _run_prefill(self, chunks: list[tuple[Sequence, int]]) -> int:
+        seqs = [s for s, _ in chunks]
+        tokens = [[s.token_at(i) for i in range(s.num_cached, s.num_cached + n)] for s, n in chunks]
+        starts = [s.num_cached for s in seqs]
+        logits = self.runner.run_ar(seqs, tokens, starts, [[len(t) - 1] for t in tokens])
+        new_prompt = 0
+        done_rows, done_seqs = [], []
+        for (s, n), lg in zip(chunks, logits):
+            s.num_cached += n
+            if not s.prompt_counted and s.num_cached >= len(s.prompt_token_ids):
+                s.prompt_counted = True
+                new_prompt += len(s.prompt_token_ids)
+            if not s.is_prefilling and not s.output_token_ids:
+                done_rows.append(lg[0])
+                done_seqs.append(s)
+        if done_seqs:
+            probs = self._probs(torch.stack(done_rows), done_seqs)
+            u = torch.stack([s.uniforms(1)[0] for s in done_seqs]).to(probs.device)
+            first = sample_inverse_cdf(probs, u).tolist()
+            now = time.monotonic()
+            for s, t in zip(done_seqs, first):
+                s.first_token_time = now
+                self._emit(s, [t])
+        self.prompt_tokens += new_prompt
+        return new_prompt
+
+    def _probs(self, logits: torch.Tensor, seqs: list[Sequence], per_seq: int = 1) -> torch.Tensor:
+        """logits [n*per_seq, V] (row-major by seq) -> processed probs."""
+        dev = logits.device
+        rep = lambda xs: torch.tensor(xs, device=dev).repeat_interleave(per_seq)  # noqa: E731
+        return processed_probs(
+            logits,
+            rep([float(s.params.temperature) for s in seqs]),
+            rep([int(s.params.top_k) for s in seqs]),
+            rep([float(s.params.top_p) for s in seqs]),
+        )
+
+    def _run_cycle(self, seqs: list[Sequence]) -> list[CycleRecord]:
+        B = self.cfg.block_size
+        bs = len(seqs)
+        K = [self._verify_len(s) for s in seqs]
+        Kmax = max(K)
+        anchors = [s.output_token_ids[-1] for s in seqs]
+        V = self.model.cfg.vocab_size
+        # Each request draws the same number of uniforms per cycle whatever the batch.
+        u = torch.stack([s.uniforms(2 * B - 1) for s in seqs]) if seqs[0].mode == "orthrus" else \
+            torch.stack([s.uniforms(1) for s in seqs])
+        dev = self.device
+        if Kmax > 1:
+            dl = self.runner.run_draft(seqs, anchors, B, self.cfg.mask_token_id, Kmax - 1)[..., :V]
+            q = self._probs(dl.reshape(-1, V), seqs, Kmax - 1).view(bs, Kmax - 1, V)
+            ud = u[:, : Kmax - 1].to(dev)
+            drafts = sample_inverse_cdf(q.reshape(-1, V), ud.reshape(-1)).view(bs, Kmax - 1)
+        else:
+            q = torch.zeros(bs, 0, V, device=dev)
+            drafts = torch.zeros(bs, 0, dtype=torch.long, device=dev)
+        drafts_l = drafts.tolist()
+        tokens = [[a] + d[: k - 1] for a, d, k in zip(anchors, drafts_l, K)]
+        starts = [s.num_cached for s in seqs]
+        logits = self.runner.run_ar(seqs, tokens, starts, [list(range(Kmax))] * bs)
+        p = self._probs(torch.stack(logits).reshape(-1, V), seqs, Kmax).view(bs, Kmax, V)
+        max_acc = torch.tensor([k - 1 for k in K], device=dev)
+        if Kmax > 1:
+            ua = u[:, B - 1 : B - 1 + Kmax - 1].to(dev)
+            uf = u[:, 2 * B - 2].to(dev)
+        else:
+            ua = torch.zeros(bs, 0, device=dev)
+            uf = u[:, -1].to(dev)
+        if self.forced_accept is not None and Kmax > 1:
+            # Benchmarks only: accept the profile's count of the drafts that were really
+            # verified (the cache then holds exactly the emitted tokens), AR argmax after them.
+            num_acc = torch.minimum(max_acc, self._forced_counts(bs, Kmax - 1).to(dev))
+            final = p[torch.arange(bs, device=dev), num_acc].argmax(-1)
+        else:
+            num_acc, final = rejection_sample(drafts, q, p, ua, uf, max_acc)
+        records = []
+        for s, a, f, k, d in zip(seqs, num_acc.tolist(), final.tolist(), K, drafts.tolist()):
+            L = s.num_cached
+            emitted = self._emit(s, d[:a] + [f])
+            # Roll back: keep the anchor and the accepted drafts; the rest of the verify block goes.
+            s.num_cached = L + a + 1
+            self.blocks.truncate(s, s.num_cached)
+            st = s.stats
+            st.num_cycles += 1
+            st.num_draft_tokens += k - 1
+            st.num_accepted_tokens += a
+            for i in range(a):
+                st.accepted_per_position[i] += 1
+            g = self.spec[s.mode]
+            g.num_cycles += 1
+            g.num_draft_tokens += k - 1
+            g.num_accepted_tokens += a
+            for i in range(a):
+                g.accepted_per_position[i] += 1
+            records.append(CycleRecord(s.mode, k - 1, a, emitted))
+        return records
+
+    # -- benchmarks only: forced acceptance --------------------------------------------
+    def _forced_counts(self, bs: int, n: int) -> torch.Tensor:
+        """Accepted counts drawn from the per-position profile (P(accept pos i | all before))."""
+        prof = self.forced_accept or []
+        out = []
+        for _ in range(bs):
+            a = 0
+            while a < n and a < len(prof) and float(torch.rand(1, generator=self._rng)) < prof[a]:
+                a += 1
+            out.append(a)
+        return torch.tensor(out)
+
+    # -- output -----------------------------------------------------------------------
+    def _emit(self, seq: Sequence, tokens: list[int]) -> int:
+        """Append tokens until a stop; returns how many were appended."""
+        n = 0
+        reason = None
+        for t in tokens:
+            seq.output_token_ids.append(t)
+            seq.pending_ids.append(t)
+            n += 1
+            if t in seq.eos_token_ids:
+                reason = "stop"
+            elif seq.detok.add(t):
+                reason = "stop"
+            elif seq.remaining <= 0:
+                reason = "length"
+            if reason:
+                break
+        self.generation_tokens += n
+        if len(seq.output_token_ids) > n:  # not the first token (that one is TTFT)
+            seq.emissions.append((time.monotonic(), n))
+        if reason:
+            seq.finish_reason = reason
+        return n
+
+    def _collect(self, seq: Sequence, now: float) -> Optional[GenerateDelta]:
+        if seq.finish_reason is not None:
+            return self._finish(seq, seq.finish_reason, now)
+        if not seq.pending_ids:
+            return None
+        d = GenerateDelta(seq.request_id, token_ids=seq.pending_ids, text=seq.detok.take(False))
+        seq.pending_ids = []
+        return d
+
+    def _finish(self, seq: Sequence, reason: str, now: float) -> GenerateDelta:
+        self.scheduler.remove(seq)
+        self.seqs.pop(seq.request_id, None)
+        seq.finish_reason = reason
+        self.num_finished += 1
+        self.finished_by_reason[reason] = self.finished_by_reason.get(reason, 0) + 1
+        d = GenerateDelta(
+            seq.request_id, token_ids=seq.pending_ids, text=seq.detok.take(True), finished=True,
+            finish_reason=reason,
+            usage=Usage(len(seq.prompt_token_ids), len(seq.output_token_ids)), stats=seq.stats,
+            queue_time_s=(seq.first_scheduled_time - seq.arrival_time) if seq.first_scheduled_time else None,
+        )
+        seq.pending_ids = []
+        self.stat_logger.on_request_finished(RequestRecord(
+            request_id=seq.request_id, mode=seq.mode, finish_reason=reason,
+            prompt_tokens=len(seq.prompt_token_ids), completion_tokens=len(seq.output_token_ids),
+            arrival_time=seq.arrival_time, first_scheduled_time=seq.first_scheduled_time,
+            first_token_time=seq.first_token_time, finished_time=now, emissions=list(seq.emissions),
+        ))
+        return d
+
+    # -- stats ----------------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        import copy
+
+        return EngineStats(
+            num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
+            kv_cache_usage=self.blocks.usage, num_kv_blocks_total=self.blocks.num_blocks,
+            num_kv_blocks_free=self.blocks.num_free, num_preemptions=self.scheduler.num_preemptions,
+            num_requests_finished=self.num_finished, finished_by_reason=dict(self.finished_by_reason),
+            prompt_tokens=self.prompt_tokens, generation_tokens=self.generation_tokens,
+            spec=copy.deepcopy(self.spec), num_steps=self.num_steps,
+        )
+
+    # -- convenience: a whole static batch, run to completion --------------------------------
+    def generate(self, requests: list[GenerateRequest]) -> list[GenerateDelta]:
+        """Run requests to completion; returns one merged final delta per request, in order."""
+        ids = [self.add_request(r) for r in requests]
+        merged = {rid: GenerateDelta(rid) for rid in ids}
+        while self.has_work():
+            for d in self.step():
+                m = merged[d.request_id]
+                m.token_ids += d.token_ids
+                m.text += d.text
+                if d.finished:
+                    m.finished, m.finish_reason, m.usage, m.stats = True, d.finish_reason, d.usage, d.stats
+        return [merged[r] for r in ids]

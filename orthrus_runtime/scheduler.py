@@ -1,0 +1,123 @@
+"""Continuous-batching scheduler: first come, first served, with chunked prefill
+and recompute preemption.
+
+Each step every running sequence that has finished its prefill runs one decode
+cycle; new and partially prefilled sequences get prompt chunks under a token
+budget. A decode cycle writes up to `lookahead(seq)` tokens of K/V (the verify
+block), so room for them is reserved before the step. When the pool runs dry the
+most recently admitted sequence is preempted: its blocks are freed and it goes
+back to the head of the queue, to be recomputed (its generated tokens included)
+when room returns.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from .kv_cache import BlockManager
+from .sequence import Sequence, SeqStatus
+
+
+@dataclass
+class SchedulerOutput:
+    prefills: list[tuple[Sequence, int]] = field(default_factory=list)  # (seq, tokens in this chunk)
+    decodes: list[Sequence] = field(default_factory=list)
+    num_preempted: int = 0
+
+    @property
+    def empty(self) -> bool:
+        return not self.prefills and not self.decodes
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 lookahead: Callable[[Sequence], int]):
+        self.blocks = blocks
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.lookahead = lookahead
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._admit_counter = 0
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SeqStatus.WAITING
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def remove(self, seq: Sequence) -> None:
+        """Take a sequence out (finished or aborted) and return its blocks."""
+        self.blocks.free(seq)
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.status = SeqStatus.FINISHED
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.blocks.free(seq)
+        seq.num_cached = 0
+        seq.status = SeqStatus.WAITING
+        self.running.remove(seq)
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def _newest_running(self) -> Sequence:
+        return max(self.running, key=lambda s: s.admit_order)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        before = self.num_preemptions
+
+        # 1. Decodes, oldest first: reserve the verify block's room, preempting the newest.
+        for seq in sorted((s for s in self.running if not s.is_prefilling), key=lambda s: s.admit_order):
+            if seq.status is not SeqStatus.RUNNING:
+                continue  # preempted below by an older sequence
+            need = seq.num_cached + self.lookahead(seq)
+            while not self.blocks.can_allocate(seq, need):
+                victim = self._newest_running()
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            if seq.status is SeqStatus.RUNNING:
+                self.blocks.allocate(seq, need)
+                out.decodes.append(seq)
+        # Drop decodes of sequences preempted after they were scheduled.
+        out.decodes = [s for s in out.decodes if s.status is SeqStatus.RUNNING]
+
+        # 2. Prefill chunks of admitted sequences, oldest first.
+        budget = self.max_num_batched_tokens
+        for seq in sorted((s for s in self.running if s.is_prefilling), key=lambda s: s.admit_order):
+            if budget <= 0:
+                break
+            n = min(seq.prefill_target - seq.num_cached, budget)
+            if not self.blocks.can_allocate(seq, seq.num_cached + n):
+                self._preempt(seq)
+                continue
+            self.blocks.allocate(seq, seq.num_cached + n)
+            out.prefills.append((seq, n))
+            budget -= n
+
+        # 3. Admit waiting sequences in arrival order while the whole prompt plus one
+        #    cycle's lookahead fits (no skipping ahead: first come, first served).
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            full = seq.prefill_target + self.lookahead(seq)
+            if self.blocks.num_new_blocks(seq, full) > self.blocks.num_free:
+                break
+            self.waiting.popleft()
+            seq.status = SeqStatus.RUNNING
+            seq.admit_order = self._admit_counter
+            self._admit_counter += 1
+            self.running.append(seq)
+            n = min(seq.prefill_target - seq.num_cached, budget)
+            self.blocks.allocate(seq, seq.num_cached + n)
+            out.prefills.append((seq, n))
+            budget -= n
+
+        out.num_preempted = self.num_preemptions - before
+        return out
