@@ -177,7 +177,9 @@ def _load_tokenizer(folder: Path, gguf_file: Optional[str] = None) -> Any:
 def read_gguf(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], Any]:
     """(HF config dict, float32 state dict, tokenizer) of a .gguf file, dequantized by transformers."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     if not path.exists():
         raise CheckpointError(f"{path}: file not found")
     hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)

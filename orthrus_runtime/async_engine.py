@@ -1,0 +1,229 @@
+"""AsyncOrthrusEngine: the engine behind an async-generator interface.
+
+The step loop runs in its own thread and is the only code that touches the
+LLMEngine; callers talk to it through a command queue, and deltas travel back to
+each caller's own asyncio loop with call_soon_threadsafe. So `generate`,
+`abort` and `stats` are safe from any event loop (a Ray Serve replica's, a
+FastAPI app's, a test's).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+import uuid
+from typing import Any, AsyncIterator, Optional
+
+import torch
+
+from .engine import EngineConfig, LLMEngine
+from .engine_args import EngineArgs
+from .kv_cache import bytes_per_block
+from .loader import load_model
+from .types import (
+    EngineDeadError,
+    EngineStats,
+    GenerateDelta,
+    GenerateRequest,
+    InvalidRequestError,
+    ModelInfo,
+    StatLogger,
+)
+
+log = logging.getLogger(__name__)
+CPU_KV_DEFAULT_BYTES = 512 * 2**20
+
+
+def engine_config_from_args(args: EngineArgs, loaded: Any) -> EngineConfig:
+    m = loaded.model
+    max_len = args.max_model_len or min(m.cfg.max_position_embeddings, 8192)
+    dev = m.lm_head.weight.device
+    kv_bytes = args.kv_cache_bytes
+    if kv_bytes is None:
+        if dev.type == "cuda":
+            free, total = torch.cuda.mem_get_info(dev)
+            used = total - free
+            # Room for activations: logits and probabilities of a full draft+verify batch dominate.
+            act = 6 * args.max_num_seqs * loaded.block_size * m.cfg.vocab_size * 4 + 2**30
+            kv_bytes = int(args.gpu_memory_utilization * total) - used - act
+        else:
+            kv_bytes = CPU_KV_DEFAULT_BYTES
+    per_block = bytes_per_block(m.cfg, args.kv_page_size, m.lm_head.weight.dtype)
+    return EngineConfig(
+        block_size=loaded.block_size, mask_token_id=loaded.mask_token_id, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=max_len,
+        kv_page_size=args.kv_page_size, num_kv_blocks=max(0, kv_bytes // per_block), seed=args.seed,
+        model_id=loaded.model_id, verify_policy=args.verify_policy,
+    )
+
+
+class _Stream:
+    __slots__ = ("loop", "queue", "finished")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.finished = False
+
+
+class AsyncOrthrusEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self._cmds: "queue.Queue[tuple]" = queue.Queue()
+        self._streams: dict[str, _Stream] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._error: Optional[BaseException] = None
+        self._stats = engine.stats()
+        self._info = engine.model_info()
+        self._thread = threading.Thread(target=self._loop, name="orthrus-engine-loop", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_args(cls, args: EngineArgs, stat_logger: Optional[StatLogger] = None) -> "AsyncOrthrusEngine":
+        loaded = load_model(args.model, dtype=args.dtype, device=args.device, block_size=args.block_size,
+                            mask_token_id=args.mask_token_id, diffusion_weights=args.diffusion_weights)
+        cfg = engine_config_from_args(args, loaded)
+        return cls(LLMEngine(loaded.model, cfg, loaded.tokenizer, stat_logger=stat_logger))
+
+    # -- public API ---------------------------------------------------------------------
+    def model_info(self) -> ModelInfo:
+        return self._info
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive() and self._error is None and not self._stop.is_set()
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            s = self._stats
+        s.loop_alive = self.is_alive()
+        return s
+
+    def validate(self, req: GenerateRequest) -> list[int]:
+        return self.engine.validate(req)
+
+    async def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateDelta]:
+        if not self.is_alive():
+            raise EngineDeadError(f"the engine loop is not running ({self._error!r})")
+        if req.request_id is not None and not isinstance(req.request_id, str):
+            raise InvalidRequestError("request_id must be a string")
+        rid = req.request_id or f"req-{uuid.uuid4().hex}"
+        req.request_id = None  # uniqueness is checked here, against live streams
+        ids = self.engine.validate(req)
+        stream = _Stream(asyncio.get_running_loop())
+        with self._lock:
+            if rid in self._streams:
+                raise InvalidRequestError(f"request_id {rid!r} is already in use")
+            self._streams[rid] = stream
+        req.request_id = rid
+        self._cmds.put(("add", req, ids, time.monotonic()))
+        self._wake.set()
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item.finished:
+                    stream.finished = True
+                yield item
+                if item.finished:
+                    return
+        finally:
+            # Closed or cancelled before the end (client left): abort, returning its KV blocks.
+            if not stream.finished:
+                self._cmds.put(("abort", rid))
+                self._wake.set()
+            with self._lock:
+                self._streams.pop(rid, None)
+
+    async def abort(self, request_id: str) -> None:
+        self._cmds.put(("abort", request_id))
+        self._wake.set()
+
+    def shutdown(self, drain_timeout_s: float = 0.0) -> None:
+        """Let in-flight requests finish for up to drain_timeout_s, abort the rest, stop the loop."""
+        deadline = time.monotonic() + drain_timeout_s
+        while time.monotonic() < deadline and self.is_alive():
+            with self._lock:
+                if not self._streams:
+                    break
+            time.sleep(0.05)
+        self._cmds.put(("abort_all",))
+        self._wake.set()
+        # Give the loop a moment to deliver the abort deltas before it stops.
+        t_end = time.monotonic() + 5.0
+        while time.monotonic() < t_end and self.is_alive():
+            with self._lock:
+                if not self._streams:
+                    break
+            time.sleep(0.01)
+        self._stop.set()
+        self._wake.set()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=10)
+
+    # -- the loop thread ----------------------------------------------------------------
+    def _deliver(self, d: GenerateDelta) -> None:
+        with self._lock:
+            st = self._streams.get(d.request_id)
+        if st is not None:
+            try:
+                st.loop.call_soon_threadsafe(st.queue.put_nowait, d)
+            except RuntimeError:  # the caller's loop is closed: nobody is listening
+                pass
+
+    def _run_commands(self) -> None:
+        while True:
+            try:
+                cmd = self._cmds.get_nowait()
+            except queue.Empty:
+                return
+            if cmd[0] == "add":
+                _, req, ids, arrival = cmd
+                with self._lock:
+                    live = req.request_id in self._streams
+                if live:
+                    self.engine.add_request(req, prompt_ids=ids, arrival_time=arrival)
+            elif cmd[0] == "abort":
+                d = self.engine.abort(cmd[1])
+                if d is not None:
+                    self._deliver(d)
+            elif cmd[0] == "abort_all":
+                for rid in list(self.engine.seqs):
+                    d = self.engine.abort(rid)
+                    if d is not None:
+                        self._deliver(d)
+
+    def _loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._run_commands()
+                if not self.engine.has_work():
+                    self._publish_stats()
+                    self._wake.wait(timeout=0.5)
+                    self._wake.clear()
+                    continue
+                for d in self.engine.step():
+                    self._deliver(d)
+                self._publish_stats()
+        except BaseException as e:  # noqa: BLE001 - the loop must report any death to its callers
+            log.exception("orthrus engine loop died")
+            self._error = e
+            err = EngineDeadError(f"the engine loop died: {e!r}")
+            with self._lock:
+                streams = list(self._streams.values())
+            for st in streams:
+                try:
+                    st.loop.call_soon_threadsafe(st.queue.put_nowait, err)
+                except RuntimeError:
+                    pass
+            self._publish_stats()
+
+    def _publish_stats(self) -> None:
+        s = self.engine.stats()
+        with self._lock:
+            self._stats = s
