@@ -12,6 +12,10 @@ Every series is labelled ``model`` and ``replica``; where the decoding mode chan
 the meaning of a number (speculative counters, generated tokens, finished requests,
 per-request latencies, cycle histograms) it is labelled ``mode`` ("orthrus"/"ar").
 
+Scheduler gauges come from step records, or, once ``bind_engine_stats(engine.stats)``
+is called (the Serve replica does), from the engine's snapshot at scrape time, which
+stays right while the engine idles.
+
 Export: each replica serves its own registry over HTTP (``start_metrics_server``),
 rather than going through Ray's metrics agent. prometheus-client gives exact
 counter/histogram semantics, bucket layouts chosen here, and no agent in between
@@ -25,12 +29,12 @@ from __future__ import annotations
 import logging
 import threading
 from collections import defaultdict
-from typing import Optional
+from typing import Callable, Optional
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from orthrus_runtime.types import MODES, CycleRecord, RequestRecord, StatLogger, StepRecord
+from orthrus_runtime.types import MODES, EngineStats, RequestRecord, StatLogger, StepRecord
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +144,21 @@ class OrthrusMetrics(StatLogger):
 
         self._lock = threading.Lock()
         self._per_pos: dict[tuple[str, int], Counter] = {}
+        self._gauges_bound = False
         self._precreate_series()
+
+    def bind_engine_stats(self, stats: Callable[[], EngineStats]) -> None:
+        """Read the scheduler gauges from stats() (e.g. AsyncOrthrusEngine.stats) at
+        scrape time instead of from step records.
+
+        Step records stop when the engine goes idle, so a request aborted while the
+        engine has nothing else to do would leave the last step's values standing;
+        the engine's published snapshot is refreshed on idle too."""
+        m, rp = self.model, self.replica
+        self.num_requests_running.labels(m, rp).set_function(lambda: stats().num_running)
+        self.num_requests_waiting.labels(m, rp).set_function(lambda: stats().num_waiting)
+        self.kv_cache_usage_perc.labels(m, rp).set_function(lambda: stats().kv_cache_usage)
+        self._gauges_bound = True
 
     # -- helpers -----------------------------------------------------------------
 
@@ -184,9 +202,10 @@ class OrthrusMetrics(StatLogger):
 
     def _on_step(self, rec: StepRecord) -> None:
         m, rp = self.model, self.replica
-        self.num_requests_running.labels(m, rp).set(rec.num_running)
-        self.num_requests_waiting.labels(m, rp).set(rec.num_waiting)
-        self.kv_cache_usage_perc.labels(m, rp).set(rec.kv_cache_usage)
+        if not self._gauges_bound:
+            self.num_requests_running.labels(m, rp).set(rec.num_running)
+            self.num_requests_waiting.labels(m, rp).set(rec.num_waiting)
+            self.kv_cache_usage_perc.labels(m, rp).set(rec.kv_cache_usage)
         if rec.num_preemptions:
             self.num_preemptions.labels(m, rp).inc(rec.num_preemptions)
         if rec.num_prompt_tokens:
@@ -223,22 +242,16 @@ class OrthrusMetrics(StatLogger):
             self.cycle_duration_seconds.labels(m, rp, mode).observe(rec.decode_duration_s)
 
     def _count_generation_tokens(self, rec: StepRecord, emitted_by_mode: dict[str, int]) -> None:
-        """generation_tokens by mode: cycle emissions go to their own mode; tokens
-        the step emitted outside any cycle (the first token a prefill samples) go to
-        the step's single mode when it has one, else to the engine's dominant mode
-        of the step. The sum over modes always equals the step's total."""
+        """generation_tokens of the decode cycles, each under its own mode.
+
+        The one other kind of emission, the first token a prefill samples, is counted
+        in on_request_finished: a StepRecord does not say which mode's request it was,
+        and a request's first token is the only token it emits outside a cycle. Once
+        requests finish, the sum over modes equals the engine's generation_tokens."""
         m, rp = self.model, self.replica
-        in_cycles = sum(emitted_by_mode.values())
         for mode, n in emitted_by_mode.items():
             if n:
                 self.generation_tokens.labels(m, rp, mode).inc(n)
-        rest = rec.num_generation_tokens - in_cycles
-        if rest > 0:
-            if emitted_by_mode:
-                mode = max(emitted_by_mode, key=lambda k: emitted_by_mode[k])
-            else:
-                mode = MODES[0]
-            self.generation_tokens.labels(m, rp, mode).inc(rest)
 
     def on_request_finished(self, rec: RequestRecord) -> None:
         try:
@@ -255,6 +268,8 @@ class OrthrusMetrics(StatLogger):
                 max(0.0, rec.first_scheduled_time - rec.arrival_time))
         if rec.first_token_time is None:
             return
+        # The first token came from the prefill, not from a cycle (see _count_generation_tokens).
+        self.generation_tokens.labels(m, rp, mode).inc()
         self.time_to_first_token_seconds.labels(m, rp, mode).observe(max(0.0, rec.first_token_time - rec.arrival_time))
         itl = self.inter_token_latency_seconds.labels(m, rp, mode)
         prev = rec.first_token_time

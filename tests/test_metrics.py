@@ -76,8 +76,9 @@ def test_step_counters_gauges_and_cycle_histograms():
     # ar cycles never count as drafts.
     assert val(met, "orthrus_spec_decode_num_drafts_total", mode="ar") == 0
     assert val(met, "orthrus_num_preemptions_total") == 1
-    # Generated tokens: 2 first tokens + 5 + 2 (orthrus) + 1 (ar).
-    assert val(met, "orthrus_generation_tokens_total", mode="orthrus") == 9
+    # Generated tokens of the cycles: 5 + 2 (orthrus) and 1 (ar). The two first tokens
+    # of step 1 are counted when their requests finish, under the requests' modes.
+    assert val(met, "orthrus_generation_tokens_total", mode="orthrus") == 7
     assert val(met, "orthrus_generation_tokens_total", mode="ar") == 1
     # accepted_length observes accepted + 1 per cycle.
     assert val(met, "orthrus_accepted_length_count", mode="orthrus") == 3
@@ -92,6 +93,29 @@ def test_step_counters_gauges_and_cycle_histograms():
     assert val(met, "orthrus_cycle_duration_seconds_sum", mode="orthrus") == pytest.approx(0.02)
     assert val(met, "orthrus_cycle_duration_seconds_count", mode="mixed") == 1
     assert val(met, "orthrus_cycle_duration_seconds_count", mode="ar") == 0
+
+    def finished(mode):
+        return RequestRecord(request_id=mode, mode=mode, finish_reason="stop", prompt_tokens=6, completion_tokens=2,
+                             arrival_time=1.0, first_scheduled_time=1.0, first_token_time=1.5, finished_time=2.0,
+                             emissions=[(2.0, 1)])
+
+    met.on_request_finished(finished("orthrus"))
+    met.on_request_finished(finished("ar"))
+    assert val(met, "orthrus_generation_tokens_total", mode="orthrus") == 8
+    assert val(met, "orthrus_generation_tokens_total", mode="ar") == 2
+
+
+def test_gauges_bound_to_engine_stats_read_live_values():
+    from orthrus_runtime.types import EngineStats
+
+    met = OrthrusMetrics(M, R)
+    live = EngineStats(num_running=3, num_waiting=1, kv_cache_usage=0.75)
+    met.bind_engine_stats(lambda: live)
+    met.on_step(step([], running=9, waiting=9, kv=0.1))  # step records no longer drive the gauges
+    assert (val(met, "orthrus_num_requests_running"), val(met, "orthrus_num_requests_waiting"),
+            val(met, "orthrus_kv_cache_usage_perc")) == (3, 1, 0.75)
+    live = EngineStats()  # e.g. the engine went idle after an abort
+    assert val(met, "orthrus_num_requests_running") == 0
 
 
 def test_request_histograms_and_success():
@@ -164,3 +188,114 @@ def test_metrics_server_serves_and_skips_taken_ports():
             stop_metrics_server(port)
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2)
+
+
+# --------------------------------------------------------------------------- against the real engine
+
+
+class Tee(OrthrusMetrics):
+    """Keeps the raw records too, as an independent count of drafts."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.cycles = []
+
+    def on_step(self, rec):
+        self.cycles.extend(rec.cycles)
+        super().on_step(rec)
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    from orthrus_runtime.testing import tiny_checkpoint
+
+    # ar-copy: the diffusion view starts as the AR view, so some drafts are accepted.
+    return str(tiny_checkpoint(tmp_path_factory.mktemp("tiny"), diffusion="ar-copy", block_size=4))
+
+
+async def test_counters_equal_the_engines_truth(tiny_path):
+    from orthrus_runtime.async_engine import AsyncOrthrusEngine
+    from orthrus_runtime.engine_args import EngineArgs
+    from orthrus_runtime.types import GenerateRequest, SamplingParams
+
+    met = Tee(M, R)
+    # A KV cache of 12 blocks of 16 tokens: eight concurrent requests must preempt.
+    args = EngineArgs(model=tiny_path, device="cpu", dtype="float32", max_model_len=128, kv_cache_bytes=12 * 8192)
+    engine = AsyncOrthrusEngine.from_args(args, stat_logger=met)
+    # Step records stop when the engine idles, so after the client abort below only
+    # the engine's own snapshot is current: the gauges read it at scrape time.
+    met.bind_engine_stats(engine.stats)
+    try:
+        prompts = ["The quick brown fox", "Orthrus drafts a block", "def add(a, b):", "Continuous batching lets",
+                   "Speculative decoding is", "numbers 0123", "The lazy dog", "verifies it with the AR view"]
+        reqs = []
+        for i, p in enumerate(prompts):
+            params = SamplingParams(max_tokens=20 + 7 * i, temperature=0.0 if i % 2 == 0 else 0.9, seed=i)
+            reqs.append(GenerateRequest(prompt=p, params=params, mode="ar" if i % 3 == 2 else "orthrus"))
+
+        async def consume(req):
+            last = None
+            async for d in engine.generate(req):
+                last = d
+            return req.mode, last
+
+        finals = await asyncio.gather(*(consume(r) for r in reqs))
+        # One more, aborted mid-stream by the client.
+        agen = engine.generate(GenerateRequest(prompt="The quick", params=SamplingParams(max_tokens=100)))
+        await agen.__anext__()
+        await agen.aclose()
+        for _ in range(100):
+            if engine.stats().finished_by_reason.get("abort"):
+                break
+            await asyncio.sleep(0.02)
+        st = engine.stats()
+    finally:
+        engine.shutdown()
+
+    completion = {mode: sum(d.usage.completion_tokens for m_, d in finals if m_ == mode) for mode in ("orthrus", "ar")}
+    assert st.finished_by_reason.get("abort") == 1
+    total_gen = sum(val(met, "orthrus_generation_tokens_total", mode=m_) for m_ in ("orthrus", "ar"))
+    # Generated tokens: the engine's own count, and per mode the completion tokens of the requests.
+    assert total_gen == st.generation_tokens
+    assert val(met, "orthrus_generation_tokens_total", mode="ar") == completion["ar"]
+    assert val(met, "orthrus_generation_tokens_total", mode="orthrus") == st.generation_tokens - completion["ar"]
+    assert val(met, "orthrus_prompt_tokens_total") == st.prompt_tokens
+    assert st.prompt_tokens >= sum(d.usage.prompt_tokens for _, d in finals)
+    assert val(met, "orthrus_num_preemptions_total") == st.num_preemptions
+    assert st.num_preemptions > 0, "the small KV cache was meant to force preemptions"
+    for reason, n in st.finished_by_reason.items():
+        assert sum(val(met, "orthrus_request_success_total", mode=m_, finished_reason=reason)
+                   for m_ in ("orthrus", "ar")) == n
+
+    # Speculative counters against the engine's AcceptanceStats.
+    spec = st.spec["orthrus"]
+    assert spec.num_accepted_tokens > 0, "ar-copy drafts should sometimes be accepted"
+    assert val(met, "orthrus_spec_decode_num_draft_tokens_total", mode="orthrus") == spec.num_draft_tokens
+    assert val(met, "orthrus_spec_decode_num_accepted_tokens_total", mode="orthrus") == spec.num_accepted_tokens
+    per_pos = [met.registry.get_sample_value("orthrus_spec_decode_num_accepted_tokens_per_pos_total",
+                                             {"model": M, "replica": R, "mode": "orthrus", "position": str(i)}) or 0
+               for i in range(len(spec.accepted_per_position))]
+    assert per_pos == spec.accepted_per_position
+    assert sum(per_pos) == spec.num_accepted_tokens
+    # A draft is a cycle that verified drafts; only a request's last cycle (1 token left) has none.
+    drafts = val(met, "orthrus_spec_decode_num_drafts_total", mode="orthrus")
+    n_orthrus = sum(1 for r in reqs if r.mode == "orthrus") + 1
+    assert spec.num_cycles - n_orthrus <= drafts <= spec.num_cycles
+    assert drafts == sum(1 for c in met.cycles if c.mode == "orthrus" and c.num_draft_tokens > 0)
+    assert val(met, "orthrus_spec_decode_num_drafts_total", mode="ar") == 0
+    for mode in ("orthrus", "ar"):
+        s = st.spec[mode]
+        assert val(met, "orthrus_accepted_length_count", mode=mode) == s.num_cycles
+        assert val(met, "orthrus_accepted_length_sum", mode=mode) == s.num_accepted_tokens + s.num_cycles
+        # One inter-token observation per emission after the first token: one per cycle.
+        assert val(met, "orthrus_inter_token_latency_seconds_count", mode=mode) == s.num_cycles
+    assert st.spec["ar"].num_draft_tokens == 0
+
+    # Per-request histograms: one observation per finished request.
+    assert sum(val(met, "orthrus_e2e_request_latency_seconds_count", mode=m_) for m_ in ("orthrus", "ar")) == 9
+    assert sum(val(met, "orthrus_time_to_first_token_seconds_count", mode=m_) for m_ in ("orthrus", "ar")) == 9
+    assert sum(val(met, "orthrus_request_queue_time_seconds_count", mode=m_) for m_ in ("orthrus", "ar")) == 9
+    # Idle at the end.
+    assert val(met, "orthrus_num_requests_running") == 0
+    assert val(met, "orthrus_num_requests_waiting") == 0
+    assert val(met, "orthrus_kv_cache_usage_perc") == 0
