@@ -348,7 +348,7 @@ def test_chart_defaults_are_the_gpu_serve_config(chart):
     assert chart.values["serve"] == _load_yaml(CONFIGS / "gpu.yaml")
 
 
-@pytest.mark.parametrize("config", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+@pytest.mark.parametrize("config", sorted({"serve_config.yaml", "gpu.yaml"} | {p.name for p in CONFIGS.glob("*.yaml")}))
 def test_every_deployment_config_fits_the_values_schema(chart, config):
     chart.validate_schema(chart.merge_values({"serve": _load_yaml(CONFIGS / config)}))
 
