@@ -55,6 +55,15 @@ class IncrementalDetokenizer:
                     return True
         return False
 
+    def flush(self) -> None:
+        """At the end: whatever the window still holds (an incomplete character decodes as U+FFFD)."""
+        if self.tok is None or self.stopped or self.read_offset == len(self.ids):
+            return
+        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        full = self._decode(self.ids[self.prefix_offset :])
+        self.text += full[len(prefix) :]
+        self.prefix_offset = self.read_offset = len(self.ids)
+
     def take(self, finished: bool) -> str:
         """The text increment that is safe to send now (everything when finished)."""
         end = len(self.text) if finished else max(self.sent, len(self.text) - self.hold)

@@ -389,6 +389,7 @@ class LLMEngine:
         self.scheduler.remove(seq)
         self.seqs.pop(seq.request_id, None)
         seq.finish_reason = reason
+        seq.detok.flush()
         self.num_finished += 1
         self.finished_by_reason[reason] = self.finished_by_reason.get(reason, 0) + 1
         d = GenerateDelta(
