@@ -233,22 +233,18 @@ async def _http_one(client, base: str, headers: dict, item: PromptItem, args, mo
     res.ok = True
 
 
-_GRPC_FINISH = {1: "stop", 2: "length", 3: "abort"}
-
-
-async def _grpc_one(stub, pb, metadata, item: PromptItem, args, res: RequestResult) -> None:
+async def _grpc_one(stub, metadata, item: PromptItem, args, res: RequestResult) -> None:
     import grpc
 
-    req = pb.GenerateRequest(max_tokens=item.max_tokens or args.max_tokens, temperature=args.temperature)
+    from orthrus_runtime.client import build_request
+    from orthrus_runtime.proto import orthrus_pb2 as pb
+
     messages = _as_chat(item, args.api)
-    if messages is not None:
-        req.messages.extend(pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages)
-    else:
-        req.prompt = item.as_text()
-    if args.mode:
-        req.mode = pb.MODE_ORTHRUS if args.mode == "orthrus" else pb.MODE_AR
-    if args.seed_requests:
-        req.seed = args.seed
+    req = build_request(
+        None if messages is not None else item.as_text(), messages=messages,
+        max_tokens=item.max_tokens or args.max_tokens, temperature=args.temperature,
+        seed=args.seed if args.seed_requests else None, mode=args.mode,
+    )
     t0 = time.perf_counter()
     timer = _Timer(res, t0)
     last = None
@@ -265,7 +261,7 @@ async def _grpc_one(stub, pb, metadata, item: PromptItem, args, res: RequestResu
         return
     res.prompt_tokens = last.usage.prompt_tokens
     res.completion_tokens = last.usage.completion_tokens
-    res.finish_reason = _GRPC_FINISH.get(last.finish_reason)
+    res.finish_reason = pb.FinishReason.Name(last.finish_reason).removeprefix("FINISH_REASON_").lower()
     s = last.stats
     res.stats = {"num_cycles": s.num_cycles, "num_draft_tokens": s.num_draft_tokens,
                  "num_accepted_tokens": s.num_accepted_tokens,
@@ -361,7 +357,7 @@ async def _run_grpc(args, items: list[PromptItem], progress) -> tuple[list[Reque
             raise BenchError(f"ModelInfo on {args.grpc_target} failed: {e.code().name}: {e.details()}") from None
 
         async def send(i: int, res: RequestResult) -> None:
-            await _grpc_one(stub, pb, metadata, items[i], args, res)
+            await _grpc_one(stub, metadata, items[i], args, res)
 
         results, duration = await _drive(send, len(items), args, progress)
     return results, duration, info.model_id
@@ -453,7 +449,7 @@ def write_png(results: list[RequestResult], summary: dict[str, Any], title: str,
     ax = axes[0][0]
     ends = sorted(r.start_s + (r.latency_s or 0.0) for r in ok)
     toks = [r.completion_tokens for r in sorted(ok, key=lambda r: r.start_s + (r.latency_s or 0.0))]
-    ax.plot(ends, np.cumsum(toks) if toks else [], drawstyle="steps-post")
+    ax.plot([0.0] + ends, [0] + list(np.cumsum(toks)), drawstyle="steps-post")
     ax.set_title(f"Output tokens completed ({summary['output_throughput']:.1f} tok/s)")
     ax.set_xlabel("time since start (s)")
     ax.set_ylabel("tokens")
@@ -470,10 +466,11 @@ def write_png(results: list[RequestResult], summary: dict[str, Any], title: str,
     ax = axes[1][0]
     itl = [1000 * x for r in ok for x in r.itl_s]
     tpot = [1000 * r.tpot_s for r in ok if r.tpot_s is not None]
+    bins = np.histogram_bin_edges(itl + tpot, bins=40) if itl or tpot else 10
     if itl:
-        ax.hist(itl, bins=40, alpha=0.6, label="ITL (per increment)")
+        ax.hist(itl, bins=bins, alpha=0.6, label="ITL (per increment)")
     if tpot:
-        ax.hist(tpot, bins=40, alpha=0.6, label="TPOT (per request)")
+        ax.hist(tpot, bins=bins, alpha=0.6, label="TPOT (per request)")
     ax.set_title("Inter-token latency and time per output token")
     ax.set_xlabel("ms")
     ax.set_ylabel("count")
@@ -485,6 +482,7 @@ def write_png(results: list[RequestResult], summary: dict[str, Any], title: str,
     if acc["num_cycles"] and acc["accepted_per_position"]:
         rates = [v / acc["num_cycles"] for v in acc["accepted_per_position"]]
         ax.bar(range(len(rates)), rates)
+        ax.set_xticks(range(len(rates)))
         ax.set_ylim(0, 1)
         ax.set_title(f"Acceptance by draft position (mean length {acc['mean_acceptance_length']:.2f})")
         ax.set_xlabel("draft position")

@@ -145,7 +145,7 @@ class OrthrusMetrics(StatLogger):
         self._lock = threading.Lock()
         self._per_pos: dict[tuple[str, int], Counter] = {}
         self._gauges_bound = False
-        self._precreate_series()
+        self._engine_series = False
 
     def bind_engine_stats(self, stats: Callable[[], EngineStats]) -> None:
         """Read the scheduler gauges from stats() (e.g. AsyncOrthrusEngine.stats) at
@@ -154,6 +154,7 @@ class OrthrusMetrics(StatLogger):
         Step records stop when the engine goes idle, so a request aborted while the
         engine has nothing else to do would leave the last step's values standing;
         the engine's published snapshot is refreshed on idle too."""
+        self._precreate_series()
         m, rp = self.model, self.replica
         self.num_requests_running.labels(m, rp).set_function(lambda: stats().num_running)
         self.num_requests_waiting.labels(m, rp).set_function(lambda: stats().num_waiting)
@@ -163,8 +164,15 @@ class OrthrusMetrics(StatLogger):
     # -- helpers -----------------------------------------------------------------
 
     def _precreate_series(self) -> None:
-        """Create every fixed-label series at zero, so rate() and ratios have data
-        from the first scrape instead of appearing only after the first event."""
+        """Create every fixed-label engine series at zero, so rate() and ratios have
+        data from the first scrape instead of appearing only after the first event.
+
+        Done when an engine attaches (bind_engine_stats, or its first record), not in
+        __init__: a router replica's registry then holds only what a router records,
+        and does not show up as an idle engine in per-replica panels."""
+        if self._engine_series:
+            return
+        self._engine_series = True
         m, rp = self.model, self.replica
         for metric in (self.prompt_tokens, self.num_preemptions, self.num_requests_running,
                        self.num_requests_waiting, self.kv_cache_usage_perc):
@@ -201,6 +209,7 @@ class OrthrusMetrics(StatLogger):
             logger.exception("orthrus metrics: on_step failed")
 
     def _on_step(self, rec: StepRecord) -> None:
+        self._precreate_series()
         m, rp = self.model, self.replica
         if not self._gauges_bound:
             self.num_requests_running.labels(m, rp).set(rec.num_running)
@@ -260,6 +269,7 @@ class OrthrusMetrics(StatLogger):
             logger.exception("orthrus metrics: on_request_finished failed")
 
     def _on_request_finished(self, rec: RequestRecord) -> None:
+        self._precreate_series()
         m, rp, mode = self.model, self.replica, rec.mode
         self.request_success.labels(m, rp, mode, rec.finish_reason).inc()
         self.e2e_request_latency_seconds.labels(m, rp, mode).observe(max(0.0, rec.finished_time - rec.arrival_time))

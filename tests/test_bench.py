@@ -110,3 +110,127 @@ def test_arguments():
         parse(["-c", "0"])
     with pytest.raises(SystemExit):
         parse(["--prompts", "x.jsonl", "--dataset", "code"])
+
+
+# --------------------------------------------------------------------------- against the running application
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    from obs_app import running_app
+
+    with running_app(tmp_path_factory.mktemp("bench-app")) as a:
+        yield a
+
+
+def scrape_sum(app, sample: str, **labels) -> float:
+    """Sum of a sample over every replica's /metrics endpoint."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    for port in app.metrics_ports:
+        try:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        except OSError:
+            continue  # nobody on this port
+        for fam in text_string_to_metric_families(text):
+            for s in fam.samples:
+                if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items()):
+                    total += s.value
+    return total
+
+
+def run_bench(tmp_path, *argv):
+    import subprocess
+    import sys
+
+    out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
+    proc = subprocess.run(
+        [sys.executable, "-m", "orthrus_runtime.cli", "bench", *argv,
+         "--output-json", str(out_json), "--output-png", str(out_png)],
+        capture_output=True, text=True, timeout=300)
+    report = json.loads(out_json.read_text()) if out_json.exists() else None
+    return proc, report, out_png
+
+
+def check_consistent(report: dict, n: int) -> None:
+    s, reqs = report["summary"], report["requests"]
+    assert len(reqs) == n == s["sent"]
+    assert s["completed"] + s["failed"] == s["sent"]
+    ok = [r for r in reqs if r["ok"]]
+    assert s["completed"] == len(ok)
+    assert s["total_output_tokens"] == sum(r["completion_tokens"] for r in ok)
+    assert s["total_input_tokens"] == sum(r["prompt_tokens"] for r in ok)
+    assert s["output_throughput"] == pytest.approx(s["total_output_tokens"] / s["duration_s"])
+    assert s["request_throughput"] == pytest.approx(s["completed"] / s["duration_s"])
+    for r in ok:
+        assert 0 < r["ttft_s"] <= r["latency_s"] <= s["duration_s"] + 1e-6
+        assert r["completion_tokens"] >= 1
+        assert sum(r["itl_s"]) <= r["latency_s"] - r["ttft_s"] + 1e-6
+    for key in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms"):
+        d = s[key]
+        assert d["p50"] <= d["p90"] <= d["p99"], key
+    acc = s["acceptance"]
+    assert acc["num_cycles"] == sum(r["stats"]["num_cycles"] for r in ok)
+    assert acc["num_accepted_tokens"] == sum(r["stats"]["num_accepted_tokens"] for r in ok)
+    # Every token after a request's first comes from a decode cycle.
+    assert acc["num_accepted_tokens"] + acc["num_cycles"] >= s["total_output_tokens"] - s["completed"]
+
+
+def test_http_fixed_concurrency_matches_server_metrics(app, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in
+                                 ["The quick brown fox", "Orthrus drafts a block", "def add(a, b):"]) + "\n")
+    before = scrape_sum(app, "orthrus_generation_tokens_total")
+    proc, report, png = run_bench(tmp_path, "--url", app.http_url, "--prompts", str(prompts), "-n", "10",
+                                  "-c", "4", "--max-tokens", "24", "--mode", "orthrus")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    check_consistent(report, 10)
+    s = report["summary"]
+    assert s["completed"] == 10 and s["failed"] == 0
+    assert report["config"]["model"] == app.model_id and report["config"]["concurrency"] == 4
+    # The server counted the same tokens the client received.
+    assert scrape_sum(app, "orthrus_generation_tokens_total") - before == s["total_output_tokens"]
+    acc = s["acceptance"]
+    assert acc["mean_acceptance_length"] >= 1.0 and 0 <= acc["acceptance_rate"] <= 1
+    assert "mean length" in proc.stdout and "output tok/s" in proc.stdout
+    assert "bench http" in proc.stderr  # the progress bar
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_grpc_request_rate_builtin_chat_ar_mode(app, tmp_path):
+    proc, report, _ = run_bench(tmp_path, "--protocol", "grpc", "--grpc-target", app.grpc_target,
+                                "--dataset", "chat", "-n", "6", "-r", "20", "--max-tokens", "12",
+                                "--mode", "ar", "--temperature", "0.7", "--seed-requests")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    check_consistent(report, 6)
+    s = report["summary"]
+    assert s["completed"] == 6
+    # ar mode: one token per cycle, nothing drafted.
+    assert s["acceptance"]["mean_acceptance_length"] == 1.0
+    assert s["acceptance"]["num_draft_tokens"] == 0 and s["acceptance"]["acceptance_rate"] is None
+    assert report["config"]["request_rate"] == 20
+
+
+def test_refused_requests_are_counted_not_fatal(app, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    # The second asks for more tokens than max_model_len allows: the server answers 400.
+    prompts.write_text(json.dumps({"prompt": "fine", "max_tokens": 8}) + "\n"
+                       + json.dumps({"prompt": "too long", "max_tokens": 100000}) + "\n")
+    proc, report, _ = run_bench(tmp_path, "--url", app.http_url, "--prompts", str(prompts), "-n", "4", "-c", "2")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    check_consistent(report, 4)
+    s = report["summary"]
+    assert (s["completed"], s["failed"], s["errors"]) == (2, 2, {"400": 2})
+    bad = [r for r in report["requests"] if not r["ok"]]
+    assert all("max_model_len" in r["error"] for r in bad)
+
+
+def test_unreachable_server_is_a_clear_error(tmp_path):
+    from obs_app import free_port
+
+    proc, report, _ = run_bench(tmp_path, "--url", f"http://127.0.0.1:{free_port()}", "-n", "1")
+    assert proc.returncode == 2 and report is None
+    assert "orthrus bench: error: cannot reach" in proc.stderr

@@ -45,12 +45,30 @@ def test_names_follow_vllm_with_orthrus_prefix():
     assert all(types["orthrus_" + n] == "counter" for n in expected_counters)
     assert all(types["orthrus_" + n] == "gauge" for n in expected_gauges)
     assert all(types["orthrus_" + n] == "histogram" for n in expected_hists)
-    # Series exist at zero before any event, so rate() has data from the first scrape.
+    # Its own registry: two replicas in one process do not collide.
+    OrthrusMetrics(M, "replica-b")
+
+
+def test_engine_series_start_at_zero_when_an_engine_attaches():
+    from orthrus_runtime.types import EngineStats
+
+    # A router's registry holds only what a router records: it is no idle engine.
+    router = OrthrusMetrics(M, "router")
+    router.on_request_error("400", "http")
+    samples = {s.name for f in router.registry.collect() for s in f.samples}
+    assert samples == {"orthrus_request_errors_total", "orthrus_request_errors_created"}
+    # An engine's series exist at zero before its first request, so rate() has data
+    # from the first scrape instead of missing the first increase.
+    met = OrthrusMetrics(M, R)
+    met.bind_engine_stats(lambda: EngineStats())
     assert val(met, "orthrus_spec_decode_num_drafts_total", mode="orthrus") == 0
     assert val(met, "orthrus_request_success_total", mode="ar", finished_reason="length") == 0
     assert val(met, "orthrus_num_preemptions_total") == 0
-    # Its own registry: two replicas in one process do not collide.
-    OrthrusMetrics(M, "replica-b")
+    assert val(met, "orthrus_time_to_first_token_seconds_count", mode="orthrus") == 0
+    # Without a bind, the first engine record creates them.
+    met2 = OrthrusMetrics(M, R)
+    met2.on_step(step([], generation=0))
+    assert val(met2, "orthrus_generation_tokens_total", mode="ar") == 0
 
 
 def test_step_counters_gauges_and_cycle_histograms():
