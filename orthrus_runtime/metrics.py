@@ -16,11 +16,18 @@ Scheduler gauges come from step records, or, once ``bind_engine_stats(engine.sta
 is called (the Serve replica does), from the engine's snapshot at scrape time, which
 stays right while the engine idles.
 
-Export: each replica serves its own registry over HTTP (``start_metrics_server``),
-rather than going through Ray's metrics agent. prometheus-client gives exact
-counter/histogram semantics, bucket layouts chosen here, and no agent in between
-whose report interval would blur rates; in Kubernetes each GPU replica runs in its
-own worker pod, so a PodMonitor scrapes one fixed port per pod.
+Export: each replica (engine and router) serves its own registry over HTTP
+(``start_metrics_server``) instead of going through Ray's metrics agent, because
+  * Ray re-exports application metrics as ``ray_<name>`` with its own labels
+    (WorkerId, SessionName, Component...): the names would no longer be
+    ``orthrus_*`` mirroring ``vllm:*``, and every worker restart would start new series;
+  * prometheus-client semantics stay exact (counters, our bucket layouts), with no
+    agent report interval between an event and the scrape;
+  * the engine package must not import Ray.
+In Kubernetes each GPU replica runs in its own worker pod, so a PodMonitor scrapes
+one fixed port (metrics_port) per pod; on a shared node a replica takes the next
+free port. Ray Serve's own metrics (``ray_serve_*``: healthy replicas, autoscaling
+target) still come from Ray's metrics export port.
 
 No ray import here: the engine package must load without Ray.
 """
@@ -55,9 +62,9 @@ QUEUE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5
                  2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0, 640.0)
 CYCLE_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.03,
                  0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
-# Tokens emitted per cycle are whole numbers from 1 to block size + 1: one bucket per
-# integer up to 17 (block size 16 is the default), then coarser for larger blocks.
-ACCEPTED_LENGTH_BUCKETS = tuple(float(i) for i in range(1, 18)) + (20.0, 24.0, 33.0, 48.0, 65.0)
+# Tokens per cycle are whole numbers from 1 to the block size B (B - 1 drafts plus the
+# AR token): one bucket per integer up to 16 (the default B), coarser for larger blocks.
+ACCEPTED_LENGTH_BUCKETS = tuple(float(i) for i in range(1, 17)) + (20.0, 24.0, 32.0, 48.0, 64.0)
 
 BASE_LABELS = ("model", "replica")
 

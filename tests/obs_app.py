@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import shutil
 import socket
 import tempfile
 from dataclasses import dataclass
@@ -99,3 +100,4 @@ def running_app(workdir: Path, *, block_size: int = 4, max_model_len: int = 256)
         with contextlib.suppress(Exception):
             serve.shutdown()
         ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
