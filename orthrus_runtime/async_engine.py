@@ -188,15 +188,12 @@ class AsyncOrthrusEngine:
                     live = req.request_id in self._streams
                 if live:
                     self.engine.add_request(req, prompt_ids=ids, arrival_time=arrival)
-            elif cmd[0] == "abort":
-                d = self.engine.abort(cmd[1])
-                if d is not None:
+            elif cmd[0] in ("abort", "abort_all"):
+                rids = [cmd[1]] if cmd[0] == "abort" else list(self.engine.seqs)
+                deltas = [d for d in map(self.engine.abort, rids) if d is not None]
+                self._publish_stats()
+                for d in deltas:
                     self._deliver(d)
-            elif cmd[0] == "abort_all":
-                for rid in list(self.engine.seqs):
-                    d = self.engine.abort(rid)
-                    if d is not None:
-                        self._deliver(d)
 
     def _loop(self) -> None:
         try:
@@ -207,9 +204,11 @@ class AsyncOrthrusEngine:
                     self._wake.wait(timeout=0.5)
                     self._wake.clear()
                     continue
-                for d in self.engine.step():
-                    self._deliver(d)
+                deltas = self.engine.step()
+                # Publish first, so that a caller who sees its final delta also sees its blocks freed.
                 self._publish_stats()
+                for d in deltas:
+                    self._deliver(d)
         except BaseException as e:  # noqa: BLE001 - the loop must report any death to its callers
             log.exception("orthrus engine loop died")
             self._error = e
