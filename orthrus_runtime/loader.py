@@ -27,6 +27,7 @@ from .model import DualViewModel
 DIFF_SUFFIXES = ("q_proj_diff", "k_proj_diff", "v_proj_diff", "o_proj_diff", "q_norm_diff", "k_norm_diff")
 DEFAULT_BLOCK_SIZE = 16
 DIFFUSION_VIEW_FORMAT = "orthrus-diffusion-view-v1"
+INT8_ROWWISE = "int8-rowwise-symmetric"
 DATA_DIR = Path(__file__).parent / "data"
 DEFAULT_DIFFUSION_VIEW = DATA_DIR / "smollm2-135m-diffusion-view.safetensors"
 
@@ -193,20 +194,41 @@ def read_gguf(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], Any]
 
 
 def save_diffusion_view(model: DualViewModel, path: str | os.PathLike, block_size: int, mask_token_id: int,
-                        extra_metadata: Optional[dict[str, str]] = None) -> None:
-    """Write only the diffusion view (the `*_diff` weights and a mask row if any) as safetensors."""
+                        extra_metadata: Optional[dict[str, str]] = None, quantize: Optional[str] = None) -> None:
+    """Write only the diffusion view (the `*_diff` weights and a mask row if any) as safetensors.
+
+    quantize=None keeps each tensor's dtype. quantize="int8" stores every 2-D `*_diff`
+    weight W [out, in] as int8 Q (same name) plus a float32 row scale s [out] named
+    `<name>_scale`, with W ~= Q * s[:, None] and s = max|W_row| / 127; norms, biases and
+    the mask row stay float32. The metadata field "quantization" says which (absent = none).
+    """
     from safetensors.torch import save_file
 
+    if quantize not in (None, "int8"):
+        raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
     sd = model.state_dict()
     out = {k: v.detach().contiguous().cpu() for k, v in sd.items() if any(s in k for s in DIFF_SUFFIXES)}
     if model.model.mask_embedding is not None:
         out["model.mask_embedding"] = model.model.mask_embedding.detach().cpu().contiguous()
     meta = {"format": DIFFUSION_VIEW_FORMAT, "block_size": str(block_size), "mask_token_id": str(mask_token_id)}
+    if quantize == "int8":
+        packed: dict[str, torch.Tensor] = {}
+        for k, v in out.items():
+            if v.dim() == 2 and k.endswith(".weight") and k != "model.mask_embedding":
+                w = v.float()
+                scale = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+                packed[k] = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+                packed[k + "_scale"] = scale.contiguous()
+            else:
+                packed[k] = v.float().contiguous()
+        out = packed
+        meta["quantization"] = INT8_ROWWISE
     meta.update(extra_metadata or {})
     save_file(out, str(path), metadata=meta)
 
 
 def read_diffusion_view(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors by parameter name, metadata); int8 files come back dequantized to float32."""
     from safetensors import safe_open
 
     p = Path(path)
@@ -220,6 +242,21 @@ def read_diffusion_view(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor
     for key in ("block_size", "mask_token_id"):
         if key not in meta:
             raise CheckpointError(f"{p}: missing metadata field '{key}'")
+    quant = meta.get("quantization")
+    if quant is not None:
+        if quant != INT8_ROWWISE:
+            raise CheckpointError(f"{p}: unknown quantization {quant!r} (known: {INT8_ROWWISE!r})")
+        for k in [k for k, v in tensors.items() if v.dtype == torch.int8]:
+            scale = tensors.pop(k + "_scale", None)
+            if scale is None:
+                raise CheckpointError(f"{p}: int8 weight '{k}' has no '{k}_scale'")
+            if scale.shape != (tensors[k].shape[0],):
+                raise CheckpointError(f"{p}: '{k}_scale' has shape {tuple(scale.shape)}, "
+                                      f"expected ({tensors[k].shape[0]},)")
+            tensors[k] = tensors[k].float() * scale.float()[:, None]
+        stray = [k for k in tensors if k.endswith("_scale")]
+        if stray:
+            raise CheckpointError(f"{p}: scale '{stray[0]}' has no int8 weight")
     return tensors, meta
 
 

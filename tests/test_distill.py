@@ -1,0 +1,254 @@
+"""orthrus distill / eval-acceptance on tiny models (CPU, float32)."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from orthrus_runtime import distill as D
+from orthrus_runtime import eval_acceptance as E
+from orthrus_runtime.config import CheckpointError
+from orthrus_runtime.loader import load_model, read_diffusion_view, save_diffusion_view
+from orthrus_runtime.model import DenseAR, DenseDraft
+from orthrus_runtime.testing import tiny_checkpoint, tiny_model
+
+
+def _random_data(seed: int = 0, n: int = 6, vocab: int = 300) -> D.DistillData:
+    g = torch.Generator().manual_seed(seed)
+    seqs = []
+    for i in range(n):
+        p = int(torch.randint(2, 7, (1,), generator=g))
+        r = int(torch.randint(6, 20, (1,), generator=g))
+        seqs.append((torch.randint(0, vocab, (p,), generator=g).tolist(),
+                     torch.randint(0, vocab, (r,), generator=g).tolist()))
+    return D.DistillData.from_sequences(seqs)
+
+
+def _parse(module, argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    module.add_arguments(p)
+    return p.parse_args(argv)
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+def test_many_blocks_pass_equals_per_block_dense_draft(arch):
+    """The batched block-mask pass == the engine's draft semantics block by block:
+    AR over the dense prefix strictly before the anchor, then DenseDraft over the block."""
+    model = tiny_model(arch, seed=1)
+    mask_id = model.add_mask_embedding()
+    B = 4
+    data = _random_data(seed=3, n=3)
+    batch = D.make_batch(data, [0, 1, 2], blocks_per_seq=5, gen=torch.Generator().manual_seed(0))
+    assert batch.anchor_valid.any(dim=1).all()
+    bs, N = batch.ids.shape
+    M = batch.anchors.shape[1]
+    with torch.no_grad():
+        teacher = D.TeacherAttend(model.scale)
+        model.forward_hidden(batch.ids, torch.arange(N).expand(bs, N), teacher, diff=False)
+        d_ids = torch.full((bs, M, B), mask_id)
+        d_ids[:, :, 0] = batch.ids.gather(1, batch.anchors)
+        d_pos = batch.anchors.unsqueeze(-1) + torch.arange(B)
+        got = model.forward_hidden(d_ids.view(bs, -1), d_pos.view(bs, -1),
+                                   D.BlockDraftAttend(teacher.kv, batch.anchors, B, model.scale), diff=True)
+        got = got.view(bs, M, B, -1)
+        checked = 0
+        for b in range(bs):
+            for j in range(M):
+                if not batch.anchor_valid[b, j]:
+                    continue
+                a = int(batch.anchors[b, j])
+                assert int(batch.prompt_lens[b]) <= a <= int(batch.lengths[b]) - 2
+                ar = DenseAR(None, model.scale)
+                model.forward_hidden(batch.ids[b : b + 1, :a], torch.arange(a)[None], ar, diff=False)
+                ref = model.forward_hidden(d_ids[b : b + 1, j], d_pos[b : b + 1, j], DenseDraft(ar.new, model.scale),
+                                           diff=True)
+                torch.testing.assert_close(got[b, j], ref[0], atol=2e-5, rtol=1e-5)
+                checked += 1
+    assert checked >= 10
+
+
+def test_block_mask_shape_and_rule():
+    anchors = torch.tensor([[2, 5]])
+    m = D.block_draft_mask(anchors, block_size=3, ctx_len=8)
+    assert m.shape == (1, 6, 8 + 6)
+    assert m[0, 0, :8].tolist() == [True, True] + [False] * 6  # strictly before anchor 2
+    assert m[0, 4, :8].tolist() == [True] * 5 + [False] * 3
+    assert m[0, 1, 8:].tolist() == [True] * 3 + [False] * 3  # own block only
+    assert m[0, 5, 8:].tolist() == [False] * 3 + [True] * 3
+
+
+def test_a_few_steps_lower_the_kl():
+    model = tiny_model("qwen3", seed=0)  # random diffusion view: far from the AR view
+    mask_id = model.add_mask_embedding()
+    data = _random_data(seed=1, n=8)
+    cfg = D.TrainConfig(block_size=4, batch_size=4, blocks_per_seq=4, lr=1e-2, warmup_steps=2, max_steps=25,
+                        loss_decay=0.0)
+    tr = D.Trainer(model, data, mask_id, cfg)
+    frozen = {k: v.clone() for k, v in model.state_dict().items() if "_diff" not in k and "mask_embedding" not in k}
+    before = tr.evaluate(data)
+    for _ in range(cfg.max_steps):
+        tr.train_step()
+    after = tr.evaluate(data)
+    assert after.loss < 0.7 * before.loss
+    for k, v in model.state_dict().items():  # the AR view and shared weights never move
+        if k in frozen:
+            assert torch.equal(v, frozen[k]), k
+
+
+def test_checkpoint_resume_continues_identically(tmp_path):
+    def fresh():
+        m = tiny_model("llama", seed=2)
+        mid = m.add_mask_embedding()
+        cfg = D.TrainConfig(block_size=4, batch_size=3, blocks_per_seq=3, lr=5e-3, warmup_steps=2, max_steps=6)
+        return D.Trainer(m, _random_data(seed=4, n=5), mid, cfg)
+
+    straight = fresh()
+    for _ in range(6):
+        straight.train_step()
+    first = fresh()
+    for _ in range(3):
+        first.train_step()
+    first.save(tmp_path / "ck.pt")
+    resumed = fresh()
+    resumed.load(tmp_path / "ck.pt")
+    assert resumed.step_num == 3
+    for _ in range(3):
+        resumed.train_step()
+    for k, p in straight.params.items():
+        assert torch.equal(p, resumed.params[k]), k
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_view_file_round_trips_and_loads(tmp_path, quantize):
+    ck = tiny_checkpoint(tmp_path / "ck", arch="qwen3", block_size=4)
+    loaded = load_model(str(ck), "float32", "cpu")
+    with torch.no_grad():
+        for k, p in D.trainable_parameters(loaded.model).items():
+            p.add_(0.05 * torch.randn_like(p))
+    want = {k: p.detach().clone() for k, p in D.trainable_parameters(loaded.model).items()}
+    f = tmp_path / "view.safetensors"
+    save_diffusion_view(loaded.model, f, 4, loaded.mask_token_id, extra_metadata={"note": "x"}, quantize=quantize)
+    tensors, meta = read_diffusion_view(f)
+    assert meta["note"] == "x" and meta["block_size"] == "4"
+    assert meta.get("quantization") == (None if quantize is None else "int8-rowwise-symmetric")
+    again = load_model(str(ck), "float32", "cpu", diffusion_weights=str(f))
+    got = D.trainable_parameters(again.model)
+    assert set(got) == set(want)
+    for k, w in want.items():
+        if quantize is None or w.dim() == 1:
+            assert torch.equal(got[k], w), k
+        else:  # within half a quantization step of each row
+            step = w.abs().amax(dim=1, keepdim=True) / 127
+            assert ((got[k] - w).abs() <= step / 2 + 1e-7).all(), k
+    assert again.diffusion_source == str(f)
+
+
+def test_int8_view_errors(tmp_path):
+    from safetensors.torch import save_file
+
+    f = tmp_path / "bad.safetensors"
+    meta = {"format": "orthrus-diffusion-view-v1", "block_size": "4", "mask_token_id": "3",
+            "quantization": "int8-rowwise-symmetric"}
+    save_file({"model.layers.0.self_attn.q_proj_diff.weight": torch.zeros(4, 4, dtype=torch.int8)}, str(f), metadata=meta)
+    with pytest.raises(CheckpointError, match="_scale"):
+        read_diffusion_view(f)
+    save_file({"x": torch.zeros(2)}, str(f), metadata={**meta, "quantization": "int4"})
+    with pytest.raises(CheckpointError, match="unknown quantization"):
+        read_diffusion_view(f)
+
+
+def test_data_file_round_trip_and_split(tmp_path):
+    data = _random_data(n=5)
+    data.meta["k"] = "v"
+    data.save(tmp_path / "d.safetensors")
+    back = D.DistillData.load(tmp_path / "d.safetensors")
+    assert torch.equal(back.tokens, data.tokens) and back.meta["k"] == "v" and len(back) == 5
+    train, held = back.split(0.2)
+    assert len(train) == 4 and len(held) == 1
+    assert torch.equal(held.sequence(0), data.sequence(4))
+
+
+def test_load_prompts_formats_and_errors(tmp_path):
+    (tmp_path / "p.txt").write_text("hello\n\nworld\n")
+    assert [m[0]["content"] for m in D.load_prompts(tmp_path / "p.txt")] == ["hello", "world"]
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a"}\n{"messages": [{"role": "user", "content": "b"}]}\n')
+    assert len(D.load_prompts(tmp_path / "p.jsonl")) == 2
+    (tmp_path / "bad.jsonl").write_text('{"text": "a"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1"):
+        D.load_prompts(tmp_path / "bad.jsonl")
+    shipped = D.load_prompts(D.DEFAULT_PROMPTS)
+    assert len(shipped) > 5000
+
+
+def test_distill_cli_end_to_end_and_resume(tmp_path, capsys):
+    ck = tiny_checkpoint(tmp_path / "ck", arch="qwen3", block_size=4)
+    (tmp_path / "p.txt").write_text("\n".join(f"Tell me about the fox number {i}." for i in range(10)))
+    data = tmp_path / "data.safetensors"
+
+    def argv(out, *extra):
+        return ["--model", str(ck), "--out", str(tmp_path / out), "--data", str(data), "--prompts",
+                str(tmp_path / "p.txt"), "--gen-max-new-tokens", "12", "--gen-max-prompt-tokens", "64",
+                "--batch-size", "3", "--blocks-per-seq", "3", "--warmup-steps", "2", "--max-steps", "5",
+                "--save-every", "2", "--log-every", "1", "--no-progress", "--val-fraction", "0.2", *extra]
+
+    # One run straight to the end (it also makes the self-distilled data).
+    assert D.run(_parse(D, argv("straight"))) == 0
+    assert data.exists() and (tmp_path / "straight" / D.CHECKPOINT_NAME).exists()
+    view = tmp_path / "straight" / "diffusion-view.safetensors"
+    straight, meta = read_diffusion_view(view)
+    assert meta["quantization"] == "int8-rowwise-symmetric" and meta["trained_steps"] == "5"
+    log = [json.loads(line) for line in (tmp_path / "straight" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4, 5]
+    assert any("val_loss" in r for r in log)
+    # The same run interrupted at step 3 and resumed ends with the same weights.
+    assert D.run(_parse(D, argv("split", "--stop-at-step", "3"))) == 0
+    assert D.run(_parse(D, argv("split", "--resume"))) == 0
+    resumed, meta = read_diffusion_view(tmp_path / "split" / "diffusion-view.safetensors")
+    assert meta["trained_steps"] == "5"
+    for k, v in straight.items():
+        assert torch.equal(v, resumed[k]), k
+    loaded = load_model(str(ck), "float32", "cpu", diffusion_weights=str(view))
+    assert loaded.diffusion_source == str(view)
+    # Bad input: a clear error, no traceback.
+    assert D.run(_parse(D, ["--out", str(tmp_path / "x"), "--lr", "-1", "--max-steps", "1"])) == 2
+    assert "--lr must be > 0" in capsys.readouterr().err
+    assert D.run(_parse(D, argv("nothing-to-resume", "--resume"))) == 2
+
+
+def test_eval_acceptance_writes_consistent_json(tmp_path):
+    ck = tiny_checkpoint(tmp_path / "ck", arch="llama", block_size=4, diffusion="ar-copy")
+    out = tmp_path / "acc.json"
+    args = _parse(E, ["--model", str(ck), "--block-sizes", "2,4", "--limit", "3", "--max-tokens", "10",
+                      "--device", "cpu", "--out", str(out)])
+    assert E.run(args) == 0
+    rep = json.loads(out.read_text())
+    assert rep["decoding"] == "greedy" and rep["diffusion_view"] == "checkpoint"
+    assert set(rep["results"]) == {"mt-bench", "humaneval"}
+    for name, per_b in rep["results"].items():
+        assert set(per_b) == {"2", "4"}
+        for b, r in per_b.items():
+            assert r["requests"] == (6 if name == "mt-bench" else 3)  # MT-bench: two turns each
+            assert len(r["acceptance_by_position"]) == int(b) - 1
+            assert r["tokens_per_cycle"] == pytest.approx((r["num_accepted_tokens"] + r["num_cycles"]) / r["num_cycles"])
+            assert 1.0 <= r["tokens_per_cycle"] <= int(b)
+            passes = r["requests"] + 2 * r["num_cycles"]
+            assert r["tokens_per_forward_pass"] == pytest.approx(r["completion_tokens"] / passes)
+            acc = r["acceptance_by_position"]
+            assert all(x >= y for x, y in zip(acc, acc[1:]))  # accepting draft i needs all before it
+            assert sum(r["accepted_per_position"]) == r["num_accepted_tokens"]
+
+
+def test_eval_acceptance_rejects_bad_arguments(tmp_path, capsys):
+    ck = tiny_checkpoint(tmp_path / "ck", arch="llama", block_size=4)
+    assert E.run(_parse(E, ["--model", str(ck), "--device", "cpu", "--block-sizes", "1"])) == 2
+    assert "--block-sizes" in capsys.readouterr().err
+    assert E.run(_parse(E, ["--model", str(ck), "--device", "cpu", "--datasets", "gsm8k"])) == 2
+
+
+def test_eval_sets_load():
+    qs = E.mt_bench_questions()
+    assert len(qs) == 80 and all(len(q["turns"]) == 2 for q in qs)
+    he = E.humaneval_prompts()
+    assert len(he) == 164 and he[0]["task_id"] == "HumanEval/0"
