@@ -23,8 +23,9 @@ import torch
 from .detokenizer import IncrementalDetokenizer
 from .kv_cache import BlockManager, KVCache, bytes_per_block
 from .model import DualViewModel
-from .rejection_sampler import rejection_sample
 from .runner import ModelRunner
+from .spec_decode import run_cycle_passes
+from .adaptive import VerifyPolicy
 from .sampling import processed_probs, sample_inverse_cdf
 from .scheduler import Scheduler
 from .sequence import Sequence, SeqStatus
@@ -88,7 +89,7 @@ class LLMEngine:
             )
         self.kv = KVCache(mcfg, num_blocks, cfg.kv_page_size, self.dtype, self.device)
         self.blocks = BlockManager(num_blocks, cfg.kv_page_size)
-        self.runner = ModelRunner(model, self.kv, self.device)
+        self.runner = ModelRunner(model, self.kv, self.device, max_model_len=cfg.max_model_len)
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens, self._lookahead)
         self.seqs: dict[str, Sequence] = {}
         self._ids = itertools.count()
@@ -106,6 +107,13 @@ class LLMEngine:
         # Benchmarks only: a per-position acceptance profile forcing how many drafts verification
         # accepts (every pass still runs). None in production.
         self.forced_accept: Optional[list[float]] = None
+        # Benchmarks only: a fixed (K, D) plan (verify K-1 drafts of a D-token block) overriding
+        # the policy. None in production.
+        self.fixed_plan: Optional[tuple[int, int]] = None
+        if cfg.verify_policy not in ("full", "adaptive"):
+            raise ValueError(f"verify_policy must be 'full' or 'adaptive', got {cfg.verify_policy!r}")
+        self.policy: Optional[VerifyPolicy] = (
+            VerifyPolicy(cfg.block_size, self.runner.costs) if cfg.verify_policy == "adaptive" else None)
 
     # -- requests -----------------------------------------------------------------
     def model_info(self) -> ModelInfo:
@@ -201,13 +209,28 @@ class LLMEngine:
 
     # -- stepping ---------------------------------------------------------------------
     def _lookahead(self, seq: Sequence) -> int:
-        """K/V slots one decode cycle writes (the verify block)."""
-        return self._verify_len(seq)
-
-    def _verify_len(self, seq: Sequence) -> int:
+        """K/V slots one decode cycle may write (the longest verify block)."""
         if seq.mode == "ar":
             return 1
         return max(1, min(self.cfg.block_size, seq.remaining))
+
+    def _verify_len(self, seq: Sequence, k_plan: Optional[int] = None) -> int:
+        """Tokens of seq's verify pass (anchor + drafts): the cycle's plan (default: the
+        whole block), capped by what seq may still emit."""
+        if seq.mode == "ar":
+            return 1
+        k = self.cfg.block_size if k_plan is None else k_plan
+        return max(1, min(k, seq.remaining))
+
+    def _plan(self, seqs: list[Sequence]) -> tuple[int, int]:
+        """(K, D) for a batch of orthrus sequences: verify K-1 drafts of a D-token draft block.
+        "full" verifies the whole block; "adaptive" asks the policy (K == 1: a plain AR step)."""
+        if self.fixed_plan is not None:
+            return self.fixed_plan
+        B = self.cfg.block_size
+        if self.policy is not None:
+            return self.policy.choose(len(seqs), max(s.remaining for s in seqs))
+        return B, B
 
     def step(self) -> list[GenerateDelta]:
         t0 = time.monotonic()
@@ -283,43 +306,24 @@ class LLMEngine:
     def _run_cycle(self, seqs: list[Sequence]) -> list[CycleRecord]:
         B = self.cfg.block_size
         bs = len(seqs)
-        K = [self._verify_len(s) for s in seqs]
+        t0 = time.perf_counter()
+        spec = seqs[0].mode == "orthrus"
+        k_plan, draft_len = self._plan(seqs) if spec else (1, 0)
+        K = [self._verify_len(s, k_plan) for s in seqs]
         Kmax = max(K)
         anchors = [s.output_token_ids[-1] for s in seqs]
-        V = self.model.cfg.vocab_size
-        # Each request draws the same number of uniforms per cycle whatever the batch.
-        u = torch.stack([s.uniforms(2 * B - 1) for s in seqs]) if seqs[0].mode == "orthrus" else \
+        # Each request draws the same number of uniforms per cycle whatever the batch and the plan.
+        u = torch.stack([s.uniforms(2 * B - 1) for s in seqs]) if spec else \
             torch.stack([s.uniforms(1) for s in seqs])
-        dev = self.device
-        if Kmax > 1:
-            dl = self.runner.run_draft(seqs, anchors, B, self.cfg.mask_token_id, Kmax - 1)[..., :V]
-            q = self._probs(dl.reshape(-1, V), seqs, Kmax - 1).view(bs, Kmax - 1, V)
-            ud = u[:, : Kmax - 1].to(dev)
-            drafts = sample_inverse_cdf(q.reshape(-1, V), ud.reshape(-1)).view(bs, Kmax - 1)
-        else:
-            q = torch.zeros(bs, 0, V, device=dev)
-            drafts = torch.zeros(bs, 0, dtype=torch.long, device=dev)
-        drafts_l = drafts.tolist()
-        tokens = [[a] + d[: k - 1] for a, d, k in zip(anchors, drafts_l, K)]
-        starts = [s.num_cached for s in seqs]
-        logits = self.runner.run_ar(seqs, tokens, starts, [list(range(Kmax))] * bs)
-        p = self._probs(torch.stack(logits).reshape(-1, V), seqs, Kmax).view(bs, Kmax, V)
-        max_acc = torch.tensor([k - 1 for k in K], device=dev)
-        if Kmax > 1:
-            ua = u[:, B - 1 : B - 1 + Kmax - 1].to(dev)
-            uf = u[:, 2 * B - 2].to(dev)
-        else:
-            ua = torch.zeros(bs, 0, device=dev)
-            uf = u[:, -1].to(dev)
-        if self.forced_accept is not None and Kmax > 1:
-            # Benchmarks only: accept the profile's count of the drafts that were really
-            # verified (the cache then holds exactly the emitted tokens), AR argmax after them.
-            num_acc = torch.minimum(max_acc, self._forced_counts(bs, Kmax - 1).to(dev))
-            final = p[torch.arange(bs, device=dev), num_acc].argmax(-1)
-        else:
-            num_acc, final = rejection_sample(drafts, q, p, ua, uf, max_acc)
+        forced = self._forced_counts(bs, Kmax - 1) if self.forced_accept is not None and Kmax > 1 else None
+        out = run_cycle_passes(self.runner, seqs, anchors, K, max(draft_len, Kmax), B, self.cfg.mask_token_id,
+                               u, forced)
+        if spec and self.policy is not None:
+            self.policy.observe_time(bs, Kmax, draft_len, time.perf_counter() - t0)
+            if Kmax > 1:
+                self.policy.observe(draft_len, [k - 1 for k in K], out.num_accepted)
         records = []
-        for s, a, f, k, d in zip(seqs, num_acc.tolist(), final.tolist(), K, drafts.tolist()):
+        for s, a, f, k, d in zip(seqs, out.num_accepted, out.final, K, out.drafts):
             L = s.num_cached
             emitted = self._emit(s, d[:a] + [f])
             # Roll back: keep the anchor and the accepted drafts; the rest of the verify block goes.
@@ -342,15 +346,12 @@ class LLMEngine:
 
     # -- benchmarks only: forced acceptance --------------------------------------------
     def _forced_counts(self, bs: int, n: int) -> torch.Tensor:
-        """Accepted counts drawn from the per-position profile (P(accept pos i | all before))."""
-        prof = self.forced_accept or []
-        out = []
-        for _ in range(bs):
-            a = 0
-            while a < n and a < len(prof) and float(torch.rand(1, generator=self._rng)) < prof[a]:
-                a += 1
-            out.append(a)
-        return torch.tensor(out)
+        """Accepted counts drawn from the per-position profile (P(accept pos i | all before)),
+        for the whole batch at once (a per-token Python loop would dominate large batches)."""
+        prof = list(self.forced_accept or [])[:n]
+        prof += [0.0] * (n - len(prof))
+        r = torch.rand(bs, n, generator=self._rng)
+        return (r < torch.tensor(prof)).long().cumprod(dim=-1).sum(dim=-1)
 
     # -- output -----------------------------------------------------------------------
     def _emit(self, seq: Sequence, tokens: list[int]) -> int:

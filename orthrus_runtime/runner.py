@@ -2,18 +2,27 @@
 over padded batches of sequences.
 
 - prefill: AR view over prompt chunks, writes K/V;
-- draft: diffusion view over [anchor, MASK x (B-1)], reads the cached prefix, writes nothing;
+- draft: diffusion view over [anchor, MASK x (D-1)], reads the cached prefix, writes nothing;
 - verify: AR view over [anchor, drafts...], writes K/V (rolled back by the caller).
 
-Attention here is the portable torch path (gather the block tables, SDPA with a
-mask). Faster backends plug in as other `Attend` strategies.
+Two implementations compute the same passes:
+- the reference torch path (below: gather the block tables, SDPA with a mask), the
+  CPU default and what the fast path is tested against;
+- the fast path (`fast_forward.FastForward`): packed projections and fused ops
+  (Triton kernels on CUDA, plain torch elsewhere), with CUDA graphs for the decode
+  passes at padded batch sizes (`cuda_graphs.GraphedPasses`). The CUDA default.
+
+Pass costs are recorded in `self.costs` (graph replay times on CUDA, wall-clock on
+the CPU) for the adaptive verification policy.
 """
 from __future__ import annotations
 
-from typing import Sequence as Seq
+import time
+from typing import Optional, Sequence as Seq
 
 import torch
 
+from .adaptive import PassCosts
 from .kv_cache import KVCache
 from .model import DualViewModel, sdpa
 from .sequence import Sequence
@@ -53,12 +62,52 @@ class PagedDraft:
 
 
 class ModelRunner:
-    def __init__(self, model: DualViewModel, kv: KVCache, device: torch.device):
+    def __init__(self, model: DualViewModel, kv: KVCache, device: torch.device, fast: Optional[bool] = None,
+                 cuda_graphs: Optional[bool] = None, max_model_len: Optional[int] = None, ops=None):
+        """fast / cuda_graphs: None = on for CUDA, off elsewhere. ops: the fast path's op set
+        (default: Triton kernels on CUDA when they import, else plain torch)."""
         self.model = model
         self.kv = kv
         self.device = device
         self.page = kv.page_size
+        self.costs = PassCosts()
+        self.fast = None
+        self.graphs = None
+        use_fast = fast if fast is not None else device.type == "cuda"
+        if use_fast:
+            from .fast_forward import FastForward
 
+            self.fast = FastForward(model, kv, ops)
+        use_graphs = cuda_graphs if cuda_graphs is not None else device.type == "cuda"
+        if use_graphs and self.fast is not None and device.type == "cuda" and self.fast.ops.graphable:
+            from .cuda_graphs import GraphedPasses
+
+            max_len = max_model_len or model.cfg.max_position_embeddings
+            self.graphs = GraphedPasses(self.fast, -(-(max_len + 64) // self.page),
+                                        on_cost=lambda k, b, t, c: self.costs.record(k, b, t, c, replace=True))
+        self._timed = device.type == "cpu"  # wall-clock is device time only on the CPU
+
+    @property
+    def backend(self) -> str:
+        if self.fast is None:
+            return "torch-reference"
+        return f"{self.fast.ops.name}{'+cuda-graphs' if self.graphs is not None else ''}"
+
+    def capture_graphs(self, batch_sizes: Seq[int], token_sizes: Seq[int], mask_id: int,
+                       kinds: Seq[str] = ("verify", "draft")) -> int:
+        """Capture ahead (instead of on first use) and record each pass's measured cost.
+        Returns the number of graphs held."""
+        if self.graphs is None:
+            return 0
+        for bs in sorted(batch_sizes, reverse=True):
+            for T in sorted(token_sizes, reverse=True):
+                for kind in kinds:
+                    if kind == "draft" and T < 2:
+                        continue
+                    self.graphs.capture(kind, bs, T, mask_id)
+        return len(self.graphs.graphs)
+
+    # -- helpers -----------------------------------------------------------------------------
     def _block_tables(self, seqs: Seq[Sequence], num_positions: list[int]) -> torch.Tensor:
         nb = max(max(-(-n // self.page), 1) for n in num_positions)
         rows = [s.block_table[:nb] + [0] * (nb - min(nb, len(s.block_table))) for s in seqs]
@@ -67,6 +116,22 @@ class ModelRunner:
     def _slots(self, seq: Sequence, start: int, n: int) -> list[int]:
         return [seq.block_table[p // self.page] * self.page + p % self.page for p in range(start, start + n)]
 
+    def _meta(self, seqs: Seq[Sequence], starts: list[int], nvalid: list[int], T: int):
+        """Device tensors of the fast path's eager passes: start, nvalid [bs] int32, block tables [bs, w] int32."""
+        w = max(max(-(-(s + T) // self.page) for s in starts), 1)
+        bt = torch.zeros(len(seqs), w, dtype=torch.int32)
+        for i, s in enumerate(seqs):
+            row = s.block_table[:w]
+            bt[i, : len(row)] = torch.tensor(row, dtype=torch.int32)
+        dev = self.device
+        return (torch.tensor(starts, dtype=torch.int32).to(dev), torch.tensor(nvalid, dtype=torch.int32).to(dev),
+                bt.to(dev))
+
+    def _record(self, kind: str, bs: int, T: int, t0: float) -> None:
+        if self._timed:
+            self.costs.record(kind, bs, T, time.perf_counter() - t0)
+
+    # -- passes ------------------------------------------------------------------------------
     @torch.inference_mode()
     def run_ar(self, seqs: Seq[Sequence], tokens: list[list[int]], starts: list[int],
                logits_at: list[list[int]]) -> list[torch.Tensor]:
@@ -74,20 +139,26 @@ class ModelRunner:
         Returns, per seq, float32 logits [len(logits_at[i]), V] at those row offsets."""
         bs, T = len(seqs), max(len(t) for t in tokens)
         ids = torch.zeros(bs, T, dtype=torch.long)
-        pos = torch.zeros(bs, T, dtype=torch.long)
-        valid = torch.zeros(bs, T, dtype=torch.bool)
-        slots: list[int] = []
-        for i, (s, t, st) in enumerate(zip(seqs, tokens, starts)):
-            n = len(t)
-            ids[i, :n] = torch.tensor(t)
-            pos[i, :n] = torch.arange(st, st + n)
-            valid[i, :n] = True
-            slots += self._slots(s, st, n)
-        bt = self._block_tables(seqs, [st + len(t) for st, t in zip(starts, tokens)])
+        for i, t in enumerate(tokens):
+            ids[i, : len(t)] = torch.tensor(t)
         dev = self.device
-        ids, pos, valid = ids.to(dev), pos.to(dev), valid.to(dev)
-        attend = PagedAR(self.kv, torch.tensor(slots, dtype=torch.long, device=dev), valid, bt, pos, self.model.scale)
-        hidden = self.model.forward_hidden(ids, pos, attend, diff=False)
+        if self.fast is not None:
+            start, nvalid, bt = self._meta(seqs, starts, [len(t) for t in tokens], T)
+            hidden = self.fast.forward(ids.to(dev), start, nvalid, bt, diff=False).view(bs, T, -1)
+        else:
+            pos = torch.zeros(bs, T, dtype=torch.long)
+            valid = torch.zeros(bs, T, dtype=torch.bool)
+            slots: list[int] = []
+            for i, (s, t, st) in enumerate(zip(seqs, tokens, starts)):
+                n = len(t)
+                pos[i, :n] = torch.arange(st, st + n)
+                valid[i, :n] = True
+                slots += self._slots(s, st, n)
+            bt = self._block_tables(seqs, [st + len(t) for st, t in zip(starts, tokens)])
+            pos, valid = pos.to(dev), valid.to(dev)
+            attend = PagedAR(self.kv, torch.tensor(slots, dtype=torch.long, device=dev), valid, bt, pos,
+                             self.model.scale)
+            hidden = self.model.forward_hidden(ids.to(dev), pos, attend, diff=False)
         rows = [torch.as_tensor(r, dtype=torch.long, device=dev) for r in logits_at]
         flat = torch.cat([hidden[i, r] for i, r in enumerate(rows)], dim=0)
         logits = self.model.logits(flat)
@@ -96,16 +167,57 @@ class ModelRunner:
     @torch.inference_mode()
     def run_draft(self, seqs: Seq[Sequence], anchors: list[int], block_size: int, mask_id: int,
                   num_logits: int) -> torch.Tensor:
-        """Diffusion pass over [anchor, MASK x (B-1)] at positions num_cached..;
+        """Diffusion pass over [anchor, MASK x (block_size-1)] at positions num_cached..;
         returns float32 logits [bs, num_logits, V] of block rows 0..num_logits-1."""
         bs, B = len(seqs), block_size
         dev = self.device
-        ids = torch.full((bs, B), mask_id, dtype=torch.long)
-        ids[:, 0] = torch.tensor(anchors)
-        ctx = torch.tensor([s.num_cached for s in seqs], dtype=torch.long)
-        pos = ctx.unsqueeze(1) + torch.arange(B).unsqueeze(0)
-        bt = self._block_tables(seqs, [s.num_cached for s in seqs])
-        ids, pos, ctx = ids.to(dev), pos.to(dev), ctx.to(dev)
-        attend = PagedDraft(self.kv, bt, ctx, B, self.model.scale)
-        hidden = self.model.forward_hidden(ids, pos, attend, diff=True)
-        return self.model.logits(hidden[:, :num_logits])
+        t0 = time.perf_counter()
+        ctx_l = [s.num_cached for s in seqs]
+        if self.graphs is not None and self.graphs.fits(bs, B):
+            hidden = self.graphs.run("draft", ctx_l, [B] * bs, [s.block_table for s in seqs], B,
+                                     anchors=anchors, mask_id=mask_id)
+        elif self.fast is not None:
+            ids = torch.full((bs, B), mask_id, dtype=torch.long)
+            ids[:, 0] = torch.tensor(anchors)
+            start, nvalid, bt = self._meta(seqs, ctx_l, [B] * bs, B)
+            hidden = self.fast.forward(ids.to(dev), start, nvalid, bt, diff=True).view(bs, B, -1)
+        else:
+            ids = torch.full((bs, B), mask_id, dtype=torch.long)
+            ids[:, 0] = torch.tensor(anchors)
+            ctx = torch.tensor(ctx_l, dtype=torch.long)
+            pos = ctx.unsqueeze(1) + torch.arange(B).unsqueeze(0)
+            bt = self._block_tables(seqs, ctx_l)
+            ids, pos, ctx = ids.to(dev), pos.to(dev), ctx.to(dev)
+            attend = PagedDraft(self.kv, bt, ctx, B, self.model.scale)
+            hidden = self.model.forward_hidden(ids, pos, attend, diff=True)
+        out = self.model.logits(hidden[:, :num_logits])
+        self._record("draft", bs, B, t0)
+        return out
+
+    @torch.inference_mode()
+    def run_verify(self, seqs: Seq[Sequence], ids: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+        """AR pass over ids [bs, T] (on the device: [anchor, drafts...]) at positions num_cached..;
+        sequence i's first lengths[i] tokens are real (their K/V are written), the rest padding.
+        Returns float32 logits [bs, T, V]."""
+        bs, T = ids.shape
+        dev = self.device
+        t0 = time.perf_counter()
+        starts = [s.num_cached for s in seqs]
+        if self.graphs is not None and self.graphs.fits(bs, T):
+            hidden = self.graphs.run("verify", starts, lengths, [s.block_table for s in seqs], T, ids=ids)
+        elif self.fast is not None:
+            start, nvalid, bt = self._meta(seqs, starts, lengths, T)
+            hidden = self.fast.forward(ids, start, nvalid, bt, diff=False).view(bs, T, -1)
+        else:
+            st = torch.tensor(starts, dtype=torch.long)
+            pos = st.unsqueeze(1) + torch.arange(T).unsqueeze(0)
+            valid = torch.arange(T).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
+            pos = torch.where(valid, pos, torch.zeros_like(pos))
+            slots = [x for s, st_, n in zip(seqs, starts, lengths) for x in self._slots(s, st_, n)]
+            bt = self._block_tables(seqs, [a + n for a, n in zip(starts, lengths)])
+            attend = PagedAR(self.kv, torch.tensor(slots, dtype=torch.long, device=dev), valid.to(dev), bt,
+                             pos.to(dev), self.model.scale)
+            hidden = self.model.forward_hidden(ids.to(dev), pos.to(dev), attend, diff=False)
+        out = self.model.logits(hidden)
+        self._record("verify", bs, T, t0)
+        return out

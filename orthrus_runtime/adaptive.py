@@ -1,0 +1,168 @@
+"""Adaptive verification: how many drafts to verify (K - 1) and how long a block to
+draft (D), chosen each cycle to maximise expected emitted tokens per second.
+
+Inputs:
+- the live acceptance by draft position: alpha[j] = P(draft j accepted | drafts
+  0..j-1 accepted), an exponentially decayed count over recent cycles, kept per
+  draft length D and shrunk towards the pooled estimate where D has little data;
+  positions never verified take the last estimated alpha (geometric extrapolation);
+- the measured cost of each pass at the current (padded) batch size: CUDA-graph
+  replay times on the GPU, wall-clock on the CPU (`PassCosts`), plus the per-cycle
+  overhead outside the passes (sampling, acceptance, bookkeeping), learned online.
+
+A cycle verifying K - 1 drafts emits 1 + sum_{i<K-1} prod_{j<=i} alpha[j] tokens on
+average and costs draft(bs, D) + verify(bs, K) + overhead; plain AR (K = 1) emits
+one token for verify(bs, 1) + overhead. The policy only ever changes K and D: the
+acceptance rule, and the uniforms each request draws per cycle, are untouched, so
+the output distribution stays the AR model's. When acceptance collapses, K = 1 wins
+and Orthrus runs at AR speed; it still probes a speculative cycle now and then (at
+exponentially growing intervals) so that it notices when acceptance recovers.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from .cuda_graphs import BATCH_SIZES, TOKEN_SIZES, bucket
+
+
+def batch_bucket(bs: int) -> int:
+    return bucket(bs, BATCH_SIZES) or bs
+
+
+def token_bucket(T: int) -> int:
+    return bucket(T, TOKEN_SIZES) or T
+
+
+class PassCosts:
+    """Seconds per pass, keyed (kind, padded batch, padded tokens); kind 'draft' or 'verify'."""
+
+    def __init__(self, ema: float = 0.3):
+        self.table: dict[tuple[str, int, int], float] = {}
+        self.ema = ema
+
+    def record(self, kind: str, bs: int, T: int, seconds: float, replace: bool = False) -> None:
+        key = (kind, batch_bucket(bs), token_bucket(T))
+        old = self.table.get(key)
+        self.table[key] = seconds if old is None or replace else (1 - self.ema) * old + self.ema * seconds
+
+    def estimate(self, kind: str, bs: int, T: int) -> float:
+        """Measured value, else scaled from the nearest measurement: a pass costs at least
+        what a smaller pass of the same batch costs, and at most proportionally more tokens."""
+        bs, T = batch_bucket(bs), token_bucket(T)
+        exact = self.table.get((kind, bs, T))
+        if exact is not None:
+            return exact
+        other = "verify" if kind == "draft" else "draft"
+        for kinds in ((kind,), (kind, other)):
+            pts = [(b, t, c) for (k, b, t), c in self.table.items() if k in kinds]
+            if pts:
+                b, t, c = min(pts, key=lambda p: (abs(np.log2(p[0] / bs)), abs(np.log2(p[1] / T))))
+                return c * max(1.0, (bs * T) / (b * t))
+        return 1e-3 * (1.0 + bs * T / 64.0)  # nothing measured yet: relative costs only
+
+
+class AcceptanceEstimator:
+    def __init__(self, max_drafts: int, decay: float = 0.98, prior_alpha: float = 0.5, prior_weight: float = 2.0,
+                 shrink: float = 4.0):
+        self.n = max(1, max_drafts)
+        self.decay, self.prior_alpha, self.prior_weight, self.shrink = decay, prior_alpha, prior_weight, shrink
+        self.tried: dict[Optional[int], np.ndarray] = {None: np.zeros(self.n)}
+        self.acc: dict[Optional[int], np.ndarray] = {None: np.zeros(self.n)}
+
+    def observe(self, draft_len: int, verified: list[int], accepted: list[int]) -> None:
+        """One cycle: per sequence, drafts verified and drafts accepted (a prefix)."""
+        v = np.minimum(np.asarray(verified), self.n)
+        a = np.minimum(np.asarray(accepted), v)
+        reached = np.minimum(a + 1, v)  # positions 0..reached-1 were tried
+        tried = np.bincount(reached, minlength=self.n + 1)[::-1].cumsum()[::-1][1:]
+        acc = np.bincount(a, minlength=self.n + 1)[::-1].cumsum()[::-1][1:]
+        for key in (None, draft_len):
+            if key not in self.tried:
+                self.tried[key], self.acc[key] = np.zeros(self.n), np.zeros(self.n)
+            self.tried[key] = self.tried[key] * self.decay + tried[: self.n]
+            self.acc[key] = self.acc[key] * self.decay + acc[: self.n]
+
+    def alpha(self, draft_len: Optional[int] = None) -> np.ndarray:
+        """Conditional acceptance per draft position (length self.n)."""
+        pooled = np.empty(self.n)
+        prior = self.prior_alpha
+        t, c = self.tried[None], self.acc[None]
+        for j in range(self.n):
+            pooled[j] = (c[j] + self.prior_weight * prior) / (t[j] + self.prior_weight)
+            prior = pooled[j]
+        if draft_len is None or draft_len not in self.tried:
+            return pooled
+        t, c = self.tried[draft_len], self.acc[draft_len]
+        return (c + self.shrink * pooled) / (t + self.shrink)
+
+    def expected_tokens(self, K: int, draft_len: Optional[int] = None) -> float:
+        """Mean tokens emitted by a cycle verifying K - 1 drafts (the AR token included)."""
+        if K <= 1:
+            return 1.0
+        al = self.alpha(draft_len)[: K - 1]
+        return 1.0 + float(np.cumprod(al).sum())
+
+
+class VerifyPolicy:
+    def __init__(self, block_size: int, costs: PassCosts, token_sizes=TOKEN_SIZES, vary_draft_len: bool = True,
+                 probe_min: int = 8, probe_max: int = 256):
+        self.B = block_size
+        self.costs = costs
+        self.acceptance = AcceptanceEstimator(block_size - 1)
+        self.overhead = {"spec": 0.0, "ar": 0.0}
+        self.vary_draft_len = vary_draft_len
+        sizes = sorted({s for s in token_sizes if 2 <= s <= block_size} | {block_size})
+        self.sizes = sizes
+        self.probe_min, self.probe_max = probe_min, probe_max
+        self.probe_every = probe_min
+        self.since_spec = 0
+        self.last: dict = {}
+
+    def _draft_lens(self, K: int) -> list[int]:
+        if not self.vary_draft_len:
+            return [self.B]
+        return sorted({d for d in self.sizes if d >= K} | {self.B})
+
+    def cycle_cost(self, bs: int, K: int, D: int) -> float:
+        if K <= 1:
+            return self.costs.estimate("verify", bs, 1) + self.overhead["ar"]
+        return self.costs.estimate("draft", bs, D) + self.costs.estimate("verify", bs, K) + self.overhead["spec"]
+
+    def rates(self, bs: int, max_remaining: int) -> list[tuple[float, int, int]]:
+        """(expected tokens per second per sequence, K, D) of every candidate."""
+        out = [(1.0 / self.cycle_cost(bs, 1, 0), 1, 0)]
+        for K in self.sizes:
+            if K > max(max_remaining, 1):
+                break
+            for D in self._draft_lens(K):
+                out.append((self.acceptance.expected_tokens(K, D) / self.cycle_cost(bs, K, D), K, D))
+        return out
+
+    def choose(self, bs: int, max_remaining: int) -> tuple[int, int]:
+        """-> (K, D): verify K - 1 drafts of a D-token draft block; K == 1 is a plain AR step."""
+        cands = self.rates(bs, max_remaining)
+        best = max(cands, key=lambda c: c[0])
+        spec = [c for c in cands if c[1] > 1]
+        if best[1] > 1:
+            self.since_spec, self.probe_every = 0, self.probe_min
+        elif spec:
+            self.since_spec += 1
+            if self.since_spec >= self.probe_every:
+                # Probe: one speculative cycle, so the acceptance estimate stays live.
+                best = max(spec, key=lambda c: c[0])
+                self.since_spec = 0
+                self.probe_every = min(self.probe_every * 2, self.probe_max)
+        self.last = {"bs": bs, "K": best[1], "D": best[2], "rate": best[0]}
+        return best[1], best[2]
+
+    def observe(self, draft_len: int, verified: list[int], accepted: list[int]) -> None:
+        self.acceptance.observe(draft_len, verified, accepted)
+
+    def observe_time(self, bs: int, K: int, D: int, seconds: float, ema: float = 0.1) -> None:
+        """A whole cycle's wall time; what the passes do not explain is overhead."""
+        kind = "spec" if K > 1 else "ar"
+        passes = self.cycle_cost(bs, K, D) - self.overhead[kind]
+        extra = max(0.0, seconds - passes)
+        self.overhead[kind] = (1 - ema) * self.overhead[kind] + ema * extra

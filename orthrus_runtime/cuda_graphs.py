@@ -1,0 +1,146 @@
+"""CUDA graphs for the decode passes: static buffers, one graph per (view, padded
+batch size, padded pass length), captured on first use and replayed after.
+
+A decode step of a small batch launches hundreds of small kernels; replaying them as
+one graph removes the per-launch host cost that otherwise sets the pace. Shapes are
+padded up to buckets (batch 1, 2, 4, ..., 128; tokens 1, 2, 4, ..., 64): padding
+sequences have no prefix and no valid token, so they read nothing and write nothing,
+and padding tokens of a real sequence are outside its `nvalid` (masked as keys, never
+written). Everything that changes from step to step travels in one int32 staging
+array (prefix lengths, valid counts, draft anchors, block tables) with one
+host-to-device copy per pass; the verify pass's token ids are copied on the device.
+
+The hidden states land in one static buffer shared by all graphs (the caller applies
+lm_head to the rows it needs before the next pass). Graphs share one memory pool.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence as Seq
+
+import torch
+
+from .fast_forward import FastForward
+
+BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
+TOKEN_SIZES = (1, 2, 4, 8, 16, 32, 64)
+_ROW_START, _ROW_NVALID, _ROW_ANCHOR, _ROW_BT = 0, 1, 2, 3
+
+
+def bucket(n: int, sizes: Seq[int]) -> Optional[int]:
+    """The smallest size >= n, or None if n is larger than all."""
+    for s in sizes:
+        if s >= n:
+            return s
+    return None
+
+
+class GraphedPasses:
+    def __init__(self, fwd: FastForward, max_blocks_per_seq: int, batch_sizes: Seq[int] = BATCH_SIZES,
+                 token_sizes: Seq[int] = TOKEN_SIZES, timing_replays: int = 3,
+                 on_cost: Optional[Callable[[str, int, int, float], None]] = None):
+        self.fwd = fwd
+        self.batch_sizes, self.token_sizes = tuple(batch_sizes), tuple(token_sizes)
+        self.MB, self.MT = max(batch_sizes), max(token_sizes)
+        self.W = max_blocks_per_seq
+        dev = fwd.model.lm_head.weight.device
+        self.device = dev
+        rows = _ROW_BT + self.W
+        # Staging is [field rows, batch columns]: a pass copies its first 3 + w rows, all
+        # columns, as one contiguous block.
+        self.stage = torch.zeros(rows, self.MB, dtype=torch.int32, device=dev)
+        self.host = {k: torch.zeros(rows, self.MB, dtype=torch.int32).pin_memory() for k in ("draft", "verify")}
+        self.host_np = {k: v.numpy() for k, v in self.host.items()}
+        self.copied = {k: None for k in self.host}  # event after the last copy out of each host buffer
+        self.ids = torch.zeros(self.MB, self.MT, dtype=torch.long, device=dev)
+        self.out = torch.zeros(self.MB * self.MT, fwd.model.cfg.hidden_size, dtype=fwd.model.lm_head.weight.dtype,
+                               device=dev)
+        self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
+        self.pool = torch.cuda.graph_pool_handle()
+        self.timing_replays = timing_replays
+        self.cost_s: dict[tuple[str, int, int], float] = {}  # (kind, bs, T) -> seconds per replay + lm_head
+        self.on_cost = on_cost
+
+    def fits(self, bs: int, T: int) -> bool:
+        return bucket(bs, self.batch_sizes) is not None and bucket(T, self.token_sizes) is not None
+
+    # -- capture ------------------------------------------------------------------------------
+    def _body(self, kind: str, bs: int, T: int, mask_id: int) -> None:
+        st = self.stage
+        start, nvalid = st[_ROW_START, :bs], st[_ROW_NVALID, :bs]
+        bt = st[_ROW_BT:, :bs].t()
+        if kind == "draft":
+            t = torch.arange(T, device=self.device).unsqueeze(0)
+            ids = torch.where(t == 0, st[_ROW_ANCHOR, :bs].long().unsqueeze(1), torch.full_like(t, mask_id))
+        else:
+            ids = self.ids[:bs, :T]
+        h = self.fwd.forward(ids, start, nvalid, bt, diff=(kind == "draft"))
+        self.out[: bs * T].copy_(h)
+
+    def capture(self, kind: str, bs: int, T: int, mask_id: int = 0) -> torch.cuda.CUDAGraph:
+        key = (kind, bs, T, mask_id if kind == "draft" else 0)
+        g = self.graphs.get(key)
+        if g is not None:
+            return g
+        # Capture (and its warm-up, which compiles the kernels) on an all-padding batch:
+        # no valid token, so nothing is written to the cache.
+        self.stage[:_ROW_BT].zero_()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._body(kind, bs, T, mask_id)
+        torch.cuda.current_stream().wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=self.pool):
+            self._body(kind, bs, T, mask_id)
+        self.graphs[key] = g
+        self._time(g, kind, bs, T)
+        return g
+
+    def _time(self, g: torch.cuda.CUDAGraph, kind: str, bs: int, T: int) -> None:
+        """Device time of one replay plus the lm_head over all its rows (median of a few)."""
+        model = self.fwd.model
+        times = []
+        for _ in range(self.timing_replays):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            g.replay()
+            model.logits(self.out[: bs * T])
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / 1e3)
+        self.cost_s[(kind, bs, T)] = c = sorted(times)[len(times) // 2]
+        if self.on_cost is not None:
+            self.on_cost(kind, bs, T, c)
+
+    # -- replay -------------------------------------------------------------------------------
+    def run(self, kind: str, starts: Seq[int], nvalid: Seq[int], block_tables: Seq[Seq[int]], T: int,
+            anchors: Optional[Seq[int]] = None, ids: Optional[torch.Tensor] = None,
+            mask_id: int = 0) -> torch.Tensor:
+        """One pass of len(starts) sequences, T tokens each (padded to the buckets).
+        Returns hidden [bs, T, hidden], a view of the shared output buffer (valid until the next pass)."""
+        bs = len(starts)
+        bsp, Tp = bucket(bs, self.batch_sizes), bucket(T, self.token_sizes)
+        g = self.capture(kind, bsp, Tp, mask_id)
+        h, hn = self.host[kind], self.host_np[kind]
+        ev = self.copied[kind]
+        if ev is not None:
+            ev.synchronize()  # the previous copy out of this host buffer has finished
+        need = [-(-(s + T) // self.fwd.page) for s in starts]
+        w = min(self.W, max(max(need), 1))
+        hn[_ROW_START, :bs] = starts
+        hn[_ROW_NVALID, :bs] = nvalid
+        hn[:_ROW_BT, bs:bsp] = 0
+        if anchors is not None:
+            hn[_ROW_ANCHOR, :bs] = anchors
+        for i, tbl in enumerate(block_tables):
+            row = tbl[:w]
+            hn[_ROW_BT: _ROW_BT + len(row), i] = row
+        rows = _ROW_BT + w
+        self.stage[:rows].copy_(h[:rows], non_blocking=True)
+        ev = torch.cuda.Event()
+        ev.record()
+        self.copied[kind] = ev
+        if ids is not None:
+            self.ids[:bs, : ids.shape[1]].copy_(ids)
+        g.replay()
+        return self.out[: bsp * Tp].view(bsp, Tp, -1)[:bs, :T]

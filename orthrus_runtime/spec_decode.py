@@ -1,0 +1,148 @@
+"""The device side of one decode cycle for a batch: draft, sample the drafts, verify,
+accept, with a single host synchronisation at the end (one copy of the accepted
+counts, the final tokens and the drafts).
+
+The acceptance rule is `rejection_sampler.rejection_sample` over the distributions of
+`sampling.processed_probs`. Two shortcuts keep it on the device and cheap:
+- `probs_nosync` is `processed_probs` with the "does any row use top-k / top-p /
+  greedy" decisions taken from the requests' parameters on the host instead of by
+  reading device tensors (same operations, no synchronisation);
+- a batch where every request is greedy skips probabilities altogether: with one-hot
+  p and q, rejection sampling is "accept while the draft is the AR argmax, then emit
+  the AR argmax", computed on token ids (the same result, exactly; tested).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence as Seq
+
+import torch
+
+from .rejection_sampler import rejection_sample
+from .sampling import sample_inverse_cdf
+from .sequence import Sequence
+
+
+def probs_nosync(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                 any_top_k: bool, any_top_p: bool, any_greedy: bool) -> torch.Tensor:
+    """sampling.processed_probs with its three data-dependent branches decided by the caller."""
+    n, V = logits.shape
+    greedy = temperature <= 0
+    t = torch.where(greedy, torch.ones_like(temperature), temperature)
+    x = logits / t.unsqueeze(-1)
+    neg_inf = torch.tensor(float("-inf"), device=x.device)
+    if any_top_k or any_top_p:
+        sorted_x, order = x.sort(dim=-1, descending=True)
+        if any_top_k:
+            use_k = (top_k > 0) & (top_k < V)
+            k = torch.where(use_k, top_k, torch.full_like(top_k, V)).clamp(min=1)
+            kth = sorted_x.gather(-1, (k - 1).unsqueeze(-1))
+            x = torch.where(x < kth, neg_inf, x)
+            sorted_x = torch.where(sorted_x < kth, neg_inf, sorted_x)
+        if any_top_p:
+            use_p = top_p < 1.0
+            cum = sorted_x.softmax(dim=-1).cumsum(dim=-1)
+            remove_sorted = cum > top_p.unsqueeze(-1)
+            remove_sorted = torch.cat([torch.zeros_like(remove_sorted[:, :1]), remove_sorted[:, :-1]], dim=-1)
+            remove_sorted &= use_p.unsqueeze(-1)
+            remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
+            x = torch.where(remove, neg_inf, x)
+    probs = x.softmax(dim=-1)
+    if any_greedy:
+        onehot = torch.zeros_like(probs).scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
+        probs = torch.where(greedy.unsqueeze(-1), onehot, probs)
+    return probs
+
+
+class SamplingBatch:
+    """The sampling parameters of a batch, as device tensors, and the host-side flags."""
+
+    def __init__(self, seqs: Seq[Sequence], device: torch.device):
+        ps = [s.params for s in seqs]
+        self.all_greedy = all(p.greedy for p in ps)
+        self.any_greedy = any(p.greedy for p in ps)
+        self.device = device
+        self.ps = ps
+        self._t = None
+
+    def _tensors(self):
+        if self._t is None:
+            dev = self.device
+            self._t = (torch.tensor([float(p.temperature) for p in self.ps], device=dev),
+                       torch.tensor([int(p.top_k) for p in self.ps], device=dev),
+                       torch.tensor([float(p.top_p) for p in self.ps], device=dev))
+        return self._t
+
+    def probs(self, logits: torch.Tensor, per_seq: int) -> torch.Tensor:
+        """logits [bs*per_seq, V] (row-major by sequence) -> processed probs."""
+        V = logits.shape[-1]
+        t, k, p = (x.repeat_interleave(per_seq) for x in self._tensors())
+        any_k = any(0 < q.top_k < V for q in self.ps)
+        any_p = any(q.top_p < 1.0 for q in self.ps)
+        return probs_nosync(logits, t, k, p, any_k, any_p, self.any_greedy)
+
+
+def greedy_accept(drafts: torch.Tensor, target: torch.Tensor, max_accept: torch.Tensor):
+    """Rejection sampling for one-hot p and q, on ids: drafts [bs, K-1], target (AR argmax)
+    [bs, K], max_accept [bs] -> (num_accepted [bs], final token [bs])."""
+    bs, K = target.shape
+    rows = torch.arange(bs, device=target.device)
+    if K == 1:
+        return torch.zeros(bs, dtype=torch.long, device=target.device), target[:, 0]
+    ok = drafts == target[:, :-1]
+    ok &= torch.arange(K - 1, device=ok.device).unsqueeze(0) < max_accept.unsqueeze(-1)
+    num = ok.long().cumprod(dim=-1).sum(dim=-1)
+    return num, target[rows, num]
+
+
+@dataclass
+class CycleOutcome:
+    num_accepted: list[int]
+    final: list[int]
+    drafts: list[list[int]]  # the drafts of each sequence (Kmax - 1 of them; only a prefix is used)
+
+
+def run_cycle_passes(runner, seqs: Seq[Sequence], anchors: list[int], K: list[int], draft_len: int, B: int,
+                     mask_id: int, u: torch.Tensor, forced: Optional[torch.Tensor] = None) -> CycleOutcome:
+    """Draft (draft_len tokens) + verify (max(K) tokens) + accept for a batch; sequence i
+    verifies K[i] - 1 drafts. u [bs, 2B-1] (CPU): the requests' uniforms of this cycle
+    (drafts use u[:, :K-1], acceptance u[:, B-1:B-1+K-1], the final token u[:, 2B-2]).
+    forced [bs] (benchmarks only): accept min(forced, K-1) drafts, then the AR argmax."""
+    dev = runner.device
+    bs, Kmax = len(seqs), max(K)
+    sb = SamplingBatch(seqs, dev)
+    greedy = sb.all_greedy
+    u = u.to(dev, non_blocking=True)
+    anchors_t = torch.tensor(anchors, dtype=torch.long).to(dev, non_blocking=True)
+    q = None
+    if Kmax > 1:
+        dl = runner.run_draft(seqs, anchors, draft_len, mask_id, Kmax - 1)
+        V = dl.shape[-1]
+        if greedy:
+            drafts = dl.argmax(-1)
+        else:
+            q = sb.probs(dl.reshape(-1, V), Kmax - 1).view(bs, Kmax - 1, V)
+            drafts = sample_inverse_cdf(q.reshape(-1, V), u[:, : Kmax - 1].reshape(-1)).view(bs, Kmax - 1)
+    else:
+        drafts = torch.zeros(bs, 0, dtype=torch.long, device=dev)
+    ids = torch.cat([anchors_t.unsqueeze(1), drafts], dim=1)
+    lg = runner.run_verify(seqs, ids, list(K))
+    V = lg.shape[-1]
+    max_acc = torch.tensor([k - 1 for k in K], dtype=torch.long).to(dev, non_blocking=True)
+    if greedy or forced is not None:
+        target = lg.argmax(-1) if greedy else sb.probs(lg.reshape(-1, V), Kmax).view(bs, Kmax, V).argmax(-1)
+        if forced is not None:
+            num = torch.minimum(max_acc, forced.to(dev))
+            final = target[torch.arange(bs, device=dev), num]
+        else:
+            num, final = greedy_accept(drafts, target, max_acc)
+    else:
+        p = sb.probs(lg.reshape(-1, V), Kmax).view(bs, Kmax, V)
+        if Kmax > 1:
+            ua, uf = u[:, B - 1: B - 1 + Kmax - 1], u[:, 2 * B - 2]
+        else:
+            ua, uf = u[:, :0], u[:, -1]
+            q = torch.zeros(bs, 0, V, device=dev)
+        num, final = rejection_sample(drafts, q, p, ua, uf, max_acc)
+    packed = torch.cat([num.unsqueeze(1), final.unsqueeze(1), drafts], dim=1).tolist()  # the one sync
+    return CycleOutcome([r[0] for r in packed], [r[1] for r in packed], [r[2:] for r in packed])

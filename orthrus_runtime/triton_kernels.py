@@ -1,0 +1,246 @@
+"""Triton kernels of the CUDA hot path (imported only where `triton` imports).
+
+Four fused kernels replace the dozens of small launches of a plain PyTorch layer,
+which is what holds a batch-1 decode step far above the memory roofline:
+
+- `add_rmsnorm`: residual add + RMSNorm in one pass over the row;
+- `qk_norm_rope`: per-head q/k RMSNorm (Qwen3) + rotary embedding for one token's
+  heads, and, for the AR view, the write of its K/V into the paged cache;
+- `paged_attention`: one query block per sequence against (a) its cached prefix,
+  read through the block table, and (b) this pass's own keys/values, causal for the
+  AR view and bidirectional for the diffusion view; online softmax in float32;
+- `silu_mul`: the MLP's SiLU(gate) * up.
+
+Every size that changes from step to step (prefix lengths, valid tokens, block
+tables) is read from device memory, so the launches can be captured in a CUDA graph.
+Float32 inputs use exact ("ieee") dot products, so the float32 fast path matches the
+torch reference path to rounding; bf16 inputs use the tensor cores.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+# -- residual add + RMSNorm ----------------------------------------------------------------------
+
+
+@triton.jit
+def _add_rmsnorm_kernel(X, R, W, Y, RO, sx, sr, sy, sro, N, eps,
+                        HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    m = cols < N
+    x = tl.load(X + row * sx + cols, mask=m, other=0.0)
+    if HAS_RES:
+        # Rounded to the activation dtype, as the reference's `x = x + f(x)` is.
+        x = x + tl.load(R + row * sr + cols, mask=m, other=0.0)
+    tl.store(RO + row * sro + cols, x, mask=m)
+    xf = x.to(tl.float32)
+    var = tl.sum(xf * xf, axis=0) / N
+    y = (xf * tl.rsqrt(var + eps)).to(x.dtype)
+    w = tl.load(W + cols, mask=m, other=0.0)
+    tl.store(Y + row * sy + cols, (y * w).to(x.dtype), mask=m)
+
+
+def add_rmsnorm(x: torch.Tensor, res: torch.Tensor | None, w: torch.Tensor, eps: float):
+    """x, res [n, h] -> (rmsnorm(x + res) * w, x + res). res None: no add."""
+    n, h = x.shape
+    y = torch.empty_like(x)
+    ro = torch.empty_like(x) if res is not None else x
+    r = res if res is not None else x
+    _add_rmsnorm_kernel[(n,)](x, r, w, y, ro, x.stride(0), r.stride(0), y.stride(0), ro.stride(0), h, eps,
+                              HAS_RES=res is not None, BLOCK=_pow2(h), num_warps=4 if h <= 2048 else 8)
+    return y, ro
+
+
+# -- q/k norm + rotary (+ K/V cache write) -----------------------------------------------------
+
+
+@triton.jit
+def _norm_rope_tile(SRC, W, COS, SIN, n, src_off, NH: tl.constexpr, BH: tl.constexpr, D: tl.constexpr,
+                    eps, QK_NORM: tl.constexpr):
+    """Heads [NH, D] of token n starting at SRC + src_off: (optional RMSNorm) then rotary."""
+    h = tl.arange(0, BH)
+    c = tl.arange(0, D)
+    hm = h < NH
+    half = D // 2
+    partner = (c + half) % D
+    ptr = SRC + src_off + h[:, None] * D
+    x = tl.load(ptr + c[None, :], mask=hm[:, None], other=0.0)
+    x2 = tl.load(ptr + partner[None, :], mask=hm[:, None], other=0.0)
+    dt = x.dtype
+    if QK_NORM:
+        xf = x.to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(xf * xf, axis=1) / D + eps)
+        w = tl.load(W + c)
+        w2 = tl.load(W + partner)
+        x = (xf * rstd[:, None]).to(dt) * w[None, :]
+        x2 = (x2.to(tl.float32) * rstd[:, None]).to(dt) * w2[None, :]
+    cos = tl.load(COS + n * D + c).to(tl.float32)
+    sin = tl.load(SIN + n * D + c).to(tl.float32)
+    sign = tl.where(c < half, -1.0, 1.0)
+    out = x.to(tl.float32) * cos[None, :] + sign[None, :] * x2.to(tl.float32) * sin[None, :]
+    return out.to(dt), h, c, hm
+
+
+@triton.jit
+def _qk_norm_rope_kernel(QKV, COS, SIN, QW, KW, QO, KO, KC, VC, SLOT, sqkv, sc_slot, sc_h, eps,
+                         H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BHQ: tl.constexpr,
+                         BHK: tl.constexpr, QK_NORM: tl.constexpr, WRITE: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64)
+    row = n * sqkv
+    q, h, c, hm = _norm_rope_tile(QKV, QW, COS, SIN, n, row, H, BHQ, D, eps, QK_NORM)
+    tl.store(QO + n * (H * D) + h[:, None] * D + c[None, :], q, mask=hm[:, None])
+    k, h, c, hm = _norm_rope_tile(QKV, KW, COS, SIN, n, row + H * D, HKV, BHK, D, eps, QK_NORM)
+    tl.store(KO + n * (HKV * D) + h[:, None] * D + c[None, :], k, mask=hm[:, None])
+    if WRITE:
+        slot = tl.load(SLOT + n)
+        if slot >= 0:
+            v = tl.load(QKV + row + (H + HKV) * D + h[:, None] * D + c[None, :], mask=hm[:, None], other=0.0)
+            dst = slot * sc_slot + h[:, None] * sc_h + c[None, :]
+            tl.store(KC + dst, k, mask=hm[:, None])
+            tl.store(VC + dst, v, mask=hm[:, None])
+
+
+def qk_norm_rope(qkv, cos, sin, qw, kw, H, HKV, D, eps, kc=None, vc=None, slots=None):
+    """qkv [n, (H+2HKV)*D] -> q [n, H, D], k [n, HKV, D] (normed when qw is given, rotated);
+    with slots (int64 [n], -1 = skip) also writes k and v into one layer's caches kc/vc
+    [num_blocks, page, HKV, D] (contiguous: slot s is block s // page, row s % page)."""
+    n = qkv.shape[0]
+    q = torch.empty(n, H, D, dtype=qkv.dtype, device=qkv.device)
+    k = torch.empty(n, HKV, D, dtype=qkv.dtype, device=qkv.device)
+    write = slots is not None
+    qk_norm = qw is not None
+    _qk_norm_rope_kernel[(n,)](
+        qkv, cos, sin, qw if qk_norm else cos, kw if qk_norm else cos, q, k,
+        kc if write else k, vc if write else k, slots if write else k,
+        qkv.stride(0), kc.stride(1) if write else 0, kc.stride(2) if write else 0, eps,
+        H=H, HKV=HKV, D=D, BHQ=_pow2(H), BHK=_pow2(HKV), QK_NORM=qk_norm, WRITE=write, num_warps=4)
+    return q, k
+
+
+# -- paged attention: cached prefix + this pass's block ----------------------------------------------
+
+
+@triton.jit
+def _attn_kernel(Q, KB, VB, KC, VC, BT, START, NVALID, O,
+                 sq_n, sq_h, skb_n, skb_h, svb_n, svb_h, sc_blk, sc_pg, sc_h, sbt_b, sbt_p, so_n, so_h,
+                 T, scale,
+                 G: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr):
+    b = tl.program_id(0)
+    kh = tl.program_id(1)
+    pm = tl.program_id(2)
+    # Rows of this program: (token t, head kh*G + g) pairs; a KV head serves its G query heads.
+    m = pm * BLOCK_M + tl.arange(0, BLOCK_M)
+    t = m // G
+    g = m % G
+    row_ok = t < T
+    tok = (b * T + t).to(tl.int64)
+    d = tl.arange(0, D)
+    q = tl.load(Q + tok[:, None] * sq_n + (kh * G + g)[:, None] * sq_h + d[None, :], mask=row_ok[:, None], other=0.0)
+    start = tl.load(START + b)
+    nvalid = tl.load(NVALID + b)
+    qk_scale = scale * 1.4426950408889634  # exp -> exp2
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    # (a) the cached prefix [0, start): visible to every row.
+    for n0 in range(0, start, BLOCK_N):
+        offs = n0 + tl.arange(0, BLOCK_N)
+        km = offs < start
+        blk = tl.load(BT + b * sbt_b + (offs // PAGE) * sbt_p, mask=km, other=0).to(tl.int64)
+        base = blk * sc_blk + (offs % PAGE) * sc_pg + kh * sc_h
+        k = tl.load(KC + base[:, None] + d[None, :], mask=km[:, None], other=0.0)
+        v = tl.load(VC + base[:, None] + d[None, :], mask=km[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        s = tl.where(km[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+    # (b) this pass's own keys [0, nvalid): causal (AR view) or all (diffusion view).
+    hi = nvalid
+    if CAUSAL:
+        t_last = ((pm + 1) * BLOCK_M - 1) // G
+        hi = tl.minimum(nvalid, t_last + 1)
+    for n0 in range(0, hi, BLOCK_N):
+        j = n0 + tl.arange(0, BLOCK_N)
+        jm = j < nvalid
+        jt = (b * T + j).to(tl.int64)
+        k = tl.load(KB + jt[:, None] * skb_n + kh * skb_h + d[None, :], mask=jm[:, None], other=0.0)
+        v = tl.load(VB + jt[:, None] * svb_n + kh * svb_h + d[None, :], mask=jm[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        vis = jm[None, :]
+        if CAUSAL:
+            vis = vis & (j[None, :] <= t[:, None])
+        s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+    # Rows that see no key at all (padding rows of a padded batch) come out as zeros.
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(O + tok[:, None] * so_n + (kh * G + g)[:, None] * so_h + d[None, :], out.to(O.dtype.element_ty),
+             mask=row_ok[:, None])
+
+
+def paged_attention(q, kb, vb, kc, vc, bt, start, nvalid, T: int, scale: float, causal: bool):
+    """q [bs*T, H, D]; kb/vb [bs*T, HKV, D] (any row/head strides, unit last stride);
+    kc/vc one layer's cache [num_blocks, page, HKV, D]; bt [bs, W] int32 (any strides);
+    start/nvalid [bs] int32 -> out [bs*T, H, D]."""
+    n, H, D = q.shape
+    HKV = kb.shape[1]
+    G = H // HKV
+    bs = start.shape[0]
+    out = torch.empty_like(q)
+    M = T * G
+    BLOCK_M = max(16, min(64, _pow2(M)))
+    BLOCK_N = 64 if D <= 128 else 32
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    grid = (bs, HKV, triton.cdiv(M, BLOCK_M))
+    _attn_kernel[grid](
+        q, kb, vb, kc, vc, bt, start, nvalid, out,
+        q.stride(0), q.stride(1), kb.stride(0), kb.stride(1), vb.stride(0), vb.stride(1),
+        kc.stride(0), kc.stride(1), kc.stride(2), bt.stride(0), bt.stride(1), out.stride(0), out.stride(1),
+        T, scale, G=G, D=D, PAGE=kc.shape[1], BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, CAUSAL=causal, PREC=prec,
+        num_warps=4, num_stages=2)
+    return out
+
+
+# -- SiLU(gate) * up ----------------------------------------------------------------------------------
+
+
+@triton.jit
+def _silu_mul_kernel(GU, O, I, sgu, so, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = cols < I
+    g = tl.load(GU + row * sgu + cols, mask=m, other=0.0)
+    u = tl.load(GU + row * sgu + I + cols, mask=m, other=0.0)
+    gf = g.to(tl.float32)
+    s = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)  # rounded like F.silu's output
+    tl.store(O + row * so + cols, s * u, mask=m)
+
+
+def silu_mul(gu: torch.Tensor) -> torch.Tensor:
+    """gu [n, 2I] (gate | up) -> silu(gate) * up [n, I]."""
+    n, two_i = gu.shape
+    inter = two_i // 2
+    out = torch.empty(n, inter, dtype=gu.dtype, device=gu.device)
+    BLOCK = 1024
+    _silu_mul_kernel[(n, triton.cdiv(inter, BLOCK))](gu, out, inter, gu.stride(0), out.stride(0), BLOCK=BLOCK,
+                                                     num_warps=4)
+    return out

@@ -1,0 +1,271 @@
+"""Adaptive verification and the device-side cycle: the estimates, the choices, and that
+changing how many drafts are verified never changes what is sampled."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from orthrus_runtime.adaptive import AcceptanceEstimator, PassCosts, VerifyPolicy
+from orthrus_runtime.engine import EngineConfig, LLMEngine
+from orthrus_runtime.reference import exact_joint_distribution, greedy_ar
+from orthrus_runtime.rejection_sampler import rejection_sample
+from orthrus_runtime.sampling import processed_probs, sample_inverse_cdf
+from orthrus_runtime.spec_decode import greedy_accept, probs_nosync
+from orthrus_runtime.testing import tiny_model
+from orthrus_runtime.types import GenerateRequest, SamplingParams
+
+
+# -- estimates --------------------------------------------------------------------------------------
+
+
+def _geometric_cycles(est, alpha, n_drafts, cycles, bs, rng, draft_len=8):
+    for _ in range(cycles):
+        acc = []
+        for _ in range(bs):
+            a = 0
+            while a < n_drafts and rng.random() < alpha:
+                a += 1
+            acc.append(a)
+        est.observe(draft_len, [n_drafts] * bs, acc)
+
+
+def test_acceptance_estimator_recovers_a_geometric_profile():
+    rng = np.random.default_rng(0)
+    est = AcceptanceEstimator(15, decay=0.999)
+    _geometric_cycles(est, 0.8, 15, 400, 8, rng)
+    al = est.alpha(8)
+    assert np.all(np.abs(al[:6] - 0.8) < 0.05), al
+    # Mean tokens of a cycle verifying K-1 drafts: 1 + sum_i 0.8^(i+1).
+    for K in (2, 4, 16):
+        want = 1 + sum(0.8 ** (i + 1) for i in range(K - 1))
+        assert abs(est.expected_tokens(K, 8) - want) < 0.25 * want ** 0.5
+    assert est.expected_tokens(1) == 1.0
+
+
+def test_acceptance_estimator_counts_and_extrapolates():
+    est = AcceptanceEstimator(7, decay=1.0, prior_weight=1e-9)
+    # Seq 1 verified 3 drafts, accepted 1 (tried 0, 1); seq 2 verified 3, accepted 3 (tried 0..2).
+    est.observe(4, [3, 3], [1, 3])
+    assert est.tried[4].tolist()[:4] == [2, 2, 1, 0] and est.acc[4].tolist()[:4] == [2, 1, 1, 0]
+    al = est.alpha()
+    assert al[0] == pytest.approx(1.0) and al[1] == pytest.approx(0.5) and al[2] == pytest.approx(1.0)
+    assert al[3] == pytest.approx(al[2])  # never tried: the last estimate carries on
+    # Live: old evidence decays away.
+    est2 = AcceptanceEstimator(3, decay=0.5, prior_weight=0.1)
+    for _ in range(30):
+        est2.observe(4, [3], [3])
+    for _ in range(30):
+        est2.observe(4, [3], [0])
+    assert est2.alpha()[0] < 0.05
+
+
+def test_pass_costs_measured_and_estimated():
+    c = PassCosts()
+    c.record("verify", 3, 5, 2.0)  # bucketed to (4, 8)
+    assert c.estimate("verify", 4, 8) == 2.0 and c.estimate("verify", 3, 7) == 2.0
+    c.record("verify", 4, 8, 4.0)
+    assert 2.0 < c.estimate("verify", 4, 8) < 4.0  # moving average
+    c.record("verify", 4, 8, 1.0, replace=True)
+    assert c.estimate("verify", 4, 8) == 1.0
+    # Unmeasured: never cheaper than a smaller measured pass, at most proportional to tokens.
+    assert c.estimate("verify", 4, 32) == pytest.approx(4.0)
+    assert c.estimate("verify", 4, 2) == pytest.approx(1.0)
+    assert c.estimate("draft", 4, 8) == pytest.approx(1.0)  # the other view's pass of that shape
+
+
+# -- choices ----------------------------------------------------------------------------------------
+
+
+def _costs(per_token_s: float, fixed_s: float = 1.0) -> PassCosts:
+    """A device model: a pass of T tokens at batch bs costs fixed + per_token * bs * T."""
+    c = PassCosts()
+    for bs in (1, 2, 4, 8, 16, 32, 64, 128):
+        for T in (1, 2, 4, 8, 16, 32, 64):
+            for kind in ("draft", "verify"):
+                c.record(kind, bs, T, fixed_s + per_token_s * bs * T)
+    return c
+
+
+def _trained_policy(costs, alpha, B=32, bs=8):
+    pol = VerifyPolicy(B, costs)
+    _geometric_cycles(pol.acceptance, alpha, B - 1, 300, 8, np.random.default_rng(1), draft_len=B)
+    for D in pol.sizes:  # the same profile seen at every draft length
+        _geometric_cycles(pol.acceptance, alpha, D - 1, 50, 8, np.random.default_rng(D), draft_len=D)
+    return pol
+
+
+def test_policy_speculates_long_when_passes_are_flat_and_acceptance_high():
+    pol = _trained_policy(_costs(0.0001), alpha=0.95)
+    K, D = pol.choose(1, 1000)
+    assert K >= 16 and D >= K
+
+
+def test_policy_degrades_to_ar_when_acceptance_collapses_and_probes_rarely():
+    pol = _trained_policy(_costs(0.0001), alpha=0.0)
+    plans = [pol.choose(1, 1000) for _ in range(200)]
+    spec = [i for i, (K, _) in enumerate(plans) if K > 1]
+    assert plans[0] == (1, 0)
+    # Probes at growing intervals: 8, 16, 32, 64, 128 cycles apart.
+    assert 3 <= len(spec) <= 6 and all(b - a >= 8 for a, b in zip(spec, spec[1:]))
+    assert np.all(np.diff(np.diff(spec)) >= 0)
+
+
+def test_policy_verifies_less_when_compute_bound():
+    """At a large batch every token costs (compute-bound): fewer drafts and a short block win;
+    with flat costs (small batch, memory-bound) the same acceptance asks for more."""
+    flat = _trained_policy(_costs(1e-6), alpha=0.85)
+    steep = _trained_policy(_costs(0.05), alpha=0.85)
+    Kf, Df = flat.choose(128, 1000)
+    Ks, Ds = steep.choose(128, 1000)
+    assert Ks < Kf and Ds <= Df
+    # Never worse than AR by its own estimate: the chosen rate is at least the AR rate.
+    for pol in (flat, steep):
+        rates = pol.rates(128, 1000)
+        assert max(r for r, _, _ in rates) >= rates[0][0]
+
+
+def test_policy_respects_remaining_tokens():
+    pol = _trained_policy(_costs(1e-6), alpha=0.95)
+    K, _ = pol.choose(1, 3)
+    assert K <= 3
+
+
+def test_overhead_learned_from_cycle_times():
+    pol = VerifyPolicy(8, _costs(0.0))
+    for _ in range(100):
+        pol.observe_time(1, 8, 8, 2.0 + 0.5)  # passes: 1 + 1; 0.5 s unexplained
+    assert pol.overhead["spec"] == pytest.approx(0.5, rel=0.01)
+
+
+# -- the device-side cycle is the reference acceptance rule ------------------------------------------
+
+
+def test_probs_nosync_equals_processed_probs():
+    g = torch.Generator().manual_seed(0)
+    n, V = 64, 50
+    logits = torch.randn(n, V, generator=g) * 3
+    for trial in range(6):
+        t = torch.rand(n, generator=g) * 1.5
+        t[torch.rand(n, generator=g) < 0.3] = 0.0
+        k = torch.randint(-1, V + 3, (n,), generator=g)
+        p = torch.rand(n, generator=g).clamp(min=0.05)
+        p[torch.rand(n, generator=g) < 0.4] = 1.0
+        if trial == 1:
+            k[:] = -1
+        if trial == 2:
+            p[:] = 1.0
+        if trial == 3:
+            t[:] = 0.5
+        want = processed_probs(logits, t, k, p)
+        got = probs_nosync(logits, t, k, p, bool(((k > 0) & (k < V)).any()), bool((p < 1).any()),
+                           bool((t <= 0).any()))
+        assert torch.equal(got, want)
+
+
+def test_greedy_accept_equals_rejection_sampling_on_one_hot():
+    g = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        bs, K, V = 16, 6, 5  # a small vocabulary: drafts often agree with the argmax
+        dl, tl = torch.randn(bs, K - 1, V, generator=g), torch.randn(bs, K, V, generator=g)
+        zeros = torch.zeros(bs * (K - 1))
+        q = processed_probs(dl.reshape(-1, V), zeros, -torch.ones_like(zeros, dtype=torch.long), zeros + 1)
+        p = processed_probs(tl.reshape(-1, V), torch.zeros(bs * K), -torch.ones(bs * K, dtype=torch.long),
+                            torch.ones(bs * K))
+        drafts = sample_inverse_cdf(q, zeros).view(bs, K - 1)
+        max_acc = torch.randint(0, K, (bs,), generator=g)
+        want = rejection_sample(drafts, q.view(bs, K - 1, V), p.view(bs, K, V), torch.zeros(bs, K - 1),
+                                torch.zeros(bs), max_acc)
+        got = greedy_accept(dl.argmax(-1), tl.argmax(-1), max_acc)
+        assert torch.equal(drafts, dl.argmax(-1))
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+# -- engine ---------------------------------------------------------------------------------------------
+
+
+PROMPTS = [list(range(3, 8)), list(range(10, 27)), [42]]
+
+
+def test_adaptive_engine_greedy_equals_ar():
+    model = tiny_model("llama", diffusion="ar-copy", seed=1)
+    ref = [greedy_ar(model, p, 48) for p in PROMPTS]
+    eng = LLMEngine(model, EngineConfig(block_size=8, mask_token_id=300, max_model_len=256, num_kv_blocks=200,
+                                        kv_page_size=8, verify_policy="adaptive"))
+    reqs = [GenerateRequest(prompt_token_ids=p, params=SamplingParams(max_tokens=48, temperature=0,
+                                                                      ignore_eos=True)) for p in PROMPTS]
+    res = eng.generate(reqs)
+    assert [d.token_ids for d in res] == ref
+    assert eng.blocks.num_free == eng.blocks.num_blocks
+    assert eng.policy.acceptance.tried[None].sum() > 0  # it speculated and learned from it
+
+
+class _CyclingPlans:
+    """A policy double that changes K and D every cycle, AR steps included."""
+
+    def __init__(self):
+        self.plans = [(1, 0), (2, 2), (4, 4), (3, 4), (4, 8), (2, 8)]
+        self.i = 0
+
+    def choose(self, bs, max_remaining):
+        self.i += 1
+        return self.plans[self.i % len(self.plans)]
+
+    def observe(self, *a):
+        pass
+
+    def observe_time(self, *a):
+        pass
+
+
+def test_varying_verify_length_keeps_the_distribution():
+    """Sampled output under a plan that changes K and D every cycle is still the AR model's
+    joint distribution (chi-square against exact enumeration)."""
+    T, TOP_K, TOP_P, prompt = 0.8, 5, 0.9, [1, 4, 2]
+    model = tiny_model("qwen3", seed=11, vocab_size=8, hidden=32, heads=2, kv_heads=1, head_dim=16)
+    exact = exact_joint_distribution(model, prompt, 3, T, TOP_K, TOP_P)
+    eng = LLMEngine(model, EngineConfig(block_size=8, mask_token_id=7, max_model_len=64, num_kv_blocks=4000,
+                                        kv_page_size=4, max_num_seqs=512, max_num_batched_tokens=4096,
+                                        verify_policy="adaptive"))
+    eng.policy = _CyclingPlans()
+    n = 6000
+    reqs = [GenerateRequest(prompt_token_ids=prompt, params=SamplingParams(
+        max_tokens=3, temperature=T, top_k=TOP_K, top_p=TOP_P, seed=7000 + i, ignore_eos=True)) for i in range(n)]
+    res = eng.generate(reqs)
+    counts: dict = {}
+    for d in res:
+        c = tuple(d.token_ids)
+        assert exact.get(c, 0) > 0, f"sampled {c}, impossible under the AR model"
+        counts[c] = counts.get(c, 0) + 1
+    cells = [c for c in exact if exact[c] * n >= 5]
+    rest = [c for c in exact if c not in cells]
+    obs = [counts.get(c, 0) for c in cells]
+    exp = [exact[c] * n for c in cells]
+    if rest:  # the rare cells pooled, so that every expected count is >= 5
+        obs.append(sum(counts.get(c, 0) for c in rest))
+        exp.append(sum(exact[c] for c in rest) * n)
+    assert len(obs) >= 8
+    exp = [e * n / sum(exp) for e in exp]
+    assert chisquare(obs, exp).pvalue > 1e-4
+    st = eng.spec["orthrus"]
+    assert 0 < st.num_accepted_tokens < st.num_draft_tokens
+
+
+def test_forced_acceptance_profile_and_count():
+    model = tiny_model("qwen3", seed=2)
+    eng = LLMEngine(model, EngineConfig(block_size=8, mask_token_id=300, max_model_len=256, num_kv_blocks=200,
+                                        kv_page_size=8))
+    eng.forced_accept = [1.0] * 3  # accept exactly 3 drafts per cycle
+    c = eng._forced_counts(5, 7)
+    assert c.tolist() == [3] * 5
+    eng.forced_accept = [0.5] * 7
+    c = eng._forced_counts(20000, 7).float()
+    want = sum(0.5 ** (i + 1) for i in range(7))
+    assert abs(c.mean().item() - want) < 0.03
+    # End to end: every cycle accepts 3 drafts and emits 4 tokens; the cache holds them.
+    eng.forced_accept = [1.0] * 3
+    (d,) = eng.generate([GenerateRequest(prompt_token_ids=PROMPTS[1], params=SamplingParams(
+        max_tokens=21, temperature=0, ignore_eos=True))])
+    assert d.stats.num_cycles == 5 and d.stats.num_accepted_tokens == 15
+    assert eng.blocks.num_free == eng.blocks.num_blocks

@@ -1,0 +1,188 @@
+"""The fast path (packed projections, fused ops, CUDA graphs) computes what the reference
+torch path computes: logits of prefill, draft and verify passes, the K/V it writes, and
+whole greedy generations.
+
+On the CPU the fast path runs with plain torch ops; the Triton kernels run where triton
+imports and either a GPU is present or TRITON_INTERPRET=1 (the interpreter, on the CPU).
+CUDA-graph tests run on a GPU machine only (the GPU benchmark run executes this file).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from orthrus_runtime.engine import EngineConfig, LLMEngine
+from orthrus_runtime.fast_forward import FastForward, TorchOps
+from orthrus_runtime.kv_cache import KVCache
+from orthrus_runtime.reference import greedy_ar
+from orthrus_runtime.runner import ModelRunner
+from orthrus_runtime.testing import tiny_model
+from orthrus_runtime.types import GenerateRequest, SamplingParams
+
+HAS_CUDA = torch.cuda.is_available()
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+TRITON_RUNS = HAS_TRITON and (HAS_CUDA or os.environ.get("TRITON_INTERPRET") == "1")
+
+DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
+OPS = ["torch"] + (["triton"] if TRITON_RUNS else [])
+SHAPES = {  # (arch, heads, kv_heads, head_dim): GQA groups of 2 and 3 (SmolLM2's), head sizes 16 and 64
+    "qwen3-g2": ("qwen3", 4, 2, 16),
+    "llama-g3": ("llama", 6, 2, 64),
+}
+
+
+class _Seq:
+    def __init__(self, block_table):
+        self.block_table = block_table
+        self.num_cached = 0
+
+
+def _ops(name):
+    if name == "torch":
+        return TorchOps()
+    from orthrus_runtime.fast_forward import TritonOps
+
+    return TritonOps()
+
+
+def _device_for(ops_name, device):
+    # The Triton interpreter runs on CPU tensors; compiled Triton needs CUDA tensors.
+    if ops_name == "triton" and not HAS_CUDA:
+        return "cpu"
+    return device
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("ops_name", OPS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_fast_forward_matches_reference_runner(shape, ops_name, device):
+    if ops_name == "triton" and HAS_CUDA and device == "cpu":
+        pytest.skip("compiled Triton runs on CUDA tensors")
+    dev = torch.device(_device_for(ops_name, device))
+    arch, heads, kv_heads, head_dim = SHAPES[shape]
+    g = torch.Generator().manual_seed(0)
+    model = tiny_model(arch, seed=1, heads=heads, kv_heads=kv_heads, head_dim=head_dim).to(dev)
+    page, nblocks = 4, 64
+    kv_ref = KVCache(model.cfg, nblocks, page, torch.float32, dev)
+    kv_fast = KVCache(model.cfg, nblocks, page, torch.float32, dev)
+    ref = ModelRunner(model, kv_ref, dev, fast=False)
+    fast = FastForward(model, kv_fast, _ops(ops_name))
+    perm = torch.randperm(nblocks, generator=g).tolist()
+    lens = [5, 13, 1, 9]  # scattered, non-contiguous block tables
+    seqs = [_Seq(perm[i * 16:(i + 1) * 16]) for i in range(len(lens))]
+    bt = torch.tensor([s.block_table for s in seqs], dtype=torch.int32, device=dev)
+    bs = len(seqs)
+
+    def check(a, b, what):
+        err = (a - b).abs().max().item()
+        assert err < 2e-5, f"{what}: max |fast - reference| = {err}"
+
+    def run_fast(ids, start, nvalid, diff):
+        h = fast.forward(ids.to(dev), torch.tensor(start, dtype=torch.int32, device=dev),
+                         torch.tensor(nvalid, dtype=torch.int32, device=dev), bt, diff=diff)
+        return model.logits(h).view(bs, ids.shape[1], -1)
+
+    # 1. Prefill of ragged prompts (padding rows of the shorter ones).
+    prompts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in lens]
+    T = max(lens)
+    want = ref.run_ar(seqs, prompts, [0] * bs, [list(range(n)) for n in lens])
+    ids = torch.zeros(bs, T, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, : len(p)] = torch.tensor(p)
+    got = run_fast(ids, [0] * bs, lens, diff=False)
+    for i, n in enumerate(lens):
+        check(got[i, :n], want[i], "prefill logits")
+    check(kv_fast.k, kv_ref.k, "prefill K")
+    check(kv_fast.v, kv_ref.v, "prefill V")
+    for s, n in zip(seqs, lens):
+        s.num_cached = n
+
+    # 2. Draft pass: [anchor, MASK...] against the cached prefix; writes nothing.
+    B = 6
+    anchors = [7, 8, 9, 10]
+    want = ref.run_draft(seqs, anchors, B, 300, B)
+    ids = torch.full((bs, B), 300)
+    ids[:, 0] = torch.tensor(anchors)
+    k_before = kv_fast.k.clone()
+    got = run_fast(ids, lens, [B] * bs, diff=True)
+    check(got, want, "draft logits")
+    assert torch.equal(kv_fast.k, k_before), "the draft pass wrote to the cache"
+
+    # 3. Verify pass with a different number of real tokens per sequence.
+    K = [6, 3, 6, 1]
+    toks = [[a] + torch.randint(0, 300, (k - 1,), generator=g).tolist() for a, k in zip(anchors, K)]
+    vids = torch.zeros(bs, 6, dtype=torch.long)
+    for i, t in enumerate(toks):
+        vids[i, : len(t)] = torch.tensor(t)
+    want = ref.run_verify(seqs, vids.to(dev), K)
+    got = run_fast(vids, lens, K, diff=False)
+    for i, k in enumerate(K):
+        check(got[i, :k], want[i, :k], "verify logits")
+    check(kv_fast.k, kv_ref.k, "verify K")
+    check(kv_fast.v, kv_ref.v, "verify V")
+
+
+def _engine(model, B, device, fast, cuda_graphs=None, policy="full"):
+    eng = LLMEngine(model, EngineConfig(block_size=B, mask_token_id=300, max_model_len=256, num_kv_blocks=200,
+                                        kv_page_size=8, verify_policy=policy))
+    if fast:
+        eng.runner = ModelRunner(model, eng.kv, torch.device(device), fast=True, cuda_graphs=cuda_graphs,
+                                 max_model_len=256)
+        if eng.policy is not None:
+            eng.policy.costs = eng.runner.costs
+    return eng
+
+
+PROMPTS = [list(range(3, 8)), list(range(10, 27)), [42], [(7 * i) % 250 + 3 for i in range(40)]]
+
+
+def _greedy(n, mode):
+    return [GenerateRequest(prompt_token_ids=p, params=SamplingParams(max_tokens=n, temperature=0.0,
+                                                                       ignore_eos=True), mode=mode) for p in PROMPTS]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fast_engine_greedy_orthrus_equals_ar(device):
+    """Whole generations through the fast path (CUDA graphs on a GPU) equal the dense greedy
+    reference, in both modes, at several block sizes and with the adaptive policy."""
+    model = tiny_model("qwen3", diffusion="ar-copy", seed=1).to(device)
+    ref = [greedy_ar(model, p, 40) for p in PROMPTS]
+    eng = _engine(model, 4, device, fast=True)
+    assert [d.token_ids for d in eng.generate(_greedy(40, "ar"))] == ref
+    for B, policy in ((4, "full"), (8, "full"), (8, "adaptive")):
+        eng = _engine(model, B, device, fast=True, policy=policy)
+        res = eng.generate(_greedy(40, "orthrus"))
+        assert [d.token_ids for d in res] == ref, f"block {B}, {policy}"
+        assert eng.blocks.num_free == eng.blocks.num_blocks
+        assert sum(d.stats.num_accepted_tokens for d in res) > 0  # the warm-started view drafts well
+    if device == "cuda":
+        assert eng.runner.graphs is not None and eng.runner.graphs.graphs, "no CUDA graph was used"
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a GPU")
+def test_cuda_graph_passes_equal_eager_fast_passes():
+    """Replaying a captured graph (padded batch and length) gives the eager pass's logits."""
+    model = tiny_model("qwen3", seed=4).to("cuda")
+    outs = {}
+    for graphs in (False, True):
+        eng = _engine(model, 8, "cuda", fast=True, cuda_graphs=graphs)
+        reqs = [GenerateRequest(prompt_token_ids=p, params=SamplingParams(max_tokens=30, temperature=0.0,
+                                                                          ignore_eos=True)) for p in PROMPTS[:3]]
+        for r in reqs:
+            eng.add_request(r)
+        eng.step()  # prefill
+        seqs = list(eng.scheduler.running)
+        for s in seqs:
+            eng.blocks.allocate(s, s.num_cached + 8)
+        anchors = [s.output_token_ids[-1] for s in seqs]
+        d = eng.runner.run_draft(seqs, anchors, 7, 300, 6)  # D=7 runs in the T=8 graph
+        ids = torch.cat([torch.tensor(anchors, device="cuda").unsqueeze(1), d.argmax(-1)[:, :4]], 1)
+        v = eng.runner.run_verify(seqs, ids, [5, 3, 5])  # T=5 runs in the T=8 graph
+        outs[graphs] = (d, v)
+    (d0, v0), (d1, v1) = outs[False], outs[True]
+    assert (d0 - d1).abs().max().item() < 1e-4
+    for i, k in enumerate([5, 3, 5]):
+        assert (v0[i, :k] - v1[i, :k]).abs().max().item() < 1e-4
