@@ -1,0 +1,76 @@
+"""Application builder: the config's `import_path: deployment.app:build_app`.
+
+Serve calls build_app with the application's `args` from the config; the
+`deployments:` section of the same config then overrides per-deployment options
+(replicas, autoscaling, queue limits, GPUs) by deployment name.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from ray import serve
+
+from orthrus_runtime.engine_args import EngineArgs
+
+from .engine_deployment import OrthrusEngine
+from .router import OrthrusRouter
+
+
+@dataclass
+class AppArgs:
+    # EngineArgs fields (orthrus_runtime/engine_args.py); unknown keys are refused.
+    engine: dict[str, Any] = field(default_factory=dict)
+    # The name served in /v1/models, checked against each request's `model`.
+    model_id: str = "orthrus"
+    # API keys: a comma-separated environment variable and/or a file with one key
+    # per line. Auth is off when neither yields a key (see deployment/auth.py).
+    api_keys_env: Optional[str] = "ORTHRUS_API_KEYS"
+    api_keys_file: Optional[str] = None
+    # Each replica (engine and router) serves Prometheus metrics here, or on the
+    # next free port when another replica on the node holds it; null: off.
+    metrics_port: Optional[int] = 8085
+    # max_tokens when a chat or gRPC request leaves it unset (/v1/completions keeps OpenAI's 16).
+    default_max_tokens: int = 256
+    # Minimum time between two stream messages of one request; deltas arriving
+    # sooner are merged (deployment/streaming.py). 0: one message per delta.
+    stream_interval_s: float = 0.05
+
+    @classmethod
+    def from_dict(cls, d: Optional[dict[str, Any]]) -> "AppArgs":
+        d = dict(d or {})
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown application arg(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        a = cls(**d)
+        if not isinstance(a.engine, dict):
+            raise ValueError("args.engine must be a mapping of EngineArgs fields")
+        EngineArgs.from_dict(a.engine)  # fail at deploy time, not in every replica
+        if not isinstance(a.model_id, str) or not a.model_id:
+            raise ValueError("args.model_id must be a non-empty string")
+        if a.metrics_port is not None and not (isinstance(a.metrics_port, int) and 0 <= a.metrics_port < 65536):
+            raise ValueError(f"args.metrics_port must be a port number (0: any free port) or null, got {a.metrics_port!r}")
+        if not (isinstance(a.default_max_tokens, int) and a.default_max_tokens >= 1):
+            raise ValueError("args.default_max_tokens must be a positive integer")
+        if not (isinstance(a.stream_interval_s, (int, float)) and 0 <= a.stream_interval_s <= 1):
+            raise ValueError("args.stream_interval_s must be a number of seconds in [0, 1]")
+        return a
+
+
+def build_app(args: Optional[dict[str, Any]] = None) -> serve.Application:
+    a = AppArgs.from_dict(args)
+    engine = OrthrusEngine
+    if EngineArgs.from_dict(a.engine).device == "cpu":
+        # A CPU engine must not wait for a GPU; the config's ray_actor_options still win.
+        engine = engine.options(ray_actor_options={"num_gpus": 0})
+    engine_app = engine.bind(a.engine, a.model_id, a.metrics_port, float(a.stream_interval_s))
+    settings = {
+        "model_id": a.model_id,
+        "api_keys_env": a.api_keys_env,
+        "api_keys_file": a.api_keys_file,
+        "metrics_port": a.metrics_port,
+        "default_max_tokens": a.default_max_tokens,
+    }
+    return OrthrusRouter.bind(engine_app, settings)

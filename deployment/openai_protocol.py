@@ -1,0 +1,330 @@
+"""OpenAI-compatible request parsing and response shaping (no Ray, no I/O).
+
+parse_completion / parse_chat turn a decoded JSON body into a GenerateRequest
+plus the response options, raising ApiError(400) with the offending field in
+`param` for anything malformed. The *_response / *_chunk helpers build the
+OpenAI JSON shapes; Orthrus's acceptance statistics ride along in an extension
+field `orthrus` on the final response or chunk.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from orthrus_runtime.types import (
+    MODES,
+    AcceptanceStats,
+    GenerateRequest,
+    InvalidRequestError,
+    SamplingParams,
+    Usage,
+)
+
+from .errors import ApiError, invalid
+
+# OpenAI's own default for /v1/completions is 16 tokens; chat has no small default,
+# so it takes the server's (AppArgs.default_max_tokens).
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+CHAT_ROLES = ("system", "user", "assistant", "developer")
+# Accepted only at their neutral value: the engine implements none of them.
+_NEUTRAL = {
+    "presence_penalty": (0, 0.0, None),
+    "frequency_penalty": (0, 0.0, None),
+    "logit_bias": (None, {}),
+    "logprobs": (None, False, 0),
+    "top_logprobs": (None, 0),
+    "echo": (None, False),
+    "best_of": (None, 1),
+    "suffix": (None, ""),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "response_format": (None, {"type": "text"}),
+}
+
+
+@dataclass
+class ResponseOptions:
+    stream: bool
+    include_usage: bool
+    request_id: str
+    created: int
+    model: str
+
+
+def parse_json_body(raw: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise invalid(f"request body is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise invalid(f"request body must be a JSON object, got {type(body).__name__}", code="invalid_json")
+    return body
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_num(v: Any) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def _opt(body: dict, name: str, check, what: str) -> Any:
+    v = body.get(name)
+    if v is None:
+        return None
+    if not check(v):
+        raise invalid(f"'{name}' must be {what}, got {json.dumps(v)[:80]}", param=name, code="invalid_type")
+    return v
+
+
+def _check_model(body: dict, model_id: str) -> None:
+    model = _opt(body, "model", lambda v: isinstance(v, str), "a string")
+    if model is not None and model != model_id:
+        # The issue asks for 400 here (OpenAI itself answers 404); the code is OpenAI's.
+        raise invalid(f"model '{model}' does not exist; this server serves '{model_id}'", param="model", code="model_not_found")
+
+
+def _check_neutral(body: dict) -> None:
+    for name, neutral in _NEUTRAL.items():
+        if name in body and body[name] not in neutral:
+            raise invalid(f"'{name}' is not supported by this server", param=name, code="unsupported_parameter")
+
+
+def _sampling(body: dict, default_max_tokens: int) -> SamplingParams:
+    max_tokens = _opt(body, "max_tokens", _is_int, "an integer")
+    mct = _opt(body, "max_completion_tokens", _is_int, "an integer")
+    if mct is not None:
+        if max_tokens is not None and max_tokens != mct:
+            raise invalid("'max_tokens' and 'max_completion_tokens' disagree", param="max_completion_tokens")
+        max_tokens = mct
+    if max_tokens is not None and max_tokens < 1:
+        raise invalid(f"'max_tokens' must be >= 1, got {max_tokens}", param="max_tokens")
+
+    temperature = _opt(body, "temperature", _is_num, "a number")
+    if temperature is not None and not (0 <= temperature <= 2):
+        raise invalid(f"'temperature' must be in [0, 2], got {temperature}", param="temperature")
+    top_p = _opt(body, "top_p", _is_num, "a number")
+    if top_p is not None and not (0 < top_p <= 1):
+        raise invalid(f"'top_p' must be in (0, 1], got {top_p}", param="top_p")
+    top_k = _opt(body, "top_k", _is_int, "an integer")
+    if top_k is not None and top_k < -1:
+        raise invalid(f"'top_k' must be -1 (off), 0 (off) or positive, got {top_k}", param="top_k")
+    seed = _opt(body, "seed", _is_int, "an integer")
+
+    stop = body.get("stop")
+    if stop is None:
+        stop = []
+    elif isinstance(stop, str):
+        stop = [stop]
+    elif not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
+        raise invalid("'stop' must be a string or a list of strings", param="stop", code="invalid_type")
+
+    n = _opt(body, "n", _is_int, "an integer")
+    if n is not None and n != 1:
+        raise invalid(f"only n=1 is supported, got n={n}", param="n")
+
+    params = SamplingParams(
+        max_tokens=max_tokens if max_tokens is not None else default_max_tokens,
+        temperature=float(temperature) if temperature is not None else 1.0,
+        top_k=top_k if top_k is not None else -1,
+        top_p=float(top_p) if top_p is not None else 1.0,
+        seed=seed,
+        stop=list(stop),
+    )
+    try:
+        params.validate()  # the engine's own rules (seed range, stop count...), checked before queueing
+    except InvalidRequestError as e:
+        raise invalid(str(e)) from None
+    return params
+
+
+def _mode(body: dict) -> Optional[str]:
+    mode = _opt(body, "mode", lambda v: isinstance(v, str), "a string")
+    if mode is not None and mode not in MODES:
+        raise invalid(f"'mode' must be one of {', '.join(MODES)}, got '{mode}'", param="mode")
+    return mode
+
+
+def _stream_options(body: dict) -> tuple[bool, bool]:
+    stream = _opt(body, "stream", lambda v: isinstance(v, bool), "a boolean") or False
+    so = _opt(body, "stream_options", lambda v: isinstance(v, dict), "an object")
+    include_usage = False
+    if so is not None:
+        if not stream:
+            raise invalid("'stream_options' is only allowed when 'stream' is true", param="stream_options")
+        iu = so.get("include_usage")
+        if iu is not None and not isinstance(iu, bool):
+            raise invalid("'stream_options.include_usage' must be a boolean", param="stream_options", code="invalid_type")
+        include_usage = bool(iu)
+    return stream, include_usage
+
+
+def _prompt(body: dict) -> tuple[Optional[str], Optional[list[int]]]:
+    if "prompt" not in body or body["prompt"] is None:
+        raise invalid("'prompt' is required", param="prompt", code="missing_required_parameter")
+    p = body["prompt"]
+    # OpenAI also takes a batch ([str] / [[int]]): one prompt per request is supported.
+    if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
+        p = p[0]
+    if isinstance(p, str):
+        return p, None
+    if isinstance(p, list) and p and all(_is_int(t) for t in p):
+        return None, list(p)
+    if isinstance(p, list) and len(p) > 1 and all(isinstance(x, (str, list)) for x in p):
+        raise invalid("only one prompt per request is supported", param="prompt")
+    raise invalid("'prompt' must be a string, a non-empty list of token ids, or a list holding one of those",
+                  param="prompt", code="invalid_type")
+
+
+def _content(v: Any, i: int) -> str:
+    if isinstance(v, str):
+        return v
+    if isinstance(v, list):  # content parts: only text parts can be served
+        parts = []
+        for part in v:
+            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                raise invalid(f"messages[{i}].content: only text content parts are supported", param="messages")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise invalid(f"messages[{i}].content must be a string or a list of text parts", param="messages", code="invalid_type")
+
+
+def _messages(body: dict) -> list[dict[str, str]]:
+    msgs = body.get("messages")
+    if msgs is None:
+        raise invalid("'messages' is required", param="messages", code="missing_required_parameter")
+    if not isinstance(msgs, list) or not msgs:
+        raise invalid("'messages' must be a non-empty list", param="messages", code="invalid_type")
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise invalid(f"messages[{i}] must be an object", param="messages", code="invalid_type")
+        role = m.get("role")
+        if role not in CHAT_ROLES:
+            raise invalid(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {json.dumps(role)[:40]}",
+                          param="messages")
+        # `developer` is OpenAI's newer name for the system role.
+        out.append({"role": "system" if role == "developer" else role, "content": _content(m.get("content"), i)})
+    return out
+
+
+def _options(body: dict, prefix: str, model_id: str) -> ResponseOptions:
+    stream, include_usage = _stream_options(body)
+    return ResponseOptions(
+        stream=stream,
+        include_usage=include_usage,
+        request_id=f"{prefix}-{uuid.uuid4().hex}",
+        created=int(time.time()),
+        model=model_id,
+    )
+
+
+def parse_completion(body: dict, model_id: str) -> tuple[GenerateRequest, ResponseOptions]:
+    _check_model(body, model_id)
+    _check_neutral(body)
+    prompt, ids = _prompt(body)
+    params = _sampling(body, COMPLETIONS_DEFAULT_MAX_TOKENS)
+    opts = _options(body, "cmpl", model_id)
+    req = GenerateRequest(prompt=prompt, prompt_token_ids=ids, params=params, request_id=opts.request_id)
+    mode = _mode(body)
+    if mode is not None:
+        req.mode = mode
+    return req, opts
+
+
+def parse_chat(body: dict, model_id: str, default_max_tokens: int) -> tuple[GenerateRequest, ResponseOptions]:
+    _check_model(body, model_id)
+    _check_neutral(body)
+    messages = _messages(body)
+    params = _sampling(body, default_max_tokens)
+    opts = _options(body, "chatcmpl", model_id)
+    req = GenerateRequest(messages=messages, params=params, request_id=opts.request_id)
+    mode = _mode(body)
+    if mode is not None:
+        req.mode = mode
+    return req, opts
+
+
+# --------------------------------------------------------------------------- responses
+
+
+def usage_dict(u: Optional[Usage]) -> dict[str, int]:
+    u = u or Usage()
+    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens, "total_tokens": u.total_tokens}
+
+
+def stats_dict(s: Optional[AcceptanceStats]) -> dict[str, Any]:
+    return (s or AcceptanceStats()).to_dict()
+
+
+def completion_response(opts: ResponseOptions, text: str, finish_reason: str, usage: Usage,
+                        stats: AcceptanceStats) -> dict[str, Any]:
+    return {
+        "id": opts.request_id,
+        "object": "text_completion",
+        "created": opts.created,
+        "model": opts.model,
+        "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}],
+        "usage": usage_dict(usage),
+        "orthrus": stats_dict(stats),
+    }
+
+
+def chat_response(opts: ResponseOptions, text: str, finish_reason: str, usage: Usage,
+                  stats: AcceptanceStats) -> dict[str, Any]:
+    return {
+        "id": opts.request_id,
+        "object": "chat.completion",
+        "created": opts.created,
+        "model": opts.model,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "finish_reason": finish_reason,
+            "logprobs": None,
+        }],
+        "usage": usage_dict(usage),
+        "orthrus": stats_dict(stats),
+    }
+
+
+def _chunk(opts: ResponseOptions, obj: str, choice: Optional[dict]) -> dict[str, Any]:
+    c: dict[str, Any] = {
+        "id": opts.request_id,
+        "object": obj,
+        "created": opts.created,
+        "model": opts.model,
+        "choices": [choice] if choice is not None else [],
+    }
+    if opts.include_usage:
+        c["usage"] = None  # per OpenAI: null on every chunk but the trailing usage chunk
+    return c
+
+
+def completion_chunk(opts: ResponseOptions, text: str, finish_reason: Optional[str] = None) -> dict[str, Any]:
+    return _chunk(opts, "text_completion", {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None})
+
+
+def chat_chunk(opts: ResponseOptions, delta: dict[str, Any], finish_reason: Optional[str] = None) -> dict[str, Any]:
+    return _chunk(opts, "chat.completion.chunk",
+                  {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None})
+
+
+def usage_chunk(opts: ResponseOptions, obj: str, usage: Usage) -> dict[str, Any]:
+    c = _chunk(opts, obj, None)
+    c["usage"] = usage_dict(usage)
+    return c
+
+
+def sse(data: Any) -> bytes:
+    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    return f"data: {payload}\n\n".encode()
+
+
+SSE_DONE = sse("[DONE]")

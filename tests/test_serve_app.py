@@ -1,0 +1,651 @@
+"""The Ray Serve application end to end, on CPU with a tiny random Orthrus checkpoint.
+
+One Ray session serves two applications deployed from one Serve config (the
+same path as `orthrus serve` / `serve deploy`):
+
+- "main" (route /): one engine replica, API keys on (an env var and a key file).
+  OpenAI client on both endpoints, gRPC Generate/Complete, equality with the
+  engine's own greedy output, 32 concurrent streams, cancellation returning KV
+  blocks, every kind of bad input, authentication, keys absent from the logs.
+- "small" (route /small): two-slot engine replicas with a one-request queue and
+  autoscaling between 1 and 2 replicas: backpressure, scale up and down under
+  load, and a killed replica being replaced.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import httpx
+import openai
+import pytest
+
+ray = pytest.importorskip("ray")
+from ray import serve  # noqa: E402
+from ray.serve._private.constants import SERVE_NAMESPACE  # noqa: E402
+from ray.serve.schema import ServeDeploySchema  # noqa: E402
+
+from deployment.cli import deploy, wait_running  # noqa: E402
+from orthrus_runtime.client import OrthrusClient  # noqa: E402
+from orthrus_runtime.engine_args import EngineArgs  # noqa: E402
+from orthrus_runtime.proto import orthrus_pb2 as pb  # noqa: E402
+from orthrus_runtime.testing import tiny_checkpoint  # noqa: E402
+from orthrus_runtime.types import GenerateRequest, SamplingParams  # noqa: E402
+
+MODEL_ID = "tiny-orthrus"
+KEY_ENV_VAR = "ORTHRUS_TEST_API_KEYS"
+ENV_KEY = "sk-envkey-3f9c1a77d2"
+FILE_KEY = "sk-filekey-8b2d7e41c0"
+WRONG_KEY = "sk-wrongkey-55aa01be93"
+MAX_MODEL_LEN = 2048
+SERVICER = "orthrus_runtime.proto.orthrus_pb2_grpc.add_OrthrusServicer_to_server"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Stack:
+    http: str  # base URL of the HTTP proxy
+    grpc_target: str
+    ckpt: Path
+    temp_dir: str
+
+    def openai(self, key: str | None = ENV_KEY, prefix: str = "") -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.http}{prefix}/v1", api_key=key or "none", max_retries=0, timeout=120)
+
+    def grpc(self, key: str | None = ENV_KEY, app: str = "main") -> OrthrusClient:
+        return OrthrusClient(self.grpc_target, api_key=key, application=app, timeout=120)
+
+    def engine_handle(self, app: str = "main"):
+        return serve.get_deployment_handle("OrthrusEngine", app_name=app)
+
+
+def _app(name: str, prefix: str, ckpt: Path, args: dict, engine: dict) -> dict:
+    return {
+        "name": name,
+        "route_prefix": prefix,
+        "import_path": "deployment.app:build_app",
+        "args": {"engine": {"model": str(ckpt), "device": "cpu", "dtype": "float32",
+                            "max_model_len": MAX_MODEL_LEN}, "model_id": MODEL_ID, "metrics_port": 0, **args},
+        "deployments": [
+            {"name": "OrthrusEngine", "ray_actor_options": {"num_cpus": 0}, "health_check_period_s": 1, **engine},
+            {"name": "OrthrusRouter", "ray_actor_options": {"num_cpus": 0}},
+        ],
+    }
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    ckpt = tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
+    key_file = tmp_path_factory.mktemp("keys") / "api-keys"
+    key_file.write_text(f"# test keys\n{FILE_KEY}\n")
+    temp_dir = tempfile.mkdtemp(prefix="orsv", dir="/tmp")
+    env = {
+        "RAY_AUTH_MODE": "disabled",
+        KEY_ENV_VAR: ENV_KEY,
+        # Autoscaling reacts within seconds instead of the default 10 s metric pushes.
+        "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
+        "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    http_port, grpc_port = _free_port(), _free_port()
+    config = {
+        "http_options": {"host": "127.0.0.1", "port": http_port},
+        "grpc_options": {"port": grpc_port, "grpc_servicer_functions": [SERVICER]},
+        "applications": [
+            _app("main", "/", ckpt, {"api_keys_env": KEY_ENV_VAR, "api_keys_file": str(key_file)},
+                 {"num_replicas": 1, "max_ongoing_requests": 64, "max_queued_requests": 256}),
+            _app("small", "/small", ckpt, {"api_keys_env": None},
+                 {"max_ongoing_requests": 2, "max_queued_requests": 1,
+                  "autoscaling_config": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
+                                         "upscale_delay_s": 1, "downscale_delay_s": 3,
+                                         "look_back_period_s": 2, "metrics_interval_s": 0.5},
+                  "graceful_shutdown_timeout_s": 5}),
+        ],
+    }
+    ray.init(num_cpus=4, namespace=SERVE_NAMESPACE, include_dashboard=False, _temp_dir=temp_dir)
+    try:
+        deploy(ServeDeploySchema.model_validate(config))
+        err = wait_running(["main", "small"], timeout=300)
+        assert err is None, err
+        yield Stack(http=f"http://127.0.0.1:{http_port}", grpc_target=f"127.0.0.1:{grpc_port}", ckpt=ckpt,
+                    temp_dir=temp_dir)
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+            shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+class Reference:
+    """The engine itself, in this process, on the same checkpoint: the expected greedy outputs."""
+
+    def __init__(self, ckpt: Path):
+        from orthrus_runtime.async_engine import AsyncOrthrusEngine
+
+        self.engine = AsyncOrthrusEngine.from_args(
+            EngineArgs(model=str(ckpt), device="cpu", dtype="float32", max_model_len=MAX_MODEL_LEN))
+        self._cache: dict[str, tuple[str, list[int], str]] = {}
+
+    def run(self, prompt=None, messages=None, ids=None, max_tokens=12, mode="orthrus") -> tuple[str, list[int], str]:
+        key = json.dumps([prompt, messages, ids, max_tokens, mode])
+        if key not in self._cache:
+            req = GenerateRequest(prompt=prompt, messages=messages, prompt_token_ids=ids, mode=mode,
+                                  params=SamplingParams(max_tokens=max_tokens, temperature=0.0))
+
+            async def go():
+                text, toks, last = [], [], None
+                async for d in self.engine.generate(req):
+                    text.append(d.text)
+                    toks.extend(d.token_ids)
+                    last = d
+                return "".join(text), toks, last.finish_reason
+
+            self._cache[key] = asyncio.run(go())
+        return self._cache[key]
+
+
+@pytest.fixture(scope="module")
+def ref(stack):
+    r = Reference(stack.ckpt)
+    yield r
+    r.engine.shutdown()
+
+
+def _engine_stats(stack, app="main"):
+    return stack.engine_handle(app).stats.remote().result(timeout_s=30)
+
+
+def _wait_idle(stack, app="main", timeout=30.0):
+    """Wait until the engine runs nothing and every KV block is free again; returns its stats."""
+    deadline = time.monotonic() + timeout
+    while True:
+        s = _engine_stats(stack, app)
+        if s.num_running == 0 and s.num_waiting == 0 and s.num_kv_blocks_free == s.num_kv_blocks_total:
+            return s
+        assert time.monotonic() < deadline, f"engine not idle: {s}"
+        time.sleep(0.2)
+
+
+# ----------------------------------------------------------------------------- OpenAI HTTP
+
+
+def test_openai_completions(stack, ref):
+    client = stack.openai()
+    text, ids, reason = ref.run(prompt="hello world", max_tokens=12)
+    r = client.completions.create(model=MODEL_ID, prompt="hello world", max_tokens=12, temperature=0)
+    assert r.object == "text_completion" and r.model == MODEL_ID
+    assert r.choices[0].text == text
+    assert r.choices[0].finish_reason == reason == "length"
+    assert r.usage.completion_tokens == 12 and r.usage.total_tokens == r.usage.prompt_tokens + 12
+    stats = r.model_extra["orthrus"]
+    assert stats["num_cycles"] >= 1 and 1.0 <= stats["mean_accepted_length"] <= 4.0
+
+    # Token ids as the prompt, and ar mode, give the same greedy text (lossless decoding).
+    r_ids = client.completions.create(model=MODEL_ID, prompt=ref.engine.tokenizer.encode("hello world"),
+                                      max_tokens=12, temperature=0, extra_body={"mode": "ar"})
+    assert r_ids.choices[0].text == text
+
+    chunks = list(client.completions.create(model=MODEL_ID, prompt="hello world", max_tokens=12, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == text
+    finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finals) == 1 and finals[0].choices[0].finish_reason == "length"
+    assert finals[0].model_extra["orthrus"]["num_cycles"] >= 1
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
+
+
+def test_openai_chat(stack, ref):
+    client = stack.openai(key=FILE_KEY)
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "say something"}]
+    text, _, reason = ref.run(messages=msgs, max_tokens=10)
+    r = client.chat.completions.create(model=MODEL_ID, messages=msgs, max_tokens=10, temperature=0)
+    assert r.object == "chat.completion"
+    assert r.choices[0].message.role == "assistant" and r.choices[0].message.content == text
+    assert r.choices[0].finish_reason == reason
+    assert r.usage.completion_tokens == 10
+
+    stream = client.chat.completions.create(model=MODEL_ID, messages=msgs, max_completion_tokens=10,
+                                            temperature=0, stream=True)
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == text
+    assert chunks[-1].choices[0].finish_reason == reason
+    assert "orthrus" in chunks[-1].model_extra
+
+
+def test_models_and_health(stack):
+    models = stack.openai().models.list()
+    assert [m.id for m in models.data] == [MODEL_ID]
+    assert stack.openai().models.retrieve(MODEL_ID).id == MODEL_ID
+    with pytest.raises(openai.NotFoundError):
+        stack.openai().models.retrieve("gpt-4")
+    # Health needs no key (probes and load balancers call it).
+    r = httpx.get(f"{stack.http}/health", timeout=30)
+    assert r.status_code == 200 and r.json()["status"] == "ok"
+
+
+# ----------------------------------------------------------------------------- gRPC
+
+
+def test_grpc_generate_and_complete(stack, ref):
+    text, ids, reason = ref.run(prompt="hello world", max_tokens=12)
+    with stack.grpc() as c:
+        parts = list(c.generate("hello world", max_tokens=12, temperature=0))
+        assert all(p.request_id == parts[0].request_id for p in parts)
+        assert [p.finished for p in parts] == [False] * (len(parts) - 1) + [True]
+        assert "".join(p.text for p in parts) == text
+        assert [t for p in parts for t in p.token_ids] == ids
+        last = parts[-1]
+        assert last.finish_reason == pb.FINISH_REASON_LENGTH
+        assert last.usage.completion_tokens == 12 and last.stats.num_cycles >= 1
+        assert last.stats.mean_accepted_length >= 1.0
+
+        whole = c.complete("hello world", max_tokens=12, temperature=0, request_id="my-request-1")
+        assert whole.request_id == "my-request-1"
+        assert whole.text == text and list(whole.token_ids) == ids and whole.finished
+
+        # The other two inputs: token ids and chat messages.
+        prompt_ids = ref.engine.tokenizer.encode("hello world")
+        assert list(c.complete(prompt_token_ids=prompt_ids, max_tokens=12, temperature=0).token_ids) == ids
+        msgs = [{"role": "user", "content": "say something"}]
+        mtext, mids, _ = ref.run(messages=msgs, max_tokens=8)
+        m = c.complete(messages=msgs, max_tokens=8, temperature=0, mode="ar")
+        assert m.text == mtext and list(m.token_ids) == mids
+
+        info = c.model_info()
+        assert info.model_id == MODEL_ID and info.architecture == "qwen3"
+        assert info.block_size == 4 and info.max_model_len == MAX_MODEL_LEN and info.vocab_size > 0
+        assert list(info.modes) == ["orthrus", "ar"]
+        assert c.health().status == pb.HealthResponse.STATUS_SERVING
+
+
+def test_client_cli_streams_to_stdout(stack, ref, capsys):
+    from orthrus_runtime import client as client_mod
+
+    text, _, _ = ref.run(prompt="hello world", max_tokens=12)
+    parser = __import__("argparse").ArgumentParser()
+    client_mod.add_arguments(parser)
+    rc = client_mod.run(parser.parse_args([
+        "--target", stack.grpc_target, "--application", "main", "--api-key", ENV_KEY,
+        "--prompt", "hello world", "--max-tokens", "12", "--temperature", "0"]))
+    out = capsys.readouterr()
+    assert rc == 0
+    assert out.out == text + "\n"
+    assert "[length]" in out.err and "completion 12 tokens" in out.err
+
+    rc = client_mod.run(parser.parse_args(["--target", stack.grpc_target, "--application", "main",
+                                           "--api-key", WRONG_KEY, "--prompt", "x"]))
+    assert rc == 1 and "UNAUTHENTICATED" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- concurrency
+
+
+def test_32_concurrent_streams_over_both_protocols(stack, ref):
+    prompts = [f"request {i}: the quick brown fox" for i in range(32)]
+    expected = [ref.run(prompt=p, max_tokens=16) for p in prompts]
+
+    def over_http(p):
+        chunks = stack.openai().completions.create(model=MODEL_ID, prompt=p, max_tokens=16, temperature=0,
+                                                   stream=True)
+        return "".join(c.choices[0].text for c in chunks if c.choices)
+
+    def over_grpc(p):
+        with stack.grpc() as c:
+            return "".join(r.text for r in c.generate(p, max_tokens=16, temperature=0))
+
+    with ThreadPoolExecutor(max_workers=32) as pool:
+        futures = [pool.submit(over_http if i % 2 == 0 else over_grpc, p) for i, p in enumerate(prompts)]
+        got = [f.result(timeout=300) for f in futures]
+    assert got == [e[0] for e in expected]
+    _wait_idle(stack)
+
+
+# ----------------------------------------------------------------------------- cancellation
+
+
+def test_cancelled_streams_return_their_kv_blocks(stack):
+    before = _wait_idle(stack)
+    aborted_before = before.finished_by_reason.get("abort", 0)
+    long_tokens = 1500
+
+    # HTTP: read a few SSE events, then drop the connection.
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", f"{stack.http}/v1/completions",
+                         headers={"Authorization": f"Bearer {ENV_KEY}"},
+                         json={"model": MODEL_ID, "prompt": "hello", "max_tokens": long_tokens,
+                               "temperature": 0, "stream": True}) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            got = [next(lines) for _ in range(6)]
+            assert any(x.startswith("data: ") for x in got)
+            busy = _engine_stats(stack)
+            assert busy.num_running == 1 and busy.num_kv_blocks_free < busy.num_kv_blocks_total
+    after_http = _wait_idle(stack)
+    assert after_http.finished_by_reason.get("abort", 0) == aborted_before + 1
+    # It was aborted, not run to its end.
+    assert after_http.generation_tokens - before.generation_tokens < long_tokens
+
+    # gRPC, unary: cancel a Complete call while the engine works on it.
+    with stack.grpc() as c:
+        fut = c._stub.Complete.future(
+            pb.GenerateRequest(prompt="hello", max_tokens=long_tokens, temperature=0), metadata=c._metadata)
+        deadline = time.monotonic() + 30
+        while _engine_stats(stack).num_running == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        fut.cancel()
+    after_unary = _wait_idle(stack)
+    assert after_unary.finished_by_reason.get("abort", 0) == aborted_before + 2
+    assert after_unary.generation_tokens - after_http.generation_tokens < long_tokens
+
+    # gRPC, streaming: cancel the call after two messages. Ray Serve 2.60's gRPC
+    # proxy drops a cancel that lands while it is writing a message to the client
+    # (its generator is closed with GeneratorExit, and the replica call is not
+    # cancelled): a few percent of cancels with 50 ms stream messages. Our side
+    # aborts whenever the cancel reaches the router, so up to 3 tries.
+    aborted = after_unary.finished_by_reason.get("abort", 0)
+    for _ in range(3):
+        with stack.grpc() as c:
+            call = c.generate("hello", max_tokens=long_tokens, temperature=0)
+            next(call), next(call)
+            call.cancel()
+            with pytest.raises(grpc.RpcError) as e:
+                list(call)
+            assert e.value.code() == grpc.StatusCode.CANCELLED
+        s = _wait_idle(stack, timeout=60)
+        if s.finished_by_reason.get("abort", 0) == aborted + 1:
+            break
+        aborted = s.finished_by_reason.get("abort", 0)
+    else:
+        pytest.fail("three cancelled gRPC streams all ran to their end")
+
+
+# ----------------------------------------------------------------------------- bad input
+
+GOOD = {"model": MODEL_ID, "prompt": "hi", "max_tokens": 2}
+BAD_HTTP = [
+    # (path, raw body or dict, expected param or None)
+    ("/v1/completions", b"{not json", None),
+    ("/v1/completions", b"[1, 2]", None),
+    ("/v1/completions", b"\xff\xfe", None),
+    ("/v1/completions", {**GOOD, "max_tokens": "10"}, "max_tokens"),
+    ("/v1/completions", {**GOOD, "temperature": "hot"}, "temperature"),
+    ("/v1/completions", {**GOOD, "stop": 5}, "stop"),
+    ("/v1/completions", {**GOOD, "stream": "yes"}, "stream"),
+    ("/v1/completions", {**GOOD, "prompt": 42}, "prompt"),
+    ("/v1/completions", {**GOOD, "prompt": ["a", "b"]}, "prompt"),
+    ("/v1/completions", {"model": MODEL_ID}, "prompt"),
+    ("/v1/completions", {**GOOD, "max_tokens": 0}, "max_tokens"),
+    ("/v1/completions", {**GOOD, "temperature": -1}, "temperature"),
+    ("/v1/completions", {**GOOD, "temperature": 3}, "temperature"),
+    ("/v1/completions", {**GOOD, "top_p": 0}, "top_p"),
+    ("/v1/completions", {**GOOD, "top_p": 1.5}, "top_p"),
+    ("/v1/completions", {**GOOD, "top_k": -5}, "top_k"),
+    ("/v1/completions", {**GOOD, "n": 2}, "n"),
+    ("/v1/completions", {**GOOD, "seed": 2**70}, None),
+    ("/v1/completions", {**GOOD, "mode": "fast"}, "mode"),
+    ("/v1/completions", {**GOOD, "logprobs": 5}, "logprobs"),
+    ("/v1/completions", {**GOOD, "stop": [str(i) for i in range(40)]}, None),
+    ("/v1/completions", {**GOOD, "stream_options": {"include_usage": True}}, "stream_options"),
+    ("/v1/completions", {**GOOD, "model": "gpt-4"}, "model"),
+    ("/v1/completions", {**GOOD, "prompt": [1] * (MAX_MODEL_LEN + 5)}, None),
+    ("/v1/completions", {**GOOD, "prompt": "hi", "max_tokens": MAX_MODEL_LEN}, None),
+    ("/v1/completions", {**GOOD, "prompt": [10**6]}, None),
+    ("/v1/completions", {**GOOD, "prompt": ""}, None),
+    ("/v1/chat/completions", {"model": MODEL_ID, "messages": "hi"}, "messages"),
+    ("/v1/chat/completions", {"model": MODEL_ID, "messages": []}, "messages"),
+    ("/v1/chat/completions", {"model": MODEL_ID, "messages": [{"role": "wizard", "content": "x"}]}, "messages"),
+    ("/v1/chat/completions", {"model": MODEL_ID, "messages": [{"role": "user", "content": 7}]}, "messages"),
+    ("/v1/chat/completions", {"model": MODEL_ID, "messages": [{"role": "user", "content": "x"}], "top_p": "a"},
+     "top_p"),
+]
+
+
+def test_bad_http_input_gets_400_and_service_keeps_serving(stack):
+    headers = {"Authorization": f"Bearer {ENV_KEY}"}
+    with httpx.Client(timeout=60) as http:
+        for path, body, param in BAD_HTTP:
+            if isinstance(body, bytes):
+                r = http.post(stack.http + path, content=body, headers={**headers, "Content-Type": "application/json"})
+            else:
+                r = http.post(stack.http + path, json=body, headers=headers)
+            assert r.status_code == 400, (path, body if len(str(body)) < 200 else str(body)[:200], r.text)
+            err = r.json()["error"]
+            assert err["type"] == "invalid_request_error" and err["message"], r.text
+            if param is not None:
+                assert err["param"] == param, (body, err)
+        r = http.post(f"{stack.http}/v1/completions", json={**GOOD, "model": "gpt-4"}, headers=headers)
+        assert r.json()["error"]["code"] == "model_not_found"
+        # The OpenAI client reports the same as BadRequestError.
+        with pytest.raises(openai.BadRequestError):
+            stack.openai().completions.create(model=MODEL_ID, prompt="hi", max_tokens=-3)
+        r = http.post(f"{stack.http}/v1/completions", json=GOOD, headers=headers)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+    _wait_idle(stack)
+
+
+BAD_GRPC = [
+    dict(),  # no input
+    dict(prompt="a", prompt_token_ids=[1, 2]),  # two inputs
+    dict(prompt="a", max_tokens=0),
+    dict(prompt="a", max_tokens=-5),
+    dict(prompt="a", temperature=-1.0),
+    dict(prompt="a", top_p=2.0),
+    dict(prompt="a", top_k=-7),
+    dict(prompt="a", stop=[""]),
+    dict(prompt_token_ids=[1] * (MAX_MODEL_LEN + 1)),
+    dict(prompt_token_ids=[10**6]),
+    dict(prompt_token_ids=[-1]),
+    dict(messages=[{"role": "wizard", "content": "x"}]),
+    dict(prompt="a", max_tokens=MAX_MODEL_LEN),
+]
+
+
+def test_bad_grpc_input_gets_invalid_argument(stack):
+    with stack.grpc() as c:
+        for kwargs in BAD_GRPC:
+            with pytest.raises(grpc.RpcError) as e:
+                c.complete(**kwargs)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (kwargs, e.value)
+            assert e.value.details(), kwargs
+            with pytest.raises(grpc.RpcError) as e:
+                list(c.generate(**kwargs))
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (kwargs, e.value)
+        # A bad request id (already in flight is checked by the engine; too long here).
+        with pytest.raises(grpc.RpcError) as e:
+            c.complete("a", max_tokens=2, request_id="x" * 500)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert c.complete("hi", max_tokens=2).usage.completion_tokens == 2
+
+
+# ----------------------------------------------------------------------------- API keys
+
+
+def test_api_keys(stack):
+    body = {"model": MODEL_ID, "prompt": "hi", "max_tokens": 2}
+    with httpx.Client(timeout=60) as http:
+        for headers in ({}, {"Authorization": f"Bearer {WRONG_KEY}"}, {"Authorization": ENV_KEY},
+                        {"Authorization": f"Basic {ENV_KEY}"}):
+            for method, path in (("POST", "/v1/completions"), ("POST", "/v1/chat/completions"),
+                                 ("GET", "/v1/models")):
+                r = http.request(method, stack.http + path, json=body if method == "POST" else None,
+                                 headers=headers)
+                assert r.status_code == 401, (headers, path, r.text)
+                assert r.json()["error"]["type"] == "authentication_error"
+                assert WRONG_KEY not in r.text and ENV_KEY not in r.text
+        for key in (ENV_KEY, FILE_KEY):
+            r = http.post(f"{stack.http}/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"})
+            assert r.status_code == 200, r.text
+    with pytest.raises(openai.AuthenticationError):
+        stack.openai(key=WRONG_KEY).completions.create(model=MODEL_ID, prompt="hi", max_tokens=2)
+
+    for key in (None, WRONG_KEY):
+        with stack.grpc(key=key) as c:
+            for call in (lambda: c.complete("hi", max_tokens=2), lambda: list(c.generate("hi", max_tokens=2)),
+                         c.model_info):
+                with pytest.raises(grpc.RpcError) as e:
+                    call()
+                assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                assert WRONG_KEY not in (e.value.details() or "")
+            assert c.health().status == pb.HealthResponse.STATUS_SERVING  # health is open
+    with stack.grpc(key=FILE_KEY) as c:
+        assert c.complete("hi", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_keys_never_appear_in_logs(stack):
+    # Runs after the auth and error tests: every key has been sent, right and wrong.
+    logs = Path(stack.temp_dir) / "session_latest" / "logs"
+    assert logs.is_dir()
+    seen = []
+    for p in logs.rglob("*"):
+        if p.is_file():
+            data = p.read_bytes()
+            for key in (ENV_KEY, FILE_KEY, WRONG_KEY):
+                if key.encode() in data:
+                    seen.append((p.name, key))
+    assert not seen, f"API keys found in logs: {seen}"
+
+
+# ----------------------------------------------------------------------------- the "small" app
+
+
+def _running_replicas(app="small", deployment="OrthrusEngine") -> int:
+    d = serve.status().applications[app].deployments[deployment]
+    return d.replica_states.get("RUNNING", 0)
+
+
+def test_backpressure_full_queue_is_refused_at_once(stack):
+    # Two slots per engine and a one-request queue: of a burst of 8 long requests
+    # at most 3 are admitted; the rest are refused without waiting.
+    assert _running_replicas() == 1
+    body = {"model": MODEL_ID, "prompt": "hello", "max_tokens": 300, "temperature": 0}
+
+    def post(_):
+        t = time.monotonic()
+        r = httpx.post(f"{stack.http}/small/v1/completions", json=body, timeout=120)
+        return r.status_code, r.json(), time.monotonic() - t
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(post, range(8)))
+    codes = [c for c, _, _ in results]
+    assert codes.count(200) >= 1 and codes.count(503) >= 4, codes
+    for code, body_, took in results:
+        if code == 503:
+            assert body_["error"]["code"] == "overloaded" and took < 2.0, (body_, took)
+
+    def complete(_):
+        with stack.grpc(key=None, app="small") as c:
+            try:
+                c.complete("hello", max_tokens=300, temperature=0)
+                return grpc.StatusCode.OK
+            except grpc.RpcError as e:
+                return e.code()
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        gcodes = list(pool.map(complete, range(8)))
+    assert gcodes.count(grpc.StatusCode.OK) >= 1, gcodes
+    assert gcodes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 4, gcodes
+    # Still serving afterwards.
+    r = httpx.post(f"{stack.http}/small/v1/completions", json={**body, "max_tokens": 2}, timeout=60)
+    assert r.status_code == 200
+
+
+def test_autoscaling_up_under_load_and_down_after(stack):
+    assert _running_replicas() == 1
+    stop = threading.Event()
+    outcomes: list[int] = []
+
+    def load():
+        with httpx.Client(timeout=120) as http:
+            while not stop.is_set():
+                r = http.post(f"{stack.http}/small/v1/completions",
+                              json={"model": MODEL_ID, "prompt": "hi", "max_tokens": 100, "temperature": 0})
+                outcomes.append(r.status_code)
+                if r.status_code == 503:
+                    time.sleep(0.05)
+
+    threads = [threading.Thread(target=load, daemon=True) for _ in range(3)]
+    for t in threads:
+        t.start()
+    try:
+        deadline = time.monotonic() + 120
+        while _running_replicas() < 2:
+            assert time.monotonic() < deadline, "no second replica under sustained load"
+            time.sleep(0.5)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=120)
+    assert outcomes.count(200) > 0
+    deadline = time.monotonic() + 120
+    while _running_replicas() != 1 or serve.status().applications["small"].deployments[
+            "OrthrusEngine"].replica_states.get("STOPPING", 0):
+        assert time.monotonic() < deadline, "the second replica did not go away after the load"
+        time.sleep(0.5)
+
+
+def test_killed_engine_replica(stack):
+    deadline = time.monotonic() + 120
+    while _running_replicas() != 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    actor_name = stack.engine_handle("small").health.remote().result(timeout_s=30)["actor_name"]
+
+    # One stream per protocol in flight on the replica (it has two slots).
+    http_stream = stack.openai(prefix="/small").completions.create(
+        model=MODEL_ID, prompt="hello", max_tokens=1500, temperature=0, stream=True)
+    http_iter = iter(http_stream)
+    next(http_iter)
+    grpc_client = stack.grpc(key=None, app="small")
+    grpc_call = grpc_client.generate("hello", max_tokens=1500, temperature=0)
+    next(grpc_call)
+    ray.kill(ray.get_actor(actor_name, namespace=SERVE_NAMESPACE), no_restart=True)
+
+    with pytest.raises(openai.APIError):
+        for _ in http_iter:
+            pass
+    with pytest.raises(grpc.RpcError) as e:
+        for _ in grpc_call:
+            pass
+    assert e.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL), e.value
+    grpc_client.close()
+
+    # Serve replaces the replica; requests succeed again.
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            r = httpx.post(f"{stack.http}/small/v1/completions",
+                           json={"model": MODEL_ID, "prompt": "hi", "max_tokens": 4, "temperature": 0}, timeout=30)
+            if r.status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "requests did not succeed after the replica was replaced"
+        time.sleep(1.0)
+    new_name = stack.engine_handle("small").health.remote().result(timeout_s=30)["actor_name"]
+    assert new_name != actor_name
+    with stack.grpc(key=None, app="small") as c:
+        assert c.complete("hi", max_tokens=4, temperature=0).usage.completion_tokens == 4

@@ -1,0 +1,300 @@
+"""The Serve layer's pure parts, without Ray: delta coalescing, request parsing, API keys, config."""
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+import grpc
+import pytest
+
+from deployment import grpc_protocol, openai_protocol as oa
+from deployment.auth import ApiKeys, bearer_token
+from deployment.errors import ApiError
+from deployment.streaming import coalesce, merge
+from orthrus_runtime.proto import orthrus_pb2 as pb
+from orthrus_runtime.types import AcceptanceStats, GenerateDelta, Usage
+
+# ----------------------------------------------------------------------------- coalescing
+
+
+async def _source(gaps, log=None):
+    """Deltas "t0", "t1", ... with the given gaps (s) before each; the last one is final."""
+    try:
+        for i, gap in enumerate(gaps):
+            await asyncio.sleep(gap)
+            last = i == len(gaps) - 1
+            yield GenerateDelta("r", token_ids=[i], text=f"t{i}", finished=last,
+                                finish_reason="length" if last else None,
+                                usage=Usage(3, len(gaps)) if last else None)
+    finally:
+        if log is not None:
+            log.append("closed")
+
+
+async def _collect(agen):
+    return [d async for d in agen]
+
+
+def test_merge_keeps_order_and_final_accounting():
+    a = GenerateDelta("r", token_ids=[1], text="a")
+    b = GenerateDelta("r", token_ids=[2, 3], text="bc", finished=True, finish_reason="stop", usage=Usage(1, 3),
+                      stats=AcceptanceStats(num_cycles=2))
+    m = merge(a, b)
+    assert m.token_ids == [1, 2, 3] and m.text == "abc" and m.finished and m.finish_reason == "stop"
+    assert m.usage == Usage(1, 3) and m.stats.num_cycles == 2
+    assert merge(None, a) is a
+
+
+def test_coalesce_zero_interval_passes_through():
+    out = asyncio.run(_collect(coalesce(_source([0] * 5), 0)))
+    assert [d.text for d in out] == ["t0", "t1", "t2", "t3", "t4"]
+
+
+def test_coalesce_merges_fast_deltas_and_sends_the_first_at_once():
+    gaps = [0.0] + [0.002] * 59
+
+    async def run():
+        t0 = time.monotonic()
+        out, times = [], []
+        async for d in coalesce(_source(gaps), 0.05):
+            out.append(d)
+            times.append(time.monotonic() - t0)
+        return out, times
+
+    out, times = asyncio.run(run())
+    assert out[0].text == "t0" and times[0] < 0.03  # first token not held back
+    assert "".join(d.text for d in out) == "".join(f"t{i}" for i in range(60))
+    assert [t for d in out for t in d.token_ids] == list(range(60))
+    assert 2 <= len(out) <= 8, len(out)  # ~0.12 s of deltas in 50 ms messages
+    assert out[-1].finished and out[-1].usage == Usage(3, 60)
+    assert all(not d.finished for d in out[:-1])
+    gaps_between = [b - a for a, b in zip(times[:-1], times[1:])]
+    assert all(g >= 0.045 for g in gaps_between[:-1]), gaps_between
+
+
+def test_coalesce_slow_deltas_are_not_delayed():
+    out = asyncio.run(_collect(coalesce(_source([0.0, 0.03, 0.03, 0.03]), 0.01)))
+    assert [d.text for d in out] == ["t0", "t1", "t2", "t3"]
+
+
+def test_coalesce_flushes_held_text_when_the_interval_ends():
+    # t1 arrives 5 ms after t0 and is held; t2 only comes 200 ms later, but t1
+    # must leave when the 30 ms interval ends, not wait for t2.
+    async def run():
+        t0 = time.monotonic()
+        seen = []
+        async for d in coalesce(_source([0.0, 0.005, 0.2]), 0.03):
+            seen.append((d.text, time.monotonic() - t0))
+        return seen
+
+    seen = asyncio.run(run())
+    assert [s[0] for s in seen] == ["t0", "t1", "t2"]
+    assert seen[1][1] < 0.1
+
+
+@pytest.mark.parametrize("interval", [0, 0.05])
+def test_closing_coalesce_closes_the_source(interval):
+    async def run():
+        log = []
+        agen = coalesce(_source([0.0] + [0.01] * 100, log), interval)
+        first = await agen.__anext__()
+        await agen.aclose()
+        return first, log
+
+    first, log = asyncio.run(run())
+    assert first.text == "t0" and log == ["closed"]
+
+
+def test_cancelling_coalesce_closes_the_source():
+    async def run():
+        log = []
+
+        async def consume():
+            async for _ in coalesce(_source([0.0] + [0.5] * 10, log), 0.05):
+                pass
+
+        task = asyncio.create_task(consume())
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return log
+
+    assert asyncio.run(run()) == ["closed"]
+
+
+def test_coalesce_passes_source_errors_on():
+    async def bad():
+        raise ValueError("refused")
+        yield  # pragma: no cover
+
+    with pytest.raises(ValueError, match="refused"):
+        asyncio.run(_collect(coalesce(bad(), 0.05)))
+
+
+# ----------------------------------------------------------------------------- OpenAI parsing
+
+
+def _err(fn, *a) -> ApiError:
+    with pytest.raises(ApiError) as e:
+        fn(*a)
+    assert e.value.status == 400 and e.value.message
+    return e.value
+
+
+def test_parse_completion_fields():
+    req, opts = oa.parse_completion({"model": "m", "prompt": "hi", "max_tokens": 5, "temperature": 0,
+                                     "top_p": 0.5, "top_k": 3, "seed": 7, "stop": "\n", "mode": "ar",
+                                     "stream": True, "stream_options": {"include_usage": True},
+                                     "user": "ignored", "n": 1, "presence_penalty": 0}, "m")
+    assert req.prompt == "hi" and req.prompt_token_ids is None and req.mode == "ar"
+    p = req.params
+    assert (p.max_tokens, p.temperature, p.top_p, p.top_k, p.seed, p.stop) == (5, 0.0, 0.5, 3, 7, ["\n"])
+    assert opts.stream and opts.include_usage and opts.request_id.startswith("cmpl-")
+    assert req.request_id == opts.request_id
+    # Defaults: OpenAI's 16 tokens for completions, temperature 1; model may be omitted.
+    req, _ = oa.parse_completion({"prompt": [[1, 2, 3]]}, "m")
+    assert req.prompt_token_ids == [1, 2, 3] and req.params.max_tokens == 16 and req.params.temperature == 1.0
+
+
+def test_parse_chat_fields():
+    req, opts = oa.parse_chat({"messages": [{"role": "developer", "content": "be nice"},
+                                            {"role": "user", "content": [{"type": "text", "text": "a"},
+                                                                         {"type": "text", "text": "b"}]}],
+                               "max_completion_tokens": 9}, "m", 256)
+    assert req.messages == [{"role": "system", "content": "be nice"}, {"role": "user", "content": "ab"}]
+    assert req.params.max_tokens == 9 and opts.request_id.startswith("chatcmpl-")
+    req, _ = oa.parse_chat({"messages": [{"role": "user", "content": "x"}]}, "m", 123)
+    assert req.params.max_tokens == 123
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"prompt": "x", "max_tokens": True}, "max_tokens"),
+    ({"prompt": "x", "temperature": float("nan")}, "temperature"),
+    ({"prompt": "x", "max_tokens": 3, "max_completion_tokens": 4}, "max_completion_tokens"),
+    ({"prompt": "x", "echo": True}, "echo"),
+    ({"prompt": "x", "stream_options": "yes", "stream": True}, "stream_options"),
+    ({"prompt": "x", "stream": True, "stream_options": {"include_usage": "y"}}, "stream_options"),
+    ({"prompt": []}, "prompt"),
+    ({"prompt": [1, "a"]}, "prompt"),
+    ({"prompt": "x", "model": 3}, "model"),
+])
+def test_parse_completion_rejects(body, param):
+    assert _err(oa.parse_completion, body, "m").param == param
+
+
+def test_parse_json_body():
+    assert oa.parse_json_body(b'{"a": 1}') == {"a": 1}
+    for raw in (b"", b"{", b"null", b"[]", b'"s"', b"\xff"):
+        e = _err(oa.parse_json_body, raw)
+        assert e.code == "invalid_json"
+
+
+def test_error_shapes_and_codes():
+    e = ApiError(400, "bad", code="invalid_value", param="top_p")
+    assert e.to_openai() == {"error": {"message": "bad", "type": "invalid_request_error", "param": "top_p",
+                                       "code": "invalid_value"}}
+    assert e.grpc_code == grpc.StatusCode.INVALID_ARGUMENT
+    assert ApiError(401, "x").grpc_code == grpc.StatusCode.UNAUTHENTICATED
+    from deployment.errors import overloaded
+    assert overloaded("q").status == 503 and overloaded("q").grpc_code == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+# ----------------------------------------------------------------------------- gRPC conversion
+
+
+def test_grpc_request_conversion():
+    msg = pb.GenerateRequest(prompt="hi", max_tokens=4, temperature=0.0, top_k=5, seed=2**63 + 1,
+                             stop=["x"], mode=pb.MODE_AR, request_id="abc")
+    req = grpc_protocol.to_generate_request(msg)
+    assert req.prompt == "hi" and req.request_id == "abc" and req.mode == "ar"
+    assert (req.params.max_tokens, req.params.temperature, req.params.top_k, req.params.seed) == (4, 0.0, 5, 2**63 + 1)
+    # Unset fields take the defaults; an empty request id is replaced.
+    req = grpc_protocol.to_generate_request(pb.GenerateRequest(prompt_token_ids=[5, 6]), default_max_tokens=99)
+    assert req.prompt_token_ids == [5, 6] and req.params.max_tokens == 99 and req.params.temperature == 1.0
+    assert req.request_id.startswith("grpc-") and req.mode == "orthrus"
+
+
+def test_grpc_delta_conversion():
+    d = GenerateDelta("r", token_ids=[1, 2], text="ab", finished=True, finish_reason="stop", usage=Usage(3, 2),
+                      stats=AcceptanceStats(num_cycles=1, num_draft_tokens=3, num_accepted_tokens=1,
+                                            accepted_per_position=[1, 0, 0]), queue_time_s=0.5)
+    r = grpc_protocol.delta_to_response(d)
+    assert r.finished and r.finish_reason == pb.FINISH_REASON_STOP and r.usage.total_tokens == 5
+    assert r.stats.mean_accepted_length == 2.0 and list(r.stats.accepted_per_position) == [1, 0, 0]
+    mid = grpc_protocol.delta_to_response(GenerateDelta("r", token_ids=[1], text="a"))
+    assert not mid.finished and not mid.HasField("usage")
+
+
+# ----------------------------------------------------------------------------- API keys
+
+
+def test_bearer_token():
+    assert bearer_token("Bearer abc") == "abc"
+    assert bearer_token("bearer   abc ") == "abc"
+    for v in (None, "", "abc", "Basic abc", "Bearer", "Bearer  "):
+        assert bearer_token(v) is None
+
+
+def test_api_keys_env_and_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("T_KEYS", " k1 , k2,,")
+    keys = ApiKeys("T_KEYS")
+    assert keys.enabled and keys.check("k1") and keys.check("k2")
+    assert not keys.check("k3") and not keys.check(None) and not keys.check("")
+
+    monkeypatch.setenv("T_KEYS", "")
+    assert not ApiKeys("T_KEYS").enabled and ApiKeys("T_KEYS").check(None)
+    assert not ApiKeys(None).enabled
+
+    f = tmp_path / "keys"
+    f.write_text("# comment\nf1\n\nf2  # trailing comment\n")
+    keys = ApiKeys("T_KEYS", str(f), recheck_s=0)
+    assert keys.check("f1") and keys.check("f2") and not keys.check("k1")
+    # A rotated file takes effect without a restart.
+    f.write_text("f3\n")
+    os.utime(f, (time.time() + 5, time.time() + 5))
+    assert keys.check("f3") and not keys.check("f1")
+    # An empty key file refuses everything rather than opening the service.
+    f.write_text("")
+    os.utime(f, (time.time() + 10, time.time() + 10))
+    assert keys.enabled and not keys.check("f3") and not keys.check(None)
+    with pytest.raises(FileNotFoundError):
+        ApiKeys(None, str(tmp_path / "missing"))
+
+
+# ----------------------------------------------------------------------------- config and app args
+
+
+def test_shipped_configs_validate_and_build_args():
+    from deployment.app import AppArgs
+    from deployment.config import CONFIG_DIR, SERVICER_FUNCTION, load_config
+
+    for name in ("serve_config.yaml", "gpu.yaml"):
+        cfg = load_config(CONFIG_DIR / name)
+        assert cfg.http_options.port == 8000 and cfg.grpc_options.port == 9000
+        assert cfg.grpc_options.grpc_servicer_functions == [SERVICER_FUNCTION]
+        app = cfg.applications[0]
+        assert app.import_path == "deployment.app:build_app"
+        AppArgs.from_dict(app.args)
+        deps = {d.name: d for d in app.deployments}
+        assert set(deps) == {"OrthrusEngine", "OrthrusRouter"}
+        asc = deps["OrthrusEngine"].autoscaling_config
+        assert asc["min_replicas"] >= 1 and asc["max_replicas"] >= asc["min_replicas"]
+    cpu_engine = load_config(CONFIG_DIR / "serve_config.yaml").applications[0].deployments[0]
+    assert cpu_engine.ray_actor_options.num_gpus == 0  # `make serve` must run without a GPU
+    over = load_config(CONFIG_DIR / "serve_config.yaml", http_port=18000, grpc_port=19000)
+    assert over.http_options.port == 18000 and over.grpc_options.port == 19000
+
+
+def test_app_args_are_checked():
+    from deployment.app import AppArgs
+
+    with pytest.raises(ValueError, match="unknown application arg"):
+        AppArgs.from_dict({"engin": {}})
+    with pytest.raises(ValueError, match="unknown engine argument"):
+        AppArgs.from_dict({"engine": {"modle": "x"}})
+    with pytest.raises(ValueError, match="metrics_port"):
+        AppArgs.from_dict({"metrics_port": 70000})
+    with pytest.raises(ValueError, match="stream_interval_s"):
+        AppArgs.from_dict({"stream_interval_s": -1})
