@@ -61,6 +61,7 @@ class OrthrusEngine:
         )
         args = EngineArgs.from_dict(engine_args)
         self._engine = AsyncOrthrusEngine.from_args(args, stat_logger=self._metrics)
+        self._metrics.bind_engine_stats(self._engine.stats)
         info = self._engine.model_info()
         logger.info(
             "engine replica %s ready: %s (%s, block size %d, max_model_len %d), metrics on port %s",

@@ -24,7 +24,7 @@ from orthrus_runtime.types import (
     Usage,
 )
 
-from .errors import ApiError, invalid
+from .errors import invalid
 
 # OpenAI's own default for /v1/completions is 16 tokens; chat has no small default,
 # so it takes the server's (AppArgs.default_max_tokens).

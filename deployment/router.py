@@ -5,8 +5,8 @@ Serve's gRPC proxy, which calls the methods named like the proto's RPCs
 (Generate, Complete, ModelInfo, Health) with the decoded request message.
 Both front ends share one path to the engine: `_open` starts an engine stream
 over the DeploymentHandle and waits for its first item, so a refused request
-(bad input, full queue) is answered before any response byte is sent, and
-`_deltas` relays the rest. Whenever consumption stops early (client
+(bad input, full queue) is answered before any response byte is sent, and an
+EngineStream relays the rest. Whenever consumption stops early (client
 disconnect, gRPC cancel, error) the engine stream is cancelled, which closes
 the replica-side generator and aborts the engine request.
 """
@@ -17,7 +17,6 @@ import logging
 import time
 from typing import Any, AsyncIterator, Optional
 
-import grpc
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
@@ -56,6 +55,58 @@ def _short(e: BaseException) -> str:
     cause = e.cause if isinstance(e, RayTaskError) and e.cause is not None else e
     text = str(cause).strip().splitlines()
     return f"{type(cause).__name__}: {text[-1] if text else ''}"[:300]
+
+
+class EngineStream:
+    """One engine request's output, owned by one response.
+
+    close() cancels the request in the engine unless it already ran to its
+    final delta; every path that stops reading early ends up there (client
+    disconnect, gRPC cancel, an error while relaying).
+    """
+
+    def __init__(self, gen: DeploymentResponseGenerator, first: GenerateDelta):
+        self._gen = gen
+        self._first = first
+        self._done = first.finished
+
+    async def deltas(self) -> AsyncIterator[GenerateDelta]:
+        try:
+            yield self._first
+            while not self._done:
+                try:
+                    d = await self._gen.__anext__()
+                except StopAsyncIteration:
+                    raise unavailable("the engine stream ended before the request finished") from None
+                except RayError as e:
+                    raise unavailable(_short(e)) from None
+                self._done = d.finished
+                yield d
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if not self._done:
+            self._done = True
+            self._gen.cancel()
+
+
+class EngineStreamingResponse(StreamingResponse):
+    """A StreamingResponse that closes its engine stream however the response ends.
+
+    Starlette never starts the body iterator when the client is gone before
+    the headers are sent, so the iterator's own cleanup would not run then.
+    """
+
+    def __init__(self, content: AsyncIterator[bytes], stream: EngineStream, **kwargs: Any):
+        super().__init__(content, **kwargs)
+        self._engine_stream = stream
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._engine_stream.close()
 
 
 async def _collect(deltas: AsyncIterator[GenerateDelta]) -> tuple[str, list[int], GenerateDelta]:
@@ -97,8 +148,8 @@ class OrthrusRouter:
 
     # ------------------------------------------------------------------ engine access
 
-    async def _open(self, req: GenerateRequest) -> tuple[DeploymentResponseGenerator, GenerateDelta]:
-        """Start the engine stream and return it with its first delta (ApiError when refused)."""
+    async def _open(self, req: GenerateRequest) -> EngineStream:
+        """Start the engine request and wait for its first delta (ApiError when refused)."""
         gen = self._engine.options(stream=True).generate.remote(req)
         try:
             first = await gen.__anext__()
@@ -113,25 +164,7 @@ class OrthrusRouter:
             raise
         if isinstance(first, Rejection):
             raise invalid(first.message)
-        return gen, first
-
-    async def _deltas(self, gen: DeploymentResponseGenerator, first: GenerateDelta) -> AsyncIterator[GenerateDelta]:
-        """Relay the stream; cancels it in the engine unless it ran to its final delta."""
-        done = first.finished
-        try:
-            yield first
-            while not done:
-                try:
-                    d = await gen.__anext__()
-                except StopAsyncIteration:
-                    raise unavailable("the engine stream ended before the request finished") from None
-                except RayError as e:
-                    raise unavailable(_short(e)) from None
-                done = d.finished
-                yield d
-        finally:
-            if not done:
-                gen.cancel()
+        return EngineStream(gen, first)
 
     async def _model_info(self) -> ModelInfo:
         if self._info is None:
@@ -150,11 +183,19 @@ class OrthrusRouter:
             return False, _short(e)
         return (True, "ok") if h["alive"] else (False, "engine step loop has died")
 
+    def replica_info(self) -> dict[str, Any]:
+        """For operators and tests, over a DeploymentHandle (not routed over HTTP)."""
+        return {"metrics_port": self.metrics_port, "auth": self._keys.enabled}
+
     # ------------------------------------------------------------------ HTTP
 
     def _http_error(self, e: ApiError) -> JSONResponse:
         self._metrics.on_request_error(str(e.status), "http")
-        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+        headers = None
+        if e.status == 401:
+            headers = {"WWW-Authenticate": "Bearer"}
+        elif e.code == "overloaded":
+            headers = {"Retry-After": "1"}
         return JSONResponse(e.to_openai(), status_code=e.status, headers=headers)
 
     def _http_auth(self, request: Request) -> None:
@@ -170,22 +211,22 @@ class OrthrusRouter:
                 req, opts = oa.parse_chat(body, self._model_id, self._default_max_tokens)
             else:
                 req, opts = oa.parse_completion(body, self._model_id)
-            gen, first = await self._open(req)
+            stream = await self._open(req)
         except ApiError as e:
             return self._http_error(e)
-        deltas = self._deltas(gen, first)
         if opts.stream:
-            return StreamingResponse(self._sse(deltas, opts, chat), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            return EngineStreamingResponse(self._sse(stream, opts, chat), stream, media_type="text/event-stream",
+                                           headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
-            text, _, last = await _collect(deltas)
+            text, _, last = await _collect(stream.deltas())
         except ApiError as e:
             return self._http_error(e)
         build = oa.chat_response if chat else oa.completion_response
         return JSONResponse(build(opts, text, last.finish_reason, last.usage or Usage(), last.stats))
 
-    async def _sse(self, deltas: AsyncIterator[GenerateDelta], opts: oa.ResponseOptions, chat: bool):
+    async def _sse(self, stream: EngineStream, opts: oa.ResponseOptions, chat: bool):
         obj = "chat.completion.chunk" if chat else "text_completion"
+        deltas = stream.deltas()
         try:
             if chat:
                 yield oa.sse(oa.chat_chunk(opts, {"role": "assistant", "content": ""}))
@@ -273,10 +314,10 @@ class OrthrusRouter:
         try:
             self._grpc_auth(grpc_context)
             req = grpc_protocol.to_generate_request(request, self._default_max_tokens)
-            gen, first = await self._open(req)
+            stream = await self._open(req)
         except ApiError as e:
             raise self._grpc_fail(grpc_context, e) from None
-        deltas = self._deltas(gen, first)
+        deltas = stream.deltas()
         try:
             async for d in deltas:
                 if d.finished or d.text or d.token_ids:
@@ -290,8 +331,8 @@ class OrthrusRouter:
         try:
             self._grpc_auth(grpc_context)
             req = grpc_protocol.to_generate_request(request, self._default_max_tokens)
-            gen, first = await self._open(req)
-            text, token_ids, last = await _collect(self._deltas(gen, first))
+            stream = await self._open(req)
+            text, token_ids, last = await _collect(stream.deltas())
         except ApiError as e:
             # A unary method returns: Serve applies the status set on the context,
             # and the client sees only that status (no exception logged for a 4xx).

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -515,6 +516,25 @@ def test_api_keys(stack):
         assert c.complete("hi", max_tokens=2).usage.completion_tokens == 2
 
 
+def _scrape(port: int) -> str:
+    r = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30)
+    assert r.status_code == 200
+    return r.text
+
+
+def test_replicas_serve_their_metrics(stack):
+    # Runs after the bad-input tests: the router counted their errors by code and protocol.
+    router = serve.get_deployment_handle("OrthrusRouter", app_name="main")
+    text = _scrape(router.replica_info.remote().result(timeout_s=30)["metrics_port"])
+    assert re.search(r'orthrus_request_errors_total\{[^}]*code="400"[^}]*protocol="http"[^}]*\} [1-9]', text)
+    assert re.search(r'orthrus_request_errors_total\{[^}]*code="INVALID_ARGUMENT"[^}]*protocol="grpc"[^}]*\} [1-9]',
+                     text)
+    assert re.search(r'orthrus_request_errors_total\{[^}]*code="401"[^}]*protocol="http"[^}]*\} [1-9]', text)
+    engine = stack.engine_handle().health.remote().result(timeout_s=30)
+    etext = _scrape(engine["metrics_port"])
+    assert re.search(r'orthrus_generation_tokens_total\{[^}]*model="tiny-orthrus"[^}]*\} [1-9]', etext)
+
+
 def test_keys_never_appear_in_logs(stack):
     # Runs after the auth and error tests: every key has been sent, right and wrong.
     logs = Path(stack.temp_dir) / "session_latest" / "logs"
@@ -546,15 +566,16 @@ def test_backpressure_full_queue_is_refused_at_once(stack):
     def post(_):
         t = time.monotonic()
         r = httpx.post(f"{stack.http}/small/v1/completions", json=body, timeout=120)
-        return r.status_code, r.json(), time.monotonic() - t
+        return r.status_code, r.json(), time.monotonic() - t, r.headers.get("retry-after")
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         results = list(pool.map(post, range(8)))
-    codes = [c for c, _, _ in results]
+    codes = [r[0] for r in results]
     assert codes.count(200) >= 1 and codes.count(503) >= 4, codes
-    for code, body_, took in results:
+    for code, body_, took, retry_after in results:
         if code == 503:
             assert body_["error"]["code"] == "overloaded" and took < 2.0, (body_, took)
+            assert retry_after == "1"
 
     def complete(_):
         with stack.grpc(key=None, app="small") as c:
