@@ -258,3 +258,21 @@ def test_template_variables_list_real_values(app, prom, traffic):
             # Serve names them, so Orthrus and Ray Serve panels can be joined on it.
             ray_names = prom.api("label/replica/values", **{"match[]": 'ray_serve_deployment_replica_healthy{deployment="OrthrusEngine"}'})
             assert set(r["data"]) == set(ray_names["data"]) and len(r["data"]) == 1
+
+
+def test_gauges_return_to_idle_after_a_client_cancels(app, prom, traffic):
+    """A stream the client drops while nothing else runs: the engine aborts it and
+    idles, so no further step record comes; the scraped gauges must still say idle."""
+    import httpx
+
+    with httpx.stream("POST", app.http_url + "/v1/completions", timeout=60,
+                      json={"model": app.model_id, "prompt": "The quick brown fox", "max_tokens": 200,
+                            "temperature": 0.0, "stream": True}) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                break  # leave after the first chunk: the connection closes mid-stream
+    _wait_for(prom, "sum(orthrus_request_success_total{finished_reason='abort'})", lambda v: sum(v.values()) >= 1)
+    _wait_for(prom, "sum(orthrus_num_requests_running) + sum(orthrus_num_requests_waiting)",
+              lambda v: list(v.values()) == [0.0], timeout=20)
+    assert list(prom.values("max(orthrus_kv_cache_usage_perc)").values()) == [0.0]
