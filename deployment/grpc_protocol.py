@@ -47,6 +47,7 @@ def to_generate_request(msg: pb.GenerateRequest, default_max_tokens: int = DEFAU
 
     params = SamplingParams(
         max_tokens=msg.max_tokens if msg.HasField("max_tokens") else default_max_tokens,
+        fit_max_tokens=not msg.HasField("max_tokens"),
         temperature=msg.temperature if msg.HasField("temperature") else 1.0,
         top_k=msg.top_k if msg.HasField("top_k") else -1,
         top_p=msg.top_p if msg.HasField("top_p") else 1.0,

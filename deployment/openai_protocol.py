@@ -131,6 +131,7 @@ def _sampling(body: dict, default_max_tokens: int) -> SamplingParams:
 
     params = SamplingParams(
         max_tokens=max_tokens if max_tokens is not None else default_max_tokens,
+        fit_max_tokens=max_tokens is None,
         temperature=float(temperature) if temperature is not None else 1.0,
         top_k=top_k if top_k is not None else -1,
         top_p=float(top_p) if top_p is not None else 1.0,

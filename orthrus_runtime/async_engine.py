@@ -55,7 +55,7 @@ def engine_config_from_args(args: EngineArgs, loaded: Any) -> EngineConfig:
         block_size=loaded.block_size, mask_token_id=loaded.mask_token_id, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=max_len,
         kv_page_size=args.kv_page_size, num_kv_blocks=max(0, kv_bytes // per_block), seed=args.seed,
-        model_id=loaded.model_id, verify_policy=args.verify_policy,
+        model_id=loaded.model_id, verify_policy=args.verify_policy, default_mode=args.default_mode,
     )
 
 

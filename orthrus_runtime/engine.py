@@ -58,6 +58,7 @@ class EngineConfig:
     kv_cache_bytes: int = 256 * 2**20
     seed: int = 0
     model_id: str = "orthrus"
+    default_mode: str = "orthrus"
     # Benchmarks only: forced acceptance (see force_acceptance()); None in production.
     verify_policy: str = "full"
 
@@ -155,6 +156,8 @@ class LLMEngine:
         if not isinstance(req.params, SamplingParams):
             raise InvalidRequestError("params must be SamplingParams")
         req.params.validate()
+        if req.mode is None:
+            req.mode = self.cfg.default_mode
         if req.mode not in MODES:
             raise InvalidRequestError(f"mode must be one of {', '.join(MODES)}, got {req.mode!r}")
         ids = self.tokenize(req)
@@ -167,6 +170,8 @@ class LLMEngine:
         bad = [t for t in req.params.stop_token_ids if not (0 <= t < V)]
         if bad:
             raise InvalidRequestError(f"unknown stop token id(s) {bad[:5]} (vocabulary size {V})")
+        if req.params.fit_max_tokens and len(ids) < self.cfg.max_model_len:
+            req.params.max_tokens = min(req.params.max_tokens, self.cfg.max_model_len - len(ids))
         total = len(ids) + req.params.max_tokens
         if total > self.cfg.max_model_len:
             raise InvalidRequestError(

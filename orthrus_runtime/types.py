@@ -37,6 +37,9 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    # max_tokens is only a default the client did not choose: the engine shrinks it to the
+    # room left in max_model_len instead of refusing a long prompt (vLLM's behaviour).
+    fit_max_tokens: bool = False
 
     @property
     def greedy(self) -> bool:
@@ -87,7 +90,7 @@ class GenerateRequest:
     messages: Optional[list[dict[str, str]]] = None  # [{"role": ..., "content": ...}], chat template applied
     prompt_token_ids: Optional[list[int]] = None
     params: SamplingParams = field(default_factory=SamplingParams)
-    mode: str = "orthrus"
+    mode: Optional[str] = None  # "orthrus" or "ar"; None: the engine's default_mode
     request_id: Optional[str] = None
 
 

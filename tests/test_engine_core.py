@@ -192,3 +192,19 @@ def test_stop_strings_and_text():
     assert cut.finish_reason == "stop"
     assert cut.text == text[: text.index(stop)]
     assert stop not in cut.text
+
+
+def test_default_mode_and_fitted_default_max_tokens():
+    model = tiny_model("qwen3", seed=6)
+    eng = make_engine(model, 4, max_model_len=64, default_mode="ar")
+    long_prompt = list(range(3, 3 + 60))
+    # A client-chosen max_tokens that does not fit is refused ...
+    from orthrus_runtime.types import InvalidRequestError
+    with pytest.raises(InvalidRequestError, match="max_model_len"):
+        eng.validate(GenerateRequest(prompt_token_ids=long_prompt, params=SamplingParams(max_tokens=10)))
+    # ... a server default shrinks to the room left, and mode None takes the engine's default.
+    req = GenerateRequest(prompt_token_ids=long_prompt,
+                          params=SamplingParams(max_tokens=256, fit_max_tokens=True, temperature=0, ignore_eos=True))
+    (d,) = eng.generate([req])
+    assert req.mode == "ar" and d.usage.completion_tokens == 4 and d.finish_reason == "length"
+    assert d.stats.num_draft_tokens == 0
