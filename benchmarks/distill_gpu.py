@@ -48,7 +48,10 @@ def set_view(model, tensors: dict[str, torch.Tensor]) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--out", required=True, type=Path, help="results to keep (at most 8 files)")
+    ap.add_argument("--work", type=Path, default=Path("/tmp/distill-work"), help="data and scratch files")
+    ap.add_argument("--extra-data", type=Path, default=None, help="earlier self-distilled data to train on too")
+    ap.add_argument("--prompt-offset", type=int, default=0, help="skip the first N prompts (used by --extra-data)")
     ap.add_argument("--model", default=None, help="base model (default: the embedded SmolLM2); a tiny one for dry runs")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--eval-block-sizes", default="8,16,32")
@@ -67,7 +70,7 @@ def main() -> int:
     ap.add_argument("--eval-max-tokens", type=int, default=256)
     ap.add_argument("--eval-max-num-seqs", type=int, default=256)
     ap.add_argument("--part-mb", type=float, default=15.0)
-    ap.add_argument("--skip-baselines", action="store_true")
+    ap.add_argument("--skip-ar-copy", action="store_true", help="no AR-copy baseline evaluation")
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -79,14 +82,23 @@ def main() -> int:
     device_name = torch.cuda.get_device_name(0) if cuda else "cpu"
     log(f"loaded {loaded.model_id} on {device_name}; block size {loaded.block_size}")
 
-    prompts = D.load_prompts(D.DEFAULT_PROMPTS)
+    a.work.mkdir(parents=True, exist_ok=True)
+    prompts = D.load_prompts(D.DEFAULT_PROMPTS)[a.prompt_offset :]
     if a.num_prompts:
         prompts = prompts[: a.num_prompts]
-    data = D.generate_data(loaded, prompts, max_new_tokens=a.gen_max_new_tokens, greedy_fraction=a.gen_greedy_fraction,
-                           seconds=a.gen_seconds, max_num_seqs=a.gen_max_num_seqs, progress=False)
-    data.save(a.out / "data.safetensors")
-    log(f"data: {len(data)} sequences, {data.response_tokens} response tokens, "
-        f"{int(data.tokens.numel())} tokens in all, {data.meta['seconds']} s")
+    parts = [D.DistillData.load(a.extra_data)] if a.extra_data else []
+    gen_s, gen_tokens = 0.0, 0
+    if a.gen_seconds > 0:
+        new = D.generate_data(loaded, prompts, max_new_tokens=a.gen_max_new_tokens,
+                              greedy_fraction=a.gen_greedy_fraction, seconds=a.gen_seconds,
+                              max_num_seqs=a.gen_max_num_seqs, progress=False)
+        new.save(a.work / "data-new.safetensors")
+        gen_s, gen_tokens = float(new.meta["seconds"]), new.response_tokens
+        log(f"new data: {len(new)} sequences, {new.response_tokens} response tokens in {gen_s} s")
+        parts.append(new)
+    # Held-out sequences come from the end of the newest part (split below).
+    data = parts[0] if len(parts) == 1 else D.DistillData.concat(parts)
+    log(f"data: {len(data)} sequences, {data.response_tokens} response tokens, {int(data.tokens.numel())} in all")
 
     train_data, val_data = data.split(0.02)
     cfg = D.TrainConfig(block_size=loaded.block_size, batch_size=a.batch_size, blocks_per_seq=a.blocks_per_seq,
@@ -95,13 +107,14 @@ def main() -> int:
     before = trainer.evaluate(val_data)
     log(f"held-out before training: loss {before.loss:.4f}, top-1 agreement {before.accuracy:.4f}")
     t0 = time.monotonic()
-    D.train(trainer, out_dir=a.out, val=val_data, minutes=a.train_minutes, save_every=0, log_every=20,
+    D.train(trainer, out_dir=a.work, val=val_data, minutes=a.train_minutes, save_every=0, log_every=20,
             progress=False, log=log)
     train_min = (time.monotonic() - t0) / 60
-    (a.out / D.CHECKPOINT_NAME).unlink(missing_ok=True)  # optimizer state: too big to bring back
+    (a.out / "train_log.jsonl").write_bytes((a.work / "train_log.jsonl").read_bytes())
     summary = {"device": device_name, "steps": trainer.step_num, "train_minutes": round(train_min, 2),
                "train_sequences": len(train_data), "train_response_tokens": train_data.response_tokens,
-               "data_seconds": float(data.meta["seconds"]), "data_response_tokens": data.response_tokens,
+               "new_data_seconds": gen_s, "new_data_response_tokens": gen_tokens,
+               "extra_data": str(a.extra_data) if a.extra_data else None, "data_response_tokens": data.response_tokens,
                "heldout_before": dataclasses.asdict(before), "config": dataclasses.asdict(cfg)}
     (a.out / "summary.json").write_text(json.dumps(summary, indent=2))
 
@@ -125,11 +138,11 @@ def main() -> int:
     loaded.diffusion_source = "int8 view (trained here)"
     rep = E.evaluate(loaded, eval_args(a.eval_block_sizes, a), log=log)
     (a.out / "acceptance-int8.json").write_text(json.dumps(rep, indent=2))
-    if not a.skip_baselines:
-        set_view(loaded.model, trained)
-        loaded.diffusion_source = "uncompressed float32 view (trained here)"
-        rep = E.evaluate(loaded, eval_args(str(loaded.block_size), a), log=log)
-        (a.out / "acceptance-uncompressed.json").write_text(json.dumps(rep, indent=2))
+    set_view(loaded.model, trained)
+    loaded.diffusion_source = "uncompressed float32 view (trained here)"
+    rep = E.evaluate(loaded, eval_args(str(loaded.block_size), a), log=log)
+    (a.out / "acceptance-uncompressed.json").write_text(json.dumps(rep, indent=2))
+    if not a.skip_ar_copy:
         ar = {}
         sd = loaded.model.state_dict()
         for k in trained:

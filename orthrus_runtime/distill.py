@@ -136,6 +136,17 @@ class DistillData:
         return cls(torch.tensor(flat, dtype=torch.int32), torch.tensor(offsets, dtype=torch.int64),
                    torch.tensor(plens, dtype=torch.int32), dict(meta or {}))
 
+    @classmethod
+    def concat(cls, parts: list["DistillData"]) -> "DistillData":
+        seqs = []
+        for d in parts:
+            for i in range(len(d)):
+                s, p = d.sequence(i).tolist(), int(d.prompt_lens[i])
+                seqs.append((s[:p], s[p:]))
+        out = cls.from_sequences(seqs, parts[0].meta if parts else {})
+        out.meta["response_tokens"] = str(out.response_tokens)
+        return out
+
     def split(self, fraction: float) -> tuple["DistillData", "DistillData"]:
         """(train, held-out): the last ceil(fraction * n) sequences are held out."""
         n = len(self)
@@ -552,13 +563,19 @@ class Trainer:
 
 
 def train(trainer: Trainer, *, out_dir: Optional[Path] = None, val: Optional[DistillData] = None,
-          minutes: float = 0.0, calib_steps: int = 10, save_every: int = 200, log_every: int = 10,
-          stop_at: int = 0, progress: bool = True, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+          minutes: float = 0.0, calib_skip: int = 3, calib_steps: int = 5, fix_fraction: float = 0.5,
+          save_every: int = 200,
+          log_every: int = 10, stop_at: int = 0, progress: bool = True,
+          log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Run to cfg.max_steps (or to step stop_at, if given, leaving the schedule as it is:
-    a later --resume continues it). With minutes > 0 and no fixed schedule yet
-    (cfg.max_steps <= 0), the first calib_steps steps (inside the warmup, which does not
-    depend on the schedule's length) time a step, and max_steps is set so the run ends
-    within the budget."""
+    a later --resume continues it).
+
+    With minutes > 0 and no fixed schedule yet (cfg.max_steps <= 0) the schedule's length
+    comes from the budget: max_steps is re-estimated from the measured step time after
+    every step until fix_fraction of the budget has gone, then fixed. The first
+    calib_skip steps (CUDA's one-time set-up) are not timed, and the window restarts when
+    the warmup ends (early steps run slower while the allocator's cache fills), so the
+    run ends close to the budget, not early."""
     from tqdm import tqdm
 
     cfg = trainer.cfg
@@ -566,16 +583,19 @@ def train(trainer: Trainer, *, out_dir: Optional[Path] = None, val: Optional[Dis
     logf = open(out_dir / "train_log.jsonl", "a") if out_dir else None
     t_start = time.monotonic()
     deadline = t_start + minutes * 60 if minutes > 0 else float("inf")
-    if cfg.max_steps <= 0:
+    calibrating = cfg.max_steps <= 0
+    if calibrating:
         if minutes <= 0:
             raise ValueError("give max_steps or a time budget in minutes")
-        if calib_steps >= cfg.warmup_steps:
-            raise ValueError("calibration must end inside the warmup (raise warmup_steps)")
+        if trainer.step_num + calib_skip + calib_steps >= cfg.warmup_steps:
+            raise ValueError(f"a time-budgeted schedule is measured during the warmup: warmup_steps must exceed "
+                             f"{calib_skip + calib_steps}")
     bar = tqdm(total=cfg.max_steps if cfg.max_steps > 0 else None, initial=trainer.step_num, desc="distilling",
                unit="step", disable=not progress, dynamic_ncols=True)
     t_last, targets_since, ctx_since = time.monotonic(), 0, 0
-    n_run = 0
-    while cfg.max_steps <= 0 or trainer.step_num < cfg.max_steps:
+    n_run, n_calib = 0, 0
+    t_calib = t_start
+    while cfg.max_steps <= 0 or trainer.step_num < cfg.max_steps or calibrating:
         if time.monotonic() > deadline:
             log(f"time budget reached at step {trainer.step_num}")
             break
@@ -586,12 +606,18 @@ def train(trainer: Trainer, *, out_dir: Optional[Path] = None, val: Optional[Dis
         n_run += 1
         targets_since += st.targets
         ctx_since += st.context_tokens
-        if cfg.max_steps <= 0 and n_run == calib_steps:
-            el = time.monotonic() - t_start
-            per = el / calib_steps
-            cfg.max_steps = trainer.step_num + max(1, int((minutes * 60 - el) * 0.97 / per))
-            bar.total = cfg.max_steps
-            log(f"calibrated: {per * 1000:.0f} ms/step -> max_steps {cfg.max_steps}")
+        if calibrating:
+            now = time.monotonic()
+            if n_run == calib_skip or trainer.step_num == cfg.warmup_steps:
+                t_calib, n_calib = now, n_run  # (re)start the timing window
+            elif n_run - n_calib >= calib_steps:
+                per = (now - t_calib) / (n_run - n_calib)
+                cfg.max_steps = trainer.step_num + max(1, int((deadline - now) * 0.98 / per))
+                bar.total = cfg.max_steps
+                if trainer.step_num >= cfg.warmup_steps and now - t_start >= fix_fraction * minutes * 60:
+                    calibrating = False
+                    log(f"schedule fixed at step {trainer.step_num}: {per * 1000:.0f} ms/step -> "
+                        f"max_steps {cfg.max_steps}")
         if trainer.step_num % log_every == 0 or trainer.step_num == cfg.max_steps:
             now = time.monotonic()
             rate = targets_since / max(now - t_last, 1e-9)

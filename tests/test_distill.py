@@ -252,3 +252,32 @@ def test_eval_sets_load():
     assert len(qs) == 80 and all(len(q["turns"]) == 2 for q in qs)
     he = E.humaneval_prompts()
     assert len(he) == 164 and he[0]["task_id"] == "HumanEval/0"
+
+
+def test_time_budget_sets_the_schedule_and_uses_the_budget(monkeypatch):
+    """A simulated clock: start-up steps take 1 s, the rest of the warmup 0.3 s (caches
+    filling), then 0.1 s a step. The schedule must come from the steady step time, so the
+    run fills the budget instead of stopping early."""
+    model = tiny_model("llama", seed=5)
+    mask_id = model.add_mask_embedding()
+    cfg = D.TrainConfig(block_size=4, batch_size=2, blocks_per_seq=2, lr=1e-3, warmup_steps=12, max_steps=0)
+    tr = D.Trainer(model, _random_data(seed=6, n=6), mask_id, cfg)
+    clock = [1000.0]
+    monkeypatch.setattr(D.time, "monotonic", lambda: clock[0])
+    real_step = tr.train_step
+
+    def step():
+        st = real_step()
+        clock[0] += 1.0 if tr.step_num <= 5 else 0.3 if tr.step_num <= 12 else 0.1
+        return st
+
+    monkeypatch.setattr(tr, "train_step", step)
+    budget_s = 12.0
+    D.train(tr, minutes=budget_s / 60, progress=False, log=lambda s: None)
+    elapsed = clock[0] - 1000.0
+    assert tr.step_num == cfg.max_steps  # the schedule ran to its end ...
+    assert 0.95 * budget_s <= elapsed <= budget_s + 0.1  # ... which is where the budget ends
+    assert cfg.max_steps > 50
+    with pytest.raises(ValueError, match="warmup_steps must exceed"):
+        D.train(D.Trainer(model, _random_data(n=3), mask_id, D.TrainConfig(block_size=4, warmup_steps=4, max_steps=0)),
+                minutes=0.01, progress=False)
