@@ -15,8 +15,10 @@ average and costs draft(bs, D) + verify(bs, K) + overhead; plain AR (K = 1) emit
 one token for verify(bs, 1) + overhead. The policy only ever changes K and D: the
 acceptance rule, and the uniforms each request draws per cycle, are untouched, so
 the output distribution stays the AR model's. When acceptance collapses, K = 1 wins
-and Orthrus runs at AR speed; it still probes a speculative cycle now and then (at
-exponentially growing intervals) so that it notices when acceptance recovers.
+and Orthrus runs at AR speed; it still probes the cheapest speculative cycle now and then
+(at exponentially growing intervals) so that it notices when acceptance recovers,
+unless speculation could not win even with every draft accepted (a compute-bound
+batch), where it never probes.
 """
 from __future__ import annotations
 
@@ -48,8 +50,10 @@ class PassCosts:
         self.table[key] = seconds if old is None or replace else (1 - self.ema) * old + self.ema * seconds
 
     def estimate(self, kind: str, bs: int, T: int) -> float:
-        """Measured value, else scaled from the nearest measurement: a pass costs at least
-        what a smaller pass of the same batch costs, and at most proportionally more tokens."""
+        """Measured value, else scaled from the nearest measurement: at least what a smaller
+        pass costs, growing with the square root of the token ratio (between a memory-bound
+        pass, flat, and a compute-bound one, linear). On the GPU every captured pass is
+        measured ahead; on the CPU this optimism gets a candidate tried, hence measured."""
         bs, T = batch_bucket(bs), token_bucket(T)
         exact = self.table.get((kind, bs, T))
         if exact is not None:
@@ -59,7 +63,7 @@ class PassCosts:
             pts = [(b, t, c) for (k, b, t), c in self.table.items() if k in kinds]
             if pts:
                 b, t, c = min(pts, key=lambda p: (abs(np.log2(p[0] / bs)), abs(np.log2(p[1] / T))))
-                return c * max(1.0, (bs * T) / (b * t))
+                return c * max(1.0, (bs * T) / (b * t)) ** 0.5
         return 1e-3 * (1.0 + bs * T / 64.0)  # nothing measured yet: relative costs only
 
 
@@ -147,11 +151,13 @@ class VerifyPolicy:
         spec = [c for c in cands if c[1] > 1]
         if best[1] > 1:
             self.since_spec, self.probe_every = 0, self.probe_min
-        elif spec:
+        elif spec and max(K / self.cycle_cost(bs, K, D) for _, K, D in spec) > best[0]:
+            # AR wins on the current estimate, but speculation could still win if acceptance
+            # recovered (it wins with every draft accepted): probe now and then, with the
+            # cheapest speculative cycle, so that the acceptance estimate stays live.
             self.since_spec += 1
             if self.since_spec >= self.probe_every:
-                # Probe: one speculative cycle, so the acceptance estimate stays live.
-                best = max(spec, key=lambda c: c[0])
+                best = min(spec, key=lambda c: self.cycle_cost(bs, c[1], c[2]))
                 self.since_spec = 0
                 self.probe_every = min(self.probe_every * 2, self.probe_max)
         self.last = {"bs": bs, "K": best[1], "D": best[2], "rate": best[0]}

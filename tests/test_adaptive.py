@@ -69,8 +69,8 @@ def test_pass_costs_measured_and_estimated():
     assert 2.0 < c.estimate("verify", 4, 8) < 4.0  # moving average
     c.record("verify", 4, 8, 1.0, replace=True)
     assert c.estimate("verify", 4, 8) == 1.0
-    # Unmeasured: never cheaper than a smaller measured pass, at most proportional to tokens.
-    assert c.estimate("verify", 4, 32) == pytest.approx(4.0)
+    # Unmeasured: never cheaper than a smaller measured pass, growing with sqrt(tokens).
+    assert c.estimate("verify", 4, 32) == pytest.approx(2.0)
     assert c.estimate("verify", 4, 2) == pytest.approx(1.0)
     assert c.estimate("draft", 4, 8) == pytest.approx(1.0)  # the other view's pass of that shape
 
@@ -107,9 +107,17 @@ def test_policy_degrades_to_ar_when_acceptance_collapses_and_probes_rarely():
     plans = [pol.choose(1, 1000) for _ in range(200)]
     spec = [i for i, (K, _) in enumerate(plans) if K > 1]
     assert plans[0] == (1, 0)
+    assert all(plans[i] == (2, 2) for i in spec)  # the cheapest speculative cycle
     # Probes at growing intervals: 8, 16, 32, 64, 128 cycles apart.
     assert 3 <= len(spec) <= 6 and all(b - a >= 8 for a, b in zip(spec, spec[1:]))
     assert np.all(np.diff(np.diff(spec)) >= 0)
+
+
+def test_policy_never_probes_where_speculation_cannot_win():
+    """Compute-bound: a pass costs in proportion to its tokens, so even with every draft
+    accepted a cycle of K tokens costs more than K AR steps. No probe, ever."""
+    pol = _trained_policy(_costs(1.0, fixed_s=0.0), alpha=0.0)
+    assert all(pol.choose(128, 1000) == (1, 0) for _ in range(300))
 
 
 def test_policy_verifies_less_when_compute_bound():

@@ -186,3 +186,43 @@ def test_cuda_graph_passes_equal_eager_fast_passes():
     assert (d0 - d1).abs().max().item() < 1e-4
     for i, k in enumerate([5, 3, 5]):
         assert (v0[i, :k] - v1[i, :k]).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fast_engine_sampling_is_lossless(device):
+    """Float32, seeded sampling with top-k and top-p through the fast path (CUDA graphs on a GPU):
+    the joint distribution of the first three tokens in Orthrus mode is the AR model's (chi-square
+    against exact enumeration), and AR mode samples it too."""
+    from scipy.stats import chisquare
+
+    from orthrus_runtime.reference import exact_joint_distribution
+
+    T, TOP_K, TOP_P, prompt = 0.7, 5, 0.9, [1, 4, 2]
+    model = tiny_model("qwen3", seed=11, vocab_size=8, hidden=32, heads=2, kv_heads=1, head_dim=16).to(device)
+    exact = exact_joint_distribution(model, prompt, 3, T, TOP_K, TOP_P)
+    n = 6000
+    for mode in ("orthrus", "ar"):
+        eng = LLMEngine(model, EngineConfig(block_size=4, mask_token_id=7, max_model_len=64, num_kv_blocks=4000,
+                                            kv_page_size=4, max_num_seqs=128, max_num_batched_tokens=4096))
+        eng.runner = ModelRunner(model, eng.kv, torch.device(device), fast=True, max_model_len=64)
+        res = eng.generate([GenerateRequest(prompt_token_ids=prompt, mode=mode, params=SamplingParams(
+            max_tokens=3, temperature=T, top_k=TOP_K, top_p=TOP_P, seed=500 + i, ignore_eos=True))
+            for i in range(n)])
+        counts: dict = {}
+        for d in res:
+            c = tuple(d.token_ids)
+            assert exact.get(c, 0) > 0, f"{mode} sampled {c}, impossible under the AR model"
+            counts[c] = counts.get(c, 0) + 1
+        cells = [c for c in exact if exact[c] * n >= 5]
+        rest = [c for c in exact if c not in cells]
+        obs, exp = [counts.get(c, 0) for c in cells], [exact[c] * n for c in cells]
+        if rest:
+            obs.append(sum(counts.get(c, 0) for c in rest))
+            exp.append(sum(exact[c] for c in rest) * n)
+        exp = [e * n / sum(exp) for e in exp]
+        assert len(obs) >= 8 and chisquare(obs, exp).pvalue > 1e-4, mode
+        if mode == "orthrus":
+            st = eng.spec["orthrus"]
+            assert 0 < st.num_accepted_tokens < st.num_draft_tokens
+        if device == "cuda":
+            assert eng.runner.graphs is not None and eng.runner.graphs.graphs
