@@ -281,3 +281,35 @@ def test_time_budget_sets_the_schedule_and_uses_the_budget(monkeypatch):
     with pytest.raises(ValueError, match="warmup_steps must exceed"):
         D.train(D.Trainer(model, _random_data(n=3), mask_id, D.TrainConfig(block_size=4, warmup_steps=4, max_steps=0)),
                 minutes=0.01, progress=False)
+
+
+@pytest.mark.slow
+def test_shipped_view_is_the_default_lossless_and_better_than_the_ar_copy():
+    """The committed int8 view loads by default for SmolLM2, keeps greedy output identical
+    to AR decoding, and drafts better than the untrained AR copy."""
+    from orthrus_runtime.engine import EngineConfig, LLMEngine
+    from orthrus_runtime.loader import DEFAULT_DIFFUSION_VIEW
+    from orthrus_runtime.types import GenerateRequest, SamplingParams
+
+    assert DEFAULT_DIFFUSION_VIEW.exists() and DEFAULT_DIFFUSION_VIEW.stat().st_size <= 30_000_000
+    lm = load_model(None, dtype="float32", device="cpu")
+    assert lm.diffusion_source == str(DEFAULT_DIFFUSION_VIEW) and lm.block_size == 16
+    eng = LLMEngine(lm.model, EngineConfig(block_size=16, mask_token_id=lm.mask_token_id, max_model_len=512,
+                                           num_kv_blocks=200), lm.tokenizer)
+    msgs = [{"role": "user", "content": "Write a Python function that returns the squares of a list of numbers."}]
+
+    def run(mode):
+        (d,) = eng.generate([GenerateRequest(messages=msgs, mode=mode, params=SamplingParams(max_tokens=48, temperature=0))])
+        return d
+
+    trained, ar = run("orthrus"), run("ar")
+    assert trained.token_ids == ar.token_ids
+    params = D.trainable_parameters(lm.model)
+    sd = lm.model.state_dict()
+    with torch.no_grad():  # back to the AR-copy warm start
+        for k, p in params.items():
+            if k != "model.mask_embedding":
+                p.copy_(sd[k.replace("_diff", "")])
+    copy = run("orthrus")
+    assert copy.token_ids == ar.token_ids
+    assert trained.stats.mean_accepted_length > copy.stats.mean_accepted_length + 0.3
