@@ -733,6 +733,14 @@ def run(args: argparse.Namespace) -> int:
     if err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    try:
+        return _run(args)
+    except (ValueError, FileNotFoundError) as e:  # bad model, prompts, data or checkpoint (CheckpointError too)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data_path = Path(args.data) if args.data else out / "data.safetensors"

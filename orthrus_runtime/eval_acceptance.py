@@ -277,10 +277,10 @@ def run(args: argparse.Namespace) -> int:
         print("error: --max-tokens must be >= 1", file=sys.stderr)
         return 2
     dw = None if args.diffusion_weights == "none" else args.diffusion_weights
-    loaded = load_model(args.model, args.dtype, args.device, None, None, dw)
     try:
+        loaded = load_model(args.model, args.dtype, args.device, None, None, dw)
         report = evaluate(loaded, args, log=lambda s: print(s, file=sys.stderr))
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:  # CheckpointError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 2
     text = json.dumps(report, indent=2)
