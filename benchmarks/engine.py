@@ -76,6 +76,12 @@ class Budget:
         return self.total - (time.monotonic() - self.t0)
 
 
+def bucket_bs(bs: int) -> int:
+    from orthrus_runtime.adaptive import batch_bucket
+
+    return batch_bucket(bs)
+
+
 def log(*a):
     print(f"[{time.strftime('%H:%M:%S')}]", *a, flush=True)
 

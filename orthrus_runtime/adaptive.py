@@ -16,9 +16,10 @@ one token for verify(bs, 1) + overhead. The policy only ever changes K and D: th
 acceptance rule, and the uniforms each request draws per cycle, are untouched, so
 the output distribution stays the AR model's. When acceptance collapses, K = 1 wins
 and Orthrus runs at AR speed; it still probes the cheapest speculative cycle now and then
-(at exponentially growing intervals) so that it notices when acceptance recovers,
-unless speculation could not win even with every draft accepted (a compute-bound
-batch), where it never probes.
+(at exponentially growing intervals) so that it notices when acceptance recovers, but
+only while an optimistic acceptance (the estimate plus its uncertainty, which grows
+back as old evidence decays) would make speculation win: where the estimate is
+confidently against it (a compute-bound batch, say), probes stop.
 """
 from __future__ import annotations
 
@@ -74,6 +75,7 @@ class AcceptanceEstimator:
         self.decay, self.prior_alpha, self.prior_weight, self.shrink = decay, prior_alpha, prior_weight, shrink
         self.tried: dict[Optional[int], np.ndarray] = {None: np.zeros(self.n)}
         self.acc: dict[Optional[int], np.ndarray] = {None: np.zeros(self.n)}
+        self._curves: dict[tuple, np.ndarray] = {}  # cached, cleared whenever the counts change
 
     def observe(self, draft_len: int, verified: list[int], accepted: list[int]) -> None:
         """One cycle: per sequence, drafts verified and drafts accepted (a prefix)."""
@@ -87,26 +89,44 @@ class AcceptanceEstimator:
                 self.tried[key], self.acc[key] = np.zeros(self.n), np.zeros(self.n)
             self.tried[key] = self.tried[key] * self.decay + tried[: self.n]
             self.acc[key] = self.acc[key] * self.decay + acc[: self.n]
+        self._curves.clear()
 
-    def alpha(self, draft_len: Optional[int] = None) -> np.ndarray:
-        """Conditional acceptance per draft position (length self.n)."""
+    def age(self) -> None:
+        """A cycle without speculation: old evidence fades all the same (the estimate is live)."""
+        for key in self.tried:
+            self.tried[key] *= self.decay
+            self.acc[key] *= self.decay
+        self._curves.clear()
+
+    def alpha(self, draft_len: Optional[int] = None, optimistic: bool = False) -> np.ndarray:
+        """Conditional acceptance per draft position (length self.n). optimistic: raised by
+        1/sqrt(1 + observations at position 0), the uncertainty that justifies a probe."""
         pooled = np.empty(self.n)
         prior = self.prior_alpha
         t, c = self.tried[None], self.acc[None]
         for j in range(self.n):
             pooled[j] = (c[j] + self.prior_weight * prior) / (t[j] + self.prior_weight)
             prior = pooled[j]
-        if draft_len is None or draft_len not in self.tried:
-            return pooled
-        t, c = self.tried[draft_len], self.acc[draft_len]
-        return (c + self.shrink * pooled) / (t + self.shrink)
+        al = pooled
+        if draft_len is not None and draft_len in self.tried:
+            t, c = self.tried[draft_len], self.acc[draft_len]
+            al = (c + self.shrink * pooled) / (t + self.shrink)
+        if optimistic:
+            al = np.minimum(1.0, al + 1.0 / np.sqrt(1.0 + self.tried[None][0]))
+        return al
+
+    def curve(self, draft_len: Optional[int] = None, optimistic: bool = False) -> np.ndarray:
+        """curve[K] = mean tokens emitted by a cycle verifying K - 1 drafts (K = 1..n+1)."""
+        key = (draft_len, optimistic)
+        c = self._curves.get(key)
+        if c is None:
+            c = np.concatenate([[1.0, 1.0], 1.0 + np.cumsum(np.cumprod(self.alpha(draft_len, optimistic)))])
+            self._curves[key] = c
+        return c
 
     def expected_tokens(self, K: int, draft_len: Optional[int] = None) -> float:
         """Mean tokens emitted by a cycle verifying K - 1 drafts (the AR token included)."""
-        if K <= 1:
-            return 1.0
-        al = self.alpha(draft_len)[: K - 1]
-        return 1.0 + float(np.cumprod(al).sum())
+        return float(self.curve(draft_len)[min(max(K, 1), self.n + 1)])
 
 
 class VerifyPolicy:
@@ -134,32 +154,35 @@ class VerifyPolicy:
             return self.costs.estimate("verify", bs, 1) + self.overhead["ar"]
         return self.costs.estimate("draft", bs, D) + self.costs.estimate("verify", bs, K) + self.overhead["spec"]
 
-    def rates(self, bs: int, max_remaining: int) -> list[tuple[float, int, int]]:
+    def rates(self, bs: int, max_remaining: int, optimistic: bool = False) -> list[tuple[float, int, int]]:
         """(expected tokens per second per sequence, K, D) of every candidate."""
         out = [(1.0 / self.cycle_cost(bs, 1, 0), 1, 0)]
+        est = self.acceptance
         for K in self.sizes:
             if K > max(max_remaining, 1):
                 break
             for D in self._draft_lens(K):
-                out.append((self.acceptance.expected_tokens(K, D) / self.cycle_cost(bs, K, D), K, D))
+                out.append((est.curve(D, optimistic)[min(K, est.n + 1)] / self.cycle_cost(bs, K, D), K, D))
         return out
 
     def choose(self, bs: int, max_remaining: int) -> tuple[int, int]:
         """-> (K, D): verify K - 1 drafts of a D-token draft block; K == 1 is a plain AR step."""
         cands = self.rates(bs, max_remaining)
         best = max(cands, key=lambda c: c[0])
-        spec = [c for c in cands if c[1] > 1]
         if best[1] > 1:
             self.since_spec, self.probe_every = 0, self.probe_min
-        elif spec and max(K / self.cycle_cost(bs, K, D) for _, K, D in spec) > best[0]:
-            # AR wins on the current estimate, but speculation could still win if acceptance
-            # recovered (it wins with every draft accepted): probe now and then, with the
-            # cheapest speculative cycle, so that the acceptance estimate stays live.
+        elif len(cands) > 1:
+            self.acceptance.age()
             self.since_spec += 1
             if self.since_spec >= self.probe_every:
-                best = min(spec, key=lambda c: self.cycle_cost(bs, c[1], c[2]))
-                self.since_spec = 0
-                self.probe_every = min(self.probe_every * 2, self.probe_max)
+                # AR wins on the estimate. Probe (the cheapest speculative cycle) only if an
+                # optimistic acceptance, within the estimate's uncertainty, would make
+                # speculation win: a confident "no" (say, a compute-bound batch) costs nothing.
+                opt = self.rates(bs, max_remaining, optimistic=True)
+                if max(c[0] for c in opt[1:]) > opt[0][0]:
+                    best = min(cands[1:], key=lambda c: self.cycle_cost(bs, c[1], c[2]))
+                    self.since_spec = 0
+                    self.probe_every = min(self.probe_every * 2, self.probe_max)
         self.last = {"bs": bs, "K": best[1], "D": best[2], "rate": best[0]}
         return best[1], best[2]
 

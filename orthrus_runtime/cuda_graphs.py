@@ -96,9 +96,17 @@ class GraphedPasses:
         self._time(g, kind, bs, T)
         return g
 
-    def _time(self, g: torch.cuda.CUDAGraph, kind: str, bs: int, T: int) -> None:
-        """Device time of one replay plus the lm_head over all its rows (median of a few)."""
+    def _time(self, g: torch.cuda.CUDAGraph, kind: str, bs: int, T: int, ctx: int = 128) -> None:
+        """Device time of one replay plus the lm_head over all its rows (median of a few), with a
+        prefix of ctx cached tokens per sequence to attend to. The prefix reads the first blocks
+        of the pool, whatever they hold; nothing is written (verify: no valid token)."""
         model = self.fwd.model
+        nb = -(-ctx // self.fwd.page)
+        if nb <= min(self.W, self.fwd.kv.num_blocks):
+            self.stage[_ROW_START, :bs] = ctx
+            self.stage[_ROW_NVALID, :bs] = T if kind == "draft" else 0
+            self.stage[_ROW_BT: _ROW_BT + nb, :bs] = torch.arange(nb, dtype=torch.int32,
+                                                                   device=self.device).unsqueeze(1)
         times = []
         for _ in range(self.timing_replays):
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -108,6 +116,7 @@ class GraphedPasses:
             b.record()
             b.synchronize()
             times.append(a.elapsed_time(b) / 1e3)
+        self.stage[:_ROW_BT].zero_()
         self.cost_s[(kind, bs, T)] = c = sorted(times)[len(times) // 2]
         if self.on_cost is not None:
             self.on_cost(kind, bs, T, c)

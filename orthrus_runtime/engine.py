@@ -115,6 +115,7 @@ class LLMEngine:
             raise ValueError(f"verify_policy must be 'full' or 'adaptive', got {cfg.verify_policy!r}")
         self.policy: Optional[VerifyPolicy] = (
             VerifyPolicy(cfg.block_size, self.runner.costs) if cfg.verify_policy == "adaptive" else None)
+        self._plan_step, self._plan_cache = -1, (cfg.block_size, cfg.block_size)
 
     # -- requests -----------------------------------------------------------------
     def model_info(self) -> ModelInfo:
@@ -214,10 +215,23 @@ class LLMEngine:
 
     # -- stepping ---------------------------------------------------------------------
     def _lookahead(self, seq: Sequence) -> int:
-        """K/V slots one decode cycle may write (the longest verify block)."""
+        """K/V slots one decode cycle may write: the verify block (one slot when this step's
+        adaptive plan is a plain AR step, so that no room is reserved and freed for nothing)."""
         if seq.mode == "ar":
             return 1
+        if self.policy is not None and self.fixed_plan is None and self._step_plan()[0] == 1:
+            return 1
         return max(1, min(self.cfg.block_size, seq.remaining))
+
+    def _step_plan(self) -> tuple[int, int]:
+        """The adaptive plan of the current step, decided once, when the scheduler first asks
+        for a lookahead (before the batch is final: the running decoders stand for it)."""
+        if self._plan_step != self.num_steps:
+            dec = [s for s in self.scheduler.running if s.mode == "orthrus" and not s.is_prefilling]
+            self._plan_cache = (self.policy.choose(len(dec), max(s.remaining for s in dec)) if dec
+                                else (self.cfg.block_size, self.cfg.block_size))
+            self._plan_step = self.num_steps
+        return self._plan_cache
 
     def _verify_len(self, seq: Sequence, k_plan: Optional[int] = None) -> int:
         """Tokens of seq's verify pass (anchor + drafts): the cycle's plan (default: the
@@ -234,7 +248,7 @@ class LLMEngine:
             return self.fixed_plan
         B = self.cfg.block_size
         if self.policy is not None:
-            return self.policy.choose(len(seqs), max(s.remaining for s in seqs))
+            return self._step_plan()
         return B, B
 
     def step(self) -> list[GenerateDelta]:
@@ -317,9 +331,11 @@ class LLMEngine:
         K = [self._verify_len(s, k_plan) for s in seqs]
         Kmax = max(K)
         anchors = [s.output_token_ids[-1] for s in seqs]
-        # Each request draws the same number of uniforms per cycle whatever the batch and the plan.
-        u = torch.stack([s.uniforms(2 * B - 1) for s in seqs]) if spec else \
-            torch.stack([s.uniforms(1) for s in seqs])
+        # Each request draws the same number of uniforms per cycle whatever the batch and the plan
+        # (greedy requests draw none: zeros).
+        n_u = 2 * B - 1 if spec else 1
+        u = torch.zeros(bs, n_u) if all(s.generator is None for s in seqs) else \
+            torch.stack([s.uniforms(n_u) for s in seqs])
         forced = self._forced_counts(bs, Kmax - 1) if self.forced_accept is not None and Kmax > 1 else None
         out = run_cycle_passes(self.runner, seqs, anchors, K, max(draft_len, Kmax), B, self.cfg.mask_token_id,
                                u, forced)

@@ -127,6 +127,13 @@ class ModelRunner:
         return (torch.tensor(starts, dtype=torch.int32).to(dev), torch.tensor(nvalid, dtype=torch.int32).to(dev),
                 bt.to(dev))
 
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [bs, n, h] (any strides) -> float32 logits [bs, n, V]. Flattened to one matrix
+        product first: lm_head on a strided 3-D view runs as a per-sequence batched product
+        that reads the whole vocabulary matrix once per sequence."""
+        bs, n, h = hidden.shape
+        return self.model.logits(hidden.reshape(bs * n, h)).view(bs, n, -1)
+
     def _record(self, kind: str, bs: int, T: int, t0: float) -> None:
         if self._timed:
             self.costs.record(kind, bs, T, time.perf_counter() - t0)
@@ -190,7 +197,7 @@ class ModelRunner:
             ids, pos, ctx = ids.to(dev), pos.to(dev), ctx.to(dev)
             attend = PagedDraft(self.kv, bt, ctx, B, self.model.scale)
             hidden = self.model.forward_hidden(ids, pos, attend, diff=True)
-        out = self.model.logits(hidden[:, :num_logits])
+        out = self._logits(hidden[:, :num_logits])
         self._record("draft", bs, B, t0)
         return out
 
@@ -218,6 +225,6 @@ class ModelRunner:
             attend = PagedAR(self.kv, torch.tensor(slots, dtype=torch.long, device=dev), valid.to(dev), bt,
                              pos.to(dev), self.model.scale)
             hidden = self.model.forward_hidden(ids.to(dev), pos.to(dev), attend, diff=False)
-        out = self.model.logits(hidden)
+        out = self._logits(hidden)
         self._record("verify", bs, T, t0)
         return out

@@ -54,6 +54,14 @@ def probs_nosync(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.T
     return probs
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host tensor -> device without waiting: a copy from pageable memory would block the host
+    until the device has finished everything queued before it."""
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 class SamplingBatch:
     """The sampling parameters of a batch, as device tensors, and the host-side flags."""
 
@@ -68,9 +76,9 @@ class SamplingBatch:
     def _tensors(self):
         if self._t is None:
             dev = self.device
-            self._t = (torch.tensor([float(p.temperature) for p in self.ps], device=dev),
-                       torch.tensor([int(p.top_k) for p in self.ps], device=dev),
-                       torch.tensor([float(p.top_p) for p in self.ps], device=dev))
+            self._t = (to_device(torch.tensor([float(p.temperature) for p in self.ps]), dev),
+                       to_device(torch.tensor([int(p.top_k) for p in self.ps]), dev),
+                       to_device(torch.tensor([float(p.top_p) for p in self.ps]), dev))
         return self._t
 
     def probs(self, logits: torch.Tensor, per_seq: int) -> torch.Tensor:
@@ -112,8 +120,14 @@ def run_cycle_passes(runner, seqs: Seq[Sequence], anchors: list[int], K: list[in
     bs, Kmax = len(seqs), max(K)
     sb = SamplingBatch(seqs, dev)
     greedy = sb.all_greedy
-    u = u.to(dev, non_blocking=True)
-    anchors_t = torch.tensor(anchors, dtype=torch.long).to(dev, non_blocking=True)
+    # Every host input goes over before the first launch: nothing after it waits for the
+    # device until the one synchronisation at the end.
+    anchors_t = to_device(torch.tensor(anchors, dtype=torch.long), dev)
+    max_acc = to_device(torch.tensor([k - 1 for k in K], dtype=torch.long), dev)
+    forced_d = to_device(forced, dev) if forced is not None else None
+    if not greedy:
+        u = to_device(u, dev)
+        sb._tensors()
     q = None
     if Kmax > 1:
         dl = runner.run_draft(seqs, anchors, draft_len, mask_id, Kmax - 1)
@@ -128,11 +142,10 @@ def run_cycle_passes(runner, seqs: Seq[Sequence], anchors: list[int], K: list[in
     ids = torch.cat([anchors_t.unsqueeze(1), drafts], dim=1)
     lg = runner.run_verify(seqs, ids, list(K))
     V = lg.shape[-1]
-    max_acc = torch.tensor([k - 1 for k in K], dtype=torch.long).to(dev, non_blocking=True)
     if greedy or forced is not None:
         target = lg.argmax(-1) if greedy else sb.probs(lg.reshape(-1, V), Kmax).view(bs, Kmax, V).argmax(-1)
         if forced is not None:
-            num = torch.minimum(max_acc, forced.to(dev))
+            num = torch.minimum(max_acc, forced_d)
             final = target[torch.arange(bs, device=dev), num]
         else:
             num, final = greedy_accept(drafts, target, max_acc)

@@ -4,8 +4,8 @@ Four fused kernels replace the dozens of small launches of a plain PyTorch layer
 which is what holds a batch-1 decode step far above the memory roofline:
 
 - `add_rmsnorm`: residual add + RMSNorm in one pass over the row;
-- `qk_norm_rope`: per-head q/k RMSNorm (Qwen3) + rotary embedding for one token's
-  heads, and, for the AR view, the write of its K/V into the paged cache;
+- `qk_norm_rope`: per-head q/k RMSNorm (Qwen3) + rotary embedding, and, for the AR
+  view, the write of the K/V rows into the paged cache;
 - `paged_attention`: one query block per sequence against (a) its cached prefix,
   read through the block table, and (b) this pass's own keys/values, causal for the
   AR view and bidirectional for the diffusion view; online softmax in float32;
@@ -63,49 +63,44 @@ def add_rmsnorm(x: torch.Tensor, res: torch.Tensor | None, w: torch.Tensor, eps:
 
 
 @triton.jit
-def _norm_rope_tile(SRC, W, COS, SIN, n, src_off, NH: tl.constexpr, BH: tl.constexpr, D: tl.constexpr,
-                    eps, QK_NORM: tl.constexpr):
-    """Heads [NH, D] of token n starting at SRC + src_off: (optional RMSNorm) then rotary."""
-    h = tl.arange(0, BH)
+def _qk_norm_rope_kernel(QKV, COS, SIN, QW, KW, QO, KO, KC, VC, SLOT, sqkv, sc_slot, sc_h, eps,
+                         H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, QK_NORM: tl.constexpr,
+                         WRITE: tl.constexpr):
+    # One program per (token, head): q heads 0..H-1, then k heads; a k head also writes its
+    # K and V rows into the cache. One head per program keeps a batch-1 pass parallel.
+    n = tl.program_id(0).to(tl.int64)
+    hh = tl.program_id(1)
+    is_k = hh >= H
     c = tl.arange(0, D)
-    hm = h < NH
     half = D // 2
     partner = (c + half) % D
-    ptr = SRC + src_off + h[:, None] * D
-    x = tl.load(ptr + c[None, :], mask=hm[:, None], other=0.0)
-    x2 = tl.load(ptr + partner[None, :], mask=hm[:, None], other=0.0)
+    row = QKV + n * sqkv + hh * D  # q heads and k heads are adjacent in the packed projection
+    x = tl.load(row + c)
+    x2 = tl.load(row + partner)
     dt = x.dtype
     if QK_NORM:
         xf = x.to(tl.float32)
-        rstd = tl.rsqrt(tl.sum(xf * xf, axis=1) / D + eps)
-        w = tl.load(W + c)
-        w2 = tl.load(W + partner)
-        x = (xf * rstd[:, None]).to(dt) * w[None, :]
-        x2 = (x2.to(tl.float32) * rstd[:, None]).to(dt) * w2[None, :]
+        rstd = tl.rsqrt(tl.sum(xf * xf, axis=0) / D + eps)
+        w = tl.where(is_k, tl.load(KW + c), tl.load(QW + c))
+        w2 = tl.where(is_k, tl.load(KW + partner), tl.load(QW + partner))
+        # Rounded like the reference: normalise in float32, round, scale by the weight.
+        x = (xf * rstd).to(dt) * w
+        x2 = (x2.to(tl.float32) * rstd).to(dt) * w2
     cos = tl.load(COS + n * D + c).to(tl.float32)
     sin = tl.load(SIN + n * D + c).to(tl.float32)
     sign = tl.where(c < half, -1.0, 1.0)
-    out = x.to(tl.float32) * cos[None, :] + sign[None, :] * x2.to(tl.float32) * sin[None, :]
-    return out.to(dt), h, c, hm
-
-
-@triton.jit
-def _qk_norm_rope_kernel(QKV, COS, SIN, QW, KW, QO, KO, KC, VC, SLOT, sqkv, sc_slot, sc_h, eps,
-                         H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BHQ: tl.constexpr,
-                         BHK: tl.constexpr, QK_NORM: tl.constexpr, WRITE: tl.constexpr):
-    n = tl.program_id(0).to(tl.int64)
-    row = n * sqkv
-    q, h, c, hm = _norm_rope_tile(QKV, QW, COS, SIN, n, row, H, BHQ, D, eps, QK_NORM)
-    tl.store(QO + n * (H * D) + h[:, None] * D + c[None, :], q, mask=hm[:, None])
-    k, h, c, hm = _norm_rope_tile(QKV, KW, COS, SIN, n, row + H * D, HKV, BHK, D, eps, QK_NORM)
-    tl.store(KO + n * (HKV * D) + h[:, None] * D + c[None, :], k, mask=hm[:, None])
-    if WRITE:
-        slot = tl.load(SLOT + n)
-        if slot >= 0:
-            v = tl.load(QKV + row + (H + HKV) * D + h[:, None] * D + c[None, :], mask=hm[:, None], other=0.0)
-            dst = slot * sc_slot + h[:, None] * sc_h + c[None, :]
-            tl.store(KC + dst, k, mask=hm[:, None])
-            tl.store(VC + dst, v, mask=hm[:, None])
+    out = (x.to(tl.float32) * cos + sign * x2.to(tl.float32) * sin).to(dt)
+    if hh < H:
+        tl.store(QO + n * (H * D) + hh * D + c, out)
+    else:
+        kh = hh - H
+        tl.store(KO + n * (HKV * D) + kh * D + c, out)
+        if WRITE:
+            slot = tl.load(SLOT + n)
+            if slot >= 0:
+                v = tl.load(QKV + n * sqkv + (H + HKV + kh) * D + c)
+                tl.store(KC + slot * sc_slot + kh * sc_h + c, out)
+                tl.store(VC + slot * sc_slot + kh * sc_h + c, v)
 
 
 def qk_norm_rope(qkv, cos, sin, qw, kw, H, HKV, D, eps, kc=None, vc=None, slots=None):
@@ -117,11 +112,13 @@ def qk_norm_rope(qkv, cos, sin, qw, kw, H, HKV, D, eps, kc=None, vc=None, slots=
     k = torch.empty(n, HKV, D, dtype=qkv.dtype, device=qkv.device)
     write = slots is not None
     qk_norm = qw is not None
-    _qk_norm_rope_kernel[(n,)](
+    if n == 0:
+        return q, k
+    _qk_norm_rope_kernel[(n, H + HKV)](
         qkv, cos, sin, qw if qk_norm else cos, kw if qk_norm else cos, q, k,
         kc if write else k, vc if write else k, slots if write else k,
         qkv.stride(0), kc.stride(1) if write else 0, kc.stride(2) if write else 0, eps,
-        H=H, HKV=HKV, D=D, BHQ=_pow2(H), BHK=_pow2(HKV), QK_NORM=qk_norm, WRITE=write, num_warps=4)
+        H=H, HKV=HKV, D=D, QK_NORM=qk_norm, WRITE=write, num_warps=1)
     return q, k
 
 

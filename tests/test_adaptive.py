@@ -104,13 +104,17 @@ def test_policy_speculates_long_when_passes_are_flat_and_acceptance_high():
 
 def test_policy_degrades_to_ar_when_acceptance_collapses_and_probes_rarely():
     pol = _trained_policy(_costs(0.0001), alpha=0.0)
-    plans = [pol.choose(1, 1000) for _ in range(200)]
+    plans = [pol.choose(1, 1000) for _ in range(1000)]
     spec = [i for i, (K, _) in enumerate(plans) if K > 1]
     assert plans[0] == (1, 0)
-    assert all(plans[i] == (2, 2) for i in spec)  # the cheapest speculative cycle
-    # Probes at growing intervals: 8, 16, 32, 64, 128 cycles apart.
-    assert 3 <= len(spec) <= 6 and all(b - a >= 8 for a, b in zip(spec, spec[1:]))
-    assert np.all(np.diff(np.diff(spec)) >= 0)
+    # While the evidence against speculation is fresh, no probe; as it decays, the uncertainty
+    # grows back and probes come, with the cheapest speculative cycle, at growing intervals.
+    assert spec and spec[0] >= 50 and len(spec) <= 10
+    assert all(plans[i] == (2, 2) for i in spec)
+    assert np.all(np.diff(np.diff(spec)) >= 0) and all(b - a >= 8 for a, b in zip(spec, spec[1:]))
+    # A probe that confirms the collapse pushes the next one far away again.
+    pol.observe(2, [1] * 8, [0] * 8)
+    assert pol.acceptance.alpha(optimistic=True)[0] < 0.5
 
 
 def test_policy_never_probes_where_speculation_cannot_win():

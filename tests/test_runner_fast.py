@@ -198,8 +198,9 @@ def test_fast_engine_sampling_is_lossless(device):
     from orthrus_runtime.reference import exact_joint_distribution
 
     T, TOP_K, TOP_P, prompt = 0.7, 5, 0.9, [1, 4, 2]
-    model = tiny_model("qwen3", seed=11, vocab_size=8, hidden=32, heads=2, kv_heads=1, head_dim=16).to(device)
-    exact = exact_joint_distribution(model, prompt, 3, T, TOP_K, TOP_P)
+    model = tiny_model("qwen3", seed=11, vocab_size=8, hidden=32, heads=2, kv_heads=1, head_dim=16)
+    exact = exact_joint_distribution(model, prompt, 3, T, TOP_K, TOP_P)  # enumerated on the CPU
+    model = model.to(device)
     n = 6000
     for mode in ("orthrus", "ar"):
         eng = LLMEngine(model, EngineConfig(block_size=4, mask_token_id=7, max_model_len=64, num_kv_blocks=4000,
