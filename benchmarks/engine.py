@@ -252,7 +252,7 @@ def section_shape(rep, shape: str, bw: float, budget: Budget, share: float, quic
     wb = ar_weight_bytes(model)
     out["ar_weight_GB"] = wb / 1e9
     out["roofline_ms"] = 1e3 * wb / bw
-    steps, warm = (4, 2) if quick else (8, 3)
+    steps, warm = (4, 2) if quick else (10, 3)
     gen_room = (warm + steps + 14) * B
     eng = make_engine(model, PROMPT + gen_room + B)
     out["backend"] = eng.runner.backend
