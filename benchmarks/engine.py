@@ -152,41 +152,46 @@ def geometric_profile(mean_tokens: float, n: int = B - 1) -> list[float]:
 
 
 def measure(eng: LLMEngine, bs: int, mode: str, steps: int, warm: int, plan=None, forced=None,
-            fresh_policy: bool = False, seed: int = 0) -> dict:
-    """bs greedy requests decoded together: ms per engine step and output tokens/s."""
+            fresh_policy: bool = False, seed: int = 0, rounds: int = 1) -> dict:
+    """bs greedy requests decoded together: ms per engine step and output tokens/s over
+    `steps` timed steps after `warm` ones, repeated for `rounds` fresh batches (forced
+    acceptance is random: small batches need many cycles for a stable mean)."""
     eng.fixed_plan, eng.forced_accept = plan, forced
     if fresh_policy and eng.policy is not None:
         eng.policy = VerifyPolicy(B, eng.runner.costs)
     g = torch.Generator().manual_seed(seed)
     room = eng.cfg.max_model_len - PROMPT - 1
-    ids = []
-    for i in range(bs):
-        p = torch.randint(0, 150000, (PROMPT,), generator=g).tolist()
-        ids.append(eng.add_request(GenerateRequest(prompt_token_ids=p, mode=mode, params=SamplingParams(
-            max_tokens=room, temperature=0.0, ignore_eos=True))))
-    eng.step()  # prefill (all prompts fit the token budget) and first tokens
-    for _ in range(warm):
-        eng.step()
-    sync()
-    g0, st0 = eng.generation_tokens, eng.spec["orthrus"].num_cycles
-    acc0 = eng.spec["orthrus"].num_accepted_tokens
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        eng.step()
-    sync()
-    dt = time.perf_counter() - t0
-    running = len(eng.scheduler.running)
-    toks = eng.generation_tokens - g0
-    cyc = eng.spec["orthrus"].num_cycles - st0
-    out = {"bs": bs, "ms_per_step": 1e3 * dt / steps, "tokens_per_s": toks / dt, "steps": steps,
-           "all_running": running == bs}
+    dt = toks = cyc = acc = 0
+    all_running = True
+    for _ in range(rounds):
+        ids = []
+        for i in range(bs):
+            p = torch.randint(0, 150000, (PROMPT,), generator=g).tolist()
+            ids.append(eng.add_request(GenerateRequest(prompt_token_ids=p, mode=mode, params=SamplingParams(
+                max_tokens=room, temperature=0.0, ignore_eos=True))))
+        eng.step()  # prefill (all prompts fit the token budget) and first tokens
+        for _ in range(warm):
+            eng.step()
+        sync()
+        g0, c0, a0 = eng.generation_tokens, eng.spec["orthrus"].num_cycles, eng.spec["orthrus"].num_accepted_tokens
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            eng.step()
+        sync()
+        dt += time.perf_counter() - t0
+        all_running &= len(eng.scheduler.running) == bs
+        toks += eng.generation_tokens - g0
+        cyc += eng.spec["orthrus"].num_cycles - c0
+        acc += eng.spec["orthrus"].num_accepted_tokens - a0
+        for r in ids:
+            eng.abort(r)
+    out = {"bs": bs, "ms_per_step": 1e3 * dt / (steps * rounds), "tokens_per_s": toks / dt, "steps": steps * rounds,
+           "all_running": all_running}
     if mode == "orthrus" and cyc:
         out["tokens_per_cycle"] = toks / cyc
-        out["accepted_per_cycle"] = (eng.spec["orthrus"].num_accepted_tokens - acc0) / cyc
+        out["accepted_per_cycle"] = acc / cyc
     if eng.policy is not None and mode == "orthrus" and plan is None:
-        out["policy_last"] = dict(eng.policy.last)
-    for r in ids:
-        eng.abort(r)
+        out["policy_last"] = {k: (float(v) if isinstance(v, float) else v) for k, v in eng.policy.last.items()}
     eng.fixed_plan, eng.forced_accept = None, None
     return out
 
@@ -253,7 +258,8 @@ def section_shape(rep, shape: str, bw: float, budget: Budget, share: float, quic
     out["ar_weight_GB"] = wb / 1e9
     out["roofline_ms"] = 1e3 * wb / bw
     steps, warm = (4, 2) if quick else (10, 3)
-    gen_room = (warm + steps + 14) * B
+    sweep_steps = 40  # the most timed steps of one forced-acceptance round (small batches)
+    gen_room = (warm + 9 + max(steps, sweep_steps) + 4) * B
     eng = make_engine(model, PROMPT + gen_room + B)
     out["backend"] = eng.runner.backend
     batches = [1, 8, 32] if quick else BATCHES
@@ -289,8 +295,11 @@ def section_shape(rep, shape: str, bw: float, budget: Budget, share: float, quic
             if time.monotonic() > end:
                 break
             prof = geometric_profile(m)
-            full = measure(eng, bs, "orthrus", steps, warm, plan=(B, B), forced=prof)
-            adap = measure(eng, bs, "orthrus", steps, warm + 9, forced=prof, fresh_policy=True)
+            # At least 256 sequence-cycles per point: the forced counts are random.
+            st = min(sweep_steps, max(steps, -(-256 // bs)))
+            rounds = 1 if quick else -(-256 // (bs * st))
+            full = measure(eng, bs, "orthrus", st, warm, plan=(B, B), forced=prof, rounds=rounds)
+            adap = measure(eng, bs, "orthrus", st, warm + 9, forced=prof, fresh_policy=True, rounds=rounds)
             sweep[f"{bs}/{m}"] = {"bs": bs, "mean_tokens_per_cycle_full_block": m, "ar_tokens_per_s": ar_tps,
                                   "full": full, "adaptive": adap,
                                   "speedup_full": full["tokens_per_s"] / ar_tps,
@@ -582,6 +591,7 @@ def main() -> int:
     ap.add_argument("--budget-s", type=float, default=480.0)
     ap.add_argument("--quick", action="store_true", help="a short smoke run (fewer sizes and steps)")
     ap.add_argument("--shapes", default="qwen3-8b,qwen3-1.7b")
+    ap.add_argument("--tag", default="", help="suffix of the output file names")
     ap.add_argument("--skip", default="", help="comma-separated sections to skip: hf, exactness, smollm2, profile")
     ap.add_argument("--cpu-dry-run", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -595,7 +605,7 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     gpu = torch.cuda.get_device_name(0).replace("NVIDIA ", "").replace(" ", "-").lower() if DEVICE == "cuda" else "cpu"
-    stem = f"{datetime.date.today().isoformat()}-{gpu}"
+    stem = f"{datetime.date.today().isoformat()}-{gpu}" + (f"-{args.tag}" if args.tag else "")
     rep: dict = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "quick": args.quick,
                  "settings": {"prompt_tokens": PROMPT, "engine_block_size": B, "dtype": "bfloat16",
                               "weights": "random (std 0.02), diffusion view random unless stated"},

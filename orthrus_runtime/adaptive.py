@@ -44,11 +44,13 @@ class PassCosts:
     def __init__(self, ema: float = 0.3):
         self.table: dict[tuple[str, int, int], float] = {}
         self.ema = ema
+        self.version = 0  # bumped on every change, so that users can cache estimates
 
     def record(self, kind: str, bs: int, T: int, seconds: float, replace: bool = False) -> None:
         key = (kind, batch_bucket(bs), token_bucket(T))
         old = self.table.get(key)
         self.table[key] = seconds if old is None or replace else (1 - self.ema) * old + self.ema * seconds
+        self.version += 1
 
     def estimate(self, kind: str, bs: int, T: int) -> float:
         """Measured value, else scaled from the nearest measurement: at least what a smaller
@@ -143,16 +145,30 @@ class VerifyPolicy:
         self.probe_every = probe_min
         self.since_spec = 0
         self.last: dict = {}
+        self._pass_cost: dict[tuple[int, int, int], float] = {}  # (bs, K, D) -> passes, for costs.version
+        self._pass_version = -1
 
     def _draft_lens(self, K: int) -> list[int]:
         if not self.vary_draft_len:
             return [self.B]
         return sorted({d for d in self.sizes if d >= K} | {self.B})
 
+    def pass_cost(self, bs: int, K: int, D: int) -> float:
+        """Device time of the passes of one cycle (cached: this runs every step)."""
+        if self._pass_version != self.costs.version:
+            self._pass_cost.clear()
+            self._pass_version = self.costs.version
+        key = (bs, K, D)
+        c = self._pass_cost.get(key)
+        if c is None:
+            c = self.costs.estimate("verify", bs, max(K, 1))
+            if K > 1:
+                c += self.costs.estimate("draft", bs, D)
+            self._pass_cost[key] = c
+        return c
+
     def cycle_cost(self, bs: int, K: int, D: int) -> float:
-        if K <= 1:
-            return self.costs.estimate("verify", bs, 1) + self.overhead["ar"]
-        return self.costs.estimate("draft", bs, D) + self.costs.estimate("verify", bs, K) + self.overhead["spec"]
+        return self.pass_cost(bs, K, D) + self.overhead["spec" if K > 1 else "ar"]
 
     def rates(self, bs: int, max_remaining: int, optimistic: bool = False) -> list[tuple[float, int, int]]:
         """(expected tokens per second per sequence, K, D) of every candidate."""
@@ -192,6 +208,5 @@ class VerifyPolicy:
     def observe_time(self, bs: int, K: int, D: int, seconds: float, ema: float = 0.1) -> None:
         """A whole cycle's wall time; what the passes do not explain is overhead."""
         kind = "spec" if K > 1 else "ar"
-        passes = self.cycle_cost(bs, K, D) - self.overhead[kind]
-        extra = max(0.0, seconds - passes)
+        extra = max(0.0, seconds - self.pass_cost(bs, K, D))
         self.overhead[kind] = (1 - ema) * self.overhead[kind] + ema * extra
