@@ -246,7 +246,7 @@ def section_bandwidth(rep):
     return bw
 
 
-def section_shape(rep, shape: str, bw: float, budget: Budget, share: float, quick: bool):
+def section_shape(rep, shape: str, bw: float, budget: Budget, share: float, quick: bool, means=(1, 2, 4, 8, 16)):
     """Everything measured on one random-weight shape."""
     end = time.monotonic() + share
     out = rep.setdefault("shapes", {}).setdefault(shape, {})
@@ -287,7 +287,7 @@ def section_shape(rep, shape: str, bw: float, budget: Budget, share: float, quic
         log(shape, "orthrus block", blk, row)
     # 3. Forced-acceptance sweep.
     sweep = out["forced_sweep"] = {}
-    means = [1, 2, 4, 8, 16] if not quick else [8]
+    means = list(means) if not quick else [8]
     sweep_bs = [b for b in (1, 8, 32, 128) if b in batches]
     for bs in sweep_bs:
         ar_tps = out["ar"][str(bs)]["tokens_per_s"]
@@ -591,6 +591,7 @@ def main() -> int:
     ap.add_argument("--budget-s", type=float, default=480.0)
     ap.add_argument("--quick", action="store_true", help="a short smoke run (fewer sizes and steps)")
     ap.add_argument("--shapes", default="qwen3-8b,qwen3-1.7b")
+    ap.add_argument("--means", default="1,2,4,8,16", help="forced mean tokens per cycle to sweep")
     ap.add_argument("--tag", default="", help="suffix of the output file names")
     ap.add_argument("--skip", default="", help="comma-separated sections to skip: hf, exactness, smollm2, profile")
     ap.add_argument("--cpu-dry-run", action="store_true", help=argparse.SUPPRESS)
@@ -639,7 +640,8 @@ def main() -> int:
     shapes = [s for s in args.shapes.split(",") if s]
     for i, shape in enumerate(shapes):
         share = budget.left() * (0.5 if i == 0 and len(shapes) > 1 else 0.55)
-        res = run(f"{shape}", section_shape, rep, shape, bw, budget, share, args.quick)
+        res = run(f"{shape}", section_shape, rep, shape, bw, budget, share, args.quick,
+                  [float(m) for m in args.means.split(",")])
         if res is not None:
             model, eng = res
             if shape == "qwen3-8b" and "profile" not in skip:
