@@ -300,7 +300,7 @@ def section_shape(rep, shape: str, bw: float, budget: Budget, share: float, quic
             rounds = 1 if quick else -(-256 // (bs * st))
             full = measure(eng, bs, "orthrus", st, warm, plan=(B, B), forced=prof, rounds=rounds)
             adap = measure(eng, bs, "orthrus", st, warm + 9, forced=prof, fresh_policy=True, rounds=rounds)
-            sweep[f"{bs}/{m}"] = {"bs": bs, "mean_tokens_per_cycle_full_block": m, "ar_tokens_per_s": ar_tps,
+            sweep[f"{bs}/{m:g}"] = {"bs": bs, "mean_tokens_per_cycle_full_block": m, "ar_tokens_per_s": ar_tps,
                                   "full": full, "adaptive": adap,
                                   "speedup_full": full["tokens_per_s"] / ar_tps,
                                   "speedup_adaptive": adap["tokens_per_s"] / ar_tps}
