@@ -46,7 +46,11 @@ def engine_config_from_args(args: EngineArgs, loaded: Any) -> EngineConfig:
             free, total = torch.cuda.mem_get_info(dev)
             used = total - free
             # Room for activations: logits and probabilities of a full draft+verify batch dominate.
+            # Room for activations: logits and probabilities of a full draft+verify batch dominate;
+            # plus a reserve for the CUDA graphs' pool.
             act = 6 * args.max_num_seqs * loaded.block_size * m.cfg.vocab_size * 4 + 2**30
+            if args.cuda_graphs:
+                act += 2 * 2**30
             kv_bytes = int(args.gpu_memory_utilization * total) - used - act
         else:
             kv_bytes = CPU_KV_DEFAULT_BYTES
@@ -56,7 +60,22 @@ def engine_config_from_args(args: EngineArgs, loaded: Any) -> EngineConfig:
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=max_len,
         kv_page_size=args.kv_page_size, num_kv_blocks=max(0, kv_bytes // per_block), seed=args.seed,
         model_id=loaded.model_id, verify_policy=args.verify_policy, default_mode=args.default_mode,
+        cuda_graphs=args.cuda_graphs if dev.type == "cuda" else False,
     )
+
+
+def warm_up(engine: LLMEngine) -> int:
+    """Capture the CUDA graphs of the common passes before serving (not on a user's first
+    request): every padded batch size up to max_num_seqs, one-token (AR) and full-block passes.
+    Returns the number of graphs held (0 on the CPU)."""
+    runner = engine.runner
+    if runner.graphs is None:
+        return 0
+    sizes = [b for b in (1, 2, 4, 8, 16, 32, 64, 128) if b <= max(1, engine.cfg.max_num_seqs)]
+    B = engine.cfg.block_size
+    n = runner.capture_graphs(sizes, [1, B], engine.cfg.mask_token_id)
+    log.info("captured %d CUDA graphs (batch sizes %s, pass lengths 1 and %d)", n, sizes, B)
+    return n
 
 
 class _Stream:
@@ -88,7 +107,9 @@ class AsyncOrthrusEngine:
         loaded = load_model(args.model, dtype=args.dtype, device=args.device, block_size=args.block_size,
                             mask_token_id=args.mask_token_id, diffusion_weights=args.diffusion_weights)
         cfg = engine_config_from_args(args, loaded)
-        return cls(LLMEngine(loaded.model, cfg, loaded.tokenizer, stat_logger=stat_logger))
+        engine = LLMEngine(loaded.model, cfg, loaded.tokenizer, stat_logger=stat_logger)
+        warm_up(engine)
+        return cls(engine)
 
     # -- public API ---------------------------------------------------------------------
     def model_info(self) -> ModelInfo:

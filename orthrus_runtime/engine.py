@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -59,6 +60,7 @@ class EngineConfig:
     seed: int = 0
     model_id: str = "orthrus"
     default_mode: str = "orthrus"
+    cuda_graphs: Optional[bool] = None  # None: on for CUDA (see ModelRunner)
     # Benchmarks only: forced acceptance (see force_acceptance()); None in production.
     verify_policy: str = "full"
 
@@ -90,8 +92,13 @@ class LLMEngine:
             )
         self.kv = KVCache(mcfg, num_blocks, cfg.kv_page_size, self.dtype, self.device)
         self.blocks = BlockManager(num_blocks, cfg.kv_page_size)
-        self.runner = ModelRunner(model, self.kv, self.device, max_model_len=cfg.max_model_len)
-        self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens, self._lookahead)
+        self.runner = ModelRunner(model, self.kv, self.device, cuda_graphs=cfg.cuda_graphs,
+                                  max_model_len=cfg.max_model_len)
+        # A weak reference: a bound method would make engine <-> scheduler a cycle, and the KV
+        # tensors of a dropped engine would then wait for the garbage collector.
+        engine_ref = weakref.ref(self)
+        self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens,
+                                   lambda seq: engine_ref()._lookahead(seq))
         self.seqs: dict[str, Sequence] = {}
         self._ids = itertools.count()
         self._rng = torch.Generator().manual_seed(cfg.seed)
