@@ -29,7 +29,7 @@ from .spec_decode import run_cycle_passes
 from .adaptive import VerifyPolicy
 from .sampling import processed_probs, sample_inverse_cdf
 from .scheduler import Scheduler
-from .sequence import Sequence, SeqStatus
+from .sequence import Sequence
 from .types import (
     MODES,
     AcceptanceStats,

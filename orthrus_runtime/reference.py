@@ -3,7 +3,6 @@ batching, no scheduler. It is the definition the fast engine is tested against.
 """
 from __future__ import annotations
 
-from typing import Optional
 
 import torch
 

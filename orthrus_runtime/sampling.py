@@ -12,6 +12,8 @@ tokens whatever else is in the batch, and the device never has to sync to draw.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 
@@ -20,24 +22,32 @@ def processed_probs(
     temperature: torch.Tensor,  # [n] float32; 0 = greedy
     top_k: torch.Tensor,  # [n] int64; <= 0 = off
     top_p: torch.Tensor,  # [n] float32; 1 = off
+    flags: Optional[tuple[bool, bool, bool]] = None,
 ) -> torch.Tensor:
-    """-> probs [n, V] float32 (rows sum to 1)."""
+    """-> probs [n, V] float32 (rows sum to 1).
+
+    flags = (any row uses top-k, any uses top-p, any is greedy), when the caller knows them
+    from the requests' parameters on the host; without them they are read from the device
+    tensors, which costs a synchronisation each."""
     n, V = logits.shape
     greedy = temperature <= 0
+    use_k = (top_k > 0) & (top_k < V)
+    use_p = top_p < 1.0
+    if flags is None:
+        flags = (bool(use_k.any()), bool(use_p.any()), bool(greedy.any()))
+    any_k, any_p, any_greedy = flags
     t = torch.where(greedy, torch.ones_like(temperature), temperature)
     x = logits / t.unsqueeze(-1)
     neg_inf = torch.tensor(float("-inf"), device=x.device)
-    use_k = (top_k > 0) & (top_k < V)
-    use_p = top_p < 1.0
-    if bool(use_k.any()) or bool(use_p.any()):
+    if any_k or any_p:
         sorted_x, order = x.sort(dim=-1, descending=True)
-        if bool(use_k.any()):
+        if any_k:
             k = torch.where(use_k, top_k, torch.full_like(top_k, V)).clamp(min=1)
             kth = sorted_x.gather(-1, (k - 1).unsqueeze(-1))
             # Keep every logit >= the k-th largest (ties at the boundary stay, as in HF).
             x = torch.where(x < kth, neg_inf, x)
             sorted_x = torch.where(sorted_x < kth, neg_inf, sorted_x)
-        if bool(use_p.any()):
+        if any_p:
             cum = sorted_x.softmax(dim=-1).cumsum(dim=-1)
             remove_sorted = cum > top_p.unsqueeze(-1)
             # Shift right: the token that crosses top_p stays; the first always stays.
@@ -46,7 +56,7 @@ def processed_probs(
             remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
             x = torch.where(remove, neg_inf, x)
     probs = x.softmax(dim=-1)
-    if bool(greedy.any()):
+    if any_greedy:
         onehot = torch.zeros_like(probs).scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
         probs = torch.where(greedy.unsqueeze(-1), onehot, probs)
     return probs

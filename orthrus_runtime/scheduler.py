@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable
 
 from .kv_cache import BlockManager
 from .sequence import Sequence, SeqStatus

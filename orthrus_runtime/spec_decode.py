@@ -4,9 +4,9 @@ counts, the final tokens and the drafts).
 
 The acceptance rule is `rejection_sampler.rejection_sample` over the distributions of
 `sampling.processed_probs`. Two shortcuts keep it on the device and cheap:
-- `probs_nosync` is `processed_probs` with the "does any row use top-k / top-p /
-  greedy" decisions taken from the requests' parameters on the host instead of by
-  reading device tensors (same operations, no synchronisation);
+- `processed_probs` gets its "does any row use top-k / top-p / greedy" decisions
+  from the requests' parameters on the host (`flags`) instead of by reading device
+  tensors (same operations, no synchronisation);
 - a batch where every request is greedy skips probabilities altogether: with one-hot
   p and q, rejection sampling is "accept while the draft is the AR argmax, then emit
   the AR argmax", computed on token ids (the same result, exactly; tested).
@@ -19,39 +19,8 @@ from typing import Optional, Sequence as Seq
 import torch
 
 from .rejection_sampler import rejection_sample
-from .sampling import sample_inverse_cdf
+from .sampling import processed_probs, sample_inverse_cdf
 from .sequence import Sequence
-
-
-def probs_nosync(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                 any_top_k: bool, any_top_p: bool, any_greedy: bool) -> torch.Tensor:
-    """sampling.processed_probs with its three data-dependent branches decided by the caller."""
-    n, V = logits.shape
-    greedy = temperature <= 0
-    t = torch.where(greedy, torch.ones_like(temperature), temperature)
-    x = logits / t.unsqueeze(-1)
-    neg_inf = torch.tensor(float("-inf"), device=x.device)
-    if any_top_k or any_top_p:
-        sorted_x, order = x.sort(dim=-1, descending=True)
-        if any_top_k:
-            use_k = (top_k > 0) & (top_k < V)
-            k = torch.where(use_k, top_k, torch.full_like(top_k, V)).clamp(min=1)
-            kth = sorted_x.gather(-1, (k - 1).unsqueeze(-1))
-            x = torch.where(x < kth, neg_inf, x)
-            sorted_x = torch.where(sorted_x < kth, neg_inf, sorted_x)
-        if any_top_p:
-            use_p = top_p < 1.0
-            cum = sorted_x.softmax(dim=-1).cumsum(dim=-1)
-            remove_sorted = cum > top_p.unsqueeze(-1)
-            remove_sorted = torch.cat([torch.zeros_like(remove_sorted[:, :1]), remove_sorted[:, :-1]], dim=-1)
-            remove_sorted &= use_p.unsqueeze(-1)
-            remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
-            x = torch.where(remove, neg_inf, x)
-    probs = x.softmax(dim=-1)
-    if any_greedy:
-        onehot = torch.zeros_like(probs).scatter_(-1, logits.argmax(dim=-1, keepdim=True), 1.0)
-        probs = torch.where(greedy.unsqueeze(-1), onehot, probs)
-    return probs
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -87,7 +56,7 @@ class SamplingBatch:
         t, k, p = (x.repeat_interleave(per_seq) for x in self._tensors())
         any_k = any(0 < q.top_k < V for q in self.ps)
         any_p = any(q.top_p < 1.0 for q in self.ps)
-        return probs_nosync(logits, t, k, p, any_k, any_p, self.any_greedy)
+        return processed_probs(logits, t, k, p, flags=(any_k, any_p, self.any_greedy))
 
 
 def greedy_accept(drafts: torch.Tensor, target: torch.Tensor, max_accept: torch.Tensor):

@@ -12,7 +12,7 @@ from orthrus_runtime.engine import EngineConfig, LLMEngine
 from orthrus_runtime.reference import exact_joint_distribution, greedy_ar
 from orthrus_runtime.rejection_sampler import rejection_sample
 from orthrus_runtime.sampling import processed_probs, sample_inverse_cdf
-from orthrus_runtime.spec_decode import greedy_accept, probs_nosync
+from orthrus_runtime.spec_decode import greedy_accept
 from orthrus_runtime.testing import tiny_model
 from orthrus_runtime.types import GenerateRequest, SamplingParams
 
@@ -154,7 +154,7 @@ def test_overhead_learned_from_cycle_times():
 # -- the device-side cycle is the reference acceptance rule ------------------------------------------
 
 
-def test_probs_nosync_equals_processed_probs():
+def test_host_flags_give_the_same_probs():
     g = torch.Generator().manual_seed(0)
     n, V = 64, 50
     logits = torch.randn(n, V, generator=g) * 3
@@ -171,8 +171,8 @@ def test_probs_nosync_equals_processed_probs():
         if trial == 3:
             t[:] = 0.5
         want = processed_probs(logits, t, k, p)
-        got = probs_nosync(logits, t, k, p, bool(((k > 0) & (k < V)).any()), bool((p < 1).any()),
-                           bool((t <= 0).any()))
+        got = processed_probs(logits, t, k, p, flags=(bool(((k > 0) & (k < V)).any()), bool((p < 1).any()),
+                                                      bool((t <= 0).any())))
         assert torch.equal(got, want)
 
 
