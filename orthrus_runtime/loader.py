@@ -183,7 +183,18 @@ def read_gguf(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], Any]
     hf_logging.disable_progress_bar()
     if not path.exists():
         raise CheckpointError(f"{path}: file not found")
-    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    # transformers' GGUF reader draws its own tqdm bar on stderr (not behind its progress-bar switch);
+    # `orthrus generate` streams text there, so the bar is silenced for this one call.
+    import functools
+
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    bar = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(bar, disable=True)
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    finally:
+        gguf_utils.tqdm = bar
     cfg = hf.config.to_dict()
     state = {k: v.detach().clone() for k, v in hf.state_dict().items()}
     tok = _load_tokenizer(path.parent, path.name)
