@@ -177,19 +177,27 @@ class DualViewModel(nn.Module):
 # Attend strategies over dense per-sequence tensors (the reference decoder and training).
 
 
+PastKV = Optional[list[tuple[torch.Tensor, torch.Tensor]]]  # per layer (k, v) [bs, S, Hkv, d]
+
+
+def _after_past(past: PastKV, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """This pass's k/v appended to the layer's dense past, if any."""
+    if past is None:
+        return k, v
+    pk, pv = past[layer]
+    return torch.cat([pk, k], dim=1), torch.cat([pv, v], dim=1)
+
+
 class DenseAR:
     """AR view over dense past K/V of one batch of equal-length sequences; appends its K/V."""
 
-    def __init__(self, past: Optional[list[tuple[torch.Tensor, torch.Tensor]]], scale: float):
+    def __init__(self, past: PastKV, scale: float):
         self.past = past
         self.new: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.scale = scale
 
     def __call__(self, layer, q, k, v):
-        if self.past is not None:
-            pk, pv = self.past[layer]
-            k = torch.cat([pk, k], dim=1)
-            v = torch.cat([pv, v], dim=1)
+        k, v = _after_past(self.past, layer, k, v)
         self.new.append((k, v))
         T, S = q.shape[1], k.shape[1]
         qpos = torch.arange(S - T, S, device=q.device)
@@ -200,14 +208,11 @@ class DenseAR:
 class DenseDraft:
     """Diffusion view: reads the AR view's dense past K/V plus its own block, writes nothing."""
 
-    def __init__(self, past: Optional[list[tuple[torch.Tensor, torch.Tensor]]], scale: float):
+    def __init__(self, past: PastKV, scale: float):
         self.past = past
         self.scale = scale
 
     def __call__(self, layer, q, k, v):
-        if self.past is not None:
-            pk, pv = self.past[layer]
-            k = torch.cat([pk, k], dim=1)
-            v = torch.cat([pv, v], dim=1)
+        k, v = _after_past(self.past, layer, k, v)
         mask = torch.ones(q.shape[0], q.shape[1], k.shape[1], dtype=torch.bool, device=q.device)
         return sdpa(q, k, v, mask, self.scale)
