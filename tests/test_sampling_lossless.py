@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import torch
-from scipy.stats import chisquare
+from distribution_check import fit_to_exact
 
 from orthrus_runtime.engine import EngineConfig, LLMEngine
 from orthrus_runtime.reference import exact_joint_distribution
@@ -30,30 +30,10 @@ def test_joint_distribution_of_first_three_tokens_matches_ar():
     # and the random diffusion view's q differs from p, so rejections and residual draws happen.
     model = tiny_model("qwen3", seed=11, vocab_size=8, hidden=32, heads=2, kv_heads=1, head_dim=16)
     exact = exact_joint_distribution(model, PROMPT, 3, T, TOP_K, TOP_P)
-    cells = sorted(exact, key=lambda c: -exact[c])
     n = 12000
     for mode in ("orthrus", "ar"):
         samples, eng = _sample_first3(model, mode, n)
-        counts = {c: 0 for c in cells}
-        for s in samples:
-            assert s in counts, f"{mode} sampled {s}, which has probability 0 under the AR model"
-            counts[s] += 1
-        # Pool the rare cells so that every expected count is >= 5 (chi-square validity).
-        obs, exp, pool_o, pool_e = [], [], 0, 0.0
-        for c in cells:
-            if exact[c] * n >= 5:
-                obs.append(counts[c])
-                exp.append(exact[c] * n)
-            else:
-                pool_o += counts[c]
-                pool_e += exact[c] * n
-        if pool_e > 0:
-            obs.append(pool_o)
-            exp.append(pool_e)
-        assert len(obs) >= 8  # a meaningful number of cells
-        exp = [e * n / sum(exp) for e in exp]  # float rounding of the enumerated probabilities
-        p = chisquare(obs, exp).pvalue
-        tv = 0.5 * sum(abs(counts[c] / n - exact[c]) for c in cells)
+        p, tv = fit_to_exact(samples, exact, mode)
         # Bounds: chi-square p-value above 1e-4 (a false alarm once in 10,000 runs), and the
         # total-variation distance within 0.07 (pure sampling noise over ~106 cells at n=12000
         # is about 0.035; a sampler that ignored top-p, say, moves it by far more).
