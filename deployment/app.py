@@ -6,13 +6,12 @@ Serve calls build_app with the application's `args` from the config; the
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from ray import serve
 
-from orthrus_runtime.engine_args import EngineArgs
+from orthrus_runtime.engine_args import EngineArgs, from_known_fields
 
 from .engine_deployment import OrthrusEngine
 from .router import OrthrusRouter
@@ -39,12 +38,7 @@ class AppArgs:
 
     @classmethod
     def from_dict(cls, d: Optional[dict[str, Any]]) -> "AppArgs":
-        d = dict(d or {})
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown application arg(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}")
-        a = cls(**d)
+        a = from_known_fields(cls, d, "application arg")
         if not isinstance(a.engine, dict):
             raise ValueError("args.engine must be a mapping of EngineArgs fields")
         EngineArgs.from_dict(a.engine)  # fail at deploy time, not in every replica

@@ -3,7 +3,21 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, TypeVar
+
+
+T = TypeVar("T")
+
+
+def from_known_fields(cls: type[T], d: Optional[dict[str, Any]], what: str) -> T:
+    """cls(**d), refusing unknown keys with a message that lists the known ones (a typo in a
+    YAML config must fail at deploy time, by name, not as a TypeError in a replica)."""
+    d = dict(d or {})
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"unknown {what}(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+    return cls(**d)
 
 
 @dataclass
@@ -34,12 +48,7 @@ class EngineArgs:
 
     @classmethod
     def from_dict(cls, d: Optional[dict[str, Any]]) -> "EngineArgs":
-        d = dict(d or {})
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown engine argument(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}")
-        return cls(**d)
+        return from_known_fields(cls, d, "engine argument")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
