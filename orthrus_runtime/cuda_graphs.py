@@ -124,8 +124,12 @@ class GraphedPasses:
     # -- replay -------------------------------------------------------------------------------
     def run(self, kind: str, starts: Seq[int], nvalid: Seq[int], block_tables: Seq[Seq[int]], T: int,
             anchors: Optional[Seq[int]] = None, ids: Optional[torch.Tensor] = None,
-            mask_id: int = 0) -> torch.Tensor:
+            mask_id: int = 0, start_dev: Optional[torch.Tensor] = None,
+            anchor_dev: Optional[torch.Tensor] = None) -> torch.Tensor:
         """One pass of len(starts) sequences, T tokens each (padded to the buckets).
+        start_dev / anchor_dev [bs]: exact starts / draft anchors already on the device (a
+        chained cycle); they overwrite the staged host values (`starts` then only sizes the
+        block tables, as upper bounds).
         Returns hidden [bs, T, hidden], a view of the shared output buffer (valid until the next pass)."""
         bs = len(starts)
         bsp, Tp = bucket(bs, self.batch_sizes), bucket(T, self.token_sizes)
@@ -149,6 +153,10 @@ class GraphedPasses:
         ev = torch.cuda.Event()
         ev.record()
         self.copied[kind] = ev
+        if start_dev is not None:
+            self.stage[_ROW_START, :bs].copy_(start_dev)
+        if anchor_dev is not None:
+            self.stage[_ROW_ANCHOR, :bs].copy_(anchor_dev)
         if ids is not None:
             self.ids[:bs, : ids.shape[1]].copy_(ids)
         g.replay()

@@ -10,6 +10,18 @@ not yet cached):
   3. accept: rejection sampling -> a accepted drafts plus one recovered/bonus token;
   4. emit d_0..d_{a-1} and the new anchor; roll the cache back to L+a+1 tokens.
 ar mode is the same with K = 1 and no draft pass.
+
+Pipelined decoding (`EngineConfig.async_scheduling`, on with CUDA graphs): a step
+queues the next cycle before it waits for the current one. The next cycle's start
+positions and anchors are the current one's device outputs (start + accepted + 1,
+the final token), so the GPU runs cycle after cycle while the host commits the
+previous one (emission, rollback, detokenisation, stop checks). It needs K/V room for
+two cycles, and it stops for a step whenever the batch changes (admission, prefill,
+preemption) or the next cycle's verify length is not yet known (a sequence within
+one cycle of max_tokens sits that cycle out). Output is the same token for token:
+the next cycle is exactly the one the synchronous engine would run, and the work of a
+sequence that turns out to have finished is dropped. Blocks freed while a cycle is in
+flight are safe to hand out: all device work is ordered on one stream.
 """
 from __future__ import annotations
 
@@ -25,11 +37,11 @@ from .detokenizer import IncrementalDetokenizer
 from .kv_cache import BlockManager, KVCache, bytes_per_block
 from .model import DualViewModel
 from .runner import ModelRunner
-from .spec_decode import run_cycle_passes
+from .spec_decode import Chain, LaunchedCycle, launch_cycle
 from .adaptive import VerifyPolicy
 from .sampling import processed_probs, sample_inverse_cdf
 from .scheduler import Scheduler
-from .sequence import Sequence
+from .sequence import Sequence, SeqStatus
 from .types import (
     MODES,
     AcceptanceStats,
@@ -61,8 +73,10 @@ class EngineConfig:
     model_id: str = "orthrus"
     default_mode: str = "orthrus"
     cuda_graphs: Optional[bool] = None  # None: on for CUDA (see ModelRunner)
-    # Benchmarks only: forced acceptance (see force_acceptance()); None in production.
     verify_policy: str = "full"
+    # Pipelined decoding (see the module docstring). None: on where CUDA graphs run; True
+    # elsewhere also selects the fast path (so that the CPU tests run it).
+    async_scheduling: Optional[bool] = None
 
 
 class LLMEngine:
@@ -92,8 +106,13 @@ class LLMEngine:
             )
         self.kv = KVCache(mcfg, num_blocks, cfg.kv_page_size, self.dtype, self.device)
         self.blocks = BlockManager(num_blocks, cfg.kv_page_size)
-        self.runner = ModelRunner(model, self.kv, self.device, cuda_graphs=cfg.cuda_graphs,
-                                  max_model_len=cfg.max_model_len)
+        self.runner = ModelRunner(model, self.kv, self.device, fast=True if cfg.async_scheduling else None,
+                                  cuda_graphs=cfg.cuda_graphs, max_model_len=cfg.max_model_len)
+        self.pipelined = (cfg.async_scheduling if cfg.async_scheduling is not None
+                          else self.runner.graphs is not None)
+        self._inflight: Optional[LaunchedCycle] = None  # a queued cycle not yet committed
+        self._last_commit_t = 0.0
+        self.num_chained_steps = 0  # steps that queued a cycle behind the one in flight
         # A weak reference: a bound method would make engine <-> scheduler a cycle, and the KV
         # tensors of a dropped engine would then wait for the garbage collector.
         engine_ref = weakref.ref(self)
@@ -218,7 +237,7 @@ class LLMEngine:
         return self._finish(seq, "abort", time.monotonic())
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._inflight is not None
 
     # -- stepping ---------------------------------------------------------------------
     def _lookahead(self, seq: Sequence) -> int:
@@ -260,37 +279,108 @@ class LLMEngine:
 
     def step(self) -> list[GenerateDelta]:
         t0 = time.monotonic()
-        sched = self.scheduler.schedule()
-        now = time.monotonic()
         deltas: list[GenerateDelta] = []
-        prompt_tokens = 0
         cycles: list[CycleRecord] = []
         gen_before = self.generation_tokens
+        if self._inflight is not None:
+            chained = self._step_chained()
+            if chained is not None:
+                deltas, cycles = chained
+                self._log_step(t0, time.monotonic() - t0, 0, 0, cycles, gen_before)
+                return deltas
+            # The batch changes (or the pipeline cannot go on): commit first, then a plain step.
+            cycles += self._commit(self._inflight)
+            self._inflight = None
+            now = time.monotonic()
+            for seq in list(self.scheduler.running):
+                if seq.finish_reason is not None:
+                    deltas.append(self._finish(seq, seq.finish_reason, now))
+        sched = self.scheduler.schedule()
+        now = time.monotonic()
+        prompt_tokens = 0
         for seq, _ in sched.prefills:
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = now
         if sched.prefills:
             prompt_tokens = self._run_prefill(sched.prefills)
         t_dec = time.monotonic()
-        for mode in MODES:
-            group = [s for s in sched.decodes if s.mode == mode]
-            if group:
-                cycles += self._run_cycle(group)
+        groups = [g for g in ([s for s in sched.decodes if s.mode == m] for m in MODES) if g]
+        for group in groups:
+            launched = self._launch_planned(group)
+            if self.pipelined and len(groups) == 1:
+                self._inflight = launched  # committed by the next step, which queues the cycle after
+            else:
+                cycles += self._commit(launched)
         decode_s = time.monotonic() - t_dec if sched.decodes else 0.0
         now = time.monotonic()
         for seq in list(self.scheduler.running):
             d = self._collect(seq, now)
             if d is not None:
                 deltas.append(d)
+        self._log_step(t0, decode_s, prompt_tokens, sched.num_preempted, cycles, gen_before)
+        return deltas
+
+    def _log_step(self, t0: float, decode_s: float, prompt_tokens: int, num_preempted: int,
+                  cycles: list[CycleRecord], gen_before: int) -> None:
         self.num_steps += 1
         self.stat_logger.on_step(StepRecord(
             duration_s=time.monotonic() - t0, decode_duration_s=decode_s,
             num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
-            kv_cache_usage=self.blocks.usage, num_preemptions=sched.num_preempted,
+            kv_cache_usage=self.blocks.usage, num_preemptions=num_preempted,
             num_prompt_tokens=prompt_tokens, num_generation_tokens=self.generation_tokens - gen_before,
             cycles=cycles,
         ))
-        return deltas
+
+    def _step_chained(self) -> Optional[tuple[list[GenerateDelta], list[CycleRecord]]]:
+        """A pipelined step: queue the next cycle of the running batch from the in-flight one's
+        device outputs, then commit the in-flight one. None (nothing done) when the batch is
+        about to change or the next cycle needs host state that is not there yet."""
+        prev = self._inflight
+        sch = self.scheduler
+        running = sch.running
+        if not running or sch.can_admit() or any(s.is_prefilling for s in running):
+            return None
+        mode = running[0].mode
+        if any(s.mode != mode for s in running):
+            return None
+        spec = mode == "orthrus"
+        k_plan, D = self._plan(running) if spec else (1, 0)
+        row_of = {s: i for i, s in enumerate(prev.seqs)}
+        seqs, K, rows, starts = [], [], [], []
+        for s in sorted(running, key=lambda x: x.admit_order):
+            r = row_of.get(s, -1)
+            if r >= 0:
+                kc = prev.K[r]
+                # This cycle's verify length must be what the synchronous engine would use,
+                # min(plan, remaining), while the in-flight cycle's emission (1..kc) is unknown.
+                k = k_plan if spec else 1
+                if s.remaining - kc < k:
+                    continue  # sits this cycle out; back once its host state is current
+                start = s.num_cached + kc  # upper bound: the device knows the exact start
+            else:
+                k, start = self._verify_len(s, k_plan if spec else None), s.num_cached
+            seqs.append(s)
+            K.append(k)
+            rows.append(r)
+            starts.append(start)
+        if not seqs:
+            return None
+        need = sum(self.blocks.num_new_blocks(s, st + k) for s, st, k in zip(seqs, starts, K))
+        if need > self.blocks.num_free:
+            return None
+        for s, st, k in zip(seqs, starts, K):
+            self.blocks.allocate(s, st + k)
+        launched = self._launch(seqs, K, D, Chain(prev, rows), starts)
+        cycles = self._commit(prev, ahead={s: k for s, k, r in zip(seqs, K, rows) if r >= 0})
+        self._inflight = launched
+        self.num_chained_steps += 1
+        deltas = []
+        now = time.monotonic()
+        for seq in list(running):
+            d = self._collect(seq, now)
+            if d is not None:
+                deltas.append(d)
+        return deltas, cycles
 
     def _run_prefill(self, chunks: list[tuple[Sequence, int]]) -> int:
         seqs = [s for s, _ in chunks]
@@ -329,34 +419,49 @@ class LLMEngine:
             rep([float(s.params.top_p) for s in seqs]),
         )
 
-    def _run_cycle(self, seqs: list[Sequence]) -> list[CycleRecord]:
+    def _launch_planned(self, seqs: list[Sequence]) -> LaunchedCycle:
+        """Queue one cycle for a batch of one mode, with this step's plan."""
+        k_plan, draft_len = self._plan(seqs) if seqs[0].mode == "orthrus" else (1, 0)
+        return self._launch(seqs, [self._verify_len(s, k_plan) for s in seqs], draft_len)
+
+    def _launch(self, seqs: list[Sequence], K: list[int], draft_len: int, chain: Optional[Chain] = None,
+                starts: Optional[list[int]] = None) -> LaunchedCycle:
         B = self.cfg.block_size
-        bs = len(seqs)
-        t0 = time.perf_counter()
+        bs, Kmax = len(seqs), max(K)
         spec = seqs[0].mode == "orthrus"
-        k_plan, draft_len = self._plan(seqs) if spec else (1, 0)
-        K = [self._verify_len(s, k_plan) for s in seqs]
-        Kmax = max(K)
-        anchors = [s.output_token_ids[-1] for s in seqs]
+        anchors = [s.output_token_ids[-1] for s in seqs]  # chained rows: replaced on the device
         # Each request draws the same number of uniforms per cycle whatever the batch and the plan
         # (greedy requests draw none: zeros).
         n_u = 2 * B - 1 if spec else 1
         u = torch.zeros(bs, n_u) if all(s.generator is None for s in seqs) else \
             torch.stack([s.uniforms(n_u) for s in seqs])
         forced = self._forced_counts(bs, Kmax - 1) if self.forced_accept is not None and Kmax > 1 else None
-        out = run_cycle_passes(self.runner, seqs, anchors, K, max(draft_len, Kmax), B, self.cfg.mask_token_id,
-                               u, forced)
-        if spec and self.policy is not None:
-            self.policy.observe_time(bs, Kmax, draft_len, time.perf_counter() - t0)
+        return launch_cycle(self.runner, seqs, anchors, K, max(draft_len, Kmax), B, self.cfg.mask_token_id,
+                            u, forced, starts, chain)
+
+    def _commit(self, c: LaunchedCycle, ahead: Optional[dict[Sequence, int]] = None) -> list[CycleRecord]:
+        """Wait for a launched cycle and apply it: emit, roll back, count. ahead: sequences with
+        a later cycle already queued, and its verify length (their K/V room stays)."""
+        out = c.outcome()
+        t_done = time.perf_counter()
+        Kmax = max(c.K)
+        if c.seqs[0].mode == "orthrus" and self.policy is not None:
+            # In a pipeline a cycle costs the interval between commits, not launch to commit.
+            self.policy.observe_time(len(c.seqs), Kmax, c.draft_len if Kmax > 1 else 0,
+                                     t_done - max(c.t_launch, self._last_commit_t))
             if Kmax > 1:
-                self.policy.observe(draft_len, [k - 1 for k in K], out.num_accepted)
+                self.policy.observe(c.draft_len, [k - 1 for k in c.K], out.num_accepted)
+        self._last_commit_t = t_done
         records = []
-        for s, a, f, k, d in zip(seqs, out.num_accepted, out.final, K, out.drafts):
+        for s, a, f, k, d in zip(c.seqs, out.num_accepted, out.final, c.K, out.drafts):
+            if s.status is SeqStatus.FINISHED or s.finish_reason is not None:
+                continue  # aborted, or finished by the previous cycle, while this one ran
             L = s.num_cached
             emitted = self._emit(s, d[:a] + [f])
-            # Roll back: keep the anchor and the accepted drafts; the rest of the verify block goes.
+            # Roll back: keep the anchor and the accepted drafts; the rest of the verify block goes
+            # (but not the room of a cycle already queued behind this one).
             s.num_cached = L + a + 1
-            self.blocks.truncate(s, s.num_cached)
+            self.blocks.truncate(s, s.num_cached + (ahead.get(s, 0) if ahead else 0))
             st = s.stats
             st.num_cycles += 1
             st.num_draft_tokens += k - 1

@@ -116,16 +116,22 @@ class ModelRunner:
     def _slots(self, seq: Sequence, start: int, n: int) -> list[int]:
         return [seq.block_table[p // self.page] * self.page + p % self.page for p in range(start, start + n)]
 
-    def _meta(self, seqs: Seq[Sequence], starts: list[int], nvalid: list[int], T: int):
-        """Device tensors of the fast path's eager passes: start, nvalid [bs] int32, block tables [bs, w] int32."""
+    def _meta(self, seqs: Seq[Sequence], starts: list[int], nvalid: list[int], T: int,
+              start_dev: Optional[torch.Tensor] = None):
+        """Device tensors of the fast path's eager passes: start, nvalid [bs] int32, block tables [bs, w] int32.
+        start_dev: the exact starts, already on the device (`starts` are then upper bounds)."""
         w = max(max(-(-(s + T) // self.page) for s in starts), 1)
         bt = torch.zeros(len(seqs), w, dtype=torch.int32)
         for i, s in enumerate(seqs):
             row = s.block_table[:w]
             bt[i, : len(row)] = torch.tensor(row, dtype=torch.int32)
         dev = self.device
-        return (torch.tensor(starts, dtype=torch.int32).to(dev), torch.tensor(nvalid, dtype=torch.int32).to(dev),
-                bt.to(dev))
+        start = start_dev if start_dev is not None else torch.tensor(starts, dtype=torch.int32).to(dev)
+        return start, torch.tensor(nvalid, dtype=torch.int32).to(dev), bt.to(dev)
+
+    def _reference_only(self, start_dev) -> None:
+        if start_dev is not None and self.fast is None:
+            raise RuntimeError("device-side starts (pipelined decoding) need the fast path")
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [bs, n, h] (any strides) -> float32 logits [bs, n, V]. Flattened to one matrix
@@ -173,21 +179,25 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run_draft(self, seqs: Seq[Sequence], anchors: list[int], block_size: int, mask_id: int,
-                  num_logits: int) -> torch.Tensor:
-        """Diffusion pass over [anchor, MASK x (block_size-1)] at positions num_cached..;
-        returns float32 logits [bs, num_logits, V] of block rows 0..num_logits-1."""
+                  num_logits: int, starts: Optional[list[int]] = None, start_dev: Optional[torch.Tensor] = None,
+                  anchor_dev: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Diffusion pass over [anchor, MASK x (block_size-1)] at positions starts[i].. (default
+        num_cached); returns float32 logits [bs, num_logits, V] of block rows 0..num_logits-1.
+        start_dev [bs] int32 / anchor_dev [bs] int64: exact values on the device (a chained
+        cycle; the fast path only), `starts` being upper bounds and `anchors` unused."""
         bs, B = len(seqs), block_size
         dev = self.device
         t0 = time.perf_counter()
-        ctx_l = [s.num_cached for s in seqs]
+        self._reference_only(start_dev)
+        ctx_l = list(starts) if starts is not None else [s.num_cached for s in seqs]
         if self.graphs is not None and self.graphs.fits(bs, B):
             hidden = self.graphs.run("draft", ctx_l, [B] * bs, [s.block_table for s in seqs], B,
-                                     anchors=anchors, mask_id=mask_id)
+                                     anchors=anchors, mask_id=mask_id, start_dev=start_dev, anchor_dev=anchor_dev)
         elif self.fast is not None:
-            ids = torch.full((bs, B), mask_id, dtype=torch.long)
-            ids[:, 0] = torch.tensor(anchors)
-            start, nvalid, bt = self._meta(seqs, ctx_l, [B] * bs, B)
-            hidden = self.fast.forward(ids.to(dev), start, nvalid, bt, diff=True).view(bs, B, -1)
+            ids = torch.full((bs, B), mask_id, dtype=torch.long, device=dev)
+            ids[:, 0] = anchor_dev if anchor_dev is not None else torch.tensor(anchors, device=dev)
+            start, nvalid, bt = self._meta(seqs, ctx_l, [B] * bs, B, start_dev)
+            hidden = self.fast.forward(ids, start, nvalid, bt, diff=True).view(bs, B, -1)
         else:
             ids = torch.full((bs, B), mask_id, dtype=torch.long)
             ids[:, 0] = torch.tensor(anchors)
@@ -202,18 +212,21 @@ class ModelRunner:
         return out
 
     @torch.inference_mode()
-    def run_verify(self, seqs: Seq[Sequence], ids: torch.Tensor, lengths: list[int]) -> torch.Tensor:
-        """AR pass over ids [bs, T] (on the device: [anchor, drafts...]) at positions num_cached..;
-        sequence i's first lengths[i] tokens are real (their K/V are written), the rest padding.
-        Returns float32 logits [bs, T, V]."""
+    def run_verify(self, seqs: Seq[Sequence], ids: torch.Tensor, lengths: list[int],
+                   starts: Optional[list[int]] = None, start_dev: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """AR pass over ids [bs, T] (on the device: [anchor, drafts...]) at positions starts[i]..
+        (default num_cached); sequence i's first lengths[i] tokens are real (their K/V are written),
+        the rest padding. start_dev as in run_draft. Returns float32 logits [bs, T, V]."""
         bs, T = ids.shape
         dev = self.device
         t0 = time.perf_counter()
-        starts = [s.num_cached for s in seqs]
+        self._reference_only(start_dev)
+        starts = list(starts) if starts is not None else [s.num_cached for s in seqs]
         if self.graphs is not None and self.graphs.fits(bs, T):
-            hidden = self.graphs.run("verify", starts, lengths, [s.block_table for s in seqs], T, ids=ids)
+            hidden = self.graphs.run("verify", starts, lengths, [s.block_table for s in seqs], T, ids=ids,
+                                     start_dev=start_dev)
         elif self.fast is not None:
-            start, nvalid, bt = self._meta(seqs, starts, lengths, T)
+            start, nvalid, bt = self._meta(seqs, starts, lengths, T, start_dev)
             hidden = self.fast.forward(ids, start, nvalid, bt, diff=False).view(bs, T, -1)
         else:
             st = torch.tensor(starts, dtype=torch.long)

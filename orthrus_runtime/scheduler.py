@@ -49,6 +49,13 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    def can_admit(self) -> bool:
+        """Whether `schedule` would admit the first waiting sequence now."""
+        if not self.waiting or len(self.running) >= self.max_num_seqs:
+            return False
+        seq = self.waiting[0]
+        return self.blocks.num_new_blocks(seq, seq.prefill_target + self.lookahead(seq)) <= self.blocks.num_free
+
     def remove(self, seq: Sequence) -> None:
         """Take a sequence out (finished or aborted) and return its blocks."""
         self.blocks.free(seq)

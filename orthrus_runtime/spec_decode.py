@@ -2,6 +2,11 @@
 accept, with a single host synchronisation at the end (one copy of the accepted
 counts, the final tokens and the drafts).
 
+`launch_cycle` queues a cycle and returns at once; `LaunchedCycle.outcome()` waits
+for its result. Between the two the host may queue the next cycle (`Chain`): it
+takes its start positions and anchors from this cycle's device outputs, so the
+device never waits for the host's bookkeeping (pipelined decoding, see engine.py).
+
 The acceptance rule is `rejection_sampler.rejection_sample` over the distributions of
 `sampling.processed_probs`. Two shortcuts keep it on the device and cheap:
 - `processed_probs` gets its "does any row use top-k / top-p / greedy" decisions
@@ -13,6 +18,7 @@ The acceptance rule is `rejection_sampler.rejection_sample` over the distributio
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Optional, Sequence as Seq
 
@@ -79,19 +85,73 @@ class CycleOutcome:
     drafts: list[list[int]]  # the drafts of each sequence (Kmax - 1 of them; only a prefix is used)
 
 
-def run_cycle_passes(runner, seqs: Seq[Sequence], anchors: list[int], K: list[int], draft_len: int, B: int,
-                     mask_id: int, u: torch.Tensor, forced: Optional[torch.Tensor] = None) -> CycleOutcome:
-    """Draft (draft_len tokens) + verify (max(K) tokens) + accept for a batch; sequence i
+@dataclass
+class Chain:
+    """A cycle launched before the previous one is committed (pipelined decoding): row i of the
+    new batch continues row rows[i] of `prev` (-1: a sequence whose host state is current).
+    The new cycle's start and anchor come from prev's device outputs: start + accepted + 1, and
+    the final token. Host starts of chained rows are upper bounds (sizing only)."""
+    prev: "LaunchedCycle"
+    rows: list[int]
+
+
+@dataclass
+class LaunchedCycle:
+    """A decode cycle whose device work is queued. Its outcome is on its way to pinned host
+    memory; `outcome()` waits for that copy alone, not for work queued after it."""
+    seqs: list[Sequence]
+    K: list[int]
+    draft_len: int
+    start: torch.Tensor  # [bs] int32, device: cached length each sequence started at
+    num: torch.Tensor    # [bs] int64, device: accepted drafts
+    final: torch.Tensor  # [bs] int64, device: the recovered/bonus token (the next anchor)
+    host: torch.Tensor   # [bs, 1 + Kmax] int64 (pinned on CUDA): num, final, drafts
+    ready: Optional[torch.cuda.Event]
+    t_launch: float
+
+    def outcome(self) -> CycleOutcome:
+        if self.ready is not None:
+            self.ready.synchronize()  # the one host synchronisation of the cycle
+        packed = self.host.tolist()
+        return CycleOutcome([r[0] for r in packed], [r[1] for r in packed], [r[2:] for r in packed])
+
+
+def _chained(chain: Optional[Chain], host_starts: list[int], anchors: list[int], dev: torch.device):
+    """Device starts [bs] int32 and anchors [bs] int64 of a cycle: host values, or, for chained
+    rows, the previous cycle's device outputs (no synchronisation)."""
+    start = to_device(torch.tensor(host_starts, dtype=torch.int32), dev)
+    anchor = to_device(torch.tensor(anchors, dtype=torch.long), dev)
+    if chain is None:
+        return start, anchor
+    p = chain.prev
+    idx = to_device(torch.tensor([max(r, 0) for r in chain.rows], dtype=torch.long), dev)
+    on = to_device(torch.tensor([r >= 0 for r in chain.rows]), dev)
+    start = torch.where(on, (p.start[idx] + p.num[idx] + 1).to(torch.int32), start)
+    anchor = torch.where(on, p.final[idx], anchor)
+    return start, anchor
+
+
+def launch_cycle(runner, seqs: Seq[Sequence], anchors: list[int], K: list[int], draft_len: int, B: int,
+                 mask_id: int, u: torch.Tensor, forced: Optional[torch.Tensor] = None,
+                 host_starts: Optional[list[int]] = None, chain: Optional[Chain] = None) -> LaunchedCycle:
+    """Queue draft (draft_len tokens) + verify (max(K) tokens) + accept for a batch; sequence i
     verifies K[i] - 1 drafts. u [bs, 2B-1] (CPU): the requests' uniforms of this cycle
     (drafts use u[:, :K-1], acceptance u[:, B-1:B-1+K-1], the final token u[:, 2B-2]).
-    forced [bs] (benchmarks only): accept min(forced, K-1) drafts, then the AR argmax."""
+    forced [bs] (benchmarks only): accept min(forced, K-1) drafts, then the AR argmax.
+    host_starts: each sequence's cached length (default num_cached); with `chain`, chained
+    rows take start and anchor from the previous cycle on the device (`anchors` and
+    `host_starts` are then placeholders / upper bounds for those rows)."""
+    t_launch = time.perf_counter()
     dev = runner.device
     bs, Kmax = len(seqs), max(K)
+    if host_starts is None:
+        host_starts = [s.num_cached for s in seqs]
     sb = SamplingBatch(seqs, dev)
     greedy = sb.all_greedy
     # Every host input goes over before the first launch: nothing after it waits for the
-    # device until the one synchronisation at the end.
-    anchors_t = to_device(torch.tensor(anchors, dtype=torch.long), dev)
+    # device until the one synchronisation in `outcome()`.
+    start_d, anchors_d = _chained(chain, host_starts, anchors, dev)
+    dev_pos = chain is not None  # the passes must read positions/anchors from the device
     max_acc = to_device(torch.tensor([k - 1 for k in K], dtype=torch.long), dev)
     forced_d = to_device(forced, dev) if forced is not None else None
     if not greedy:
@@ -99,7 +159,8 @@ def run_cycle_passes(runner, seqs: Seq[Sequence], anchors: list[int], K: list[in
         sb._tensors()
     q = None
     if Kmax > 1:
-        dl = runner.run_draft(seqs, anchors, draft_len, mask_id, Kmax - 1)
+        dl = runner.run_draft(seqs, anchors, draft_len, mask_id, Kmax - 1, starts=host_starts,
+                              start_dev=start_d if dev_pos else None, anchor_dev=anchors_d if dev_pos else None)
         V = dl.shape[-1]
         if greedy:
             drafts = dl.argmax(-1)
@@ -108,8 +169,8 @@ def run_cycle_passes(runner, seqs: Seq[Sequence], anchors: list[int], K: list[in
             drafts = sample_inverse_cdf(q.reshape(-1, V), u[:, : Kmax - 1].reshape(-1)).view(bs, Kmax - 1)
     else:
         drafts = torch.zeros(bs, 0, dtype=torch.long, device=dev)
-    ids = torch.cat([anchors_t.unsqueeze(1), drafts], dim=1)
-    lg = runner.run_verify(seqs, ids, list(K))
+    ids = torch.cat([anchors_d.unsqueeze(1), drafts], dim=1)
+    lg = runner.run_verify(seqs, ids, list(K), starts=host_starts, start_dev=start_d if dev_pos else None)
     V = lg.shape[-1]
     if greedy or forced is not None:
         target = lg.argmax(-1) if greedy else sb.probs(lg.reshape(-1, V), Kmax).view(bs, Kmax, V).argmax(-1)
@@ -126,5 +187,13 @@ def run_cycle_passes(runner, seqs: Seq[Sequence], anchors: list[int], K: list[in
             ua, uf = u[:, :0], u[:, -1]
             q = torch.zeros(bs, 0, V, device=dev)
         num, final = rejection_sample(drafts, q, p, ua, uf, max_acc)
-    packed = torch.cat([num.unsqueeze(1), final.unsqueeze(1), drafts], dim=1).tolist()  # the one sync
-    return CycleOutcome([r[0] for r in packed], [r[1] for r in packed], [r[2:] for r in packed])
+    packed = torch.cat([num.unsqueeze(1), final.unsqueeze(1), drafts], dim=1)
+    ready = None
+    if dev.type == "cuda":
+        host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+        host.copy_(packed, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+    else:
+        host = packed
+    return LaunchedCycle(list(seqs), list(K), draft_len, start_d, num, final, host, ready, t_launch)

@@ -43,11 +43,13 @@ def assert_clean(engine):
     assert not engine.engine.seqs and not engine._streams
 
 
+# async_scheduling=True: pipelined decoding (on by default with CUDA graphs), here on the CPU.
+@pytest.mark.parametrize("pipelined", [False, True])
 @pytest.mark.parametrize("mode", ["orthrus", "ar"])
-async def test_greedy_batched_equals_alone(mode):
+async def test_greedy_batched_equals_alone(mode, pipelined):
     lens = [(3, 40), (25, 30), (9, 50), (60, 20), (1, 35), (14, 45)]
     alone = [greedy_ar(MODEL, prompt(i, n), m) for i, (n, m) in enumerate(lens)]
-    eng = make_async()
+    eng = make_async(async_scheduling=pipelined)
     try:
         reqs = [GenerateRequest(prompt_token_ids=prompt(i, n), mode=mode,
                                 params=SamplingParams(max_tokens=m, temperature=0)) for i, (n, m) in enumerate(lens)]
@@ -62,9 +64,10 @@ async def test_greedy_batched_equals_alone(mode):
         eng.shutdown()
 
 
-async def test_seeded_sampling_same_alone_and_batched():
+@pytest.mark.parametrize("pipelined", [False, True])
+async def test_seeded_sampling_same_alone_and_batched(pipelined):
     params = dict(max_tokens=30, temperature=0.8, top_k=50, top_p=0.95)
-    eng = make_async()
+    eng = make_async(async_scheduling=pipelined)
     try:
         alone = []
         for i in range(3):
@@ -82,12 +85,13 @@ async def test_seeded_sampling_same_alone_and_batched():
         eng.shutdown()
 
 
+@pytest.mark.parametrize("pipelined", [False, True])
 @pytest.mark.parametrize("mode", ["orthrus", "ar"])
-async def test_small_pool_preempts_and_stays_exact(mode):
+async def test_small_pool_preempts_and_stays_exact(mode, pipelined):
     lens = [(20, 60), (30, 50), (10, 70), (25, 60), (15, 55), (5, 65)]
     alone = [greedy_ar(MODEL, prompt(i, n), m) for i, (n, m) in enumerate(lens)]
     # 48 blocks of 4 tokens = 192 slots for ~6 x 85 tokens: sequences must be preempted.
-    eng = make_async(num_kv_blocks=48)
+    eng = make_async(num_kv_blocks=48, async_scheduling=pipelined)
     try:
         reqs = [GenerateRequest(prompt_token_ids=prompt(i, n), mode=mode,
                                 params=SamplingParams(max_tokens=m, temperature=0)) for i, (n, m) in enumerate(lens)]
@@ -127,9 +131,10 @@ async def test_abort_mid_stream_returns_blocks():
         eng.shutdown()
 
 
-async def test_200_random_requests_with_aborts_leave_nothing_behind():
+@pytest.mark.parametrize("pipelined", [False, True])
+async def test_200_random_requests_with_aborts_leave_nothing_behind(pipelined):
     rng = random.Random(5)
-    eng = make_async(num_kv_blocks=120, max_num_seqs=24, block_size=8)
+    eng = make_async(num_kv_blocks=120, max_num_seqs=24, block_size=8, async_scheduling=pipelined)
     threads_before = threading.active_count()
     try:
         async def one(i):

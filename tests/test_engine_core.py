@@ -94,7 +94,7 @@ class OracleDrafts:
         self.eng, self.futures, self.wrong_every = eng, futures, wrong_every
         self.calls = 0
 
-    def __call__(self, seqs, anchors, block_size, mask_id, num_logits):
+    def __call__(self, seqs, anchors, block_size, mask_id, num_logits, **_):
         V = self.eng.model.cfg.vocab_size
         out = torch.full((len(seqs), num_logits, V), -10.0)
         self.calls += 1
