@@ -8,7 +8,10 @@ Inputs:
   positions never verified take the last estimated alpha (geometric extrapolation);
 - the measured cost of each pass at the current (padded) batch size: CUDA-graph
   replay times on the GPU, wall-clock on the CPU (`PassCosts`), plus the per-cycle
-  overhead outside the passes (sampling, acceptance, bookkeeping), learned online.
+  overhead outside the passes (sampling, acceptance, bookkeeping; near zero where
+  pipelined decoding hides it), learned online as the median of the recent cycles of
+  each kind: one slow cycle (a compile, a collection) must not make a kind look
+  expensive for good, since a kind the policy stops choosing is no longer measured.
 
 A cycle verifying K - 1 drafts emits 1 + sum_{i<K-1} prod_{j<=i} alpha[j] tokens on
 average and costs draft(bs, D) + verify(bs, K) + overhead; plain AR (K = 1) emits
@@ -23,6 +26,7 @@ confidently against it (a compute-bound batch, say), probes stop.
 """
 from __future__ import annotations
 
+from collections import deque
 from typing import Optional
 
 import numpy as np
@@ -137,6 +141,7 @@ class VerifyPolicy:
         self.B = block_size
         self.costs = costs
         self.acceptance = AcceptanceEstimator(block_size - 1)
+        self._extra: dict[str, deque] = {"spec": deque(maxlen=15), "ar": deque(maxlen=15)}
         self.overhead = {"spec": 0.0, "ar": 0.0}
         self.vary_draft_len = vary_draft_len
         sizes = sorted({s for s in token_sizes if 2 <= s <= block_size} | {block_size})
@@ -205,8 +210,13 @@ class VerifyPolicy:
     def observe(self, draft_len: int, verified: list[int], accepted: list[int]) -> None:
         self.acceptance.observe(draft_len, verified, accepted)
 
-    def observe_time(self, bs: int, K: int, D: int, seconds: float, ema: float = 0.1) -> None:
-        """A whole cycle's wall time; what the passes do not explain is overhead."""
+    def observe_time(self, bs: int, K: int, D: int, seconds: float) -> None:
+        """A whole cycle's wall time; what the passes do not explain is overhead. Each kind's
+        estimate is the median of its recent cycles; a kind with fewer than 3 takes the
+        median of all recent cycles (the host work of the two kinds is much the same)."""
         kind = "spec" if K > 1 else "ar"
-        extra = max(0.0, seconds - self.pass_cost(bs, K, D))
-        self.overhead[kind] = (1 - ema) * self.overhead[kind] + ema * extra
+        self._extra[kind].append(max(0.0, seconds - self.pass_cost(bs, K, D)))
+        pooled = sorted(list(self._extra["spec"]) + list(self._extra["ar"]))
+        for k, xs in self._extra.items():
+            src = sorted(xs) if len(xs) >= 3 else pooled
+            self.overhead[k] = src[len(src) // 2] if src else 0.0

@@ -48,9 +48,12 @@ class GraphedPasses:
         # Staging is [field rows, batch columns]: a pass copies its first 3 + w rows, all
         # columns, as one contiguous block.
         self.stage = torch.zeros(rows, self.MB, dtype=torch.int32, device=dev)
-        self.host = {k: torch.zeros(rows, self.MB, dtype=torch.int32).pin_memory() for k in ("draft", "verify")}
-        self.host_np = {k: v.numpy() for k, v in self.host.items()}
-        self.copied = {k: None for k in self.host}  # event after the last copy out of each host buffer
+        # Pinned host buffers, two per pass kind used in turn: with pipelined decoding the host
+        # stages a pass while the same kind of pass of the cycle before may still be queued.
+        self.host = [torch.zeros(rows, self.MB, dtype=torch.int32).pin_memory() for _ in range(4)]
+        self.host_np = [h.numpy() for h in self.host]
+        self.copied: list = [None] * 4  # event after the last copy out of each host buffer
+        self._turn = {"draft": 0, "verify": 2}
         self.ids = torch.zeros(self.MB, self.MT, dtype=torch.long, device=dev)
         self.out = torch.zeros(self.MB * self.MT, fwd.model.cfg.hidden_size, dtype=fwd.model.lm_head.weight.dtype,
                                device=dev)
@@ -134,8 +137,10 @@ class GraphedPasses:
         bs = len(starts)
         bsp, Tp = bucket(bs, self.batch_sizes), bucket(T, self.token_sizes)
         g = self.capture(kind, bsp, Tp, mask_id)
-        h, hn = self.host[kind], self.host_np[kind]
-        ev = self.copied[kind]
+        base = 0 if kind == "draft" else 2
+        hb = self._turn[kind] = base + (self._turn[kind] + 1 - base) % 2
+        h, hn = self.host[hb], self.host_np[hb]
+        ev = self.copied[hb]
         if ev is not None:
             ev.synchronize()  # the previous copy out of this host buffer has finished
         need = [-(-(s + T) // self.fwd.page) for s in starts]
@@ -152,7 +157,7 @@ class GraphedPasses:
         self.stage[:rows].copy_(h[:rows], non_blocking=True)
         ev = torch.cuda.Event()
         ev.record()
-        self.copied[kind] = ev
+        self.copied[hb] = ev
         if start_dev is not None:
             self.stage[_ROW_START, :bs].copy_(start_dev)
         if anchor_dev is not None:

@@ -148,6 +148,19 @@ def test_overhead_learned_from_cycle_times():
     for _ in range(100):
         pol.observe_time(1, 8, 8, 2.0 + 0.5)  # passes: 1 + 1; 0.5 s unexplained
     assert pol.overhead["spec"] == pytest.approx(0.5, rel=0.01)
+    assert pol.overhead["ar"] == pytest.approx(0.5, rel=0.01)  # no AR cycle yet: the pooled estimate
+
+
+def test_one_slow_cycle_does_not_lock_out_speculation():
+    """A launch-bound model: passes cost the same at any length, acceptance is good. One
+    cycle that takes 50x longer (a compile, say) must not keep the policy on AR for good."""
+    pol = _trained_policy(_costs(0.0), alpha=0.8)
+    pol.observe_time(1, 8, 8, 100.0)  # the first speculative cycle: very slow
+    for _ in range(40):
+        K, D = pol.choose(1, 1000)
+        pol.observe_time(1, K, D, pol.pass_cost(1, K, D) + 0.1)
+    assert pol.choose(1, 1000)[0] > 1
+    assert pol.overhead["spec"] == pytest.approx(0.1)
 
 
 # -- the device-side cycle is the reference acceptance rule ------------------------------------------
