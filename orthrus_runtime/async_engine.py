@@ -65,16 +65,21 @@ def engine_config_from_args(args: EngineArgs, loaded: Any) -> EngineConfig:
 
 
 def warm_up(engine: LLMEngine) -> int:
-    """Capture the CUDA graphs of the common passes before serving (not on a user's first
-    request): every padded batch size up to max_num_seqs, one-token (AR) and full-block passes.
-    Returns the number of graphs held (0 on the CPU)."""
+    """Capture the CUDA graphs of the decode passes before serving (not on a user's first
+    request): every padded batch size up to max_num_seqs, one-token (AR) and full-block
+    passes, and under the adaptive policy every pass length it may choose (a capture in the
+    middle of serving stalls every running request). Returns the number of graphs held (0 on
+    the CPU)."""
     runner = engine.runner
     if runner.graphs is None:
         return 0
     sizes = [b for b in (1, 2, 4, 8, 16, 32, 64, 128) if b <= max(1, engine.cfg.max_num_seqs)]
     B = engine.cfg.block_size
-    n = runner.capture_graphs(sizes, [1, B], engine.cfg.mask_token_id)
-    log.info("captured %d CUDA graphs (batch sizes %s, pass lengths 1 and %d)", n, sizes, B)
+    lengths = [1, B]
+    if engine.policy is not None:
+        lengths = sorted({t for t in runner.graphs.token_sizes if t <= B} | {B})
+    n = runner.capture_graphs(sizes, lengths, engine.cfg.mask_token_id)
+    log.info("captured %d CUDA graphs (batch sizes %s, pass lengths %s)", n, sizes, lengths)
     return n
 
 

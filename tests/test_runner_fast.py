@@ -125,7 +125,7 @@ def test_fast_forward_matches_reference_runner(shape, ops_name, device):
     check(kv_fast.v, kv_ref.v, "verify V")
 
 
-def _engine(model, B, device, fast, cuda_graphs=None, policy="full"):
+def _engine(model, B, device, fast, cuda_graphs=None, policy="full", pipelined=None):
     eng = LLMEngine(model, EngineConfig(block_size=B, mask_token_id=300, max_model_len=256, num_kv_blocks=200,
                                         kv_page_size=8, verify_policy=policy))
     if fast:
@@ -133,6 +133,7 @@ def _engine(model, B, device, fast, cuda_graphs=None, policy="full"):
                                  max_model_len=256)
         if eng.policy is not None:
             eng.policy.costs = eng.runner.costs
+        eng.pipelined = pipelined if pipelined is not None else eng.runner.graphs is not None
     return eng
 
 
@@ -144,20 +145,23 @@ def _greedy(n, mode):
                                                                        ignore_eos=True), mode=mode) for p in PROMPTS]
 
 
+@pytest.mark.parametrize("pipelined", [False, True])
 @pytest.mark.parametrize("device", DEVICES)
-def test_fast_engine_greedy_orthrus_equals_ar(device):
+def test_fast_engine_greedy_orthrus_equals_ar(device, pipelined):
     """Whole generations through the fast path (CUDA graphs on a GPU) equal the dense greedy
-    reference, in both modes, at several block sizes and with the adaptive policy."""
+    reference, in both modes, at several block sizes and with the adaptive policy, with and
+    without pipelined decoding."""
     model = tiny_model("qwen3", diffusion="ar-copy", seed=1).to(device)
     ref = [greedy_ar(model, p, 40) for p in PROMPTS]
-    eng = _engine(model, 4, device, fast=True)
+    eng = _engine(model, 4, device, fast=True, pipelined=pipelined)
     assert [d.token_ids for d in eng.generate(_greedy(40, "ar"))] == ref
     for B, policy in ((4, "full"), (8, "full"), (8, "adaptive")):
-        eng = _engine(model, B, device, fast=True, policy=policy)
+        eng = _engine(model, B, device, fast=True, policy=policy, pipelined=pipelined)
         res = eng.generate(_greedy(40, "orthrus"))
         assert [d.token_ids for d in res] == ref, f"block {B}, {policy}"
         assert eng.blocks.num_free == eng.blocks.num_blocks
         assert sum(d.stats.num_accepted_tokens for d in res) > 0  # the warm-started view drafts well
+        assert (eng.num_chained_steps > 0) == pipelined
     if device == "cuda":
         assert eng.runner.graphs is not None and eng.runner.graphs.graphs, "no CUDA graph was used"
 
