@@ -10,7 +10,8 @@ Inputs:
   replay times on the GPU, wall-clock on the CPU (`PassCosts`), plus the per-cycle
   overhead outside the passes (sampling, acceptance, bookkeeping; near zero where
   pipelined decoding hides it), learned online as the median of the recent cycles of
-  each kind: one slow cycle (a compile, a collection) must not make a kind look
+  each kind, and taken as zero (optimistic, so that it gets tried) until a kind has
+  3 cycles: one slow cycle (a compile, a collection) must not make a kind look
   expensive for good, since a kind the policy stops choosing is no longer measured.
 
 A cycle verifying K - 1 drafts emits 1 + sum_{i<K-1} prod_{j<=i} alpha[j] tokens on
@@ -211,12 +212,9 @@ class VerifyPolicy:
         self.acceptance.observe(draft_len, verified, accepted)
 
     def observe_time(self, bs: int, K: int, D: int, seconds: float) -> None:
-        """A whole cycle's wall time; what the passes do not explain is overhead. Each kind's
-        estimate is the median of its recent cycles; a kind with fewer than 3 takes the
-        median of all recent cycles (the host work of the two kinds is much the same)."""
+        """A whole cycle's wall time; what the passes do not explain is overhead: the median
+        of the kind's recent cycles once it has 3, zero before."""
         kind = "spec" if K > 1 else "ar"
-        self._extra[kind].append(max(0.0, seconds - self.pass_cost(bs, K, D)))
-        pooled = sorted(list(self._extra["spec"]) + list(self._extra["ar"]))
-        for k, xs in self._extra.items():
-            src = sorted(xs) if len(xs) >= 3 else pooled
-            self.overhead[k] = src[len(src) // 2] if src else 0.0
+        xs = self._extra[kind]
+        xs.append(max(0.0, seconds - self.pass_cost(bs, K, D)))
+        self.overhead[kind] = sorted(xs)[len(xs) // 2] if len(xs) >= 3 else 0.0
