@@ -121,7 +121,7 @@ class GraphedPasses:
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record()
             g.replay()
-            model.logits(self.out[: bs * T])
+            self.fwd.logits(self.out[: bs * T])
             b.record()
             b.synchronize()
             times.append(a.elapsed_time(b) / 1e3)

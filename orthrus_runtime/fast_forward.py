@@ -11,7 +11,9 @@ Two op sets compute the same function: `TorchOps` (plain PyTorch, any device; th
 reference the Triton kernels are tested against) and `TritonOps` (the kernels of
 `triton_kernels`, CUDA). Projections are packed per layer and view (q|k|v as one
 matrix, gate|up as one) so that a layer is 4 GEMMs; the modules' weights become
-views of the packed tensors, so no memory is duplicated.
+views of the packed tensors, so no memory is duplicated. `ops.linear` runs them (and
+lm_head, through `logits`): cuBLAS, or for passes of at most 16 half-precision rows
+the skinny Triton kernels.
 """
 from __future__ import annotations
 
@@ -84,6 +86,9 @@ class TorchOps:
         g, u = gu.chunk(2, dim=-1)
         return F.silu(g) * u
 
+    def linear(self, x, w, b=None):
+        return F.linear(x, w, b)
+
 
 class TritonOps:
     """The fused Triton kernels: capturable in CUDA graphs."""
@@ -107,6 +112,12 @@ class TritonOps:
 
     def silu_mul(self, gu):
         return self.tk.silu_mul(gu)
+
+    def linear(self, x, w, b=None):
+        """A few half-precision rows: the skinny Triton kernels; anything else: cuBLAS."""
+        if b is None and self.tk.skinny_linear_applies(x, w):
+            return self.tk.skinny_linear(x, w)
+        return F.linear(x, w, b)
 
 
 def triton_available() -> bool:
@@ -186,6 +197,11 @@ class FastForward:
                                           layer.post_attention_layernorm.weight, w_gu, b_gu,
                                           mlp.down_proj.weight, mlp.down_proj.bias))
 
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [n, h] -> float32 logits [n, V] (the model's lm_head through ops.linear)."""
+        head = self.model.lm_head
+        return self.ops.linear(hidden, head.weight, head.bias).float()
+
     def slots(self, start: torch.Tensor, nvalid: torch.Tensor, bt: torch.Tensor, T: int) -> torch.Tensor:
         """Flat cache slot of every token of the pass; -1 for padding (not written)."""
         t = torch.arange(T, device=start.device)
@@ -210,14 +226,14 @@ class FastForward:
         for i, L in enumerate(self.layers):
             v = L.diff if diff else L.ar
             h, res = ops.add_rmsnorm(delta, res, L.ln1, eps)
-            qkv = F.linear(h, v.w_qkv, v.b_qkv)
+            qkv = ops.linear(h, v.w_qkv, v.b_qkv)
             kc, vc = self.kv.k[i], self.kv.v[i]
             q, k = ops.qk_norm_rope(qkv, cos, sin, v.q_norm, v.k_norm, H, HKV, D, eps,
                                     None if diff else kc, None if diff else vc, slots)
             vb = qkv[:, (H + HKV) * D:].view(bs * T, HKV, D)
             a = ops.attention(q, k, vb, kc, vc, bt, start, nvalid, T, m.scale, causal=not diff)
-            delta = F.linear(a.reshape(bs * T, H * D), v.w_o, v.b_o)
+            delta = ops.linear(a.reshape(bs * T, H * D), v.w_o, v.b_o)
             h, res = ops.add_rmsnorm(delta, res, L.ln2, eps)
-            delta = F.linear(ops.silu_mul(F.linear(h, L.w_gu, L.b_gu)), L.w_down, L.b_down)
+            delta = ops.linear(ops.silu_mul(ops.linear(h, L.w_gu, L.b_gu)), L.w_down, L.b_down)
         h, _ = ops.add_rmsnorm(delta, res, m.model.norm.weight, eps)
         return h

@@ -1,7 +1,8 @@
 """Triton kernels of the CUDA hot path (imported only where `triton` imports).
 
 Four fused kernels replace the dozens of small launches of a plain PyTorch layer,
-which is what holds a batch-1 decode step far above the memory roofline:
+which is what holds a batch-1 decode step far above the memory roofline (and
+`skinny_linear`, at the end, runs the linear layers of passes of a few tokens):
 
 - `add_rmsnorm`: residual add + RMSNorm in one pass over the row;
 - `qk_norm_rope`: per-head q/k RMSNorm (Qwen3) + rotary embedding, and, for the AR
@@ -241,3 +242,95 @@ def silu_mul(gu: torch.Tensor) -> torch.Tensor:
     _silu_mul_kernel[(n, triton.cdiv(inter, BLOCK))](gu, out, inter, gu.stride(0), out.stride(0), BLOCK=BLOCK,
                                                      num_warps=4)
     return out
+
+
+# -- skinny linear layers: y = x @ w.T for a few rows --------------------------------------------------
+#
+# A decode pass of a few tokens multiplies a handful of activation rows by every weight matrix:
+# pure weight streaming. cuBLAS runs these near the copy bandwidth for the largest matrices only;
+# the smaller ones (q|k|v, o, down) come out at 2.5-3.4 TB/s on an H200, and o and down add a
+# split-K reduction kernel each. Measured in benchmarks/gemv_micro.py (graphs of 20 calls on weight
+# copies beyond the L2; results/2026-11-27-h200-gemv-micro.json), these two kernels read the
+# weights at 3.3-4.5 TB/s and save about 0.45 ms of a 36-layer 8B-shape step at one row:
+# - one row: CUDA cores, each program a [BN, K] slab of w dotted with the row (tensor-core tiles
+#   would be 15/16 padding);
+# - 2-16 rows: tensor cores on the swapped product w_tile @ x_tile.T, x padded to 16 rows.
+# Accumulation is float32 and each output is written once (no split-K, no atomics).
+
+
+@triton.jit(do_not_specialize=["M"])
+def _gemv_rows_kernel(X, W, Y, M, N, K, sx, sw, sy,
+                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN: tl.constexpr):
+    pid = tl.program_id(0)
+    rn = pid * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    nm = rn < N
+    wrow = W + rn.to(tl.int64)[:, None] * sw
+    acc = tl.zeros([BN, BM], tl.float32)
+    rm = tl.arange(0, BM)
+    for k0 in range(0, K, BK):
+        kk = k0 + rk
+        km = kk < K
+        if EVEN:
+            w = tl.load(wrow + kk[None, :]).to(tl.float32)
+        else:
+            w = tl.load(wrow + kk[None, :], mask=nm[:, None] & km[None, :], other=0.0).to(tl.float32)
+        for m in tl.static_range(BM):
+            xv = tl.load(X + m * sx + kk, mask=km & (m < M), other=0.0).to(tl.float32)
+            part = tl.sum(w * xv[None, :], axis=1)
+            acc += tl.where(rm[None, :] == m, part[:, None], 0.0)
+    tl.store(Y + rm[None, :] * sy + rn[:, None], acc.to(Y.dtype.element_ty), mask=nm[:, None] & (rm[None, :] < M))
+
+
+@triton.jit(do_not_specialize=["M"])
+def _skinny_mm_kernel(X, W, Y, M, N, K, sx, sw, sy,
+                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN: tl.constexpr):
+    pid = tl.program_id(0)
+    rn = pid * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    rm = tl.arange(0, BM)
+    nm = rn < N
+    mm = rm < M
+    wrow = W + rn.to(tl.int64)[:, None] * sw
+    acc = tl.zeros([BN, BM], tl.float32)
+    for k0 in range(0, K, BK):
+        kk = k0 + rk
+        km = kk < K
+        if EVEN:
+            w = tl.load(wrow + kk[None, :])
+        else:
+            w = tl.load(wrow + kk[None, :], mask=nm[:, None] & km[None, :], other=0.0)
+        x = tl.load(X + rm[:, None] * sx + kk[None, :], mask=mm[:, None] & km[None, :], other=0.0)
+        acc = tl.dot(w, tl.trans(x), acc)
+    tl.store(Y + rm[None, :] * sy + rn[:, None], acc.to(Y.dtype.element_ty), mask=nm[:, None] & mm[None, :])
+
+
+SKINNY_MAX_ROWS = 16
+
+
+def skinny_linear_applies(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Half-precision, at most SKINNY_MAX_ROWS rows, unit inner strides (float32 stays on cuBLAS:
+    the float32 fast path is the one tested for exactness against the reference path)."""
+    return (x.dtype in (torch.bfloat16, torch.float16) and w.dtype == x.dtype and x.dim() == 2
+            and 1 <= x.shape[0] <= SKINNY_MAX_ROWS and x.stride(1) == 1 and w.stride(1) == 1)
+
+
+def skinny_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [M, K] (M <= 16, half precision) @ w[N, K].T -> y [M, N]. Configurations from the
+    H200 sweep: one row BN 4 x BK 2048 (BN 8 x BK 1024 for N > 8192); more rows BN 64 x BK 128,
+    6 stages."""
+    M, K = x.shape
+    N = w.shape[0]
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    if M == 1:
+        BN, BK = (8, 1024) if N > 8192 else (4, 2048)
+        BK = min(BK, _pow2(K))
+        _gemv_rows_kernel[(triton.cdiv(N, BN),)](x, w, y, M, N, K, x.stride(0), w.stride(0), y.stride(0),
+                                                  BM=1, BN=BN, BK=BK, EVEN=(N % BN == 0 and K % BK == 0),
+                                                  num_warps=4, num_stages=1)
+    else:
+        BN, BK = 64, 128
+        _skinny_mm_kernel[(triton.cdiv(N, BN),)](x, w, y, M, N, K, x.stride(0), w.stride(0), y.stride(0),
+                                                  BM=16, BN=BN, BK=BK, EVEN=(N % BN == 0 and K % BK == 0),
+                                                  num_warps=4, num_stages=6)
+    return y
