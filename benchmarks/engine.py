@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from orthrus_runtime.adaptive import VerifyPolicy  # noqa: E402
+from orthrus_runtime.async_engine import warm_up  # noqa: E402
 from orthrus_runtime.config import ModelConfig  # noqa: E402
 from orthrus_runtime.engine import EngineConfig, LLMEngine  # noqa: E402
 from orthrus_runtime.model import DualViewModel  # noqa: E402
@@ -291,14 +292,15 @@ def section_shape(rep, shape: str, bw: float, budget: Budget, share: float, quic
     means = list(means) if not quick else [8]
     sweep_bs = [b for b in (1, 8, 32, 128) if b in batches]
     for bs in sweep_bs:
-        ar_tps = out["ar"][str(bs)]["tokens_per_s"]
         for m in means:
             if time.monotonic() > end:
                 break
             prof = geometric_profile(m)
-            # At least 256 sequence-cycles per point: the forced counts are random.
-            st = min(sweep_steps, max(steps, -(-256 // bs)))
+            # At least 256 sequence-cycles per point: the forced counts are random. AR is timed
+            # again right next to each point, over as many steps (a ratio of adjacent runs).
+            st = min(sweep_steps, max(3 * steps, -(-256 // bs)))
             rounds = 1 if quick else -(-256 // (bs * st))
+            ar_tps = measure(eng, bs, "ar", st, warm, rounds=rounds)["tokens_per_s"]
             full = measure(eng, bs, "orthrus", st, warm, plan=(B, B), forced=prof, rounds=rounds)
             adap = measure(eng, bs, "orthrus", st, warm + 9, forced=prof, fresh_policy=True, rounds=rounds)
             sweep[f"{bs}/{m:g}"] = {"bs": bs, "mean_tokens_per_cycle_full_block": m, "ar_tokens_per_s": ar_tps,
@@ -469,6 +471,7 @@ def section_smollm2(rep, quick: bool):
     eng = LLMEngine(loaded.model, EngineConfig(block_size=loaded.block_size, mask_token_id=loaded.mask_token_id,
                                                max_num_seqs=16, max_model_len=1024, num_kv_blocks=2048,
                                                verify_policy="adaptive"), loaded.tokenizer)
+    warm_up(eng)  # every graph the policy may pick, captured (and costed) ahead, as a server does
     prompts = [json.loads(x)["messages"] for x in
                (ROOT / "orthrus_runtime/data/prompts/chat.jsonl").read_text().splitlines()[:16]]
     res = {"diffusion_view": loaded.diffusion_source, "block_size": loaded.block_size}
@@ -478,21 +481,23 @@ def section_smollm2(rep, quick: bool):
             eng.fixed_plan = (loaded.block_size, loaded.block_size) if plan == "full" else None
             reqs = [GenerateRequest(messages=m, mode=mode.split("-")[0], params=SamplingParams(
                 max_tokens=64 if quick else 128, temperature=0)) for m in prompts[:bs if bs > 1 else 4]]
-            # Warm-up on the same requests: Triton compiles a kernel variant the first time it meets
+            def once(rs):
+                rs = [dataclasses.replace(r, params=dataclasses.replace(r.params)) for r in rs]
+                return [eng.generate([r])[0] for r in rs] if bs == 1 else eng.generate(rs)
+
+            # The same workload once untimed: Triton compiles a kernel variant the first time it meets
             # a new specialisation (prompt lengths), which must not land in the timed run.
-            for r in reqs[:4]:
-                eng.generate([dataclasses.replace(r, params=dataclasses.replace(r.params))])
+            once(reqs)
             sync()
             t = time.perf_counter()
-            if bs == 1:
-                ds = [eng.generate([r])[0] for r in reqs]
-            else:
-                ds = eng.generate(reqs)
+            ds = once(reqs)
             dt = time.perf_counter() - t
             toks = sum(len(d.token_ids) for d in ds)
             cyc = sum(d.stats.num_cycles for d in ds if d.stats)
             res[f"{mode}/bs{bs}"] = {"tokens_per_s": toks / dt, "tokens": toks,
                                      "tokens_per_cycle": (toks - len(ds)) / cyc if cyc else None}
+            if mode == "orthrus-adaptive":
+                res[f"{mode}/bs{bs}"]["policy_last"] = dict(eng.policy.last)
             outs[(mode, bs)] = [d.token_ids for d in ds]
             log("smollm2", mode, "bs", bs, round(toks / dt, 1), "tok/s")
     eng.fixed_plan = None

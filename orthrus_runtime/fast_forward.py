@@ -12,7 +12,7 @@ reference the Triton kernels are tested against) and `TritonOps` (the kernels of
 `triton_kernels`, CUDA). Projections are packed per layer and view (q|k|v as one
 matrix, gate|up as one) so that a layer is 4 GEMMs; the modules' weights become
 views of the packed tensors, so no memory is duplicated. `ops.linear` runs them (and
-lm_head, through `logits`): cuBLAS, or for passes of at most 16 half-precision rows
+lm_head, through `logits`): cuBLAS, or for passes of at most 32 half-precision rows
 the skinny Triton kernels.
 """
 from __future__ import annotations
