@@ -16,7 +16,10 @@ Inputs:
 
 A cycle verifying K - 1 drafts emits 1 + sum_{i<K-1} prod_{j<=i} alpha[j] tokens on
 average and costs draft(bs, D) + verify(bs, K) + overhead; plain AR (K = 1) emits
-one token for verify(bs, 1) + overhead. The policy only ever changes K and D: the
+one token for verify(bs, 1) + overhead. Once a plan (batch bucket, K, D) has run 3
+cycles, its cost is the median of its own recent cycle times instead: the pass table
+is measured on synthetic inputs and runs a few percent fast on compute-bound passes,
+which is the whole margin near the batch size where speculation stops paying. The policy only ever changes K and D: the
 acceptance rule, and the uniforms each request draws per cycle, are untouched, so
 the output distribution stays the AR model's. When acceptance collapses, K = 1 wins
 and Orthrus runs at AR speed; it still probes the cheapest speculative cycle now and then
@@ -138,16 +141,17 @@ class AcceptanceEstimator:
 
 class VerifyPolicy:
     def __init__(self, block_size: int, costs: PassCosts, token_sizes=TOKEN_SIZES, vary_draft_len: bool = True,
-                 probe_min: int = 8, probe_max: int = 256):
+                 probe_min: int = 8, probe_max: int = 256, probe_gain: float = 1.05):
         self.B = block_size
         self.costs = costs
         self.acceptance = AcceptanceEstimator(block_size - 1)
         self._extra: dict[str, deque] = {"spec": deque(maxlen=15), "ar": deque(maxlen=15)}
+        self._cycle: dict[tuple[int, int, int], deque] = {}  # (batch bucket, K, D) -> recent cycle seconds
         self.overhead = {"spec": 0.0, "ar": 0.0}
         self.vary_draft_len = vary_draft_len
         sizes = sorted({s for s in token_sizes if 2 <= s <= block_size} | {block_size})
         self.sizes = sizes
-        self.probe_min, self.probe_max = probe_min, probe_max
+        self.probe_min, self.probe_max, self.probe_gain = probe_min, probe_max, probe_gain
         self.probe_every = probe_min
         self.since_spec = 0
         self.last: dict = {}
@@ -174,6 +178,9 @@ class VerifyPolicy:
         return c
 
     def cycle_cost(self, bs: int, K: int, D: int) -> float:
+        seen = self._cycle.get((batch_bucket(bs), K, D if K > 1 else 0))
+        if seen is not None and len(seen) >= 3:
+            return sorted(seen)[len(seen) // 2]
         return self.pass_cost(bs, K, D) + self.overhead["spec" if K > 1 else "ar"]
 
     def rates(self, bs: int, max_remaining: int, optimistic: bool = False) -> list[tuple[float, int, int]]:
@@ -199,9 +206,10 @@ class VerifyPolicy:
             if self.since_spec >= self.probe_every:
                 # AR wins on the estimate. Probe (the cheapest speculative cycle) only if an
                 # optimistic acceptance, within the estimate's uncertainty, would make
-                # speculation win: a confident "no" (say, a compute-bound batch) costs nothing.
+                # speculation win by a margin worth a probe: a confident "no" (say, a
+                # compute-bound batch), or a possible gain of a few percent, costs nothing.
                 opt = self.rates(bs, max_remaining, optimistic=True)
-                if max(c[0] for c in opt[1:]) > opt[0][0]:
+                if max(c[0] for c in opt[1:]) > self.probe_gain * opt[0][0]:
                     best = min(cands[1:], key=lambda c: self.cycle_cost(bs, c[1], c[2]))
                     self.since_spec = 0
                     self.probe_every = min(self.probe_every * 2, self.probe_max)
@@ -215,6 +223,7 @@ class VerifyPolicy:
         """A whole cycle's wall time; what the passes do not explain is overhead: the median
         of the kind's recent cycles once it has 3, zero before."""
         kind = "spec" if K > 1 else "ar"
+        self._cycle.setdefault((batch_bucket(bs), K, D if K > 1 else 0), deque(maxlen=9)).append(seconds)
         xs = self._extra[kind]
         xs.append(max(0.0, seconds - self.pass_cost(bs, K, D)))
         self.overhead[kind] = sorted(xs)[len(xs) // 2] if len(xs) >= 3 else 0.0
