@@ -261,7 +261,8 @@ def section_shape(rep, shape: str, bw: float, budget: Budget, share: float, quic
     out["roofline_ms"] = 1e3 * wb / bw
     steps, warm = (4, 2) if quick else (10, 3)
     sweep_steps = 40  # the most timed steps of one forced-acceptance round (small batches)
-    gen_room = (warm + 9 + max(steps, sweep_steps) + 4) * B
+    policy_warm = 40  # cycles a fresh adaptive policy gets to explore before a point is timed
+    gen_room = (warm + policy_warm + max(steps, sweep_steps) + 4) * B
     eng = make_engine(model, PROMPT + gen_room + B)
     out["backend"] = eng.runner.backend
     batches = [1, 8, 32] if quick else BATCHES
@@ -302,7 +303,8 @@ def section_shape(rep, shape: str, bw: float, budget: Budget, share: float, quic
             rounds = 1 if quick else -(-256 // (bs * st))
             ar_tps = measure(eng, bs, "ar", st, warm, rounds=rounds)["tokens_per_s"]
             full = measure(eng, bs, "orthrus", st, warm, plan=(B, B), forced=prof, rounds=rounds)
-            adap = measure(eng, bs, "orthrus", st, warm + 9, forced=prof, fresh_policy=True, rounds=rounds)
+            adap = measure(eng, bs, "orthrus", st, warm + policy_warm, forced=prof, fresh_policy=True,
+                           rounds=rounds)
             sweep[f"{bs}/{m:g}"] = {"bs": bs, "mean_tokens_per_cycle_full_block": m, "ar_tokens_per_s": ar_tps,
                                   "full": full, "adaptive": adap,
                                   "speedup_full": full["tokens_per_s"] / ar_tps,

@@ -15,6 +15,7 @@ lm_head to the rows it needs before the next pass). Graphs share one memory pool
 """
 from __future__ import annotations
 
+import gc
 from typing import Callable, Optional, Sequence as Seq
 
 import torch
@@ -93,8 +94,15 @@ class GraphedPasses:
             self._body(kind, bs, T, mask_id)
         torch.cuda.current_stream().wait_stream(side)
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, pool=self.pool):
-            self._body(kind, bs, T, mask_id)
+        # No garbage collection inside the capture: collecting an object that owns a CUDA graph
+        # or pinned memory runs CUDA calls that invalidate a capture in progress (seen on the
+        # H200 as a failed cuBLAS call inside the capture, at random).
+        gc.disable()
+        try:
+            with torch.cuda.graph(g, pool=self.pool):
+                self._body(kind, bs, T, mask_id)
+        finally:
+            gc.enable()
         self.graphs[key] = g
         self._time(g, kind, bs, T)
         return g

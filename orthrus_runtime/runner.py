@@ -83,8 +83,10 @@ class ModelRunner:
             from .cuda_graphs import GraphedPasses
 
             max_len = max_model_len or model.cfg.max_position_embeddings
+            costs = self.costs  # not self: a runner <-> graphs cycle would leave dead graphs to the
+            # garbage collector, which may then destroy them in the middle of another capture
             self.graphs = GraphedPasses(self.fast, -(-(max_len + 64) // self.page),
-                                        on_cost=lambda k, b, t, c: self.costs.record(k, b, t, c, replace=True))
+                                        on_cost=lambda k, b, t, c: costs.record(k, b, t, c, replace=True))
         self._timed = device.type == "cpu"  # wall-clock is device time only on the CPU
 
     @property
