@@ -301,7 +301,7 @@ def section_shape(rep, shape: str, bw: float, budget: Budget, share: float, quic
             # again right next to each point, over as many steps (a ratio of adjacent runs).
             st = min(sweep_steps, max(3 * steps, -(-256 // bs)))
             rounds = 1 if quick else -(-256 // (bs * st))
-            # (AR warms as long as the adaptive run, so that both are timed at the same context length.)
+            # (AR warms as many steps as the adaptive run; the latter then sits at a longer context.)
             ar_tps = measure(eng, bs, "ar", st, warm + policy_warm, rounds=rounds)["tokens_per_s"]
             full = measure(eng, bs, "orthrus", st, warm, plan=(B, B), forced=prof, rounds=rounds)
             adap = measure(eng, bs, "orthrus", st, warm + policy_warm, forced=prof, fresh_policy=True,
