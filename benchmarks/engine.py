@@ -600,6 +600,21 @@ def _dry_run_setup() -> None:
                          head_dim=16)
 
 
+def _commit() -> str:
+    """ORTHRUS_COMMIT if set (the GPU machine's copy of the tree has no current git metadata),
+    else git's HEAD here."""
+    import os
+    import subprocess
+
+    if os.environ.get("ORTHRUS_COMMIT"):
+        return os.environ["ORTHRUS_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+    except Exception:  # noqa: BLE001
+        return ""
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -622,7 +637,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     gpu = torch.cuda.get_device_name(0).replace("NVIDIA ", "").replace(" ", "-").lower() if DEVICE == "cuda" else "cpu"
     stem = f"{datetime.date.today().isoformat()}-{gpu}" + (f"-{args.tag}" if args.tag else "")
-    rep: dict = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "quick": args.quick,
+    rep: dict = {"commit": _commit(), "date": datetime.datetime.now().isoformat(timespec="seconds"), "quick": args.quick,
                  "settings": {"prompt_tokens": PROMPT, "engine_block_size": B, "dtype": "bfloat16",
                               "weights": "random (std 0.02), diffusion view random unless stated"},
                  "errors": {}}
