@@ -141,7 +141,7 @@ class AcceptanceEstimator:
 
 class VerifyPolicy:
     def __init__(self, block_size: int, costs: PassCosts, token_sizes=TOKEN_SIZES, vary_draft_len: bool = True,
-                 probe_min: int = 8, probe_max: int = 256, probe_gain: float = 1.05):
+                 probe_min: int = 8, probe_max: int = 256, probe_gain: float = 1.10):
         self.B = block_size
         self.costs = costs
         self.acceptance = AcceptanceEstimator(block_size - 1)
@@ -206,8 +206,9 @@ class VerifyPolicy:
             if self.since_spec >= self.probe_every:
                 # AR wins on the estimate. Probe (the cheapest speculative cycle) only if an
                 # optimistic acceptance, within the estimate's uncertainty, would make
-                # speculation win by a margin worth a probe: a confident "no" (say, a
-                # compute-bound batch), or a possible gain of a few percent, costs nothing.
+                # speculation win by a margin worth a probe (10 %: the pass table behind an
+                # untried plan is itself a few percent optimistic on large passes): a confident
+                # "no" (say, a compute-bound batch), or a possible gain of a few percent, costs nothing.
                 opt = self.rates(bs, max_remaining, optimistic=True)
                 if max(c[0] for c in opt[1:]) > self.probe_gain * opt[0][0]:
                     best = min(cands[1:], key=lambda c: self.cycle_cost(bs, c[1], c[2]))
