@@ -45,7 +45,6 @@ def engine_config_from_args(args: EngineArgs, loaded: Any) -> EngineConfig:
         if dev.type == "cuda":
             free, total = torch.cuda.mem_get_info(dev)
             used = total - free
-            # Room for activations: logits and probabilities of a full draft+verify batch dominate.
             # Room for activations: logits and probabilities of a full draft+verify batch dominate;
             # plus a reserve for the CUDA graphs' pool.
             act = 6 * args.max_num_seqs * loaded.block_size * m.cfg.vocab_size * 4 + 2**30
@@ -61,6 +60,7 @@ def engine_config_from_args(args: EngineArgs, loaded: Any) -> EngineConfig:
         kv_page_size=args.kv_page_size, num_kv_blocks=max(0, kv_bytes // per_block), seed=args.seed,
         model_id=loaded.model_id, verify_policy=args.verify_policy, default_mode=args.default_mode,
         cuda_graphs=args.cuda_graphs if dev.type == "cuda" else False,
+        async_scheduling=args.async_scheduling,
     )
 
 

@@ -44,6 +44,9 @@ class EngineArgs:
     # number of drafts to verify from live acceptance and measured pass costs.
     verify_policy: str = "full"
     cuda_graphs: bool = True
+    # Pipelined decoding: queue the next decode cycle before the host commits the current one,
+    # so that its bookkeeping overlaps the GPU (same output). None: on wherever CUDA graphs run.
+    async_scheduling: Optional[bool] = None
     seed: int = 0
 
     @classmethod

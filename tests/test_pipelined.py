@@ -96,3 +96,25 @@ def test_new_request_mid_pipeline_is_admitted_and_exact():
     assert got[first] == greedy_ar(MODEL, prompt(0, 12), 60)
     assert got[late] == greedy_ar(MODEL, prompt(1, 30), 40)
     assert eng.blocks.num_free == eng.blocks.num_blocks
+
+
+def test_engine_args_switch_pipelining(tmp_path):
+    """`async_scheduling` in EngineArgs (YAML, Helm values): None keeps it for CUDA graphs only;
+    True turns it on, here on the CPU, with the same greedy output."""
+    from orthrus_runtime.async_engine import AsyncOrthrusEngine
+    from orthrus_runtime.engine_args import EngineArgs
+    from orthrus_runtime.testing import tiny_checkpoint
+
+    folder = tiny_checkpoint(str(tmp_path / "m"), block_size=4, diffusion="ar-copy", seed=3)
+    outs = {}
+    for flag in (None, True):
+        served = AsyncOrthrusEngine.from_args(EngineArgs(model=str(folder), device="cpu", dtype="float32",
+                                                         max_model_len=128, async_scheduling=flag))
+        served.shutdown()  # its step loop stops: the engine below is driven from this thread alone
+        eng = served.engine
+        assert eng.pipelined is bool(flag)
+        req = [GenerateRequest(prompt_token_ids=prompt(i, 9), params=SamplingParams(max_tokens=24, temperature=0))
+               for i in range(3)]
+        outs[flag] = [d.token_ids for d in eng.generate(req)]
+        assert eng.num_chained_steps > 0 if flag else eng.num_chained_steps == 0
+    assert outs[True] == outs[None]
