@@ -32,6 +32,8 @@ import gc
 import glob
 import hashlib
 import json
+import os
+import subprocess
 import sys
 import time
 import traceback
@@ -603,9 +605,6 @@ def _dry_run_setup() -> None:
 def _commit() -> str:
     """ORTHRUS_COMMIT if set (the GPU machine's copy of the tree has no current git metadata),
     else git's HEAD here."""
-    import os
-    import subprocess
-
     if os.environ.get("ORTHRUS_COMMIT"):
         return os.environ["ORTHRUS_COMMIT"]
     try:

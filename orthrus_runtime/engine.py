@@ -312,11 +312,7 @@ class LLMEngine:
             else:
                 cycles += self._commit(launched)
         decode_s = time.monotonic() - t_dec if sched.decodes else 0.0
-        now = time.monotonic()
-        for seq in list(self.scheduler.running):
-            d = self._collect(seq, now)
-            if d is not None:
-                deltas.append(d)
+        deltas += self._collect_running()
         self._log_step(t0, decode_s, prompt_tokens, sched.num_preempted, cycles, gen_before)
         return deltas
 
@@ -374,13 +370,7 @@ class LLMEngine:
         cycles = self._commit(prev, ahead={s: k for s, k, r in zip(seqs, K, rows) if r >= 0})
         self._inflight = launched
         self.num_chained_steps += 1
-        deltas = []
-        now = time.monotonic()
-        for seq in list(running):
-            d = self._collect(seq, now)
-            if d is not None:
-                deltas.append(d)
-        return deltas, cycles
+        return self._collect_running(), cycles
 
     def _run_prefill(self, chunks: list[tuple[Sequence, int]]) -> int:
         seqs = [s for s, _ in chunks]
@@ -462,18 +452,8 @@ class LLMEngine:
             # (but not the room of a cycle already queued behind this one).
             s.num_cached = L + a + 1
             self.blocks.truncate(s, s.num_cached + (ahead.get(s, 0) if ahead else 0))
-            st = s.stats
-            st.num_cycles += 1
-            st.num_draft_tokens += k - 1
-            st.num_accepted_tokens += a
-            for i in range(a):
-                st.accepted_per_position[i] += 1
-            g = self.spec[s.mode]
-            g.num_cycles += 1
-            g.num_draft_tokens += k - 1
-            g.num_accepted_tokens += a
-            for i in range(a):
-                g.accepted_per_position[i] += 1
+            s.stats.record_cycle(k - 1, a)
+            self.spec[s.mode].record_cycle(k - 1, a)
             records.append(CycleRecord(s.mode, k - 1, a, emitted))
         return records
 
@@ -509,6 +489,11 @@ class LLMEngine:
         if reason:
             seq.finish_reason = reason
         return n
+
+    def _collect_running(self) -> list[GenerateDelta]:
+        """The deltas of every running sequence (finishing those that stopped)."""
+        now = time.monotonic()
+        return [d for d in (self._collect(s, now) for s in list(self.scheduler.running)) if d is not None]
 
     def _collect(self, seq: Sequence, now: float) -> Optional[GenerateDelta]:
         if seq.finish_reason is not None:

@@ -140,8 +140,11 @@ class ModelRunner:
         product first: lm_head on a strided 3-D view runs as a per-sequence batched product
         that reads the whole vocabulary matrix once per sequence."""
         bs, n, h = hidden.shape
-        flat = hidden.reshape(bs * n, h)
-        return (self.fast.logits(flat) if self.fast is not None else self.model.logits(flat)).view(bs, n, -1)
+        return self._head(hidden.reshape(bs * n, h)).view(bs, n, -1)
+
+    def _head(self, flat: torch.Tensor) -> torch.Tensor:
+        """flat [n, hidden] -> float32 logits [n, V]: through the fast path's linear when it runs."""
+        return self.fast.logits(flat) if self.fast is not None else self.model.logits(flat)
 
     def _record(self, kind: str, bs: int, T: int, t0: float) -> None:
         if self._timed:
@@ -177,7 +180,7 @@ class ModelRunner:
             hidden = self.model.forward_hidden(ids.to(dev), pos, attend, diff=False)
         rows = [torch.as_tensor(r, dtype=torch.long, device=dev) for r in logits_at]
         flat = torch.cat([hidden[i, r] for i, r in enumerate(rows)], dim=0)
-        logits = self.fast.logits(flat) if self.fast is not None else self.model.logits(flat)
+        logits = self._head(flat)
         return list(logits.split([len(r) for r in logits_at]))
 
     @torch.inference_mode()

@@ -131,6 +131,14 @@ class AcceptanceStats:
     def acceptance_rate(self) -> float:
         return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
 
+    def record_cycle(self, num_drafts: int, num_accepted: int) -> None:
+        """One cycle that verified num_drafts drafts and accepted the first num_accepted."""
+        self.num_cycles += 1
+        self.num_draft_tokens += num_drafts
+        self.num_accepted_tokens += num_accepted
+        for i in range(num_accepted):
+            self.accepted_per_position[i] += 1
+
     def add(self, other: "AcceptanceStats") -> None:
         self.num_cycles += other.num_cycles
         self.num_draft_tokens += other.num_draft_tokens
