@@ -7,16 +7,26 @@ Inputs:
   draft length D and shrunk towards the pooled estimate where D has little data;
   positions never verified take the last estimated alpha (geometric extrapolation);
 - the measured cost of each pass at the current (padded) batch size: CUDA-graph
-  replay times on the GPU, wall-clock on the CPU (`PassCosts`), plus the per-cycle
-  overhead outside the passes (sampling, acceptance, bookkeeping; near zero where
-  pipelined decoding hides it), learned online as the median of the recent cycles of
-  each kind, and taken as zero (optimistic, so that it gets tried) until a kind has
-  3 cycles: one slow cycle (a compile, a collection) must not make a kind look
-  expensive for good, since a kind the policy stops choosing is no longer measured.
+  replay times on the GPU, wall-clock on the CPU (`PassCosts`), corrected by what the
+  recent cycles of each kind (AR or speculative) show the table misses. How depends on
+  where that time goes:
+  - not pipelined (the CPU, or `async_scheduling` off): the host's work between passes
+    (sampling, acceptance, bookkeeping) adds a per-cycle constant, the `overhead`;
+  - pipelined: the host's work hides behind the next cycle, and what the table misses
+    is the device running slower than on the table's synthetic inputs, which grows
+    with the pass: a ratio, the `scale`. A kind with no cycles of its own yet takes the
+    other kind's ratio: the speculative plans, mostly untried where AR wins, are then
+    not costed more optimistically than the AR step they are weighed against (at batch
+    128 on an H200 the bare table made 16-token plans look 10 % ahead, and the
+    policy kept probing them).
+  Each correction is the median of the kind's recent cycles, taken as none
+  (optimistic, so that the kind gets tried) until it has 3: one slow cycle (a compile,
+  a collection) must not make a kind look expensive for good, since a kind the policy
+  stops choosing is no longer measured.
 
 A cycle verifying K - 1 drafts emits 1 + sum_{i<K-1} prod_{j<=i} alpha[j] tokens on
-average and costs draft(bs, D) + verify(bs, K) + overhead; plain AR (K = 1) emits
-one token for verify(bs, 1) + overhead. Once a plan (batch bucket, K, D) has run 3
+average and costs (draft(bs, D) + verify(bs, K)) * scale + overhead; plain AR (K = 1)
+emits one token for verify(bs, 1) * scale + overhead. Once a plan (batch bucket, K, D) has run 3
 cycles, its cost is the median of its own recent cycle times instead: the pass table
 is measured on synthetic inputs and runs a few percent fast on compute-bound passes,
 which is the whole margin near the batch size where speculation stops paying. The policy only ever changes K and D: the
@@ -141,13 +151,16 @@ class AcceptanceEstimator:
 
 class VerifyPolicy:
     def __init__(self, block_size: int, costs: PassCosts, token_sizes=TOKEN_SIZES, vary_draft_len: bool = True,
-                 probe_min: int = 8, probe_max: int = 256, probe_gain: float = 1.10):
+                 probe_min: int = 8, probe_max: int = 256, probe_gain: float = 1.10, pipelined: bool = False):
         self.B = block_size
         self.costs = costs
+        self.pipelined = pipelined
         self.acceptance = AcceptanceEstimator(block_size - 1)
+        # Per kind, recent cycles' excess over the table: seconds (not pipelined) or ratios (pipelined).
         self._extra: dict[str, deque] = {"spec": deque(maxlen=15), "ar": deque(maxlen=15)}
         self._cycle: dict[tuple[int, int, int], deque] = {}  # (batch bucket, K, D) -> recent cycle seconds
-        self.overhead = {"spec": 0.0, "ar": 0.0}
+        self.overhead = {"spec": 0.0, "ar": 0.0}  # seconds added to a cycle (not pipelined)
+        self.scale = {"spec": 1.0, "ar": 1.0}  # factor on a cycle's passes (pipelined)
         self.vary_draft_len = vary_draft_len
         sizes = sorted({s for s in token_sizes if 2 <= s <= block_size} | {block_size})
         self.sizes = sizes
@@ -181,7 +194,8 @@ class VerifyPolicy:
         seen = self._cycle.get((batch_bucket(bs), K, D if K > 1 else 0))
         if seen is not None and len(seen) >= 3:
             return sorted(seen)[len(seen) // 2]
-        return self.pass_cost(bs, K, D) + self.overhead["spec" if K > 1 else "ar"]
+        kind = "spec" if K > 1 else "ar"
+        return self.pass_cost(bs, K, D) * self.scale[kind] + self.overhead[kind]
 
     def rates(self, bs: int, max_remaining: int, optimistic: bool = False) -> list[tuple[float, int, int]]:
         """(expected tokens per second per sequence, K, D) of every candidate."""
@@ -221,10 +235,18 @@ class VerifyPolicy:
         self.acceptance.observe(draft_len, verified, accepted)
 
     def observe_time(self, bs: int, K: int, D: int, seconds: float) -> None:
-        """A whole cycle's wall time; what the passes do not explain is overhead: the median
-        of the kind's recent cycles once it has 3, zero before."""
+        """A whole cycle's wall time; what the passes do not explain is the kind's `overhead`
+        (not pipelined) or `scale` (pipelined; see the module docstring): the median of its
+        recent cycles once it has 3."""
         kind = "spec" if K > 1 else "ar"
         self._cycle.setdefault((batch_bucket(bs), K, D if K > 1 else 0), deque(maxlen=9)).append(seconds)
-        xs = self._extra[kind]
-        xs.append(max(0.0, seconds - self.pass_cost(bs, K, D)))
-        self.overhead[kind] = sorted(xs)[len(xs) // 2] if len(xs) >= 3 else 0.0
+        passes = self.pass_cost(bs, K, D)
+        if self.pipelined:
+            self._extra[kind].append(max(1.0, seconds / passes) if passes > 0 else 1.0)
+            own = {k: sorted(xs)[len(xs) // 2] for k, xs in self._extra.items() if len(xs) >= 3}
+            for k, other in (("spec", "ar"), ("ar", "spec")):
+                self.scale[k] = own.get(k, own.get(other, 1.0))
+        else:
+            xs = self._extra[kind]
+            xs.append(max(0.0, seconds - passes))
+            self.overhead[kind] = sorted(xs)[len(xs) // 2] if len(xs) >= 3 else 0.0

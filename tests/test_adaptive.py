@@ -161,6 +161,49 @@ def test_overhead_learned_from_cycle_times():
     assert pol.overhead["ar"] == 0.0  # no AR cycle yet: optimistic, so that AR gets tried
 
 
+def test_pipelined_overhead_is_a_ratio_shared_with_untried_kinds():
+    """Pipelined, the host's work hides behind the device: what the table misses grows with
+    the pass. AR steps measured 20 % over the table make the untried speculative plans 20 %
+    dearer too, not table-priced (which made them look like wins at batch 128)."""
+    pol = VerifyPolicy(8, _costs(0.01), pipelined=True)  # a pass of T tokens at batch 128: 1 + 1.28 T s
+    assert pol.cycle_cost(128, 4, 4) == pytest.approx(pol.pass_cost(128, 4, 4))  # nothing seen: the table
+    for _ in range(3):
+        pol.observe_time(128, 1, 0, 1.2 * pol.pass_cost(128, 1, 0))
+    assert pol.scale == pytest.approx({"ar": 1.2, "spec": 1.2}) and pol.overhead == {"ar": 0.0, "spec": 0.0}
+    assert pol.cycle_cost(128, 4, 4) == pytest.approx(1.2 * pol.pass_cost(128, 4, 4))
+    for _ in range(3):  # once speculative cycles are seen, their own ratio
+        pol.observe_time(128, 2, 2, 1.05 * pol.pass_cost(128, 2, 2))
+    assert pol.scale == pytest.approx({"ar": 1.2, "spec": 1.05})
+    assert pol.cycle_cost(128, 4, 4) == pytest.approx(1.05 * pol.pass_cost(128, 4, 4))
+
+
+def test_pipelined_policy_does_not_probe_plans_only_a_slow_ar_step_made_look_good():
+    """The H200 batch-128 case (benchmarks/simulate_policy.py), in small. Every cycle runs 11 %
+    over its table. At acceptance 0.5 AR wins; as the evidence ages the optimistic acceptance
+    reaches 1, and a 2-token cycle (table 1.9 s, for 2 tokens) then beats the measured AR step
+    (1.11 s a token) by 17 %, a probe's worth, but not the AR step scaled alike (by 5 %).
+    Pipelined, the policy scales the untried plans like the AR step and never probes; with an
+    added constant (the non-pipelined model: the plan is table-priced) it does."""
+    def spec_cycles(pipelined):
+        costs = PassCosts()
+        for kind, table in (("verify", {1: 1.0, 2: 0.95, 4: 3.0, 8: 8.0}), ("draft", {8: 0.95})):
+            for T, sec in table.items():
+                costs.record(kind, 128, T, sec)
+        pol = VerifyPolicy(8, costs, pipelined=pipelined, vary_draft_len=False)
+        _geometric_cycles(pol.acceptance, 0.5, 7, 300, 8, np.random.default_rng(1), draft_len=8)
+        spec = 0
+        for _ in range(600):
+            K, D = pol.choose(128, 1000)
+            pol.observe_time(128, K, D, 1.11 * pol.pass_cost(128, K, D))
+            if K > 1:
+                spec += 1
+                _geometric_cycles(pol.acceptance, 0.5, K - 1, 1, 128, np.random.default_rng(spec), draft_len=D)
+        return spec
+
+    assert spec_cycles(pipelined=True) == 0
+    assert spec_cycles(pipelined=False) > 0
+
+
 def test_one_slow_cycle_does_not_lock_out_speculation():
     """A launch-bound model: passes cost the same at any length, acceptance is good. One
     cycle that takes 50x longer (a compile, say) must not keep the policy on AR for good."""
