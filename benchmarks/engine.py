@@ -18,7 +18,9 @@ diffusion view of the same shape; no download):
 - bf16 exactness: how often greedy Orthrus and AR outputs differ, where, and the AR
   top-2 logit margin there (near-ties expected);
 - the real SmolLM2-135M end to end in both modes, when its GGUF is on the machine;
-- a profile of the AR step and the Orthrus cycle at batch 1 (where the time goes).
+- a profile of the AR step and the Orthrus cycle at batch 1 (where the time goes);
+- the attention backends side by side (flash-attn 4 where it imports, and the Triton
+  kernel): graphed decode, long prefills and long-context passes.
 Each section runs under a share of --budget-s and the JSON is rewritten after each,
 so a partial run still reports what it measured. `targets` gives, for each target of
 issue 7, the measured value, the bound and whether it was met.
@@ -44,7 +46,6 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from orthrus_runtime.adaptive import VerifyPolicy  # noqa: E402
 from orthrus_runtime.async_engine import warm_up  # noqa: E402
 from orthrus_runtime.config import ModelConfig  # noqa: E402
 from orthrus_runtime.engine import EngineConfig, LLMEngine  # noqa: E402
@@ -132,12 +133,17 @@ def ar_weight_bytes(model: DualViewModel) -> int:
     return total
 
 
-def make_engine(model, max_len: int, max_seqs: int = 128, policy: str = "adaptive", mask_id: int = 151665):
+ATTENTION = "auto"  # --attention: the engines' attention_backend
+
+
+def make_engine(model, max_len: int, max_seqs: int = 128, policy: str = "adaptive", mask_id: int = 151665,
+                attention: str | None = None):
     page = 16
     blocks = max_seqs * (-(-(max_len + B) // page)) + 64
     cfg = EngineConfig(block_size=B, mask_token_id=mask_id, max_num_seqs=max_seqs,
                        max_num_batched_tokens=max(2048, max_seqs * PROMPT), max_model_len=max_len,
-                       kv_page_size=page, num_kv_blocks=blocks, verify_policy=policy)
+                       kv_page_size=page, num_kv_blocks=blocks, verify_policy=policy,
+                       attention_backend=attention or ATTENTION)
     return LLMEngine(model, cfg)
 
 
@@ -162,7 +168,7 @@ def measure(eng: LLMEngine, bs: int, mode: str, steps: int, warm: int, plan=None
     acceptance is random: small batches need many cycles for a stable mean)."""
     eng.fixed_plan, eng.forced_accept = plan, forced
     if fresh_policy and eng.policy is not None:
-        eng.policy = VerifyPolicy(B, eng.runner.costs)
+        eng.policy = eng.new_policy()
     g = torch.Generator().manual_seed(seed)
     room = eng.cfg.max_model_len - PROMPT - 1
     dt = toks = cyc = acc = 0
@@ -217,13 +223,13 @@ def section_env(rep):
 
 
 def _flash_attn_state() -> str:
-    for mod in ("flash_attn", "flash_attn.cute"):
-        try:
-            __import__(mod)
-            return f"{mod} importable (not used: the paged prefix+block attention is the engine's Triton kernel)"
-        except Exception:  # noqa: BLE001
-            pass
-    return "not installed: paged attention runs in the engine's own Triton kernel (torch SDPA fallback on CPU)"
+    try:
+        import flash_attn.cute  # noqa: F401
+        from importlib.metadata import version
+
+        return f"flash-attn-4 {version('flash-attn-4')} (flash_attn.cute.flash_attn_varlen_func)"
+    except Exception as e:  # noqa: BLE001
+        return f"not importable ({type(e).__name__}: {e}): attention runs in the engine's Triton kernel"
 
 
 def section_bandwidth(rep):
@@ -315,6 +321,83 @@ def section_shape(rep, shape: str, bw: float, budget: Budget, share: float, quic
             log(shape, f"forced bs {bs} mean {m}: full x{full['tokens_per_s'] / ar_tps:.2f} "
                 f"adaptive x{adap['tokens_per_s'] / ar_tps:.2f} plan {adap.get('policy_last')}")
     return model, eng
+
+
+def _time_eager(fn, reps: int = 5) -> float:
+    fn()
+    sync()
+    ts = []
+    for _ in range(reps):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        fn()
+        e1.record()
+        e1.synchronize()
+        ts.append(e0.elapsed_time(e1))
+    return sorted(ts)[len(ts) // 2]
+
+
+# (label, batch, pass tokens, cached prefix, diffusion view): prefill, long-context draft and decode
+EAGER_PASSES = (("prefill 1x8192", 1, 8192, 0, False), ("prefill 1x2048", 1, 2048, 0, False),
+                ("prefill 16x512", 16, 512, 0, False),
+                ("draft 1x32 @ 8192", 1, 32, 8192, True), ("draft 32x32 @ 2048", 32, 32, 2048, True),
+                ("verify 1x32 @ 8192", 1, 32, 8192, False), ("ar 1x1 @ 8192", 1, 1, 8192, False))
+
+
+def section_attention(rep, shape, model, eng):
+    """The attention backends side by side: the engine's graphed decode (AR step, Orthrus cycle of
+    block 32, engine steps) with each backend, and eager passes (long prefills, long-context
+    draft/verify) with each op set on the same weights and KV cache (the pass writes into free blocks)."""
+    from orthrus_runtime.fast_forward import make_ops
+
+    out = rep.setdefault("attention_backends", {}).setdefault(shape, {})
+    dev = torch.device(DEVICE)
+    ops = {}
+    for name in ("triton", "flash_attn"):
+        try:
+            ops[name] = make_ops(name, dev, model)
+        except ValueError as e:
+            out[f"{name}_unavailable"] = str(e)
+    fast = eng.runner.fast
+    own = fast.ops
+    eager = out["eager_pass_ms"] = {}
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    try:
+        for label, bs, T, start, diff in EAGER_PASSES:
+            nb = -(-(start + T) // fast.page)
+            if bs * nb > eng.kv.num_blocks:
+                continue
+            bt = torch.arange(bs * nb, dtype=torch.int32, device=DEVICE).view(bs, nb)
+            ids = torch.randint(0, model.cfg.vocab_size, (bs, T), device=DEVICE, generator=g)
+            st = torch.full((bs,), start, dtype=torch.int32, device=DEVICE)
+            nv = torch.full((bs,), T, dtype=torch.int32, device=DEVICE)
+            row = eager[label] = {}
+            for name, o in ops.items():
+                fast.ops = o
+                row[name] = _time_eager(lambda: fast.forward(ids, st, nv, bt, diff=diff))
+            log(shape, "eager", label, {k: round(v, 3) for k, v in row.items()})
+    finally:
+        fast.ops = own
+    # Graphed decode with the backend the main engine does not use (the main engine's numbers
+    # are taken again here, back to back).
+    name_main = "flash_attn" if own.name == "flash-attn4" else "triton"  # what its decode passes run
+    other = "triton" if name_main == "flash_attn" else "flash_attn"
+    if other not in ops:
+        return
+    engines = {name_main: eng}
+    engines[other] = make_engine(model, PROMPT + 24 * B, max_seqs=128, policy="full", attention=other)
+    dec = out["decode_ms"] = {}
+    try:
+        for name, e in engines.items():
+            e.runner.capture_graphs([1, 32, 128], [1, B], e.cfg.mask_token_id)
+            row = dec[name] = {"backend": e.runner.backend}
+            for bs in (1, 32, 128):
+                row[f"ar/{bs}"] = measure(e, bs, "ar", 10, 3)["ms_per_step"]
+                row[f"cycle32/{bs}"] = measure(e, bs, "orthrus", 5, 1, plan=(B, B), forced=[])["ms_per_step"]
+            log(shape, "graphed decode", name, {k: (round(v, 3) if isinstance(v, float) else v)
+                                               for k, v in row.items()})
+    finally:
+        del engines[other]
 
 
 def section_profile(rep, shape, eng):
@@ -622,9 +705,14 @@ def main() -> int:
     ap.add_argument("--shapes", default="qwen3-8b,qwen3-1.7b")
     ap.add_argument("--means", default="1,2,4,8,16", help="forced mean tokens per cycle to sweep")
     ap.add_argument("--tag", default="", help="suffix of the output file names")
-    ap.add_argument("--skip", default="", help="comma-separated sections to skip: hf, exactness, smollm2, profile")
+    ap.add_argument("--skip", default="",
+                    help="comma-separated sections to skip: hf, exactness, smollm2, profile, attention")
+    ap.add_argument("--attention", default="auto", choices=("auto", "flash_attn", "triton"),
+                    help="the engines' attention_backend (the attention section compares both)")
     ap.add_argument("--cpu-dry-run", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    global ATTENTION
+    ATTENTION = args.attention
     if args.cpu_dry_run:
         _dry_run_setup()
     elif not torch.cuda.is_available():
@@ -675,6 +763,8 @@ def main() -> int:
             model, eng = res
             if shape == "qwen3-8b" and "profile" not in skip:
                 run(f"{shape}/profile", section_profile, rep, shape, eng)
+            if shape == "qwen3-8b" and "attention" not in skip and DEVICE == "cuda":
+                run(f"{shape}/attention", section_attention, rep, shape, model, eng)
             if shape == "qwen3-1.7b" and "exactness" not in skip:
                 run(f"{shape}/exactness", section_exactness, rep, shape, model, eng, 16, 48 if args.quick else 96)
             del model, eng, res

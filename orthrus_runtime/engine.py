@@ -77,6 +77,9 @@ class EngineConfig:
     # Pipelined decoding (see the module docstring). None: on where CUDA graphs run; True
     # elsewhere also selects the fast path (so that the CPU tests run it).
     async_scheduling: Optional[bool] = None
+    # Attention of the CUDA fast path: auto (flash-attn 4 where it runs, else the Triton
+    # kernels), flash_attn, triton, or torch (see fast_forward.make_ops).
+    attention_backend: str = "auto"
 
 
 class LLMEngine:
@@ -107,7 +110,8 @@ class LLMEngine:
         self.kv = KVCache(mcfg, num_blocks, cfg.kv_page_size, self.dtype, self.device)
         self.blocks = BlockManager(num_blocks, cfg.kv_page_size)
         self.runner = ModelRunner(model, self.kv, self.device, fast=True if cfg.async_scheduling else None,
-                                  cuda_graphs=cfg.cuda_graphs, max_model_len=cfg.max_model_len)
+                                  cuda_graphs=cfg.cuda_graphs, max_model_len=cfg.max_model_len,
+                                  attention_backend=cfg.attention_backend)
         self.pipelined = (cfg.async_scheduling if cfg.async_scheduling is not None
                           else self.runner.graphs is not None)
         self._inflight: Optional[LaunchedCycle] = None  # a queued cycle not yet committed
@@ -139,9 +143,12 @@ class LLMEngine:
         self.fixed_plan: Optional[tuple[int, int]] = None
         if cfg.verify_policy not in ("full", "adaptive"):
             raise ValueError(f"verify_policy must be 'full' or 'adaptive', got {cfg.verify_policy!r}")
-        self.policy: Optional[VerifyPolicy] = (
-            VerifyPolicy(cfg.block_size, self.runner.costs) if cfg.verify_policy == "adaptive" else None)
+        self.policy: Optional[VerifyPolicy] = self.new_policy() if cfg.verify_policy == "adaptive" else None
         self._plan_step, self._plan_cache = -1, (cfg.block_size, cfg.block_size)
+
+    def new_policy(self) -> VerifyPolicy:
+        """A fresh adaptive policy (no acceptance or cycle history) over the measured passes."""
+        return VerifyPolicy(self.cfg.block_size, self.runner.costs, pipelined=self.pipelined)
 
     # -- requests -----------------------------------------------------------------
     def model_info(self) -> ModelInfo:

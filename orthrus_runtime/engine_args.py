@@ -47,6 +47,9 @@ class EngineArgs:
     # Pipelined decoding: queue the next decode cycle before the host commits the current one,
     # so that its bookkeeping overlaps the GPU (same output). None: on wherever CUDA graphs run.
     async_scheduling: Optional[bool] = None
+    # Attention on the GPU: auto (flash-attn 4 where it imports and supports the model and
+    # card: bf16/fp16 on Hopper or Blackwell; else the Triton kernels), flash_attn, triton, torch.
+    attention_backend: str = "auto"
     seed: int = 0
 
     @classmethod

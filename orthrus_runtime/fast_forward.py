@@ -7,9 +7,12 @@ writes nothing and attends bidirectionally inside its block. Everything that var
 between steps is a tensor (no host values are read), so the same call can be
 captured in a CUDA graph and replayed with new contents.
 
-Two op sets compute the same function: `TorchOps` (plain PyTorch, any device; the
-reference the Triton kernels are tested against) and `TritonOps` (the kernels of
-`triton_kernels`, CUDA). Projections are packed per layer and view (q|k|v as one
+Three op sets compute the same function: `TorchOps` (plain PyTorch, any device; the
+reference the others are tested against), `TritonOps` (the kernels of
+`triton_kernels`, CUDA) and `FlashAttnOps` (TritonOps with attention through
+flash-attn 4, `flash_attn.cute.flash_attn_varlen_func`, on Hopper and Blackwell in
+bf16/fp16). `make_ops` picks one from the `attention_backend` setting; "auto" takes
+flash-attn for prefill-sized passes only (see `make_ops`). Projections are packed per layer and view (q|k|v as one
 matrix, gate|up as one) so that a layer is 4 GEMMs; the modules' weights become
 views of the packed tensors, so no memory is duplicated. `ops.linear` runs them (and
 lm_head, through `logits`): cuBLAS, or for passes of at most 32 half-precision rows
@@ -35,7 +38,16 @@ def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
-class TorchOps:
+ATTENTION_BACKENDS = ("auto", "flash_attn", "triton", "torch")
+
+
+class _Ops:
+    def pass_meta(self, start, nvalid, bt, T: int, diff: bool, page: int):
+        """Whatever attention needs once per pass rather than per layer (None: nothing)."""
+        return None
+
+
+class TorchOps(_Ops):
     """Plain PyTorch ops (CPU, or CUDA without Triton). Eager only: host-side filtering."""
 
     name = "torch"
@@ -62,7 +74,7 @@ class TorchOps:
             vc.view(-1, HKV, D).index_copy_(0, slots[keep], v[keep])
         return q.contiguous(), k.contiguous()
 
-    def attention(self, q, kb, vb, kc, vc, bt, start, nvalid, T, scale, causal):
+    def attention(self, q, kb, vb, kc, vc, bt, start, nvalid, T, scale, causal, meta=None):
         n, H, D = q.shape
         bs, HKV, page = start.shape[0], kb.shape[1], kc.shape[1]
         dev = q.device
@@ -90,7 +102,7 @@ class TorchOps:
         return F.linear(x, w, b)
 
 
-class TritonOps:
+class TritonOps(_Ops):
     """The fused Triton kernels: capturable in CUDA graphs."""
 
     name = "triton"
@@ -107,7 +119,7 @@ class TritonOps:
     def qk_norm_rope(self, qkv, cos, sin, qw, kw, H, HKV, D, eps, kc=None, vc=None, slots=None):
         return self.tk.qk_norm_rope(qkv, cos, sin, qw, kw, H, HKV, D, eps, kc, vc, slots)
 
-    def attention(self, q, kb, vb, kc, vc, bt, start, nvalid, T, scale, causal):
+    def attention(self, q, kb, vb, kc, vc, bt, start, nvalid, T, scale, causal, meta=None):
         return self.tk.paged_attention(q, kb, vb, kc, vc, bt, start, nvalid, T, scale, causal)
 
     def silu_mul(self, gu):
@@ -120,6 +132,63 @@ class TritonOps:
         return F.linear(x, w, b)
 
 
+@dataclass
+class _FlashMeta:
+    table: torch.Tensor  # [bs, W'] int32, unit stride: the block table, widened for the AR view
+    kv_len: torch.Tensor  # [bs] int32: keys read from the cache (AR: start + T; diffusion: start)
+
+
+class FlashAttnOps(TritonOps):
+    """TritonOps with attention through flash-attn 4 (`flash_attn_varlen_func`, batched q of
+    [bs, T, H, D], paged K/V through `page_table`, lengths through `seqused_k`), for passes
+    of at least `min_tokens` tokens a sequence.
+
+    AR view: qk_norm_rope has already written this pass's K/V into the cache, so one causal
+    call over the cache does it. Its causal mask is aligned to the last key, so each
+    sequence reads start + T keys (T: the padded pass length): row i then sees keys
+    0..start+i, exactly its own prefix; padding rows (i >= nvalid) see slots nothing
+    wrote this pass, or zero-filled block-table columns (block 0), whose finite values only
+    reach outputs that are discarded. (Telling it nvalid instead, through seqused_q, would
+    leave padding rows unwritten: uninitialised memory, possibly NaN.)
+    Diffusion view: it must not write the cache, so two calls, each returning its
+    log-sum-exp: the cached prefix (start keys, no mask) and the block's own keys (nvalid,
+    no mask), merged exactly by `triton_kernels.merge_attention` (padding rows: zeros)."""
+
+    def __init__(self, min_tokens: int = 1):
+        """min_tokens: passes of fewer tokens per sequence run the Triton kernel instead."""
+        super().__init__()
+        from flash_attn.cute import flash_attn_varlen_func
+
+        self.fa = flash_attn_varlen_func
+        self.min_tokens = min_tokens
+        self.name = "flash-attn4" if min_tokens <= 1 else f"flash-attn4(passes>={min_tokens})+triton"
+
+    def pass_meta(self, start, nvalid, bt, T: int, diff: bool, page: int):
+        if T < self.min_tokens:
+            return None  # the Triton kernel's pass
+        bs, W = bt.shape
+        extra = 0 if diff else -(-T // page)  # room for start + T keys
+        table = torch.zeros(bs, W + extra, dtype=torch.int32, device=bt.device)
+        table[:, :W] = bt
+        return _FlashMeta(table, start if diff else start + T)
+
+    def attention(self, q, kb, vb, kc, vc, bt, start, nvalid, T, scale, causal, meta=None):
+        if meta is None:
+            return super().attention(q, kb, vb, kc, vc, bt, start, nvalid, T, scale, causal)
+        n, H, D = q.shape
+        bs, HKV = start.shape[0], kb.shape[1]
+        q4 = q.view(bs, T, H, D)
+        if causal:
+            out, _ = self.fa(q4, kc, vc, seqused_k=meta.kv_len, page_table=meta.table, softmax_scale=scale,
+                             causal=True)
+            return out.view(n, H, D)
+        o1, l1 = self.fa(q4, kc, vc, seqused_k=meta.kv_len, page_table=meta.table, softmax_scale=scale,
+                         return_lse=True)
+        o2, l2 = self.fa(q4, kb.view(bs, T, HKV, D), vb.view(bs, T, HKV, D), seqused_k=nvalid,
+                         softmax_scale=scale, return_lse=True)
+        return self.tk.merge_attention(o1, l1, o2, l2, nvalid).view(n, H, D)
+
+
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
@@ -130,10 +199,57 @@ def triton_supports(model: DualViewModel) -> bool:
     return d >= 16 and d & (d - 1) == 0
 
 
-def default_ops(device: torch.device, model: DualViewModel):
-    if device.type == "cuda" and triton_available() and triton_supports(model):
-        return TritonOps()
-    return TorchOps()
+def flash_attn_unsupported(device: torch.device, model: DualViewModel) -> Optional[str]:
+    """Why flash-attn 4 cannot run this model here (None: it can)."""
+    if device.type != "cuda":
+        return f"flash-attn needs CUDA (the device is {device})"
+    if not triton_available() or not triton_supports(model):
+        return "flash-attn runs beside the Triton kernels, which need triton and a power-of-two head size"
+    if importlib.util.find_spec("flash_attn") is None:
+        return "flash-attn 4 is not installed (pip install flash-attn-4)"
+    try:
+        from flash_attn.cute import flash_attn_varlen_func  # noqa: F401
+    except Exception as e:  # noqa: BLE001  (flash-attn 2 alone, or a broken CuTe DSL install)
+        return f"flash-attn 4 does not import ({type(e).__name__}: {e})"
+    major = torch.cuda.get_device_capability(device)[0]
+    if major not in (9, 10):
+        return f"flash-attn 4 paged attention needs Hopper or Blackwell (compute capability {major}.x here)"
+    dtype = model.lm_head.weight.dtype
+    if dtype not in (torch.bfloat16, torch.float16):
+        return f"flash-attn 4 computes in bfloat16/float16, not {dtype}"
+    d = model.cfg.head_dim
+    if d % 8 or not 8 <= d <= (256 if major == 9 else 128):
+        return f"flash-attn 4 does not support head size {d} on compute capability {major}.x"
+    return None
+
+
+# "auto" leaves passes of up to 64 tokens a sequence (every decode pass: verify, draft, AR
+# step) to the Triton kernel. Measured on an H200 (8B shape, bf16; benchmarks/engine.py's
+# attention section): in graphed decode flash-attn 4 ties it at batch 1 and 32 but is 8 %
+# slower at batch 128 (AR step 7.06 vs 6.52 ms), and a 32-token draft over an 8192-token
+# context takes 20.5 vs 13.7 ms (no split-KV on SM90 in flash-attn 4); prefill passes are
+# where it is as fast or faster.
+AUTO_FLASH_MIN_TOKENS = 65
+
+
+def make_ops(backend: str, device: torch.device, model: DualViewModel):
+    """The fast path's op set. auto: flash-attn 4 for prefill-sized passes where it runs this
+    model (AUTO_FLASH_MIN_TOKENS), the Triton kernels otherwise on CUDA, else plain torch;
+    flash_attn: flash-attn 4 for every pass. A backend named explicitly that cannot run is an error."""
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, got {backend!r}")
+    if backend == "torch":
+        return TorchOps()
+    if backend in ("auto", "flash_attn"):
+        why = flash_attn_unsupported(device, model)
+        if why is None:
+            return FlashAttnOps(AUTO_FLASH_MIN_TOKENS if backend == "auto" else 1)
+        if backend == "flash_attn":
+            raise ValueError(f"attention_backend 'flash_attn': {why}")
+    triton_ok = device.type == "cuda" and triton_available() and triton_supports(model)
+    if backend == "triton" and not triton_ok:
+        raise ValueError("attention_backend 'triton' needs CUDA, triton and a power-of-two head size of at least 16")
+    return TritonOps() if triton_ok else TorchOps()
 
 
 @dataclass
@@ -177,7 +293,7 @@ class FastForward:
     def __init__(self, model: DualViewModel, kv: KVCache, ops=None):
         self.model, self.kv = model, kv
         dev = model.lm_head.weight.device
-        self.ops = ops if ops is not None else default_ops(dev, model)
+        self.ops = ops if ops is not None else make_ops("auto", dev, model)
         c = model.cfg
         self.H, self.HKV, self.D, self.eps = c.num_heads, c.num_kv_heads, c.head_dim, c.rms_norm_eps
         self.page = kv.page_size
@@ -221,6 +337,7 @@ class FastForward:
         pos = start.long().unsqueeze(1) + torch.arange(T, device=ids.device).unsqueeze(0)
         cos, sin = m.rotary.cos_sin(pos.reshape(-1), m.lm_head.weight.dtype)
         slots = None if diff else self.slots(start, nvalid, bt, T)
+        meta = ops.pass_meta(start, nvalid, bt, T, diff, self.page)
         delta = m.embed(ids).reshape(bs * T, -1)
         res = None
         for i, L in enumerate(self.layers):
@@ -231,7 +348,7 @@ class FastForward:
             q, k = ops.qk_norm_rope(qkv, cos, sin, v.q_norm, v.k_norm, H, HKV, D, eps,
                                     None if diff else kc, None if diff else vc, slots)
             vb = qkv[:, (H + HKV) * D:].view(bs * T, HKV, D)
-            a = ops.attention(q, k, vb, kc, vc, bt, start, nvalid, T, m.scale, causal=not diff)
+            a = ops.attention(q, k, vb, kc, vc, bt, start, nvalid, T, m.scale, causal=not diff, meta=meta)
             delta = ops.linear(a.reshape(bs * T, H * D), v.w_o, v.b_o)
             h, res = ops.add_rmsnorm(delta, res, L.ln2, eps)
             delta = ops.linear(ops.silu_mul(ops.linear(h, L.w_gu, L.b_gu)), L.w_down, L.b_down)

@@ -63,9 +63,10 @@ class PagedDraft:
 
 class ModelRunner:
     def __init__(self, model: DualViewModel, kv: KVCache, device: torch.device, fast: Optional[bool] = None,
-                 cuda_graphs: Optional[bool] = None, max_model_len: Optional[int] = None, ops=None):
+                 cuda_graphs: Optional[bool] = None, max_model_len: Optional[int] = None, ops=None,
+                 attention_backend: str = "auto"):
         """fast / cuda_graphs: None = on for CUDA, off elsewhere. ops: the fast path's op set
-        (default: Triton kernels on CUDA when they import, else plain torch)."""
+        (default: `fast_forward.make_ops(attention_backend)`)."""
         self.model = model
         self.kv = kv
         self.device = device
@@ -75,9 +76,11 @@ class ModelRunner:
         self.graphs = None
         use_fast = fast if fast is not None else device.type == "cuda"
         if use_fast:
-            from .fast_forward import FastForward
+            from .fast_forward import FastForward, make_ops
 
-            self.fast = FastForward(model, kv, ops)
+            self.fast = FastForward(model, kv, ops if ops is not None else make_ops(attention_backend, device, model))
+        elif attention_backend not in ("auto", "torch"):
+            raise ValueError(f"attention_backend {attention_backend!r} needs the fast path (CUDA, or async_scheduling)")
         use_graphs = cuda_graphs if cuda_graphs is not None else device.type == "cuda"
         if use_graphs and self.fast is not None and device.type == "cuda" and self.fast.ops.graphable:
             from .cuda_graphs import GraphedPasses

@@ -10,7 +10,9 @@ which is what holds a batch-1 decode step far above the memory roofline (and
 - `paged_attention`: one query block per sequence against (a) its cached prefix,
   read through the block table, and (b) this pass's own keys/values, causal for the
   AR view and bidirectional for the diffusion view; online softmax in float32;
-- `silu_mul`: the MLP's SiLU(gate) * up.
+- `silu_mul`: the MLP's SiLU(gate) * up;
+- `merge_attention`: two partial attentions (flash-attn's prefix and own-block calls of
+  the diffusion view) merged by their log-sum-exps.
 
 Every size that changes from step to step (prefix lengths, valid tokens, block
 tables) is read from device memory, so the launches can be captured in a CUDA graph.
@@ -215,6 +217,47 @@ def paged_attention(q, kb, vb, kc, vc, bt, start, nvalid, T: int, scale: float, 
         kc.stride(0), kc.stride(1), kc.stride(2), bt.stride(0), bt.stride(1), out.stride(0), out.stride(1),
         T, scale, G=G, D=D, PAGE=kc.shape[1], BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, CAUSAL=causal, PREC=prec,
         num_warps=4, num_stages=2)
+    return out
+
+
+# -- merging two partial attentions by their log-sum-exps --------------------------------------------
+
+
+@triton.jit
+def _merge_attention_kernel(O1, L1, O2, L2, NVALID, O, T,
+                            H: tl.constexpr, HP: tl.constexpr, D: tl.constexpr):
+    # One program per token row (all heads): o = (o1 e^l1 + o2 e^l2) / (e^l1 + e^l2).
+    n = tl.program_id(0).to(tl.int64)
+    b = n // T
+    t = n % T
+    h = tl.arange(0, HP)
+    d = tl.arange(0, D)
+    hm = h < H
+    l1 = tl.load(L1 + (b * H + h) * T + t, mask=hm, other=float("-inf"))
+    l2 = tl.load(L2 + (b * H + h) * T + t, mask=hm, other=float("-inf"))
+    mx = tl.maximum(l1, l2)
+    mx = tl.where(mx == float("-inf"), 0.0, mx)  # a row with no key in either part: weights 0
+    w1 = tl.exp(l1 - mx)
+    w2 = tl.exp(l2 - mx)
+    den = w1 + w2
+    den = tl.where(den > 0, den, 1.0)
+    offs = n * (H * D) + h[:, None] * D + d[None, :]
+    o1 = tl.load(O1 + offs, mask=hm[:, None], other=0.0).to(tl.float32)
+    o2 = tl.load(O2 + offs, mask=hm[:, None], other=0.0).to(tl.float32)
+    o = (o1 * w1[:, None] + o2 * w2[:, None]) / den[:, None]
+    o = tl.where(t < tl.load(NVALID + b), o, 0.0)  # padding rows: zeros, as paged_attention gives
+    tl.store(O + offs, o.to(O.dtype.element_ty), mask=hm[:, None])
+
+
+def merge_attention(o1, l1, o2, l2, nvalid):
+    """Exact softmax attention over the union of two key sets, from each set's result.
+    o1/o2 [bs, T, H, D] (contiguous); l1/l2 [bs, H, T] float32 natural-log log-sum-exps (-inf:
+    no key); nvalid [bs] int32 -> [bs, T, H, D], zeros in rows t >= nvalid[b]."""
+    bs, T, H, D = o1.shape
+    out = torch.empty_like(o1)
+    if bs * T:
+        _merge_attention_kernel[(bs * T,)](o1, l1.contiguous(), o2, l2.contiguous(), nvalid, out, T,
+                                           H=H, HP=_pow2(H), D=D, num_warps=4)
     return out
 
 
