@@ -129,6 +129,20 @@ def qk_norm_rope(qkv, cos, sin, qw, kw, H, HKV, D, eps, kc=None, vc=None, slots=
 
 
 @triton.jit
+def _online_softmax_step(s, v, m_i, l_i, acc, PREC: tl.constexpr):
+    """Fold one key tile into the running softmax: s [M, N] scores in log2 units (-inf where
+    masked), v [N, D] -> the new (row max, row sum, accumulator). A row with every key masked
+    so far keeps max -inf and sum 0 (no NaN: the max is taken as 0 for the exponentials)."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _attn_kernel(Q, KB, VB, KC, VC, BT, START, NVALID, O,
                  sq_n, sq_h, skb_n, skb_h, svb_n, svb_h, sc_blk, sc_pg, sc_h, sbt_b, sbt_p, so_n, so_h,
                  T, scale,
@@ -160,14 +174,7 @@ def _attn_kernel(Q, KB, VB, KC, VC, BT, START, NVALID, O,
         k = tl.load(KC + base[:, None] + d[None, :], mask=km[:, None], other=0.0)
         v = tl.load(VC + base[:, None] + d[None, :], mask=km[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-        s = tl.where(km[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_step(tl.where(km[None, :], s, float("-inf")), v, m_i, l_i, acc, PREC)
     # (b) this pass's own keys [0, nvalid): causal (AR view) or all (diffusion view).
     hi = nvalid
     if CAUSAL:
@@ -183,14 +190,7 @@ def _attn_kernel(Q, KB, VB, KC, VC, BT, START, NVALID, O,
         vis = jm[None, :]
         if CAUSAL:
             vis = vis & (j[None, :] <= t[:, None])
-        s = tl.where(vis, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
-        m_i = m_new
+        m_i, l_i, acc = _online_softmax_step(tl.where(vis, s, float("-inf")), v, m_i, l_i, acc, PREC)
     # Rows that see no key at all (padding rows of a padded batch) come out as zeros.
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     tl.store(O + tok[:, None] * so_n + (kh * G + g)[:, None] * so_h + d[None, :], out.to(O.dtype.element_ty),
