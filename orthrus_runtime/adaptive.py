@@ -14,11 +14,13 @@ Inputs:
     (sampling, acceptance, bookkeeping) adds a per-cycle constant, the `overhead`;
   - pipelined: the host's work hides behind the next cycle, and what the table misses
     is the device running slower than on the table's synthetic inputs, which grows
-    with the pass: a ratio, the `scale`. A kind with no cycles of its own yet takes the
-    other kind's ratio: the speculative plans, mostly untried where AR wins, are then
-    not costed more optimistically than the AR step they are weighed against (at batch
-    128 on an H200 the bare table made 16-token plans look 10 % ahead, and the
-    policy kept probing them).
+    with the pass: a ratio, the `scale`. Speculative plans with no cycles of their own
+    yet take the AR step's ratio: mostly untried where AR wins, they are then not
+    costed more optimistically than the AR step they are weighed against (at batch 128
+    on an H200 the bare table made 16-token plans look 10 % ahead, and the policy kept
+    probing them). Not the other way round: an AR step costed by the speculative
+    cycles' ratio (25 % on an H100 at batch 128, against AR's own 10 %) looked slower
+    than it is, lost to speculation before it was ever run, and was never measured.
   Each correction is the median of the kind's recent cycles, taken as none
   (optimistic, so that the kind gets tried) until it has 3: one slow cycle (a compile,
   a collection) must not make a kind look expensive for good, since a kind the policy
@@ -36,7 +38,8 @@ and Orthrus runs at AR speed; it still probes the cheapest speculative cycle now
 (at exponentially growing intervals) so that it notices when acceptance recovers, but
 only while an optimistic acceptance (the estimate plus its uncertainty, which grows
 back as old evidence decays) would make speculation win: where the estimate is
-confidently against it (a compute-bound batch, say), probes stop.
+confidently against it (a compute-bound batch, say), probes stop. Probes are spaced so
+that their extra time stays within `probe_budget` (1 %) of the AR steps between them.
 """
 from __future__ import annotations
 
@@ -151,7 +154,8 @@ class AcceptanceEstimator:
 
 class VerifyPolicy:
     def __init__(self, block_size: int, costs: PassCosts, token_sizes=TOKEN_SIZES, vary_draft_len: bool = True,
-                 probe_min: int = 8, probe_max: int = 256, probe_gain: float = 1.10, pipelined: bool = False):
+                 probe_min: int = 8, probe_max: int = 256, probe_gain: float = 1.10, pipelined: bool = False,
+                 probe_budget: float = 0.01):
         self.B = block_size
         self.costs = costs
         self.pipelined = pipelined
@@ -165,6 +169,7 @@ class VerifyPolicy:
         sizes = sorted({s for s in token_sizes if 2 <= s <= block_size} | {block_size})
         self.sizes = sizes
         self.probe_min, self.probe_max, self.probe_gain = probe_min, probe_max, probe_gain
+        self.probe_budget = probe_budget
         self.probe_every = probe_min
         self.since_spec = 0
         self.last: dict = {}
@@ -227,7 +232,13 @@ class VerifyPolicy:
                 if max(c[0] for c in opt[1:]) > self.probe_gain * opt[0][0]:
                     best = min(cands[1:], key=lambda c: self.cycle_cost(bs, c[1], c[2]))
                     self.since_spec = 0
-                    self.probe_every = min(self.probe_every * 2, self.probe_max)
+                    # The next probe: twice as far, and far enough that probes' extra time stays
+                    # within probe_budget of the AR steps between them (a probe at batch 128
+                    # costs several AR steps, at batch 1 about two).
+                    ar = self.cycle_cost(bs, 1, 0)
+                    extra = max(0.0, self.cycle_cost(bs, best[1], best[2]) - ar)
+                    self.probe_every = max(min(self.probe_every * 2, self.probe_max),
+                                           int(extra / (self.probe_budget * ar)) if ar > 0 else 0)
         self.last = {"bs": bs, "K": best[1], "D": best[2], "rate": best[0]}
         return best[1], best[2]
 
@@ -244,8 +255,8 @@ class VerifyPolicy:
         if self.pipelined:
             self._extra[kind].append(max(1.0, seconds / passes) if passes > 0 else 1.0)
             own = {k: sorted(xs)[len(xs) // 2] for k, xs in self._extra.items() if len(xs) >= 3}
-            for k, other in (("spec", "ar"), ("ar", "spec")):
-                self.scale[k] = own.get(k, own.get(other, 1.0))
+            self.scale["ar"] = own.get("ar", 1.0)
+            self.scale["spec"] = own.get("spec", self.scale["ar"])
         else:
             xs = self._extra[kind]
             xs.append(max(0.0, seconds - passes))

@@ -161,12 +161,19 @@ def test_overhead_learned_from_cycle_times():
     assert pol.overhead["ar"] == 0.0  # no AR cycle yet: optimistic, so that AR gets tried
 
 
-def test_pipelined_overhead_is_a_ratio_shared_with_untried_kinds():
+def test_pipelined_overhead_is_a_ratio_passed_from_ar_to_untried_plans():
     """Pipelined, the host's work hides behind the device: what the table misses grows with
     the pass. AR steps measured 20 % over the table make the untried speculative plans 20 %
-    dearer too, not table-priced (which made them look like wins at batch 128)."""
+    dearer too, not table-priced (which made them look like wins at batch 128). Speculative
+    cycles' ratio does not pass to an AR step not yet run: it stays optimistic (the table),
+    so that it gets run and measured."""
     pol = VerifyPolicy(8, _costs(0.01), pipelined=True)  # a pass of T tokens at batch 128: 1 + 1.28 T s
     assert pol.cycle_cost(128, 4, 4) == pytest.approx(pol.pass_cost(128, 4, 4))  # nothing seen: the table
+    for _ in range(3):
+        pol.observe_time(128, 4, 4, 1.25 * pol.pass_cost(128, 4, 4))
+    assert pol.scale == pytest.approx({"ar": 1.0, "spec": 1.25})
+    assert pol.cycle_cost(128, 1, 0) == pytest.approx(pol.pass_cost(128, 1, 0))
+    pol = VerifyPolicy(8, _costs(0.01), pipelined=True)
     for _ in range(3):
         pol.observe_time(128, 1, 0, 1.2 * pol.pass_cost(128, 1, 0))
     assert pol.scale == pytest.approx({"ar": 1.2, "spec": 1.2}) and pol.overhead == {"ar": 0.0, "spec": 0.0}
