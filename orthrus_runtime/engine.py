@@ -443,9 +443,16 @@ class LLMEngine:
         t_done = time.perf_counter()
         Kmax = max(c.K)
         if c.seqs[0].mode == "orthrus" and self.policy is not None:
-            # In a pipeline a cycle costs the interval between commits, not launch to commit.
-            self.policy.observe_time(len(c.seqs), Kmax, c.draft_len if Kmax > 1 else 0,
-                                     t_done - max(c.t_launch, self._last_commit_t))
+            # In a pipeline a cycle costs the interval between commits, not launch to commit; and
+            # only a cycle queued before the previous commit shows that cost: one launched after
+            # it (the pipeline restarting after a prefill, say) adds the launch's host time,
+            # which the pipeline hides. A few such samples can make the AR step look slower than
+            # it is, and the policy then stops running it (the likely cause, not isolated, of an
+            # H100 run at batch 128 keeping a 4-token plan 5 % slower than AR).
+            chained = c.t_launch < self._last_commit_t
+            if chained or not self.pipelined:
+                self.policy.observe_time(len(c.seqs), Kmax, c.draft_len if Kmax > 1 else 0,
+                                         t_done - max(c.t_launch, self._last_commit_t))
             if Kmax > 1:
                 self.policy.observe(c.draft_len, [k - 1 for k in c.K], out.num_accepted)
         self._last_commit_t = t_done
