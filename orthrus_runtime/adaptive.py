@@ -40,6 +40,9 @@ only while an optimistic acceptance (the estimate plus its uncertainty, which gr
 back as old evidence decays) would make speculation win: where the estimate is
 confidently against it (a compute-bound batch, say), probes stop. Probes are spaced so
 that their extra time stays within `probe_budget` (1 %) of the AR steps between them.
+The converse check: when speculation has won for `ar_recheck` (128) cycles by less than
+`ar_recheck_gain` (25 %), the AR step's old measurement is dropped, so that AR runs and
+is measured again (a plan the policy stops choosing is otherwise never measured again).
 """
 from __future__ import annotations
 
@@ -155,7 +158,7 @@ class AcceptanceEstimator:
 class VerifyPolicy:
     def __init__(self, block_size: int, costs: PassCosts, token_sizes=TOKEN_SIZES, vary_draft_len: bool = True,
                  probe_min: int = 8, probe_max: int = 256, probe_gain: float = 1.10, pipelined: bool = False,
-                 probe_budget: float = 0.01):
+                 probe_budget: float = 0.01, ar_recheck: int = 128, ar_recheck_gain: float = 1.25):
         self.B = block_size
         self.costs = costs
         self.pipelined = pipelined
@@ -170,6 +173,8 @@ class VerifyPolicy:
         self.sizes = sizes
         self.probe_min, self.probe_max, self.probe_gain = probe_min, probe_max, probe_gain
         self.probe_budget = probe_budget
+        self.ar_recheck, self.ar_recheck_gain = ar_recheck, ar_recheck_gain
+        self.since_ar = 0
         self.probe_every = probe_min
         self.since_spec = 0
         self.last: dict = {}
@@ -218,8 +223,19 @@ class VerifyPolicy:
         cands = self.rates(bs, max_remaining)
         best = max(cands, key=lambda c: c[0])
         if best[1] > 1:
+            self.since_ar += 1
+            if self.since_ar >= self.ar_recheck and best[0] < self.ar_recheck_gain * cands[0][0]:
+                # Speculation wins by a modest margin over an AR step measured long ago: forget
+                # that measurement, so that AR is costed by the table again, runs, and is measured
+                # afresh (a few slow AR samples must not keep it out for good). At most a few AR
+                # cycles every ar_recheck cycles, each losing at most 20 %: under 1 %.
+                self._forget_ar(bs)
+                cands = self.rates(bs, max_remaining)
+                best = max(cands, key=lambda c: c[0])
+        if best[1] > 1:
             self.since_spec, self.probe_every = 0, self.probe_min
         elif len(cands) > 1:
+            self.since_ar = 0
             self.acceptance.age()
             self.since_spec += 1
             if self.since_spec >= self.probe_every:
@@ -241,6 +257,12 @@ class VerifyPolicy:
                                            int(extra / (self.probe_budget * ar)) if ar > 0 else 0)
         self.last = {"bs": bs, "K": best[1], "D": best[2], "rate": best[0]}
         return best[1], best[2]
+
+    def _forget_ar(self, bs: int) -> None:
+        self._cycle.pop((batch_bucket(bs), 1, 0), None)
+        self._extra["ar"].clear()
+        self.overhead["ar"], self.scale["ar"] = 0.0, 1.0
+        self.since_ar = 0
 
     def observe(self, draft_len: int, verified: list[int], accepted: list[int]) -> None:
         self.acceptance.observe(draft_len, verified, accepted)

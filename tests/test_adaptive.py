@@ -87,8 +87,8 @@ def _costs(per_token_s: float, fixed_s: float = 1.0) -> PassCosts:
     return c
 
 
-def _trained_policy(costs, alpha, B=32, bs=8):
-    pol = VerifyPolicy(B, costs)
+def _trained_policy(costs, alpha, B=32, bs=8, **kw):
+    pol = VerifyPolicy(B, costs, **kw)
     _geometric_cycles(pol.acceptance, alpha, B - 1, 300, 8, np.random.default_rng(1), draft_len=B)
     for D in pol.sizes:  # the same profile seen at every draft length
         _geometric_cycles(pol.acceptance, alpha, D - 1, 50, 8, np.random.default_rng(D), draft_len=D)
@@ -209,6 +209,34 @@ def test_pipelined_policy_does_not_probe_plans_only_a_slow_ar_step_made_look_goo
 
     assert spec_cycles(pipelined=True) == 0
     assert spec_cycles(pipelined=False) > 0
+
+
+def test_a_few_slow_ar_samples_do_not_lock_out_ar():
+    """AR's first three cycles ran 20 % slow (a pipeline restart, say), so speculation wins on
+    the estimate by 14 %, and AR would never run again to correct it; in truth AR is 5 %
+    faster than every plan. The policy re-measures AR after a while and settles on it.
+    Where speculation wins by a wide margin, it never spends cycles re-measuring AR."""
+    curve = _trained_policy(_costs(0.0), alpha=0.8, B=8).acceptance.curve(8)
+
+    def run(spec_seconds, **kw):
+        pol = _trained_policy(_costs(0.0), alpha=0.8, B=8, pipelined=True, **kw)  # flat table: 1 s a pass
+        for _ in range(3):
+            pol.observe_time(128, 1, 0, 1.2)
+        plans = []
+        for _ in range(400):
+            K, D = pol.choose(128, 1000)
+            plans.append(K)
+            pol.observe_time(128, K, D, 1.0 if K == 1 else spec_seconds(K))
+            if K > 1:
+                _geometric_cycles(pol.acceptance, 0.8, K - 1, 1, 8, np.random.default_rng(len(plans)), draft_len=D)
+        return plans
+
+    plans = run(lambda K: curve[K] * 1.05)  # each plan: 1/1.05 tokens a second
+    assert plans[0] > 1  # the slow AR samples: speculation first
+    assert plans[-50:].count(1) >= 45, plans
+    assert run(lambda K: curve[K] * 1.05, ar_recheck=10**9)[-50:].count(1) == 0  # without the recheck
+    # Every plan at 2 s (2.5 tokens at K=4): speculation wins by far, AR is never re-run.
+    assert run(lambda K: 2.0).count(1) == 0
 
 
 def test_one_slow_cycle_does_not_lock_out_speculation():
