@@ -134,6 +134,7 @@ def ar_weight_bytes(model: DualViewModel) -> int:
 
 
 ATTENTION = "auto"  # --attention: the engines' attention_backend
+SWEEP_BATCHES = (1, 8, 32, 128)  # --sweep-bs: batch sizes of the forced-acceptance sweep
 
 
 def make_engine(model, max_len: int, max_seqs: int = 128, policy: str = "adaptive", mask_id: int = 151665,
@@ -299,7 +300,7 @@ def section_shape(rep, shape: str, bw: float, budget: Budget, share: float, quic
     # 3. Forced-acceptance sweep.
     sweep = out["forced_sweep"] = {}
     means = list(means) if not quick else [8]
-    sweep_bs = [b for b in (1, 8, 32, 128) if b in batches]
+    sweep_bs = [b for b in SWEEP_BATCHES if b in batches]
     for bs in sweep_bs:
         for m in means:
             if time.monotonic() > end:
@@ -707,12 +708,14 @@ def main() -> int:
     ap.add_argument("--tag", default="", help="suffix of the output file names")
     ap.add_argument("--skip", default="",
                     help="comma-separated sections to skip: hf, exactness, smollm2, profile, attention")
+    ap.add_argument("--sweep-bs", default="1,8,32,128", help="batch sizes of the forced-acceptance sweep")
     ap.add_argument("--attention", default="auto", choices=("auto", "flash_attn", "triton"),
                     help="the engines' attention_backend (the attention section compares both)")
     ap.add_argument("--cpu-dry-run", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    global ATTENTION
+    global ATTENTION, SWEEP_BATCHES
     ATTENTION = args.attention
+    SWEEP_BATCHES = tuple(int(b) for b in args.sweep_bs.split(","))
     if args.cpu_dry_run:
         _dry_run_setup()
     elif not torch.cuda.is_available():
