@@ -19,8 +19,8 @@ Inputs:
     costed more optimistically than the AR step they are weighed against (at batch 128
     on an H200 the bare table made 16-token plans look 10 % ahead, and the policy kept
     probing them). Not the other way round: an AR step costed by the speculative
-    cycles' ratio (25 % on an H100 at batch 128, against AR's own 10 %) looked slower
-    than it is, lost to speculation before it was ever run, and was never measured.
+    cycles' ratio (25 % on an H100 at batch 128, against AR's own 10 %) can look slower
+    than it is, lose to speculation before it has run, and then never be measured.
   Each correction is the median of the kind's recent cycles, taken as none
   (optimistic, so that the kind gets tried) until it has 3: one slow cycle (a compile,
   a collection) must not make a kind look expensive for good, since a kind the policy
@@ -28,8 +28,8 @@ Inputs:
 
 A cycle verifying K - 1 drafts emits 1 + sum_{i<K-1} prod_{j<=i} alpha[j] tokens on
 average and costs (draft(bs, D) + verify(bs, K)) * scale + overhead; plain AR (K = 1)
-emits one token for verify(bs, 1) * scale + overhead. Once a plan (batch bucket, K, D) has run 3
-cycles, its cost is the median of its own recent cycle times instead: the pass table
+emits one token for verify(bs, 1) * scale + overhead. Once a plan (batch bucket, K, D)
+has run 3 cycles, its cost is the median of its own recent cycle times instead: the pass table
 is measured on synthetic inputs and runs a few percent fast on compute-bound passes,
 which is the whole margin near the batch size where speculation stops paying. The policy only ever changes K and D: the
 acceptance rule, and the uniforms each request draws per cycle, are untouched, so

@@ -12,7 +12,9 @@ reference the others are tested against), `TritonOps` (the kernels of
 `triton_kernels`, CUDA) and `FlashAttnOps` (TritonOps with attention through
 flash-attn 4, `flash_attn.cute.flash_attn_varlen_func`, on Hopper and Blackwell in
 bf16/fp16). `make_ops` picks one from the `attention_backend` setting; "auto" takes
-flash-attn for prefill-sized passes only (see `make_ops`). Projections are packed per layer and view (q|k|v as one
+flash-attn for prefill-sized passes only (see `make_ops`).
+
+Projections are packed per layer and view (q|k|v as one
 matrix, gate|up as one) so that a layer is 4 GEMMs; the modules' weights become
 views of the packed tensors, so no memory is duplicated. `ops.linear` runs them (and
 lm_head, through `logits`): cuBLAS, or for passes of at most 32 half-precision rows
