@@ -118,3 +118,21 @@ def test_engine_args_switch_pipelining(tmp_path):
         outs[flag] = [d.token_ids for d in eng.generate(req)]
         assert eng.num_chained_steps > 0 if flag else eng.num_chained_steps == 0
     assert outs[True] == outs[None]
+
+
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_policy_learns_cycle_times_from_chained_cycles_only(pipelined):
+    """Pipelined, a cycle launched after the previous commit (the pipeline restarting after an
+    admission or prefill) carries launch time the pipeline otherwise hides: the adaptive
+    policy learns cycle times only from cycles queued ahead. Not pipelined: from every cycle."""
+    eng = engine(pipelined, policy="adaptive")
+    seen, commits = [], []
+    observe_time, commit = eng.policy.observe_time, eng._commit
+    eng.policy.observe_time = lambda *a: (seen.append(a), observe_time(*a))
+    eng._commit = lambda *a, **k: (commits.append(1), commit(*a, **k))[1]
+    eng.generate(requests("orthrus", 0.0, []))
+    if pipelined:
+        assert 0 < len(seen) == eng.num_chained_steps < len(commits)
+    else:
+        assert eng.num_chained_steps == 0 and len(seen) == len(commits)
+    assert eng.blocks.num_free == eng.blocks.num_blocks
