@@ -102,6 +102,7 @@ class AcceptanceEstimator:
         self.tried: dict[Optional[int], np.ndarray] = {None: np.zeros(self.n)}
         self.acc: dict[Optional[int], np.ndarray] = {None: np.zeros(self.n)}
         self._curves: dict[tuple, np.ndarray] = {}  # cached, cleared whenever the counts change
+        self._pooled: Optional[np.ndarray] = None  # likewise: the pooled estimate (a Python loop)
 
     def observe(self, draft_len: int, verified: list[int], accepted: list[int]) -> None:
         """One cycle: per sequence, drafts verified and drafts accepted (a prefix)."""
@@ -116,6 +117,7 @@ class AcceptanceEstimator:
             self.tried[key] = self.tried[key] * self.decay + tried[: self.n]
             self.acc[key] = self.acc[key] * self.decay + acc[: self.n]
         self._curves.clear()
+        self._pooled = None
 
     def age(self) -> None:
         """A cycle without speculation: old evidence fades all the same (the estimate is live)."""
@@ -123,16 +125,21 @@ class AcceptanceEstimator:
             self.tried[key] *= self.decay
             self.acc[key] *= self.decay
         self._curves.clear()
+        self._pooled = None
 
     def alpha(self, draft_len: Optional[int] = None, optimistic: bool = False) -> np.ndarray:
         """Conditional acceptance per draft position (length self.n). optimistic: raised by
         1/sqrt(1 + observations at position 0), the uncertainty that justifies a probe."""
-        pooled = np.empty(self.n)
-        prior = self.prior_alpha
-        t, c = self.tried[None], self.acc[None]
-        for j in range(self.n):
-            pooled[j] = (c[j] + self.prior_weight * prior) / (t[j] + self.prior_weight)
-            prior = pooled[j]
+        pooled = self._pooled
+        if pooled is None:
+            # Each position shrinks towards the one before (the first towards the prior).
+            pooled = np.empty(self.n)
+            prior = self.prior_alpha
+            t, c = self.tried[None], self.acc[None]
+            for j in range(self.n):
+                pooled[j] = (c[j] + self.prior_weight * prior) / (t[j] + self.prior_weight)
+                prior = pooled[j]
+            self._pooled = pooled
         al = pooled
         if draft_len is not None and draft_len in self.tried:
             t, c = self.tried[draft_len], self.acc[draft_len]
