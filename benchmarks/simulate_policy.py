@@ -5,14 +5,16 @@
 Two runs of benchmarks/engine.py's forced-acceptance points (8B shape, batch 128), modelled with
 each run's pass table and what the run measured against it:
 - H200 (2026-11-27-h200-8b-final.json), acceptance 0.875 per draft (mean 8): AR steps take 6.64 ms
-  (11 % over the table), speculative cycles 7 % over theirs. Before the fix, probes: speculative
-  cycles in the timed window (cycles 43-72, after the warm-up).
+  (11 % over the table), speculative cycles 7 % over theirs. Before the fix, the policy kept
+  probing inside the timed window.
 - H100 (2026-11-28-h100-7594110.json), acceptance 0.94 (mean 16): AR steps 8.15 ms (10 % over the
-  table), speculative cycles 25 % over theirs. Before the fix, lock-in: the AR step, costed by the
-  speculative cycles' ratio before it had run, lost to a 4-token plan that is 5 % slower in truth.
+  table), speculative cycles 25 % over theirs. In that run (7594110, whose policy passed the ratio
+  both ways) the policy held a 4-token plan 5 % slower than AR; the replay models the code as it
+  is now, which passes the ratio from AR to untried plans only.
 Each is replayed over 20 fresh policies with the excess over the table modelled as an added constant
-(pipelined=False, the policy before these fixes) and as a ratio (pipelined=True, what the engine
-uses with pipelined decoding). README, "About the batch-128 target", says what it showed.
+(pipelined=False: the non-pipelined model, as all of the policy was before these fixes; it has the
+probe spacing since) and as a ratio (pipelined=True, what the engine uses with pipelined decoding). Printed: speculative cycles in the timed window (cycles 43-72, after
+the warm-up). README, "About the batch-128 target", says what it showed.
 """
 from __future__ import annotations
 
