@@ -19,7 +19,7 @@ setup)
   python3 -c "from flash_attn.cute import flash_attn_varlen_func; import gguf; print('flash-attn 4 and gguf import')"
   ;;
 tests)
-  python3 -m pytest -q -p no:cacheprovider -p no:warnings tests/test_runner_fast.py tests/test_flash_attn.py \
+  python3 -m pytest -q -p no:cacheprovider -p no:warnings tests/test_runner_fast.py tests/test_attention_kernel.py tests/test_flash_attn.py \
     tests/test_pipelined.py tests/test_adaptive.py 2>&1 | tee $OUT/pytest.txt | tail -15
   python3 benchmarks/gpu_smoke.py
   ;;

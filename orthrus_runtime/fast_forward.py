@@ -110,10 +110,13 @@ class TritonOps(_Ops):
     name = "triton"
     graphable = True
 
-    def __init__(self):
+    def __init__(self, split_kv: bool = True):
+        """split_kv: small batches spread long prefixes over several programs (see
+        `triton_kernels.num_splits`); False keeps one program per row block (benchmarks)."""
         from . import triton_kernels as tk
 
         self.tk = tk
+        self.split_kv = split_kv
 
     def add_rmsnorm(self, x, res, w, eps):
         return self.tk.add_rmsnorm(x, res, w, eps)
@@ -122,7 +125,8 @@ class TritonOps(_Ops):
         return self.tk.qk_norm_rope(qkv, cos, sin, qw, kw, H, HKV, D, eps, kc, vc, slots)
 
     def attention(self, q, kb, vb, kc, vc, bt, start, nvalid, T, scale, causal, meta=None):
-        return self.tk.paged_attention(q, kb, vb, kc, vc, bt, start, nvalid, T, scale, causal)
+        return self.tk.paged_attention(q, kb, vb, kc, vc, bt, start, nvalid, T, scale, causal,
+                                       splits=None if self.split_kv else 1)
 
     def silu_mul(self, gu):
         return self.tk.silu_mul(gu)
@@ -168,11 +172,8 @@ class FlashAttnOps(TritonOps):
     def pass_meta(self, start, nvalid, bt, T: int, diff: bool, page: int):
         if T < self.min_tokens:
             return None  # the Triton kernel's pass
-        bs, W = bt.shape
-        extra = 0 if diff else -(-T // page)  # room for start + T keys
-        table = torch.zeros(bs, W + extra, dtype=torch.int32, device=bt.device)
-        table[:, :W] = bt
-        return _FlashMeta(table, start if diff else start + T)
+        extra = 0 if diff else -(-T // page)  # room for start + T keys: zero columns (block 0)
+        return _FlashMeta(F.pad(bt, (0, extra)).contiguous(), start if diff else start + T)
 
     def attention(self, q, kb, vb, kc, vc, bt, start, nvalid, T, scale, causal, meta=None):
         if meta is None:

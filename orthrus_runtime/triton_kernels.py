@@ -9,7 +9,8 @@ which is what holds a batch-1 decode step far above the memory roofline (and
   view, the write of the K/V rows into the paged cache;
 - `paged_attention`: one query block per sequence against (a) its cached prefix,
   read through the block table, and (b) this pass's own keys/values, causal for the
-  AR view and bidirectional for the diffusion view; online softmax in float32;
+  AR view and bidirectional for the diffusion view; online softmax in float32; for a
+  small batch the prefix is split over several programs and merged (split-KV);
 - `silu_mul`: the MLP's SiLU(gate) * up;
 - `merge_attention`: two partial attentions (flash-attn's prefix and own-block calls of
   the diffusion view) merged by their log-sum-exps.
@@ -143,32 +144,48 @@ def _online_softmax_step(s, v, m_i, l_i, acc, PREC: tl.constexpr):
 
 
 @triton.jit
-def _attn_kernel(Q, KB, VB, KC, VC, BT, START, NVALID, O,
+def _attn_kernel(Q, KB, VB, KC, VC, BT, START, NVALID, O, PO, PL, LOCK,
                  sq_n, sq_h, skb_n, skb_h, svb_n, svb_h, sc_blk, sc_pg, sc_h, sbt_b, sbt_p, so_n, so_h,
-                 T, scale,
+                 T, NTOK, scale,
                  G: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr):
+                 BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, SPLITS: tl.constexpr,
+                 MIN_CHUNK: tl.constexpr):
     b = tl.program_id(0)
     kh = tl.program_id(1)
-    pm = tl.program_id(2)
+    pm = tl.program_id(2) // SPLITS
+    sp = tl.program_id(2) % SPLITS
     # Rows of this program: (token t, head kh*G + g) pairs; a KV head serves its G query heads.
     m = pm * BLOCK_M + tl.arange(0, BLOCK_M)
     t = m // G
     g = m % G
     row_ok = t < T
     tok = (b * T + t).to(tl.int64)
+    head = kh * G + g
     d = tl.arange(0, D)
-    q = tl.load(Q + tok[:, None] * sq_n + (kh * G + g)[:, None] * sq_h + d[None, :], mask=row_ok[:, None], other=0.0)
+    q = tl.load(Q + tok[:, None] * sq_n + head[:, None] * sq_h + d[None, :], mask=row_ok[:, None], other=0.0)
     start = tl.load(START + b)
     nvalid = tl.load(NVALID + b)
+    if SPLITS > 1:
+        # Split-KV: the prefix in `n_active` chunks of whole key tiles, at least MIN_CHUNK keys
+        # each (a short prefix stays one chunk: no partials, no merge); split sp takes chunk sp
+        # and the last active split also the pass's own keys. Splits past n_active do nothing.
+        chunk = tl.maximum(tl.cdiv(tl.cdiv(start, SPLITS), BLOCK_N) * BLOCK_N, MIN_CHUNK)
+        n_active = tl.maximum(tl.cdiv(start, chunk), 1)
+        lo = sp * chunk
+        hi_pre = tl.minimum(start, lo + chunk)
+        last = sp == n_active - 1
+    else:
+        n_active = 1
+        lo = 0
+        hi_pre = start
     qk_scale = scale * 1.4426950408889634  # exp -> exp2
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    # (a) the cached prefix [0, start): visible to every row.
-    for n0 in range(0, start, BLOCK_N):
+    # (a) the cached prefix [lo, hi_pre) of [0, start): visible to every row.
+    for n0 in range(lo, hi_pre, BLOCK_N):
         offs = n0 + tl.arange(0, BLOCK_N)
-        km = offs < start
+        km = offs < hi_pre
         blk = tl.load(BT + b * sbt_b + (offs // PAGE) * sbt_p, mask=km, other=0).to(tl.int64)
         base = blk * sc_blk + (offs % PAGE) * sc_pg + kh * sc_h
         k = tl.load(KC + base[:, None] + d[None, :], mask=km[:, None], other=0.0)
@@ -180,6 +197,8 @@ def _attn_kernel(Q, KB, VB, KC, VC, BT, START, NVALID, O,
     if CAUSAL:
         t_last = ((pm + 1) * BLOCK_M - 1) // G
         hi = tl.minimum(nvalid, t_last + 1)
+    if SPLITS > 1:
+        hi = tl.where(last, hi, 0)
     for n0 in range(0, hi, BLOCK_N):
         j = n0 + tl.arange(0, BLOCK_N)
         jm = j < nvalid
@@ -193,14 +212,82 @@ def _attn_kernel(Q, KB, VB, KC, VC, BT, START, NVALID, O,
         m_i, l_i, acc = _online_softmax_step(tl.where(vis, s, float("-inf")), v, m_i, l_i, acc, PREC)
     # Rows that see no key at all (padding rows of a padded batch) come out as zeros.
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    tl.store(O + tok[:, None] * so_n + (kh * G + g)[:, None] * so_h + d[None, :], out.to(O.dtype.element_ty),
-             mask=row_ok[:, None])
+    o_ptr = O + tok[:, None] * so_n + head[:, None] * so_h + d[None, :]
+    if SPLITS == 1:
+        tl.store(o_ptr, out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    else:
+        if n_active == 1:
+            if sp == 0:
+                tl.store(o_ptr, out.to(O.dtype.element_ty), mask=row_ok[:, None])
+        elif sp < n_active:
+            # A partial result (normalised output, log2-sum-exp) per split; the split that
+            # finishes last merges them all. The counter is per (sequence, KV head, row block)
+            # and goes back to zero for the next call (and the next CUDA-graph replay).
+            prow = (sp * NTOK + tok) * (G * tl.num_programs(1)) + head
+            lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+            tl.store(PO + prow[:, None] * D + d[None, :], out, mask=row_ok[:, None])
+            tl.store(PL + prow, lse, mask=row_ok)
+            tl.debug_barrier()  # every thread's partial is written before the count says so
+            lock = LOCK + (b * tl.num_programs(1) + kh) * tl.cdiv(tl.num_programs(2), SPLITS) + pm
+            if tl.atomic_add(lock, 1, sem="acq_rel") == n_active - 1:
+                mx = tl.full([BLOCK_M], float("-inf"), tl.float32)
+                den = tl.zeros([BLOCK_M], tl.float32)
+                num = tl.zeros([BLOCK_M, D], tl.float32)
+                for s2 in range(0, n_active):
+                    r2 = (s2 * NTOK + tok) * (G * tl.num_programs(1)) + head
+                    l2 = tl.load(PL + r2, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
+                    o2 = tl.load(PO + r2[:, None] * D + d[None, :], mask=row_ok[:, None], other=0.0,
+                                 cache_modifier=".cg")
+                    mn = tl.maximum(mx, l2)
+                    ms = tl.where(mn == float("-inf"), 0.0, mn)
+                    a = tl.exp2(mx - ms)
+                    e = tl.exp2(l2 - ms)
+                    num = num * a[:, None] + o2 * e[:, None]
+                    den = den * a + e
+                    mx = mn
+                merged = num / tl.where(den > 0, den, 1.0)[:, None]
+                tl.store(o_ptr, merged.to(O.dtype.element_ty), mask=row_ok[:, None])
+                tl.atomic_xchg(lock, 0)
 
 
-def paged_attention(q, kb, vb, kc, vc, bt, start, nvalid, T: int, scale: float, causal: bool):
+# Split-KV ("flash-decoding"): a small batch gives the kernel a few programs (batch x KV heads
+# x row blocks: 8 for an 8B-shape batch-1 step) that each stream a whole long prefix, on a GPU
+# with 132 SMs. Splitting the prefix into up to SPLIT_MAX chunks of at least SPLIT_MIN_KEYS
+# keys fills the GPU; the split count is fixed by the shapes (CUDA graphs), the chunking by
+# the prefix length on the device, so a short prefix still runs as one program and no merge.
+SPLIT_MAX = 32
+SPLIT_MIN_KEYS = 256
+_sm_count: dict = {}
+_locks: dict = {}
+
+
+def num_splits(bs: int, HKV: int, row_blocks: int, max_keys: int, device: torch.device) -> int:
+    """Prefix splits for a grid of bs x HKV x row_blocks programs: up to about two waves of
+    the GPU's SMs, and none where max_keys (the block table's reach) fits two chunks."""
+    if device.type != "cuda" or max_keys < 2 * SPLIT_MIN_KEYS:
+        return 1
+    sms = _sm_count.get(device.index)
+    if sms is None:
+        sms = _sm_count[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    progs = bs * HKV * row_blocks
+    return max(1, min(SPLIT_MAX, (2 * sms) // progs, max_keys // SPLIT_MIN_KEYS))
+
+
+def _lock_buffer(device: torch.device, n: int) -> torch.Tensor:
+    """The split-KV counters: zeros, kept for good (CUDA graphs hold their address)."""
+    lock = _locks.get(device.index)
+    if lock is None or lock.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("split-KV attention: run the pass once outside a CUDA graph capture first")
+        lock = _locks[device.index] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+    return lock
+
+
+def paged_attention(q, kb, vb, kc, vc, bt, start, nvalid, T: int, scale: float, causal: bool,
+                    splits: int | None = None):
     """q [bs*T, H, D]; kb/vb [bs*T, HKV, D] (any row/head strides, unit last stride);
     kc/vc one layer's cache [num_blocks, page, HKV, D]; bt [bs, W] int32 (any strides);
-    start/nvalid [bs] int32 -> out [bs*T, H, D]."""
+    start/nvalid [bs] int32 -> out [bs*T, H, D]. splits: prefix splits (None: `num_splits`)."""
     n, H, D = q.shape
     HKV = kb.shape[1]
     G = H // HKV
@@ -210,13 +297,22 @@ def paged_attention(q, kb, vb, kc, vc, bt, start, nvalid, T: int, scale: float, 
     BLOCK_M = max(16, min(64, _pow2(M)))
     BLOCK_N = 64 if D <= 128 else 32
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
-    grid = (bs, HKV, triton.cdiv(M, BLOCK_M))
+    qb = triton.cdiv(M, BLOCK_M)
+    if splits is None:
+        splits = num_splits(bs, HKV, qb, bt.shape[1] * kc.shape[1], q.device)
+    if splits > 1:
+        po = torch.empty(splits, n, H, D, dtype=torch.float32, device=q.device)
+        pl = torch.empty(splits, n, H, dtype=torch.float32, device=q.device)
+        lock = _lock_buffer(q.device, bs * HKV * qb)
+    else:
+        po = pl = lock = out  # unused
+    grid = (bs, HKV, qb * splits)
     _attn_kernel[grid](
-        q, kb, vb, kc, vc, bt, start, nvalid, out,
+        q, kb, vb, kc, vc, bt, start, nvalid, out, po, pl, lock,
         q.stride(0), q.stride(1), kb.stride(0), kb.stride(1), vb.stride(0), vb.stride(1),
         kc.stride(0), kc.stride(1), kc.stride(2), bt.stride(0), bt.stride(1), out.stride(0), out.stride(1),
-        T, scale, G=G, D=D, PAGE=kc.shape[1], BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, CAUSAL=causal, PREC=prec,
-        num_warps=4, num_stages=2)
+        T, n, scale, G=G, D=D, PAGE=kc.shape[1], BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, CAUSAL=causal, PREC=prec,
+        SPLITS=splits, MIN_CHUNK=SPLIT_MIN_KEYS, num_warps=4, num_stages=2)
     return out
 
 
@@ -303,23 +399,27 @@ def silu_mul(gu: torch.Tensor) -> torch.Tensor:
 # Accumulation is float32 and each output is written once (no split-K, no atomics).
 
 
+@triton.jit
+def _w_tile(W, rn, sw, N, kk, K, EVEN: tl.constexpr):
+    """Rows rn, columns kk of w [N, K] (row stride sw); zeros outside unless EVEN (no edges)."""
+    ptr = W + rn.to(tl.int64)[:, None] * sw + kk[None, :]
+    if EVEN:
+        return tl.load(ptr)
+    return tl.load(ptr, mask=(rn < N)[:, None] & (kk < K)[None, :], other=0.0)
+
+
 @triton.jit(do_not_specialize=["M"])
 def _gemv_rows_kernel(X, W, Y, M, N, K, sx, sw, sy,
                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN: tl.constexpr):
-    pid = tl.program_id(0)
-    rn = pid * BN + tl.arange(0, BN)
+    rn = tl.program_id(0) * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)
     nm = rn < N
-    wrow = W + rn.to(tl.int64)[:, None] * sw
     acc = tl.zeros([BN, BM], tl.float32)
     rm = tl.arange(0, BM)
     for k0 in range(0, K, BK):
         kk = k0 + rk
         km = kk < K
-        if EVEN:
-            w = tl.load(wrow + kk[None, :]).to(tl.float32)
-        else:
-            w = tl.load(wrow + kk[None, :], mask=nm[:, None] & km[None, :], other=0.0).to(tl.float32)
+        w = _w_tile(W, rn, sw, N, kk, K, EVEN).to(tl.float32)
         for m in tl.static_range(BM):
             xv = tl.load(X + m * sx + kk, mask=km & (m < M), other=0.0).to(tl.float32)
             part = tl.sum(w * xv[None, :], axis=1)
@@ -330,21 +430,16 @@ def _gemv_rows_kernel(X, W, Y, M, N, K, sx, sw, sy,
 @triton.jit(do_not_specialize=["M"])
 def _skinny_mm_kernel(X, W, Y, M, N, K, sx, sw, sy,
                       BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN: tl.constexpr):
-    pid = tl.program_id(0)
-    rn = pid * BN + tl.arange(0, BN)
+    rn = tl.program_id(0) * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)
     rm = tl.arange(0, BM)
     nm = rn < N
     mm = rm < M
-    wrow = W + rn.to(tl.int64)[:, None] * sw
     acc = tl.zeros([BN, BM], tl.float32)
     for k0 in range(0, K, BK):
         kk = k0 + rk
         km = kk < K
-        if EVEN:
-            w = tl.load(wrow + kk[None, :])
-        else:
-            w = tl.load(wrow + kk[None, :], mask=nm[:, None] & km[None, :], other=0.0)
+        w = _w_tile(W, rn, sw, N, kk, K, EVEN)
         x = tl.load(X + rm[:, None] * sx + kk[None, :], mask=mm[:, None] & km[None, :], other=0.0)
         acc = tl.dot(w, tl.trans(x), acc)
     tl.store(Y + rm[None, :] * sy + rn[:, None], acc.to(Y.dtype.element_ty), mask=nm[:, None] & mm[None, :])
