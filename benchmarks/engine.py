@@ -173,7 +173,20 @@ def measure(eng: LLMEngine, bs: int, mode: str, steps: int, warm: int, plan=None
         eng.policy = eng.new_policy()
     g = torch.Generator().manual_seed(seed)
     room = eng.cfg.max_model_len - PROMPT - 1
-    dt = toks = cyc = acc = 0
+    dt = toks = cyc = acc = drafts = chained = 0
+    # Where a slow run's time went: host wall time of each step, and Python's garbage collections.
+    step_s: list[float] = []
+    gcs = {"collections": 0, "ms": 0.0, "max_ms": 0.0}
+    gc_start = [0.0]
+
+    def gc_watch(phase, info):
+        if phase == "start":
+            gc_start[0] = time.perf_counter()
+        else:
+            ms = 1e3 * (time.perf_counter() - gc_start[0])
+            gcs["collections"] += 1
+            gcs["ms"] += ms
+            gcs["max_ms"] = max(gcs["max_ms"], ms)
     all_running = True
     for _ in range(rounds):
         ids = []
@@ -186,19 +199,33 @@ def measure(eng: LLMEngine, bs: int, mode: str, steps: int, warm: int, plan=None
             eng.step()
         sync()
         g0, c0, a0 = eng.generation_tokens, eng.spec["orthrus"].num_cycles, eng.spec["orthrus"].num_accepted_tokens
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            eng.step()
-        sync()
+        d0, ch0 = eng.spec["orthrus"].num_draft_tokens, eng.num_chained_steps
+        gc.callbacks.append(gc_watch)
+        t0 = t_prev = time.perf_counter()
+        try:
+            for _ in range(steps):
+                eng.step()
+                t = time.perf_counter()
+                step_s.append(t - t_prev)
+                t_prev = t
+            sync()
+        finally:
+            gc.callbacks.remove(gc_watch)
         dt += time.perf_counter() - t0
+        drafts += eng.spec["orthrus"].num_draft_tokens - d0
+        chained += eng.num_chained_steps - ch0
         all_running &= len(eng.scheduler.running) == bs
         toks += eng.generation_tokens - g0
         cyc += eng.spec["orthrus"].num_cycles - c0
         acc += eng.spec["orthrus"].num_accepted_tokens - a0
         for r in ids:
             eng.abort(r)
+    step_s.sort()
     out = {"bs": bs, "ms_per_step": 1e3 * dt / (steps * rounds), "tokens_per_s": toks / dt, "steps": steps * rounds,
-           "all_running": all_running}
+           "all_running": all_running, "step_ms_median": 1e3 * step_s[len(step_s) // 2],
+           "step_ms_max": 1e3 * step_s[-1], "chained_steps": chained, "gc": gcs}
+    if mode == "orthrus" and cyc:
+        out["drafts_per_cycle"] = drafts / cyc
     if mode == "orthrus" and cyc:
         out["tokens_per_cycle"] = toks / cyc
         out["accepted_per_cycle"] = acc / cyc
@@ -327,7 +354,10 @@ def section_shape(rep, shape: str, bw: float, budget: Budget, share: float, quic
                            rounds=rounds)
             ar_tps = _pooled_tps(ar_runs)
             adap = dict(adap_runs[-1], tokens_per_s=_pooled_tps(adap_runs), runs=len(adap_runs),
-                        tokens_per_s_runs=[r["tokens_per_s"] for r in adap_runs])
+                        tokens_per_s_runs=[r["tokens_per_s"] for r in adap_runs],
+                        each_run=[{k: r.get(k) for k in ("tokens_per_cycle", "drafts_per_cycle", "step_ms_median",
+                                                         "step_ms_max", "chained_steps", "gc", "policy_last")}
+                                  for r in adap_runs])
             # Per round, adaptive over the mean of its two AR neighbours; and AR after over AR before.
             per_round = [a["tokens_per_s"] / ((b["tokens_per_s"] + c["tokens_per_s"]) / 2)
                          for a, b, c in zip(adap_runs, ar_runs[0::2], ar_runs[1::2])]
@@ -341,6 +371,11 @@ def section_shape(rep, shape: str, bw: float, budget: Budget, share: float, quic
             log(shape, f"forced bs {bs} mean {m}: full x{full['tokens_per_s'] / ar_tps:.2f} "
                 f"adaptive x{adap['tokens_per_s'] / ar_tps:.3f} (rounds {[round(x, 3) for x in per_round]}, "
                 f"AR/AR {[round(x, 3) for x in ar_vs_ar]}) plan {adap.get('policy_last')}")
+            if tie:
+                for i, r in enumerate(adap_runs):
+                    log(f"  round {i}: {r.get('tokens_per_cycle', 0):.3f} tok/cycle, "
+                        f"{r.get('drafts_per_cycle', 0):.3f} drafts/cycle, steps median {r['step_ms_median']:.2f} "
+                        f"max {r['step_ms_max']:.1f} ms, chained {r['chained_steps']}/{r['steps']}, gc {r['gc']}")
     return model, eng
 
 
