@@ -337,12 +337,15 @@ def section_shape(rep, shape: str, bw: float, budget: Budget, share: float, quic
             # At least 256 sequence-cycles per point: the forced counts are random. AR is timed
             # right before and right after the adaptive run, over as many steps (A-B-A: drift
             # between runs cancels, and the two AR runs show the noise of a ratio). Batches of 64
-            # and up are compute-bound, where the best Orthrus can do is to tie AR: three such
-            # rounds there, with windows about 1 s long.
+            # and up are compute-bound, where the best Orthrus can do is to tie AR: five such
+            # rounds there, with windows about 1 s long, and the point's value is their median.
+            # (On the H200, about one window in fifteen ran 15-20 % slow, AR and adaptive alike,
+            # with no GC pause or slow step to show for it: results/2026-11-28-h200-8b-bs128-diag.json.
+            # One such window moves a pooled ratio by several percent, the median not at all.)
             tie = bs >= TIE_BS and not quick
             st = min(sweep_steps, max(3 * steps, -(-256 // bs))) if not tie else TIE_STEPS
             rounds = 1 if quick or tie else -(-256 // (bs * st))
-            reps = 3 if tie else 1
+            reps = 5 if tie else 1
             # (AR warms as many steps as the adaptive run, so both run at the same context.)
             ar_runs, adap_runs = [], []
             for _ in range(reps):
@@ -362,16 +365,20 @@ def section_shape(rep, shape: str, bw: float, budget: Budget, share: float, quic
             per_round = [a["tokens_per_s"] / ((b["tokens_per_s"] + c["tokens_per_s"]) / 2)
                          for a, b, c in zip(adap_runs, ar_runs[0::2], ar_runs[1::2])]
             ar_vs_ar = [c["tokens_per_s"] / b["tokens_per_s"] for b, c in zip(ar_runs[0::2], ar_runs[1::2])]
+            speedup = adap["tokens_per_s"] / ar_tps if reps == 1 else sorted(per_round)[reps // 2]
             sweep[f"{bs}/{m:g}"] = {"bs": bs, "mean_tokens_per_cycle_full_block": m, "ar_tokens_per_s": ar_tps,
                                   "ar_tokens_per_s_runs": [r["tokens_per_s"] for r in ar_runs],
+                                  "ar_step_ms_max_runs": [r["step_ms_max"] for r in ar_runs],
                                   "steps_per_run": st * rounds, "full": full, "adaptive": adap,
                                   "speedup_full": full["tokens_per_s"] / ar_tps,
-                                  "speedup_adaptive": adap["tokens_per_s"] / ar_tps,
+                                  "speedup_adaptive": speedup,
+                                  "speedup_adaptive_pooled": adap["tokens_per_s"] / ar_tps,
                                   "speedup_adaptive_per_round": per_round, "ar_after_vs_before": ar_vs_ar}
             log(shape, f"forced bs {bs} mean {m}: full x{full['tokens_per_s'] / ar_tps:.2f} "
-                f"adaptive x{adap['tokens_per_s'] / ar_tps:.3f} (rounds {[round(x, 3) for x in per_round]}, "
+                f"adaptive x{speedup:.3f} (rounds {[round(x, 3) for x in per_round]}, "
                 f"AR/AR {[round(x, 3) for x in ar_vs_ar]}) plan {adap.get('policy_last')}")
             if tie:
+                log(f"  AR step max per run {[round(r['step_ms_max'], 1) for r in ar_runs]} ms")
                 for i, r in enumerate(adap_runs):
                     log(f"  round {i}: {r.get('tokens_per_cycle', 0):.3f} tok/cycle, "
                         f"{r.get('drafts_per_cycle', 0):.3f} drafts/cycle, steps median {r['step_ms_median']:.2f} "
@@ -697,6 +704,9 @@ def targets(rep) -> dict:
             aa = r.get("ar_after_vs_before", [])
             t[f"orthrus_vs_ar_tokens_per_s_mean8_bs{bs}"] = {
                 "measured": r["speedup_adaptive"], "bound": bound, "met": r["speedup_adaptive"] >= bound,
+                "how": "adaptive over the mean of the AR runs before and after it"
+                       + (f"; median of {len(r['speedup_adaptive_per_round'])} such rounds"
+                          if len(r.get("speedup_adaptive_per_round", [])) > 1 else ""),
                 # The same engine's AR run after the adaptive one over the AR run before it: how far
                 # apart two measurements of the same thing land in this run.
                 "ar_after_vs_before": aa,
