@@ -13,8 +13,10 @@ each run's pass table and what the run measured against it:
   is now, which passes the ratio from AR to untried plans only.
 Each is replayed over 20 fresh policies with the excess over the table modelled as an added constant
 (pipelined=False: the non-pipelined model, as all of the policy was before these fixes; it has the
-probe spacing since) and as a ratio (pipelined=True, what the engine uses with pipelined decoding). Printed: speculative cycles in the timed window (cycles 43-72, after
-the warm-up). README, "About the batch-128 target", says what it showed.
+probe spacing since) and as a ratio (pipelined=True, what the engine uses with pipelined decoding).
+Printed, for the benchmark's old 30-cycle window and its 150-cycle one (after 43 cycles of warm-up):
+speculative cycles in the window, and the window's tokens/s over AR's. README, "About the batch-128
+target", says what it showed.
 """
 from __future__ import annotations
 
