@@ -396,6 +396,8 @@ def section_shape(rep, shape: str, bw: float, budget: Budget, share: float, quic
             sweep[f"{bs}/{m:g}"] = {"bs": bs, "mean_tokens_per_cycle_full_block": m, "ar_tokens_per_s": ar_tps,
                                   "ar_tokens_per_s_runs": [r["tokens_per_s"] for r in ar_runs],
                                   "ar_step_ms_max_runs": [r["step_ms_max"] for r in ar_runs],
+                                  "ar_ctx_runs": [(r["ctx_start"], r["ctx_end"]) for r in ar_runs],
+                                  "adaptive_ctx_runs": [(r["ctx_start"], r["ctx_end"]) for r in adap_runs],
                                   "steps_per_run": st * rounds, "full": full, "adaptive": adap,
                                   "speedup_full": full["tokens_per_s"] / ar_tps,
                                   "speedup_adaptive": speedup,
