@@ -259,6 +259,7 @@ SPLIT_MAX = 32
 SPLIT_MIN_KEYS = 256
 _sm_count: dict = {}
 _locks: dict = {}
+_retired_locks: list = []
 
 
 def num_splits(bs: int, HKV: int, row_blocks: int, max_keys: int, device: torch.device) -> int:
@@ -274,11 +275,14 @@ def num_splits(bs: int, HKV: int, row_blocks: int, max_keys: int, device: torch.
 
 
 def _lock_buffer(device: torch.device, n: int) -> torch.Tensor:
-    """The split-KV counters: zeros, kept for good (CUDA graphs hold their address)."""
+    """The split-KV counters: zeros, kept for good (CUDA graphs hold their address; a larger
+    buffer, never needed with `num_splits`'s counts, leaves the old one alive for them)."""
     lock = _locks.get(device.index)
     if lock is None or lock.numel() < n:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("split-KV attention: run the pass once outside a CUDA graph capture first")
+        if lock is not None:
+            _retired_locks.append(lock)
         lock = _locks[device.index] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
     return lock
 
