@@ -5,6 +5,7 @@
 #   benchmarks/gpu_session.sh setup      # assemble and check them, install into /tmp/site
 #   benchmarks/gpu_session.sh tests      # the CUDA tests and the serving smoke check
 #   benchmarks/gpu_session.sh bench ARGS # benchmarks/engine.py --out $OUT ARGS
+#   benchmarks/gpu_session.sh bs128      # the batch-128 target alone (no carried files needed)
 # Each step prints its own summary; results go to $OUT.
 set -uo pipefail
 G=/tmp/g
@@ -27,7 +28,13 @@ bench)
   shift
   python3 benchmarks/engine.py --out $OUT "$@" 2>&1 | grep -v "UserWarning\|exe_args, func_types"
   ;;
+bs128)
+  # The batch-128 target alone (8B shape, about 4 minutes): adaptive vs AR over the same contexts.
+  shift
+  python3 benchmarks/engine.py --out $OUT --shapes qwen3-8b --skip hf,smollm2,exactness,profile,attention \
+    --sweep-bs 128 --means 1,8,16 --tag 8b-bs128 "$@" 2>&1 | grep -v "UserWarning\|exe_args, func_types"
+  ;;
 *)
-  echo "usage: $0 setup|tests|bench [engine.py args]"; exit 2
+  echo "usage: $0 setup|tests|bench|bs128 [engine.py args]"; exit 2
   ;;
 esac
