@@ -412,23 +412,18 @@ def _w_tile(W, rn, sw, N, kk, K, EVEN: tl.constexpr):
     return tl.load(ptr, mask=(rn < N)[:, None] & (kk < K)[None, :], other=0.0)
 
 
-@triton.jit(do_not_specialize=["M"])
-def _gemv_rows_kernel(X, W, Y, M, N, K, sx, sw, sy,
-                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN: tl.constexpr):
+@triton.jit
+def _gemv_row_kernel(X, W, Y, N, K, sw, BN: tl.constexpr, BK: tl.constexpr, EVEN: tl.constexpr):
+    # y[n] = sum_k w[n, k] x[k] for BN rows of w: one x row on the CUDA cores.
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)
-    nm = rn < N
-    acc = tl.zeros([BN, BM], tl.float32)
-    rm = tl.arange(0, BM)
+    acc = tl.zeros([BN], tl.float32)
     for k0 in range(0, K, BK):
         kk = k0 + rk
-        km = kk < K
         w = _w_tile(W, rn, sw, N, kk, K, EVEN).to(tl.float32)
-        for m in tl.static_range(BM):
-            xv = tl.load(X + m * sx + kk, mask=km & (m < M), other=0.0).to(tl.float32)
-            part = tl.sum(w * xv[None, :], axis=1)
-            acc += tl.where(rm[None, :] == m, part[:, None], 0.0)
-    tl.store(Y + rm[None, :] * sy + rn[:, None], acc.to(Y.dtype.element_ty), mask=nm[:, None] & (rm[None, :] < M))
+        xv = tl.load(X + kk, mask=kk < K, other=0.0).to(tl.float32)
+        acc += tl.sum(w * xv[None, :], axis=1)
+    tl.store(Y + rn, acc.to(Y.dtype.element_ty), mask=rn < N)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -469,9 +464,8 @@ def skinny_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if M == 1:
         BN, BK = (8, 1024) if N > 8192 else (4, 2048)
         BK = min(BK, _pow2(K))
-        _gemv_rows_kernel[(triton.cdiv(N, BN),)](x, w, y, M, N, K, x.stride(0), w.stride(0), y.stride(0),
-                                                  BM=1, BN=BN, BK=BK, EVEN=(N % BN == 0 and K % BK == 0),
-                                                  num_warps=4, num_stages=1)
+        _gemv_row_kernel[(triton.cdiv(N, BN),)](x, w, y, N, K, w.stride(0), BN=BN, BK=BK,
+                                                 EVEN=(N % BN == 0 and K % BK == 0), num_warps=4, num_stages=1)
     else:
         BN, BK = 64, 128
         _skinny_mm_kernel[(triton.cdiv(N, BN),)](x, w, y, M, N, K, x.stride(0), w.stride(0), y.stride(0),

@@ -222,25 +222,32 @@ def test_fast_engine_sampling_is_lossless(device):
             assert eng.runner.graphs is not None and eng.runner.graphs.graphs
 
 
-@pytest.mark.skipif(not HAS_CUDA, reason="the skinny Triton kernels need a GPU")
+@pytest.mark.skipif(not TRITON_RUNS, reason="the skinny Triton kernels need a GPU or Triton's interpreter")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_skinny_linear_matches_a_float64_product(dtype):
     """The few-row linear kernels (one row: CUDA cores; 2-32: tensor cores) against float64,
-    on ragged shapes (N and K not multiples of the tiles) and the real ones."""
+    on ragged shapes (N and K not multiples of the tiles) and the real ones. Without a GPU:
+    Triton's interpreter, float16 only (it computes bfloat16 on raw bits), small shapes."""
     from orthrus_runtime import triton_kernels as tk
 
-    g = torch.Generator(device="cuda").manual_seed(0)
-    for N, K in ((6144, 4096), (4096, 12288), (960, 576), (49152, 576), (1000, 1536), (37, 100)):
-        w = torch.randn(N, K, device="cuda", generator=g).to(dtype)
-        for M in (1, 2, 3, 5, 8, 16, 17, 31, 32):
-            x = torch.randn(M, K, device="cuda", generator=g).to(dtype)
+    if not HAS_CUDA and dtype == torch.bfloat16:
+        pytest.skip("Triton's interpreter has no bfloat16 arithmetic")
+    dev = "cuda" if HAS_CUDA else "cpu"
+    shapes = ((6144, 4096), (4096, 12288), (960, 576), (49152, 576), (1000, 1536), (37, 100)) if HAS_CUDA \
+        else ((37, 100), (130, 576), (64, 2048), (40, 4160))  # the last: several K tiles, ragged
+    rows = (1, 2, 3, 5, 8, 16, 17, 31, 32) if HAS_CUDA else (1, 3, 17, 32)
+    g = torch.Generator(device=dev).manual_seed(0)
+    for N, K in shapes:
+        w = torch.randn(N, K, device=dev, generator=g).to(dtype)
+        for M in rows:
+            x = torch.randn(M, K, device=dev, generator=g).to(dtype)
             assert tk.skinny_linear_applies(x, w)
             y = tk.skinny_linear(x, w)
             ref = x.double() @ w.double().T
             rel = ((y.double() - ref).norm() / ref.norm()).item()
             assert y.shape == (M, N) and rel < 1e-2, (N, K, M, rel)
-    x = torch.randn(33, 64, device="cuda").to(dtype)
-    w = torch.randn(32, 64, device="cuda").to(dtype)
+    x = torch.randn(33, 64, device=dev).to(dtype)
+    w = torch.randn(32, 64, device=dev).to(dtype)
     assert not tk.skinny_linear_applies(x, w)  # too many rows: cuBLAS
     assert not tk.skinny_linear_applies(x[:4].float(), w.float())  # float32: cuBLAS
     assert not tk.skinny_linear_applies(x[:4].t().contiguous().t(), w)  # strided rows: cuBLAS
