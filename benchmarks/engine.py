@@ -180,7 +180,7 @@ def measure(eng: LLMEngine, bs: int, mode: str, steps: int, warm: int, plan=None
         eng.policy = eng.new_policy()
     g = torch.Generator().manual_seed(seed)
     room = eng.cfg.max_model_len - PROMPT - 1
-    dt = toks = cyc = acc = drafts = chained = 0
+    dt = toks = cyc = acc = drafts = chained = timed_steps = 0
     # Where a slow run's time went: host wall time of each step, and Python's garbage collections.
     step_s: list[float] = []
     gcs = {"collections": 0, "ms": 0.0, "max_ms": 0.0}
@@ -226,7 +226,7 @@ def measure(eng: LLMEngine, bs: int, mode: str, steps: int, warm: int, plan=None
             sync()
         finally:
             gc.callbacks.remove(gc_watch)
-        steps = n
+        timed_steps += n
         ctx_end = ctx()
         dt += time.perf_counter() - t0
         drafts += eng.spec["orthrus"].num_draft_tokens - d0
@@ -238,13 +238,12 @@ def measure(eng: LLMEngine, bs: int, mode: str, steps: int, warm: int, plan=None
         for r in ids:
             eng.abort(r)
     step_s.sort()
-    out = {"bs": bs, "ms_per_step": 1e3 * dt / (steps * rounds), "tokens_per_s": toks / dt, "steps": steps * rounds,
-           "all_running": all_running, "step_ms_median": 1e3 * step_s[len(step_s) // 2],
+    out = {"bs": bs, "ms_per_step": 1e3 * dt / timed_steps, "tokens_per_s": toks / dt, "steps": timed_steps,
+           "tokens": toks, "seconds": dt, "all_running": all_running, "step_ms_median": 1e3 * step_s[len(step_s) // 2],
            "step_ms_max": 1e3 * step_s[-1], "chained_steps": chained, "gc": gcs,
            "ctx_start": ctx_start, "ctx_end": ctx_end}
     if mode == "orthrus" and cyc:
         out["drafts_per_cycle"] = drafts / cyc
-    if mode == "orthrus" and cyc:
         out["tokens_per_cycle"] = toks / cyc
         out["accepted_per_cycle"] = acc / cyc
     if eng.policy is not None and mode == "orthrus" and plan is None:
@@ -417,8 +416,7 @@ def section_shape(rep, shape: str, bw: float, budget: Budget, share: float, quic
 
 def _pooled_tps(runs: list[dict]) -> float:
     """Output tokens/s over several runs together (total tokens over total time)."""
-    toks = sum(r["tokens_per_s"] * r["ms_per_step"] * r["steps"] for r in runs)
-    return toks / sum(r["ms_per_step"] * r["steps"] for r in runs)
+    return sum(r["tokens"] for r in runs) / sum(r["seconds"] for r in runs)
 
 
 def _time_pass(fn, reps: int = 5, graphed: bool = False) -> float:
