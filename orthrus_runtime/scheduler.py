@@ -111,12 +111,8 @@ class Scheduler:
 
         # 3. Admit waiting sequences in arrival order while the whole prompt plus one
         #    cycle's lookahead fits (no skipping ahead: first come, first served).
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
-            full = seq.prefill_target + self.lookahead(seq)
-            if self.blocks.num_new_blocks(seq, full) > self.blocks.num_free:
-                break
-            self.waiting.popleft()
+        while budget > 0 and self.can_admit():
+            seq = self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
             seq.admit_order = self._admit_counter
             self._admit_counter += 1
