@@ -34,7 +34,8 @@ it is timed; one that fails is recorded and not timed.
 Also runnable without a GPU: `TRITON_INTERPRET=1 python3 benchmarks/gemv_micro.py --selftest`
 checks every kernel variant on small shapes on the CPU (Triton interpreter; in float16, since
 the interpreter computes bfloat16 on raw bits, and with numpy < 2.4, which Triton 3.6's
-interpreter needs), and
+interpreter needs; Triton 3.9's interpreter, which `make test` installs, rejects these kernels'
+masks on the unrolled row index, "mask has unsupported dtype"), and
 `--compile-only` compiles every variant for sm_90 with a stand-in driver.
 """
 from __future__ import annotations

@@ -29,9 +29,11 @@ Inputs:
 A cycle verifying K - 1 drafts emits 1 + sum_{i<K-1} prod_{j<=i} alpha[j] tokens on
 average and costs (draft(bs, D) + verify(bs, K)) * scale + overhead; plain AR (K = 1)
 emits one token for verify(bs, 1) * scale + overhead. Once a plan (batch bucket, K, D)
-has run 3 cycles, its cost is the median of its own recent cycle times instead: the pass table
-is measured on synthetic inputs and runs a few percent fast on compute-bound passes,
-which is the whole margin near the batch size where speculation stops paying. The policy only ever changes K and D: the
+has run 3 cycles, its cost is the median of its own recent cycle times instead: the pass
+table is measured on synthetic inputs and runs a few percent fast on compute-bound passes,
+which is the whole margin near the batch size where speculation stops paying.
+
+The policy only ever changes K and D: the
 acceptance rule, and the uniforms each request draws per cycle, are untouched, so
 the output distribution stays the AR model's. When acceptance collapses, K = 1 wins
 and Orthrus runs at AR speed; it still probes the cheapest speculative cycle now and then

@@ -134,7 +134,8 @@ class ModelRunner:
         start = start_dev if start_dev is not None else torch.tensor(starts, dtype=torch.int32).to(dev)
         return start, torch.tensor(nvalid, dtype=torch.int32).to(dev), bt.to(dev)
 
-    def _reference_only(self, start_dev) -> None:
+    def _check_device_starts(self, start_dev) -> None:
+        """Device-side starts come from a chained cycle, which only the fast path runs."""
         if start_dev is not None and self.fast is None:
             raise RuntimeError("device-side starts (pipelined decoding) need the fast path")
 
@@ -197,7 +198,7 @@ class ModelRunner:
         bs, B = len(seqs), block_size
         dev = self.device
         t0 = time.perf_counter()
-        self._reference_only(start_dev)
+        self._check_device_starts(start_dev)
         ctx_l = list(starts) if starts is not None else [s.num_cached for s in seqs]
         if self.graphs is not None and self.graphs.fits(bs, B):
             hidden = self.graphs.run("draft", ctx_l, [B] * bs, [s.block_table for s in seqs], B,
@@ -229,7 +230,7 @@ class ModelRunner:
         bs, T = ids.shape
         dev = self.device
         t0 = time.perf_counter()
-        self._reference_only(start_dev)
+        self._check_device_starts(start_dev)
         starts = list(starts) if starts is not None else [s.num_cached for s in seqs]
         if self.graphs is not None and self.graphs.fits(bs, T):
             hidden = self.graphs.run("verify", starts, lengths, [s.block_table for s in seqs], T, ids=ids,
