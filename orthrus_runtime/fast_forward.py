@@ -206,6 +206,10 @@ def flash_attn_unsupported(device: torch.device, model: DualViewModel) -> Option
     """Why flash-attn 4 cannot run this model here (None: it can)."""
     if device.type != "cuda":
         return f"flash-attn needs CUDA (the device is {device})"
+    # The dtype first: for a float32 model, installing flash-attn would not help.
+    dtype = model.lm_head.weight.dtype
+    if dtype not in (torch.bfloat16, torch.float16):
+        return f"flash-attn 4 computes in bfloat16/float16, not {dtype}"
     if not triton_available() or not triton_supports(model):
         return "flash-attn runs beside the Triton kernels, which need triton and a power-of-two head size"
     if importlib.util.find_spec("flash_attn") is None:
@@ -217,9 +221,6 @@ def flash_attn_unsupported(device: torch.device, model: DualViewModel) -> Option
     major = torch.cuda.get_device_capability(device)[0]
     if major not in (9, 10):
         return f"flash-attn 4 paged attention needs Hopper or Blackwell (compute capability {major}.x here)"
-    dtype = model.lm_head.weight.dtype
-    if dtype not in (torch.bfloat16, torch.float16):
-        return f"flash-attn 4 computes in bfloat16/float16, not {dtype}"
     d = model.cfg.head_dim
     if d % 8 or not 8 <= d <= (256 if major == 9 else 128):
         return f"flash-attn 4 does not support head size {d} on compute capability {major}.x"
