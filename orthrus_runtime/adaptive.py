@@ -42,6 +42,12 @@ only while an optimistic acceptance (the estimate plus its uncertainty, which gr
 back as old evidence decays) would make speculation win: where the estimate is
 confidently against it (a compute-bound batch, say), probes stop. Probes are spaced so
 that their extra time stays within `probe_budget` (1 %) of the AR steps between them.
+Near a tie, AR keeps the step: a speculative plan is chosen only when its estimated rate
+beats AR's by `spec_margin` (3 %). The estimates carry errors of that size (a plan's
+cost comes from a table measured on synthetic inputs, or from a few recent cycles, while
+the AR step's cost grows with the context), and a wrong switch costs more than the few
+percent a right one gains: an H100 at batch 128 and acceptance 0.875 ran 7 cycles of a
+4-token plan estimated 0.1 % ahead of AR and measured 3 % behind it.
 The converse check: when speculation has won for `ar_recheck` (128) cycles by less than
 `ar_recheck_gain` (25 %), the AR step's old measurement is dropped, so that AR runs and
 is measured again (a plan the policy stops choosing is otherwise never measured again).
@@ -167,7 +173,8 @@ class AcceptanceEstimator:
 class VerifyPolicy:
     def __init__(self, block_size: int, costs: PassCosts, token_sizes=TOKEN_SIZES, vary_draft_len: bool = True,
                  probe_min: int = 8, probe_max: int = 256, probe_gain: float = 1.10, pipelined: bool = False,
-                 probe_budget: float = 0.01, ar_recheck: int = 128, ar_recheck_gain: float = 1.25):
+                 probe_budget: float = 0.01, ar_recheck: int = 128, ar_recheck_gain: float = 1.25,
+                 spec_margin: float = 1.03):
         self.B = block_size
         self.costs = costs
         self.pipelined = pipelined
@@ -182,6 +189,7 @@ class VerifyPolicy:
         self.sizes = sizes
         self.probe_min, self.probe_max, self.probe_gain = probe_min, probe_max, probe_gain
         self.probe_budget = probe_budget
+        self.spec_margin = spec_margin
         self.ar_recheck, self.ar_recheck_gain = ar_recheck, ar_recheck_gain
         self.since_ar = 0
         self.probe_every = probe_min
@@ -227,10 +235,15 @@ class VerifyPolicy:
                 out.append((est.curve(D, optimistic)[min(K, est.n + 1)] / self.cycle_cost(bs, K, D), K, D))
         return out
 
+    def _best(self, cands: list[tuple[float, int, int]]) -> tuple[float, int, int]:
+        """The fastest candidate; AR (cands[0]) unless a plan beats it by spec_margin."""
+        best = max(cands, key=lambda c: c[0])
+        return best if best[0] > self.spec_margin * cands[0][0] else cands[0]
+
     def choose(self, bs: int, max_remaining: int) -> tuple[int, int]:
         """-> (K, D): verify K - 1 drafts of a D-token draft block; K == 1 is a plain AR step."""
         cands = self.rates(bs, max_remaining)
-        best = max(cands, key=lambda c: c[0])
+        best = self._best(cands)
         if best[1] > 1:
             self.since_ar += 1
             if self.since_ar >= self.ar_recheck and best[0] < self.ar_recheck_gain * cands[0][0]:
@@ -240,7 +253,7 @@ class VerifyPolicy:
                 # cycles every ar_recheck cycles, each losing at most 20 %: under 1 %.
                 self._forget_ar(bs)
                 cands = self.rates(bs, max_remaining)
-                best = max(cands, key=lambda c: c[0])
+                best = self._best(cands)
         if best[1] > 1:
             self.since_spec, self.probe_every = 0, self.probe_min
         elif len(cands) > 1:
