@@ -42,12 +42,14 @@ only while an optimistic acceptance (the estimate plus its uncertainty, which gr
 back as old evidence decays) would make speculation win: where the estimate is
 confidently against it (a compute-bound batch, say), probes stop. Probes are spaced so
 that their extra time stays within `probe_budget` (1 %) of the AR steps between them.
-Near a tie, AR keeps the step: a speculative plan is chosen only when its estimated rate
-beats AR's by `spec_margin` (3 %). The estimates carry errors of that size (a plan's
-cost comes from a table measured on synthetic inputs, or from a few recent cycles, while
-the AR step's cost grows with the context), and a wrong switch costs more than the few
-percent a right one gains: an H100 at batch 128 and acceptance 0.875 ran 7 cycles of a
-4-token plan estimated 0.1 % ahead of AR and measured 3 % behind it.
+Near a tie, AR keeps the step: the policy leaves AR for a speculative plan only when the
+plan's estimated rate beats AR's by `spec_margin` (3 %); once speculating, it stays while
+a plan is estimated at least as fast as AR (hysteresis). The estimates carry errors of a
+few percent (a plan's cost comes from a table measured on synthetic inputs, or from a few
+recent cycles, while the AR step's cost grows with the context): an H100 at batch 128 and
+acceptance 0.875 ran 7 cycles of a 4-token plan estimated 0.1 % ahead of AR and measured
+3 % behind it. The margin only on entry: with it both ways, the same card at acceptance
+0.94 (a plan truly 4 % ahead) flipped between AR and the plan and lost 2 % to AR.
 The converse check: when speculation has won for `ar_recheck` (128) cycles by less than
 `ar_recheck_gain` (25 %), the AR step's old measurement is dropped, so that AR runs and
 is measured again (a plan the policy stops choosing is otherwise never measured again).
@@ -190,6 +192,7 @@ class VerifyPolicy:
         self.probe_min, self.probe_max, self.probe_gain = probe_min, probe_max, probe_gain
         self.probe_budget = probe_budget
         self.spec_margin = spec_margin
+        self.speculating = False  # the last choice was a speculative plan (a probe does not count)
         self.ar_recheck, self.ar_recheck_gain = ar_recheck, ar_recheck_gain
         self.since_ar = 0
         self.probe_every = probe_min
@@ -236,9 +239,9 @@ class VerifyPolicy:
         return out
 
     def _best(self, cands: list[tuple[float, int, int]]) -> tuple[float, int, int]:
-        """The fastest candidate; AR (cands[0]) unless a plan beats it by spec_margin."""
+        """The fastest candidate; from AR, a plan only if it beats AR (cands[0]) by spec_margin."""
         best = max(cands, key=lambda c: c[0])
-        return best if best[0] > self.spec_margin * cands[0][0] else cands[0]
+        return best if best[0] > (1.0 if self.speculating else self.spec_margin) * cands[0][0] else cands[0]
 
     def choose(self, bs: int, max_remaining: int) -> tuple[int, int]:
         """-> (K, D): verify K - 1 drafts of a D-token draft block; K == 1 is a plain AR step."""
@@ -254,6 +257,7 @@ class VerifyPolicy:
                 self._forget_ar(bs)
                 cands = self.rates(bs, max_remaining)
                 best = self._best(cands)
+        probe = False
         if best[1] > 1:
             self.since_spec, self.probe_every = 0, self.probe_min
         elif len(cands) > 1:
@@ -268,7 +272,7 @@ class VerifyPolicy:
                 # "no" (say, a compute-bound batch), or a possible gain of a few percent, costs nothing.
                 opt = self.rates(bs, max_remaining, optimistic=True)
                 if max(c[0] for c in opt[1:]) > self.probe_gain * opt[0][0]:
-                    best = min(cands[1:], key=lambda c: self.cycle_cost(bs, c[1], c[2]))
+                    best, probe = min(cands[1:], key=lambda c: self.cycle_cost(bs, c[1], c[2])), True
                     self.since_spec = 0
                     # The next probe: twice as far, and far enough that probes' extra time stays
                     # within probe_budget of the AR steps between them (a probe at batch 128
@@ -277,6 +281,7 @@ class VerifyPolicy:
                     extra = max(0.0, self.cycle_cost(bs, best[1], best[2]) - ar)
                     self.probe_every = max(min(self.probe_every * 2, self.probe_max),
                                            int(extra / (self.probe_budget * ar)) if ar > 0 else 0)
+        self.speculating = best[1] > 1 and not probe
         self.last = {"bs": bs, "K": best[1], "D": best[2], "rate": best[0]}
         return best[1], best[2]
 

@@ -255,6 +255,37 @@ def test_speculation_must_beat_ar_by_the_margin(gain, plan):
     assert pol.choose(4, 100) == ((1, 0) if plan == 1 else (2, 2))
 
 
+def test_once_speculating_a_plan_keeps_the_step_while_it_is_ahead_of_ar():
+    """The margin applies on entry only (hysteresis): from a plan 5 % ahead the policy stays
+    on it when it drops to 2 % ahead, and goes back to AR once AR is faster; from AR, 2 %
+    is not enough to leave it."""
+    pol = VerifyPolicy(2, PassCosts())
+    _geometric_cycles(pol.acceptance, 0.8, 1, 300, 8, np.random.default_rng(0), draft_len=2)
+    tokens = pol.acceptance.curve(2)[2]
+    pol.costs.record("verify", 4, 1, 1.0)
+    pol.costs.record("verify", 4, 2, 1.0)
+
+    def plan_at(gain):
+        pol.costs.record("draft", 4, 2, tokens / gain - 1.0, replace=True)
+        return pol.choose(4, 100)[0]
+
+    assert [plan_at(g) for g in (1.02, 1.05, 1.02, 1.01, 0.99, 1.02)] == [1, 2, 2, 2, 1, 1]
+
+
+def test_a_probe_does_not_count_as_speculating():
+    """A probe runs a plan AR beats; it must not lower the bar for the step after it."""
+    pol = VerifyPolicy(2, PassCosts())
+    # Little evidence (24 rows): an optimistic acceptance makes the plan win by > 10 %, a probe.
+    _geometric_cycles(pol.acceptance, 0.8, 1, 3, 8, np.random.default_rng(0), draft_len=2)
+    tokens = pol.acceptance.curve(2)[2]
+    pol.costs.record("verify", 4, 1, 1.0)
+    pol.costs.record("verify", 4, 2, 1.0)
+    pol.costs.record("draft", 4, 2, tokens / 1.02 - 1.0)  # 2 % ahead: probed (optimistic), not entered
+    plans = [pol.choose(4, 100)[0] for _ in range(40)]
+    assert 2 in plans  # probes ran
+    assert all(b == 1 for a, b in zip(plans, plans[1:]) if a == 2), plans  # and AR after each
+
+
 def test_one_slow_cycle_does_not_lock_out_speculation():
     """A launch-bound model: passes cost the same at any length, acceptance is good. One
     cycle that takes 50x longer (a compile, say) must not keep the policy on AR for good."""
