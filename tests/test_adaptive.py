@@ -116,6 +116,23 @@ def test_policy_degrades_to_ar_when_acceptance_collapses_and_probes_rarely():
     assert pol.acceptance.alpha(optimistic=True)[0] < 0.5
 
 
+def test_policy_notices_acceptance_recovering_through_probes():
+    """Acceptance collapses, then recovers to 0.9 (launch-bound passes, where speculation pays
+    several-fold): probes (a probe every ~400 AR steps at probe_budget 0.25 %) find out, and
+    the policy speculates again, for good."""
+    pol = _trained_policy(_costs(0.0001), alpha=0.0)
+    rng = np.random.default_rng(0)
+    plans = []
+    for step in range(1500):
+        K, D = pol.choose(1, 10**6)
+        plans.append(K)
+        if K > 1:
+            _geometric_cycles(pol.acceptance, 0.9, K - 1, 1, 1, rng, draft_len=D)
+    first = plans.index(next(k for k in plans if k > 1))
+    assert first < 1000, first
+    assert sum(k > 1 for k in plans[-100:]) == 100
+
+
 def test_policy_never_probes_where_speculation_cannot_win():
     """Compute-bound: a pass costs in proportion to its tokens, so even with every draft
     accepted a cycle of K tokens costs more than K AR steps. No probe, ever."""
