@@ -258,47 +258,47 @@ def test_a_few_slow_ar_samples_do_not_lock_out_ar():
     assert run(lambda K: 2.0).count(1) == 0
 
 
+class _OnePlanPolicy:
+    """A policy at batch 4 with one speculative plan (verify one draft of a 2-token block) whose
+    rate is set as a multiple of AR's: AR steps and verify passes cost 1 s, the draft pass the rest."""
+
+    def __init__(self, cycles: int):
+        """cycles: observed cycles of 8 rows at acceptance 0.8 (few: an uncertain estimate)."""
+        self.pol = VerifyPolicy(2, PassCosts())
+        _geometric_cycles(self.pol.acceptance, 0.8, 1, cycles, 8, np.random.default_rng(0), draft_len=2)
+        self.tokens = self.pol.acceptance.curve(2)[2]  # mean tokens of a cycle verifying one draft
+        self.pol.costs.record("verify", 4, 1, 1.0)
+        self.pol.costs.record("verify", 4, 2, 1.0)
+
+    def plan_at(self, gain: float) -> int:
+        """Set the plan to `gain` x AR's tokens a second; the K the policy then chooses."""
+        self.pol.costs.record("draft", 4, 2, self.tokens / gain - 1.0, replace=True)
+        return self.pol.choose(4, 100)[0]
+
+
 @pytest.mark.parametrize("gain, plan", [(1.02, 1), (1.05, 2)])
 def test_speculation_must_beat_ar_by_the_margin(gain, plan):
     """Near a tie AR keeps the step: a plan estimated 2 % ahead of AR (within the estimates'
     error) is not run, one 5 % ahead is (spec_margin 3 %)."""
-    pol = VerifyPolicy(2, PassCosts())
-    _geometric_cycles(pol.acceptance, 0.8, 1, 300, 8, np.random.default_rng(0), draft_len=2)
-    tokens = pol.acceptance.curve(2)[2]  # mean tokens of a cycle verifying one draft
-    pol.costs.record("verify", 4, 1, 1.0)
-    pol.costs.record("verify", 4, 2, 1.0)
-    pol.costs.record("draft", 4, 2, tokens / gain - 1.0)  # the plan: `gain` x AR's tokens a second
-    assert pol.rates(4, 100)[1][0] == pytest.approx(gain)
-    assert pol.choose(4, 100) == ((1, 0) if plan == 1 else (2, 2))
+    p = _OnePlanPolicy(300)
+    assert p.plan_at(gain) == plan
+    assert p.pol.rates(4, 100)[1][0] == pytest.approx(gain)
+    assert p.pol.last["D"] == (0 if plan == 1 else 2)
 
 
 def test_once_speculating_a_plan_keeps_the_step_while_it_is_ahead_of_ar():
     """The margin applies on entry only (hysteresis): from a plan 5 % ahead the policy stays
     on it when it drops to 2 % ahead, and goes back to AR once AR is faster; from AR, 2 %
     is not enough to leave it."""
-    pol = VerifyPolicy(2, PassCosts())
-    _geometric_cycles(pol.acceptance, 0.8, 1, 300, 8, np.random.default_rng(0), draft_len=2)
-    tokens = pol.acceptance.curve(2)[2]
-    pol.costs.record("verify", 4, 1, 1.0)
-    pol.costs.record("verify", 4, 2, 1.0)
-
-    def plan_at(gain):
-        pol.costs.record("draft", 4, 2, tokens / gain - 1.0, replace=True)
-        return pol.choose(4, 100)[0]
-
-    assert [plan_at(g) for g in (1.02, 1.05, 1.02, 1.01, 0.99, 1.02)] == [1, 2, 2, 2, 1, 1]
+    p = _OnePlanPolicy(300)
+    assert [p.plan_at(g) for g in (1.02, 1.05, 1.02, 1.01, 0.99, 1.02)] == [1, 2, 2, 2, 1, 1]
 
 
 def test_a_probe_does_not_count_as_speculating():
     """A probe runs a plan AR beats; it must not lower the bar for the step after it."""
-    pol = VerifyPolicy(2, PassCosts())
     # Little evidence (24 rows): an optimistic acceptance makes the plan win by > 10 %, a probe.
-    _geometric_cycles(pol.acceptance, 0.8, 1, 3, 8, np.random.default_rng(0), draft_len=2)
-    tokens = pol.acceptance.curve(2)[2]
-    pol.costs.record("verify", 4, 1, 1.0)
-    pol.costs.record("verify", 4, 2, 1.0)
-    pol.costs.record("draft", 4, 2, tokens / 1.02 - 1.0)  # 2 % ahead: probed (optimistic), not entered
-    plans = [pol.choose(4, 100)[0] for _ in range(40)]
+    p = _OnePlanPolicy(3)
+    plans = [p.plan_at(1.02) for _ in range(40)]  # 2 % ahead: probed (optimistic), not entered
     assert 2 in plans  # probes ran
     assert all(b == 1 for a, b in zip(plans, plans[1:]) if a == 2), plans  # and AR after each
 
