@@ -43,7 +43,7 @@ back as old evidence decays) would make speculation win: where the estimate is
 confidently against it (a compute-bound batch, say), probes stop. Probes are spaced so
 that their extra time stays within `probe_budget` (0.25 %: below the run-to-run noise of
 an AR step, so that "never slower than AR" holds when measured) of the AR steps between
-them; by an H100's measured passes that is a probe every ~500 AR steps (about 4 s), at batch 1
+them; by an H100's measured passes that is a probe every ~500 AR steps at batch 128 (about 4 s), at batch 1
 about every 400. With 1 % the same card lost 0.3 % to AR at acceptance 0.875.
 Near a tie, AR keeps the step: the policy leaves AR for a speculative plan only when the
 plan's estimated rate beats AR's by `spec_margin` (3 %); once speculating, it stays while
