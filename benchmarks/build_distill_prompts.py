@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from orthrus_runtime.eval_acceptance import humaneval_prompts, mt_bench_questions  # noqa: E402
+from orthrus_runtime.tools.eval_acceptance import humaneval_prompts, mt_bench_questions  # noqa: E402
 
 WINDOW = 10
 

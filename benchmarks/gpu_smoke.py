@@ -7,9 +7,9 @@ import sys
 import tempfile
 import time
 
-from orthrus_runtime.async_engine import AsyncOrthrusEngine
-from orthrus_runtime.engine_args import EngineArgs
-from orthrus_runtime.testing import tiny_checkpoint
+from orthrus_runtime.engine.async_engine import AsyncOrthrusEngine
+from orthrus_runtime.engine.args import EngineArgs
+from orthrus_runtime.model.testing import tiny_checkpoint
 from orthrus_runtime.types import GenerateRequest, SamplingParams
 
 

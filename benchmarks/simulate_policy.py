@@ -29,7 +29,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from orthrus_runtime.adaptive import PassCosts, VerifyPolicy  # noqa: E402
+from orthrus_runtime.spec.planner import VerifyPolicy  # noqa: E402
+from orthrus_runtime.worker.pass_costs import PassCosts  # noqa: E402
 
 
 SCENARIOS = {  # file, acceptance per draft, AR step seconds, speculative cycles' ratio to the table

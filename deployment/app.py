@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 from ray import serve
 
-from orthrus_runtime.engine_args import EngineArgs, from_known_fields
+from orthrus_runtime.engine.args import EngineArgs, from_known_fields
 
 from .engine_deployment import OrthrusEngine
 from .router import OrthrusRouter
@@ -19,7 +19,7 @@ from .router import OrthrusRouter
 
 @dataclass
 class AppArgs:
-    # EngineArgs fields (orthrus_runtime/engine_args.py); unknown keys are refused.
+    # EngineArgs fields (orthrus_runtime/engine/args.py); unknown keys are refused.
     engine: dict[str, Any] = field(default_factory=dict)
     # The name served in /v1/models, checked against each request's `model`.
     model_id: str = "orthrus"

@@ -12,7 +12,7 @@ from typing import Any, AsyncIterator, Optional, Union
 
 from ray import serve
 
-from orthrus_runtime.engine_args import EngineArgs
+from orthrus_runtime.engine.args import EngineArgs
 from orthrus_runtime.types import (
     EngineStats,
     GenerateDelta,
@@ -48,7 +48,7 @@ class OrthrusEngine:
                  stream_interval_s: float = 0.0):
         # Imported here so that building the application (in Serve's controller)
         # never imports torch; only replicas load the model stack.
-        from orthrus_runtime.async_engine import AsyncOrthrusEngine
+        from orthrus_runtime.engine.async_engine import AsyncOrthrusEngine
         from orthrus_runtime.metrics import OrthrusMetrics, start_metrics_server
 
         self._stream_interval_s = stream_interval_s

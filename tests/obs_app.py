@@ -65,7 +65,7 @@ def running_app(workdir: Path, *, block_size: int = 4, max_model_len: int = 256)
 
     from deployment.cli import deploy, wait_running
     from deployment.config import DEFAULT_CONFIG, load_config
-    from orthrus_runtime.testing import tiny_checkpoint
+    from orthrus_runtime.model.testing import tiny_checkpoint
 
     model = tiny_checkpoint(workdir / "tiny", diffusion="ar-copy", block_size=block_size)
     http_port, grpc_port, ray_metrics_port = free_port(), free_port(), free_port()

@@ -7,13 +7,14 @@ import pytest
 import torch
 from distribution_check import fit_to_exact
 
-from orthrus_runtime.adaptive import AcceptanceEstimator, PassCosts, VerifyPolicy
-from orthrus_runtime.engine import EngineConfig, LLMEngine
-from orthrus_runtime.reference import exact_joint_distribution, greedy_ar
-from orthrus_runtime.rejection_sampler import rejection_sample
-from orthrus_runtime.sampling import processed_probs, sample_inverse_cdf
-from orthrus_runtime.spec_decode import greedy_accept
-from orthrus_runtime.testing import tiny_model
+from orthrus_runtime.spec.planner import AcceptanceEstimator, VerifyPolicy
+from orthrus_runtime.worker.pass_costs import PassCosts
+from orthrus_runtime.engine.llm_engine import EngineConfig, LLMEngine
+from orthrus_runtime.spec.reference import exact_joint_distribution, greedy_ar
+from orthrus_runtime.spec.rejection_sampler import rejection_sample
+from orthrus_runtime.spec.sampling import processed_probs, sample_inverse_cdf
+from orthrus_runtime.spec.cycle import greedy_accept
+from orthrus_runtime.model.testing import tiny_model
 from orthrus_runtime.types import GenerateRequest, SamplingParams
 
 # -- estimates --------------------------------------------------------------------------------------

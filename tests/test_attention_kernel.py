@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from orthrus_runtime.fast_forward import TorchOps
+from orthrus_runtime.worker.fast_forward import TorchOps
 
 HAS_CUDA = torch.cuda.is_available()
 RUNS = importlib.util.find_spec("triton") is not None and (HAS_CUDA or os.environ.get("TRITON_INTERPRET") == "1")
@@ -51,7 +51,7 @@ def _check(got, want, T, nvalid, tol):
 def test_paged_attention_matches_the_reference(dtype, T, causal, splits):
     """Prefixes from none to several split chunks (256 keys each at least): one chunk only
     (no merge), uneven chunks, more splits than chunks; padding rows and a padding sequence."""
-    from orthrus_runtime import triton_kernels as tk
+    from orthrus_runtime.worker import triton_kernels as tk
 
     H, HKV, D = 6, 2, 32
     starts, nvalid = [0, 40, 700, 257, 760, 0], [T, T, max(1, T - 2), 1, T, 0]
@@ -63,7 +63,7 @@ def test_paged_attention_matches_the_reference(dtype, T, causal, splits):
 
 
 def test_split_count_follows_the_grid():
-    from orthrus_runtime import triton_kernels as tk
+    from orthrus_runtime.worker import triton_kernels as tk
 
     cuda = torch.device("cuda", 0)
     tk._sm_count[0] = 132
@@ -80,7 +80,7 @@ def test_split_count_follows_the_grid():
 def test_split_attention_replays_in_a_cuda_graph():
     """Captured once with short prefixes, replayed with long, short and long ones again: each
     replay matches the reference (a counter left non-zero would stop the merge)."""
-    from orthrus_runtime import triton_kernels as tk
+    from orthrus_runtime.worker import triton_kernels as tk
 
     H, HKV, D, T = 32, 8, 128, 4
     base = _case(H, HKV, D, T, [10, 10], [T, T], torch.bfloat16, W=64)

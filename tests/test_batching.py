@@ -7,10 +7,10 @@ import threading
 
 import pytest
 
-from orthrus_runtime.async_engine import AsyncOrthrusEngine
-from orthrus_runtime.engine import EngineConfig, LLMEngine
-from orthrus_runtime.reference import greedy_ar
-from orthrus_runtime.testing import tiny_model, tiny_tokenizer
+from orthrus_runtime.engine.async_engine import AsyncOrthrusEngine
+from orthrus_runtime.engine.llm_engine import EngineConfig, LLMEngine
+from orthrus_runtime.spec.reference import greedy_ar
+from orthrus_runtime.model.testing import tiny_model, tiny_tokenizer
 from orthrus_runtime.types import GenerateRequest, InvalidRequestError, SamplingParams
 
 MODEL = tiny_model("qwen3", seed=21, diffusion="ar-copy", eos_token_ids=[])

@@ -7,8 +7,8 @@ import struct
 
 import pytest
 
-from orthrus_runtime import bench
-from orthrus_runtime.bench import BenchError, RequestResult, load_prompts, summarize
+from orthrus_runtime.tools import bench
+from orthrus_runtime.tools.bench import BenchError, RequestResult, load_prompts, summarize
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -148,7 +148,7 @@ def run_bench(tmp_path, *argv):
 
     out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
     proc = subprocess.run(
-        [sys.executable, "-m", "orthrus_runtime.cli", "bench", *argv,
+        [sys.executable, "-m", "orthrus_runtime.tools.cli", "bench", *argv,
          "--output-json", str(out_json), "--output-png", str(out_png)],
         capture_output=True, text=True, timeout=300)
     report = json.loads(out_json.read_text()) if out_json.exists() else None

@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 
-from orthrus_runtime import distill as D
-from orthrus_runtime import eval_acceptance as E
-from orthrus_runtime.config import CheckpointError
-from orthrus_runtime.loader import load_model, read_diffusion_view, save_diffusion_view
-from orthrus_runtime.model import DenseAR, DenseDraft
-from orthrus_runtime.testing import tiny_checkpoint, tiny_model
+from orthrus_runtime.tools import distill as D
+from orthrus_runtime.tools import eval_acceptance as E
+from orthrus_runtime.model.config import CheckpointError
+from orthrus_runtime.model.loader import load_model, read_diffusion_view, save_diffusion_view
+from orthrus_runtime.model.dual_view import DenseAR, DenseDraft
+from orthrus_runtime.model.testing import tiny_checkpoint, tiny_model
 
 
 def _random_data(seed: int = 0, n: int = 6, vocab: int = 300) -> D.DistillData:
@@ -287,8 +287,8 @@ def test_time_budget_sets_the_schedule_and_uses_the_budget(monkeypatch):
 def test_shipped_view_is_the_default_lossless_and_better_than_the_ar_copy():
     """The committed int8 view loads by default for SmolLM2, keeps greedy output identical
     to AR decoding, and drafts better than the untrained AR copy."""
-    from orthrus_runtime.engine import EngineConfig, LLMEngine
-    from orthrus_runtime.loader import DEFAULT_DIFFUSION_VIEW
+    from orthrus_runtime.engine.llm_engine import EngineConfig, LLMEngine
+    from orthrus_runtime.model.loader import DEFAULT_DIFFUSION_VIEW
     from orthrus_runtime.types import GenerateRequest, SamplingParams
 
     assert DEFAULT_DIFFUSION_VIEW.exists() and DEFAULT_DIFFUSION_VIEW.stat().st_size <= 30_000_000

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from orthrus_runtime.engine import EngineConfig, LLMEngine
-from orthrus_runtime.reference import ar_logits, greedy_ar, greedy_orthrus
-from orthrus_runtime.testing import tiny_model
+from orthrus_runtime.engine.llm_engine import EngineConfig, LLMEngine
+from orthrus_runtime.spec.reference import ar_logits, greedy_ar, greedy_orthrus
+from orthrus_runtime.model.testing import tiny_model
 from orthrus_runtime.types import GenerateRequest, SamplingParams
 
 PROMPTS = [list(range(3, 8)), list(range(10, 27)), [42], [(7 * i) % 250 + 3 for i in range(40)]]
@@ -176,7 +176,7 @@ def test_rollback_leaves_cache_as_if_never_written():
 
 
 def test_stop_strings_and_text():
-    from orthrus_runtime.testing import tiny_tokenizer
+    from orthrus_runtime.model.testing import tiny_tokenizer
 
     tok = tiny_tokenizer()
     model = tiny_model("qwen3", seed=5)  # a seed whose greedy text is printable

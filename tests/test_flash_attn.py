@@ -11,11 +11,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from orthrus_runtime.engine import EngineConfig, LLMEngine
-from orthrus_runtime.fast_forward import (FlashAttnOps, TorchOps, TritonOps, flash_attn_unsupported,
+from orthrus_runtime.engine.llm_engine import EngineConfig, LLMEngine
+from orthrus_runtime.worker.fast_forward import (FlashAttnOps, TorchOps, TritonOps, flash_attn_unsupported,
                                           make_ops)
-from orthrus_runtime.runner import ModelRunner
-from orthrus_runtime.testing import tiny_model
+from orthrus_runtime.worker.runner import ModelRunner
+from orthrus_runtime.model.testing import tiny_model
 from orthrus_runtime.types import GenerateRequest, SamplingParams
 
 HAS_CUDA = torch.cuda.is_available()
@@ -52,9 +52,9 @@ def test_engine_refuses_a_backend_it_cannot_run():
 
 
 def test_engine_args_carry_the_backend(tmp_path):
-    from orthrus_runtime.async_engine import AsyncOrthrusEngine
-    from orthrus_runtime.engine_args import EngineArgs
-    from orthrus_runtime.testing import tiny_checkpoint
+    from orthrus_runtime.engine.async_engine import AsyncOrthrusEngine
+    from orthrus_runtime.engine.args import EngineArgs
+    from orthrus_runtime.model.testing import tiny_checkpoint
 
     folder = tiny_checkpoint(str(tmp_path / "m"), block_size=4)
     with pytest.raises(ValueError, match="flash-attn needs CUDA"):

@@ -363,7 +363,7 @@ def test_values_schema_mirrors_the_code():
                                   ServeDeploySchema)
 
     from deployment.app import AppArgs
-    from orthrus_runtime.engine_args import EngineArgs
+    from orthrus_runtime.engine.args import EngineArgs
 
     defs = _schema_defs()
     names = lambda d: set(defs[d]["properties"])  # noqa: E731

@@ -8,16 +8,16 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from orthrus_runtime.config import CheckpointError
-from orthrus_runtime.loader import load_model, save_diffusion_view
-from orthrus_runtime.reference import ar_logits
-from orthrus_runtime.testing import tiny_checkpoint, tiny_model
+from orthrus_runtime.model.config import CheckpointError
+from orthrus_runtime.model.loader import load_model, save_diffusion_view
+from orthrus_runtime.spec.reference import ar_logits
+from orthrus_runtime.model.testing import tiny_checkpoint, tiny_model
 
 IDS = [5, 9, 17, 33, 2, 250, 7]
 
 
 def _draft_logits(model, ids):
-    from orthrus_runtime.model import DenseAR, DenseDraft
+    from orthrus_runtime.model.dual_view import DenseAR, DenseDraft
 
     ar = DenseAR(None, model.scale)
     t = torch.tensor([ids])
@@ -119,7 +119,7 @@ def test_bad_checkpoints_raise_clear_errors(tmp_path):
 
     def drop_shard(folder):
         tiny = tiny_model("qwen3", seed=1)
-        from orthrus_runtime.loader import save_checkpoint
+        from orthrus_runtime.model.loader import save_checkpoint
         (folder / "model.safetensors").unlink()
         save_checkpoint(tiny, folder, 4, 300, max_shard_bytes=50_000)
         next(folder.glob("model-00002-*.safetensors")).unlink()
@@ -133,7 +133,7 @@ def test_bad_checkpoints_raise_clear_errors(tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_gguf_greedy_same_text_in_both_modes():
-    from orthrus_runtime.engine import EngineConfig, LLMEngine
+    from orthrus_runtime.engine.llm_engine import EngineConfig, LLMEngine
     from orthrus_runtime.types import GenerateRequest, SamplingParams
 
     lm = load_model(None, dtype="float32", device="cpu", diffusion_weights=None)

@@ -225,15 +225,15 @@ class Tee(OrthrusMetrics):
 
 @pytest.fixture(scope="module")
 def tiny_path(tmp_path_factory):
-    from orthrus_runtime.testing import tiny_checkpoint
+    from orthrus_runtime.model.testing import tiny_checkpoint
 
     # ar-copy: the diffusion view starts as the AR view, so some drafts are accepted.
     return str(tiny_checkpoint(tmp_path_factory.mktemp("tiny"), diffusion="ar-copy", block_size=4))
 
 
 async def test_counters_equal_the_engines_truth(tiny_path):
-    from orthrus_runtime.async_engine import AsyncOrthrusEngine
-    from orthrus_runtime.engine_args import EngineArgs
+    from orthrus_runtime.engine.async_engine import AsyncOrthrusEngine
+    from orthrus_runtime.engine.args import EngineArgs
     from orthrus_runtime.types import GenerateRequest, SamplingParams
 
     met = Tee(M, R)

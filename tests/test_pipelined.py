@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from orthrus_runtime.engine import EngineConfig, LLMEngine
-from orthrus_runtime.reference import greedy_ar
-from orthrus_runtime.testing import tiny_model
+from orthrus_runtime.engine.llm_engine import EngineConfig, LLMEngine
+from orthrus_runtime.spec.reference import greedy_ar
+from orthrus_runtime.model.testing import tiny_model
 from orthrus_runtime.types import GenerateRequest, SamplingParams
 
 MODEL = tiny_model("qwen3", seed=21, diffusion="ar-copy", eos_token_ids=[])
@@ -101,9 +101,9 @@ def test_new_request_mid_pipeline_is_admitted_and_exact():
 def test_engine_args_switch_pipelining(tmp_path):
     """`async_scheduling` in EngineArgs (YAML, Helm values): None keeps it for CUDA graphs only;
     True turns it on, here on the CPU, with the same greedy output."""
-    from orthrus_runtime.async_engine import AsyncOrthrusEngine
-    from orthrus_runtime.engine_args import EngineArgs
-    from orthrus_runtime.testing import tiny_checkpoint
+    from orthrus_runtime.engine.async_engine import AsyncOrthrusEngine
+    from orthrus_runtime.engine.args import EngineArgs
+    from orthrus_runtime.model.testing import tiny_checkpoint
 
     folder = tiny_checkpoint(str(tmp_path / "m"), block_size=4, diffusion="ar-copy", seed=3)
     outs = {}

@@ -14,12 +14,12 @@ import os
 import pytest
 import torch
 
-from orthrus_runtime.engine import EngineConfig, LLMEngine
-from orthrus_runtime.fast_forward import FastForward, TorchOps
-from orthrus_runtime.kv_cache import KVCache
-from orthrus_runtime.reference import greedy_ar
-from orthrus_runtime.runner import ModelRunner
-from orthrus_runtime.testing import tiny_model
+from orthrus_runtime.engine.llm_engine import EngineConfig, LLMEngine
+from orthrus_runtime.worker.fast_forward import FastForward, TorchOps
+from orthrus_runtime.worker.kv_cache import KVCache
+from orthrus_runtime.spec.reference import greedy_ar
+from orthrus_runtime.worker.runner import ModelRunner
+from orthrus_runtime.model.testing import tiny_model
 from orthrus_runtime.types import GenerateRequest, SamplingParams
 
 HAS_CUDA = torch.cuda.is_available()
@@ -43,7 +43,7 @@ class _Seq:
 def _ops(name):
     if name == "torch":
         return TorchOps()
-    from orthrus_runtime.fast_forward import TritonOps
+    from orthrus_runtime.worker.fast_forward import TritonOps
 
     return TritonOps()
 
@@ -199,7 +199,7 @@ def test_fast_engine_sampling_is_lossless(device):
     against exact enumeration), and AR mode samples it too."""
     from distribution_check import fit_to_exact
 
-    from orthrus_runtime.reference import exact_joint_distribution
+    from orthrus_runtime.spec.reference import exact_joint_distribution
 
     T, TOP_K, TOP_P, prompt = 0.7, 5, 0.9, [1, 4, 2]
     model = tiny_model("qwen3", seed=11, vocab_size=8, hidden=32, heads=2, kv_heads=1, head_dim=16)
@@ -228,7 +228,7 @@ def test_skinny_linear_matches_a_float64_product(dtype):
     """The few-row linear kernels (one row: CUDA cores; 2-32: tensor cores) against float64,
     on ragged shapes (N and K not multiples of the tiles) and the real ones. Without a GPU:
     Triton's interpreter, float16 only (it computes bfloat16 on raw bits), small shapes."""
-    from orthrus_runtime import triton_kernels as tk
+    from orthrus_runtime.worker import triton_kernels as tk
 
     if not HAS_CUDA and dtype == torch.bfloat16:
         pytest.skip("Triton's interpreter has no bfloat16 arithmetic")

@@ -4,11 +4,11 @@ from __future__ import annotations
 import torch
 from distribution_check import fit_to_exact
 
-from orthrus_runtime.engine import EngineConfig, LLMEngine
-from orthrus_runtime.reference import exact_joint_distribution
-from orthrus_runtime.rejection_sampler import rejection_sample
-from orthrus_runtime.sampling import processed_probs
-from orthrus_runtime.testing import tiny_model
+from orthrus_runtime.engine.llm_engine import EngineConfig, LLMEngine
+from orthrus_runtime.spec.reference import exact_joint_distribution
+from orthrus_runtime.spec.rejection_sampler import rejection_sample
+from orthrus_runtime.spec.sampling import processed_probs
+from orthrus_runtime.model.testing import tiny_model
 from orthrus_runtime.types import GenerateRequest, SamplingParams
 
 T, TOP_K, TOP_P = 0.7, 5, 0.9

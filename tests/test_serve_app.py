@@ -38,9 +38,9 @@ from ray.serve.schema import ServeDeploySchema  # noqa: E402
 
 from deployment.cli import deploy, wait_running  # noqa: E402
 from orthrus_runtime.client import OrthrusClient  # noqa: E402
-from orthrus_runtime.engine_args import EngineArgs  # noqa: E402
+from orthrus_runtime.engine.args import EngineArgs  # noqa: E402
 from orthrus_runtime.proto import orthrus_pb2 as pb  # noqa: E402
-from orthrus_runtime.testing import tiny_checkpoint  # noqa: E402
+from orthrus_runtime.model.testing import tiny_checkpoint  # noqa: E402
 from orthrus_runtime.types import GenerateRequest, SamplingParams  # noqa: E402
 
 MODEL_ID = "tiny-orthrus"
@@ -143,7 +143,7 @@ class Reference:
     """The engine itself, in this process, on the same checkpoint: the expected greedy outputs."""
 
     def __init__(self, ckpt: Path):
-        from orthrus_runtime.async_engine import AsyncOrthrusEngine
+        from orthrus_runtime.engine.async_engine import AsyncOrthrusEngine
 
         self.engine = AsyncOrthrusEngine.from_args(
             EngineArgs(model=str(ckpt), device="cpu", dtype="float32", max_model_len=MAX_MODEL_LEN))

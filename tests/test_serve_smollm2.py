@@ -46,7 +46,7 @@ def server():
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
     env.pop("ORTHRUS_API_KEYS", None)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "orthrus_runtime.cli", "serve", "--http-port", str(http_port),
+        [sys.executable, "-m", "orthrus_runtime.tools.cli", "serve", "--http-port", str(http_port),
          "--grpc-port", str(grpc_port), "--ray-temp-dir", temp_dir, "--timeout", "600"],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
@@ -119,7 +119,7 @@ def test_smollm2_over_both_protocols(server):
 
 def test_client_command_streams_to_stdout(server):
     out = subprocess.run(
-        [sys.executable, "-m", "orthrus_runtime.cli", "client", "--target", f"127.0.0.1:{server['grpc']}",
+        [sys.executable, "-m", "orthrus_runtime.tools.cli", "client", "--target", f"127.0.0.1:{server['grpc']}",
          "--prompt", "What is the capital of France? Answer in one word.", "--chat", "--max-tokens", "12",
          "--temperature", "0"],
         cwd=REPO, capture_output=True, text=True, timeout=300,

@@ -21,14 +21,14 @@ from typing import Any, Optional
 
 import torch
 
-from .config import CheckpointError, ModelConfig
-from .model import DualViewModel
+from orthrus_runtime.model.config import CheckpointError, ModelConfig
+from orthrus_runtime.model.dual_view import DualViewModel
+from orthrus_runtime.defaults import DATA_DIR
 
 DIFF_SUFFIXES = ("q_proj_diff", "k_proj_diff", "v_proj_diff", "o_proj_diff", "q_norm_diff", "k_norm_diff")
 DEFAULT_BLOCK_SIZE = 16
 DIFFUSION_VIEW_FORMAT = "orthrus-diffusion-view-v1"
 INT8_ROWWISE = "int8-rowwise-symmetric"
-DATA_DIR = Path(__file__).parent / "data"
 DEFAULT_DIFFUSION_VIEW = DATA_DIR / "smollm2-135m-diffusion-view.safetensors"
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

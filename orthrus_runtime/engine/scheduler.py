@@ -15,8 +15,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .kv_cache import BlockManager
-from .sequence import Sequence, SeqStatus
+from orthrus_runtime.engine.block_manager import BlockManager
+from orthrus_runtime.engine.sequence import Sequence, SeqStatus
 
 
 @dataclass

@@ -10,7 +10,7 @@ from typing import Any, Optional
 
 import torch
 
-from .config import ModelConfig
+from orthrus_runtime.model.config import ModelConfig
 
 
 def _yarn(cfg: ModelConfig, sc: dict[str, Any], dim: int) -> tuple[torch.Tensor, float]:

@@ -40,8 +40,8 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 import torch.nn.functional as F
 
-from .loader import DATA_DIR, DIFF_SUFFIXES, save_diffusion_view
-from .model import DualViewModel
+from orthrus_runtime.model.loader import DATA_DIR, DIFF_SUFFIXES, save_diffusion_view
+from orthrus_runtime.model.dual_view import DualViewModel
 
 DEFAULT_PROMPTS = DATA_DIR / "distill_prompts.jsonl.gz"
 DATA_FORMAT = "orthrus-distill-data-v1"
@@ -200,10 +200,10 @@ def generate_data(loaded: Any, prompts: list[list[dict[str, str]]], *, max_promp
     """
     from tqdm import tqdm
 
-    from .async_engine import engine_config_from_args
-    from .engine import LLMEngine
-    from .engine_args import EngineArgs
-    from .types import GenerateRequest, SamplingParams
+    from orthrus_runtime.engine.setup import engine_config_from_args
+    from orthrus_runtime.engine.llm_engine import LLMEngine
+    from orthrus_runtime.engine.args import EngineArgs
+    from orthrus_runtime.types import GenerateRequest, SamplingParams
 
     tok = loaded.tokenizer
     if tok is None:
@@ -722,7 +722,7 @@ def _validate(args: argparse.Namespace) -> Optional[str]:
 
 
 def load_for_distill(args: argparse.Namespace):
-    from .loader import load_model
+    from orthrus_runtime.model.loader import load_model
 
     init = None if args.init == "ar-copy" else args.init
     return load_model(args.model, args.dtype, args.device, args.block_size, None, init)

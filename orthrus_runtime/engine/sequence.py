@@ -7,8 +7,8 @@ from typing import Optional
 
 import torch
 
-from .detokenizer import IncrementalDetokenizer
-from .types import AcceptanceStats, SamplingParams
+from orthrus_runtime.engine.detokenizer import IncrementalDetokenizer
+from orthrus_runtime.types import AcceptanceStats, SamplingParams
 
 
 class SeqStatus(enum.Enum):

@@ -29,7 +29,9 @@ from typing import Any, Optional
 
 import numpy as np
 
-BUILTIN_DIR = Path(__file__).resolve().parent / "data" / "prompts"
+from orthrus_runtime.defaults import DATA_DIR
+
+BUILTIN_DIR = DATA_DIR / "prompts"
 PERCENTILES = (50, 90, 99)
 
 

@@ -6,7 +6,7 @@ import json
 import sys
 import time
 
-from .types import MODES, GenerateRequest, InvalidRequestError, SamplingParams
+from orthrus_runtime.types import MODES, GenerateRequest, InvalidRequestError, SamplingParams
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,15 +28,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .engine import LLMEngine
-    from .engine_args import EngineArgs
-    from .async_engine import engine_config_from_args
-    from .loader import load_model
+    from orthrus_runtime.engine.args import EngineArgs
+    from orthrus_runtime.engine.llm_engine import LLMEngine
+    from orthrus_runtime.engine.setup import engine_config_from_args, load
 
     dw = None if args.diffusion_weights == "none" else args.diffusion_weights
     eargs = EngineArgs(model=args.model, diffusion_weights=dw, dtype=args.dtype, device=args.device,
                        block_size=args.block_size, max_num_seqs=1)
-    loaded = load_model(eargs.model, eargs.dtype, eargs.device, eargs.block_size, None, eargs.diffusion_weights)
+    loaded = load(eargs)
     engine = LLMEngine(loaded.model, engine_config_from_args(eargs, loaded), loaded.tokenizer)
     tok = loaded.tokenizer
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,

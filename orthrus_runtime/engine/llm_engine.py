@@ -33,16 +33,17 @@ from typing import Any, Optional
 
 import torch
 
-from .detokenizer import IncrementalDetokenizer
-from .kv_cache import BlockManager, KVCache, bytes_per_block
-from .model import DualViewModel
-from .runner import ModelRunner
-from .spec_decode import Chain, LaunchedCycle, launch_cycle
-from .adaptive import VerifyPolicy
-from .sampling import processed_probs, sample_inverse_cdf
-from .scheduler import Scheduler
-from .sequence import Sequence, SeqStatus
-from .types import (
+from orthrus_runtime.engine.detokenizer import IncrementalDetokenizer
+from orthrus_runtime.engine.block_manager import BlockManager
+from orthrus_runtime.worker.kv_cache import KVCache, bytes_per_block
+from orthrus_runtime.model.dual_view import DualViewModel
+from orthrus_runtime.worker.runner import ModelRunner
+from orthrus_runtime.spec.cycle import Chain, LaunchedCycle, launch_cycle
+from orthrus_runtime.spec.planner import VerifyPolicy
+from orthrus_runtime.spec.sampling import processed_probs, sample_inverse_cdf
+from orthrus_runtime.engine.scheduler import Scheduler
+from orthrus_runtime.engine.sequence import Sequence, SeqStatus
+from orthrus_runtime.types import (
     MODES,
     AcceptanceStats,
     CycleRecord,

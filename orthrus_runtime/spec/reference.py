@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .model import DenseAR, DenseDraft, DualViewModel
+from orthrus_runtime.model.dual_view import DenseAR, DenseDraft, DualViewModel
 
 
 @torch.inference_mode()
@@ -75,7 +75,7 @@ def greedy_orthrus(model: DualViewModel, prompt: list[int], max_tokens: int, blo
 def exact_joint_distribution(model: DualViewModel, prompt: list[int], n: int, temperature: float, top_k: int,
                              top_p: float, max_cells: int = 4096) -> dict[tuple[int, ...], float]:
     """P(first n tokens) under AR sampling with the processed distribution, by enumeration."""
-    from .sampling import processed_probs
+    from orthrus_runtime.spec.sampling import processed_probs
 
     def probs(ids: list[int]) -> torch.Tensor:
         lg = ar_logits(model, ids)[-1:].float()

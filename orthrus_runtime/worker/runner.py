@@ -22,10 +22,10 @@ from typing import Optional, Sequence as Seq
 
 import torch
 
-from .adaptive import PassCosts
-from .kv_cache import KVCache
-from .model import DualViewModel, sdpa
-from .sequence import Sequence
+from orthrus_runtime.worker.pass_costs import PassCosts
+from orthrus_runtime.worker.kv_cache import KVCache
+from orthrus_runtime.model.dual_view import DualViewModel, sdpa
+from orthrus_runtime.engine.sequence import Sequence
 
 
 class PagedAR:
@@ -76,14 +76,14 @@ class ModelRunner:
         self.graphs = None
         use_fast = fast if fast is not None else device.type == "cuda"
         if use_fast:
-            from .fast_forward import FastForward, make_ops
+            from orthrus_runtime.worker.fast_forward import FastForward, make_ops
 
             self.fast = FastForward(model, kv, ops if ops is not None else make_ops(attention_backend, device, model))
         elif attention_backend not in ("auto", "torch"):
             raise ValueError(f"attention_backend {attention_backend!r} needs the fast path (CUDA, or async_scheduling)")
         use_graphs = cuda_graphs if cuda_graphs is not None else device.type == "cuda"
         if use_graphs and self.fast is not None and device.type == "cuda" and self.fast.ops.graphable:
-            from .cuda_graphs import GraphedPasses
+            from orthrus_runtime.worker.cuda_graphs import GraphedPasses
 
             max_len = max_model_len or model.cfg.max_position_embeddings
             costs = self.costs  # not self: a runner <-> graphs cycle would leave dead graphs to the

@@ -35,9 +35,9 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from .types import AcceptanceStats, GenerateRequest, SamplingParams
+from orthrus_runtime.types import AcceptanceStats, GenerateRequest, SamplingParams
+from orthrus_runtime.defaults import DATA_DIR
 
-DATA_DIR = Path(__file__).parent / "data"
 MT_BENCH_FILE = DATA_DIR / "mt_bench_questions.jsonl"
 DATASETS = ("mt-bench", "humaneval")
 HUMANEVAL_INSTRUCTION = "Complete the following Python function:\n```python\n{prompt}```"
@@ -141,9 +141,9 @@ class Tally:
 
 
 def _engine(loaded: Any, block_size: int, args: argparse.Namespace):
-    from .async_engine import engine_config_from_args
-    from .engine import LLMEngine
-    from .engine_args import EngineArgs
+    from orthrus_runtime.engine.setup import engine_config_from_args
+    from orthrus_runtime.engine.llm_engine import LLMEngine
+    from orthrus_runtime.engine.args import EngineArgs
 
     eargs = EngineArgs(model=args.model, device=args.device, dtype=args.dtype, block_size=block_size,
                        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
@@ -271,7 +271,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .loader import load_model
+    from orthrus_runtime.model.loader import load_model
 
     if args.max_tokens < 1:
         print("error: --max-tokens must be >= 1", file=sys.stderr)

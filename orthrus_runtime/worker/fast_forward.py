@@ -29,9 +29,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .kv_cache import KVCache
-from .model import DualViewModel, sdpa
-from .rope import apply_rotary
+from orthrus_runtime.worker.kv_cache import KVCache
+from orthrus_runtime.model.dual_view import DualViewModel, sdpa
+from orthrus_runtime.model.rope import apply_rotary
 
 
 def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -113,7 +113,7 @@ class TritonOps(_Ops):
     def __init__(self, split_kv: bool = True):
         """split_kv: small batches spread long prefixes over several programs (see
         `triton_kernels.num_splits`); False keeps one program per row block (benchmarks)."""
-        from . import triton_kernels as tk
+        from orthrus_runtime.worker import triton_kernels as tk
 
         self.tk = tk
         self.split_kv = split_kv

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelConfig
-from .rope import Rotary, apply_rotary
+from orthrus_runtime.model.config import ModelConfig
+from orthrus_runtime.model.rope import Rotary, apply_rotary
 
 
 class RMSNorm(nn.Module):

@@ -24,9 +24,9 @@ from typing import Optional, Sequence as Seq
 
 import torch
 
-from .rejection_sampler import rejection_sample
-from .sampling import processed_probs, sample_inverse_cdf
-from .sequence import Sequence
+from orthrus_runtime.spec.rejection_sampler import rejection_sample
+from orthrus_runtime.spec.sampling import processed_probs, sample_inverse_cdf
+from orthrus_runtime.engine.sequence import Sequence
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

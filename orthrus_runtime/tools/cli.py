@@ -8,12 +8,12 @@ import sys
 from typing import Optional
 
 SUBCOMMANDS = {
-    "generate": ("orthrus_runtime.generate_cli", "generate text from one prompt"),
+    "generate": ("orthrus_runtime.tools.generate", "generate text from one prompt"),
     "serve": ("deployment.cli", "run the Ray Serve application (HTTP 8000, gRPC 9000)"),
     "client": ("orthrus_runtime.client", "stream a completion from a running server over gRPC"),
-    "bench": ("orthrus_runtime.bench", "load-test a running server (HTTP or gRPC)"),
-    "distill": ("orthrus_runtime.distill", "train a diffusion view for a base model"),
-    "eval-acceptance": ("orthrus_runtime.eval_acceptance", "measure acceptance on MT-bench and HumanEval"),
+    "bench": ("orthrus_runtime.tools.bench", "load-test a running server (HTTP or gRPC)"),
+    "distill": ("orthrus_runtime.tools.distill", "train a diffusion view for a base model"),
+    "eval-acceptance": ("orthrus_runtime.tools.eval_acceptance", "measure acceptance on MT-bench and HumanEval"),
 }
 
 

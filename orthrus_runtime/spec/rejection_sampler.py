@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .sampling import sample_inverse_cdf
+from orthrus_runtime.spec.sampling import sample_inverse_cdf
 
 
 def rejection_sample(

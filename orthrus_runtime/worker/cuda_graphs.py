@@ -20,7 +20,7 @@ from typing import Callable, Optional, Sequence as Seq
 
 import torch
 
-from .fast_forward import FastForward
+from orthrus_runtime.worker.fast_forward import FastForward
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
 TOKEN_SIZES = (1, 2, 4, 8, 16, 32, 64)

@@ -5,8 +5,8 @@ import functools
 from pathlib import Path
 from typing import Any, Optional
 
-from .config import ModelConfig
-from .loader import build_model, copy_ar_to_diffusion, random_state, save_checkpoint
+from orthrus_runtime.model.config import ModelConfig
+from orthrus_runtime.model.loader import build_model, copy_ar_to_diffusion, random_state, save_checkpoint
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

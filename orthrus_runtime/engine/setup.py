@@ -1,0 +1,79 @@
+"""Engine setup: EngineArgs -> a loaded, warmed-up LLMEngine. Shared by the async front
+(a Serve replica) and the synchronous tools (generate, eval-acceptance, distill)."""
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+import torch
+
+from orthrus_runtime.engine.args import EngineArgs
+from orthrus_runtime.engine.llm_engine import EngineConfig, LLMEngine
+from orthrus_runtime.model.loader import load_model
+from orthrus_runtime.types import StatLogger
+from orthrus_runtime.worker.kv_cache import bytes_per_block
+
+log = logging.getLogger(__name__)
+CPU_KV_DEFAULT_BYTES = 512 * 2**20
+
+
+def engine_config_from_args(args: EngineArgs, loaded: Any) -> EngineConfig:
+    m = loaded.model
+    max_len = args.max_model_len or min(m.cfg.max_position_embeddings, 8192)
+    dev = m.lm_head.weight.device
+    kv_bytes = args.kv_cache_bytes
+    if kv_bytes is None:
+        if dev.type == "cuda":
+            free, total = torch.cuda.mem_get_info(dev)
+            used = total - free
+            # Room for activations: logits and probabilities of a full draft+verify batch dominate;
+            # plus a reserve for the CUDA graphs' pool.
+            act = 6 * args.max_num_seqs * loaded.block_size * m.cfg.vocab_size * 4 + 2**30
+            if args.cuda_graphs:
+                act += 2 * 2**30
+            kv_bytes = int(args.gpu_memory_utilization * total) - used - act
+        else:
+            kv_bytes = CPU_KV_DEFAULT_BYTES
+    per_block = bytes_per_block(m.cfg, args.kv_page_size, m.lm_head.weight.dtype)
+    return EngineConfig(
+        block_size=loaded.block_size, mask_token_id=loaded.mask_token_id, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=max_len,
+        kv_page_size=args.kv_page_size, num_kv_blocks=max(0, kv_bytes // per_block), seed=args.seed,
+        model_id=loaded.model_id, verify_policy=args.verify_policy, default_mode=args.default_mode,
+        cuda_graphs=args.cuda_graphs if dev.type == "cuda" else False,
+        async_scheduling=args.async_scheduling, attention_backend=args.attention_backend,
+    )
+
+
+def warm_up(engine: LLMEngine) -> int:
+    """Capture the CUDA graphs of the decode passes before serving (not on a user's first
+    request): every padded batch size up to max_num_seqs, one-token (AR) and full-block
+    passes, and under the adaptive policy every pass length it may choose (a capture in the
+    middle of serving stalls every running request). Returns the number of graphs held (0 on
+    the CPU)."""
+    runner = engine.runner
+    if runner.graphs is None:
+        return 0
+    sizes = [b for b in (1, 2, 4, 8, 16, 32, 64, 128) if b <= max(1, engine.cfg.max_num_seqs)]
+    B = engine.cfg.block_size
+    lengths = [1, B]
+    if engine.policy is not None:
+        lengths = sorted({t for t in runner.graphs.token_sizes if t <= B} | {B})
+    n = runner.capture_graphs(sizes, lengths, engine.cfg.mask_token_id)
+    log.info("captured %d CUDA graphs (batch sizes %s, pass lengths %s)", n, sizes, lengths)
+    return n
+
+
+def load(args: EngineArgs) -> Any:
+    """The model, tokenizer and block settings that args name (orthrus_runtime.model.loader)."""
+    return load_model(args.model, dtype=args.dtype, device=args.device, block_size=args.block_size,
+                      mask_token_id=args.mask_token_id, diffusion_weights=args.diffusion_weights)
+
+
+def build_engine(args: EngineArgs, stat_logger: Optional[StatLogger] = None) -> LLMEngine:
+    """Load and configure an engine, then warm it up (graphs captured before the first request)."""
+    loaded = load(args)
+    engine = LLMEngine(loaded.model, engine_config_from_args(args, loaded), loaded.tokenizer,
+                       stat_logger=stat_logger)
+    warm_up(engine)
+    return engine
