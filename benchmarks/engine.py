@@ -49,6 +49,7 @@ sys.path.insert(0, str(ROOT))
 from orthrus_runtime.engine.setup import warm_up  # noqa: E402
 from orthrus_runtime.model.config import ModelConfig  # noqa: E402
 from orthrus_runtime.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
+from benchmarks.forcing import bench_engine  # noqa: E402
 from orthrus_runtime.model.dual_view import DualViewModel  # noqa: E402
 from orthrus_runtime.types import GenerateRequest, SamplingParams  # noqa: E402
 
@@ -146,7 +147,7 @@ def make_engine(model, max_len: int, max_seqs: int = 128, policy: str = "adaptiv
                        max_num_batched_tokens=max(2048, max_seqs * PROMPT), max_model_len=max_len,
                        kv_page_size=page, num_kv_blocks=blocks, verify_policy=policy,
                        attention_backend=attention or ATTENTION)
-    return LLMEngine(model, cfg)
+    return bench_engine(model, cfg)
 
 
 def geometric_profile(mean_tokens: float, n: int = B - 1) -> list[float]:
@@ -175,9 +176,9 @@ def measure(eng: LLMEngine, bs: int, mode: str, steps: int, warm: int, plan=None
     lay, in generated tokens per sequence: a run that emits several tokens a step reaches long
     contexts in few steps, and at batch 128 a step's attention over them costs as much as a
     third of the step, so runs are compared over the same range of contexts, not of steps."""
-    eng.fixed_plan, eng.forced_accept = plan, forced
-    if fresh_policy and eng.policy is not None:
-        eng.policy = eng.new_policy()
+    eng.planner.fixed, eng.acceptance.profile = plan, forced  # a bench_engine's controls
+    if fresh_policy:
+        eng.planner.reset()
     g = torch.Generator().manual_seed(seed)
     room = eng.cfg.max_model_len - PROMPT - 1
     dt = toks = cyc = acc = drafts = chained = timed_steps = 0
@@ -246,9 +247,9 @@ def measure(eng: LLMEngine, bs: int, mode: str, steps: int, warm: int, plan=None
         out["drafts_per_cycle"] = drafts / cyc
         out["tokens_per_cycle"] = toks / cyc
         out["accepted_per_cycle"] = acc / cyc
-    if eng.policy is not None and mode == "orthrus" and plan is None:
-        out["policy_last"] = {k: (float(v) if isinstance(v, float) else v) for k, v in eng.policy.last.items()}
-    eng.fixed_plan, eng.forced_accept = None, None
+    if eng.cfg.verify_policy == "adaptive" and mode == "orthrus" and plan is None:
+        out["policy_last"] = dict(eng.planner.last)
+    eng.planner.fixed, eng.acceptance.profile = None, None
     return out
 
 
@@ -517,7 +518,7 @@ def section_profile(rep, shape, eng):
 
     res = {}
     for name, mode, plan in (("ar_step", "ar", None), ("orthrus_cycle_block32", "orthrus", (B, B))):
-        eng.fixed_plan, eng.forced_accept = plan, ([] if mode == "orthrus" else None)
+        eng.planner.fixed, eng.acceptance.profile = plan, ([] if mode == "orthrus" else None)
         rid = eng.add_request(GenerateRequest(prompt_token_ids=list(range(1000, 1000 + PROMPT)), mode=mode,
                                               params=SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)))
         for _ in range(3):
@@ -539,7 +540,7 @@ def section_profile(rep, shape, eng):
                      "top_kernels": [{"name": e.key[:90], "ms_per_step": e.self_device_time_total / 1e3 / n,
                                       "calls_per_step": e.count / n} for e in top]}
         eng.abort(rid)
-        eng.fixed_plan, eng.forced_accept = None, None
+        eng.planner.fixed, eng.acceptance.profile = None, None
     rep["shapes"][shape]["profile_bs1"] = res
 
 
@@ -557,13 +558,13 @@ def section_exactness(rep, shape, model, eng, prompts: int, tokens: int):
           for _ in range(prompts)]
     outs = {}
     for mode in ("ar", "orthrus"):
-        eng.fixed_plan = (B, B) if mode == "orthrus" else None
+        eng.planner.fixed = (B, B) if mode == "orthrus" else None
         res = eng.generate([GenerateRequest(prompt_token_ids=p, mode=mode, params=SamplingParams(
             max_tokens=tokens, temperature=0, ignore_eos=True)) for p in ps])
         outs[mode] = [d.token_ids for d in res]
         if mode == "orthrus":
             acc = sum(d.stats.num_accepted_tokens for d in res) / max(1, sum(d.stats.num_cycles for d in res))
-    eng.fixed_plan = None
+    eng.planner.fixed = None
     diffs, margins = [], []
     for p, a, o in zip(ps, outs["ar"], outs["orthrus"]):
         if a == o:
@@ -667,9 +668,9 @@ def section_smollm2(rep, quick: bool):
         return
     view = str(DEFAULT_DIFFUSION_VIEW) if DEFAULT_DIFFUSION_VIEW.exists() else None
     loaded = load_model(str(path), dtype="bfloat16", device=DEVICE, diffusion_weights=view)
-    eng = LLMEngine(loaded.model, EngineConfig(block_size=loaded.block_size, mask_token_id=loaded.mask_token_id,
-                                               max_num_seqs=16, max_model_len=1024, num_kv_blocks=2048,
-                                               verify_policy="adaptive"), loaded.tokenizer)
+    eng = bench_engine(loaded.model, EngineConfig(block_size=loaded.block_size, mask_token_id=loaded.mask_token_id,
+                                                  max_num_seqs=16, max_model_len=1024, num_kv_blocks=2048,
+                                                  verify_policy="adaptive"), loaded.tokenizer)
     warm_up(eng)  # every graph the policy may pick, captured (and costed) ahead, as a server does
     prompts = [json.loads(x)["messages"] for x in
                (ROOT / "orthrus_runtime/data/prompts/chat.jsonl").read_text().splitlines()[:16]]
@@ -677,7 +678,7 @@ def section_smollm2(rep, quick: bool):
     outs = {}
     for bs in (1, 16):
         for mode, plan in (("ar", None), ("orthrus-full", "full"), ("orthrus-adaptive", None)):
-            eng.fixed_plan = (loaded.block_size, loaded.block_size) if plan == "full" else None
+            eng.planner.fixed = (loaded.block_size, loaded.block_size) if plan == "full" else None
             reqs = [GenerateRequest(messages=m, mode=mode.split("-")[0], params=SamplingParams(
                 max_tokens=64 if quick else 256, temperature=0)) for m in prompts[:bs if bs > 1 else 4]]
             def once(rs):
@@ -699,10 +700,10 @@ def section_smollm2(rep, quick: bool):
             res[f"{mode}/bs{bs}"] = {"tokens_per_s": sorted(rates)[len(rates) // 2], "runs_tokens_per_s": rates,
                                      "tokens": toks, "tokens_per_cycle": (toks - len(ds)) / cyc if cyc else None}
             if mode == "orthrus-adaptive":
-                res[f"{mode}/bs{bs}"]["policy_last"] = dict(eng.policy.last)
+                res[f"{mode}/bs{bs}"]["policy_last"] = dict(eng.planner.last)
             outs[(mode, bs)] = [d.token_ids for d in ds]
             log("smollm2", mode, "bs", bs, [round(r, 1) for r in rates], "tok/s")
-    eng.fixed_plan = None
+    eng.planner.fixed = None
     for bs in (1, 16):
         a, o = outs[("ar", bs)], outs[("orthrus-full", bs)]
         res[f"greedy_identical_bs{bs}"] = sum(x == y for x, y in zip(a, o)) / len(a)

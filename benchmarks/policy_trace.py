@@ -39,18 +39,20 @@ def main() -> int:
     eng.runner.capture_graphs([args.bs], [1, 2, 4, 8, 16, 32], eng.cfg.mask_token_id)
     rows, fed = [], []
     for rep in range(2):  # the first pass warms everything up; the second is traced
-        eng.policy = pol = eng.new_policy()
-        eng.forced_accept = bench.geometric_profile(args.mean)
+        eng.planner.reset()  # a fresh adaptive policy; the trace wraps its methods
+        pol = eng.planner.inner
+        eng.acceptance.profile = bench.geometric_profile(args.mean)
         orig_choose, orig_time = pol.choose, pol.observe_time
 
         def choose(bs, rem, pol=pol, orig=orig_choose):
-            K, D = orig(bs, rem)
+            plan = orig(bs, rem)
+            K, D = plan
             cands = sorted(pol.rates(bs, rem), reverse=True)[:4]
             rows.append({"step": eng.num_steps, "K": K, "D": D, "ar_cost_ms": 1e3 * pol.cycle_cost(bs, 1, 0),
                          "top": [(round(r, 2), k, d, round(1e3 * pol.cycle_cost(bs, k, d), 2)) for r, k, d in cands],
                          "alpha": [round(float(a), 3) for a in pol.acceptance.alpha()[:4]],
                          "scale": dict(pol.scale), "probe_every": pol.probe_every, "since_ar": pol.since_ar})
-            return K, D
+            return plan
 
         def observe_time(bs, K, D, s, orig=orig_time):
             fed.append({"step": eng.num_steps, "K": K, "D": D, "ms": 1e3 * s})

@@ -36,7 +36,7 @@ def main() -> int:
     for bs in (int(b) for b in args.bs.split(",")):
         eng.runner.capture_graphs([bs], sizes, eng.cfg.mask_token_id)
         for mode, plan in (("ar", None), ("orthrus", (args.block, args.block))):
-            eng.fixed_plan, eng.forced_accept = plan, ([] if plan else None)
+            eng.planner.fixed, eng.acceptance.profile = plan, ([] if plan else None)
             ids = [eng.add_request(GenerateRequest(prompt_token_ids=list(range(1000 + i, 1064 + i)), mode=mode,
                                                    params=SamplingParams(max_tokens=300, temperature=0,
                                                                          ignore_eos=True))) for i in range(bs)]
@@ -78,14 +78,16 @@ def main() -> int:
                 for _ in range(5):
                     torch.cuda.synchronize()
                     t0 = time.perf_counter()
-                    dl = eng.runner.run_draft(seqs, anchors, args.block, eng.cfg.mask_token_id, args.block - 1)
+                    tables, starts = [q.block_table for q in seqs], [q.num_cached for q in seqs]
+                    dl = eng.runner.run_draft(tables, starts, anchors, args.block, eng.cfg.mask_token_id,
+                                              args.block - 1)
                     torch.cuda.synchronize()
                     t1 = time.perf_counter()
                     d = dl.argmax(-1)
                     vids = torch.cat([torch.tensor(anchors, device="cuda").unsqueeze(1), d], 1)
                     torch.cuda.synchronize()
                     t2 = time.perf_counter()
-                    lg = eng.runner.run_verify(seqs, vids, [args.block] * bs)
+                    lg = eng.runner.run_verify(tables, starts, vids, [args.block] * bs)
                     torch.cuda.synchronize()
                     t3 = time.perf_counter()
                     lg.argmax(-1).tolist()

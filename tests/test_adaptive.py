@@ -7,7 +7,7 @@ import pytest
 import torch
 from distribution_check import fit_to_exact
 
-from orthrus_runtime.spec.planner import AcceptanceEstimator, VerifyPolicy
+from orthrus_runtime.spec.planner import AcceptanceEstimator, Planner, VerifyPlan, VerifyPolicy
 from orthrus_runtime.worker.pass_costs import PassCosts
 from orthrus_runtime.engine.llm_engine import EngineConfig, LLMEngine
 from orthrus_runtime.spec.reference import exact_joint_distribution, greedy_ar
@@ -273,8 +273,11 @@ class _OnePlanPolicy:
 
     def plan_at(self, gain: float) -> int:
         """Set the plan to `gain` x AR's tokens a second; the K the policy then chooses."""
+        return self.full_plan_at(gain).num_verify
+
+    def full_plan_at(self, gain: float) -> VerifyPlan:
         self.pol.costs.record("draft", 4, 2, self.tokens / gain - 1.0, replace=True)
-        return self.pol.choose(4, 100)[0]
+        return self.pol.choose(4, 100)
 
 
 @pytest.mark.parametrize("gain, plan", [(1.02, 1), (1.05, 2)])
@@ -282,9 +285,10 @@ def test_speculation_must_beat_ar_by_the_margin(gain, plan):
     """Near a tie AR keeps the step: a plan estimated 2 % ahead of AR (within the estimates'
     error) is not run, one 5 % ahead is (spec_margin 3 %)."""
     p = _OnePlanPolicy(300)
-    assert p.plan_at(gain) == plan
+    chosen = p.full_plan_at(gain)
+    assert chosen.num_verify == plan
     assert p.pol.rates(4, 100)[1][0] == pytest.approx(gain)
-    assert p.pol.last["D"] == (0 if plan == 1 else 2)
+    assert chosen.draft_len == (0 if plan == 1 else 2)
 
 
 def test_once_speculating_a_plan_keeps_the_step_while_it_is_ahead_of_ar():
@@ -375,25 +379,19 @@ def test_adaptive_engine_greedy_equals_ar():
     res = eng.generate(reqs)
     assert [d.token_ids for d in res] == ref
     assert eng.blocks.num_free == eng.blocks.num_blocks
-    assert eng.policy.acceptance.tried[None].sum() > 0  # it speculated and learned from it
+    assert eng.planner.acceptance.tried[None].sum() > 0  # it speculated and learned from it
 
 
-class _CyclingPlans:
-    """A policy double that changes K and D every cycle, AR steps included."""
+class _CyclingPlans(Planner):
+    """A planner that changes K and D every cycle, AR steps included."""
 
     def __init__(self):
-        self.plans = [(1, 0), (2, 2), (4, 4), (3, 4), (4, 8), (2, 8)]
+        self.plans = [VerifyPlan(*p) for p in [(1, 0), (2, 2), (4, 4), (3, 4), (4, 8), (2, 8)]]
         self.i = 0
 
     def choose(self, bs, max_remaining):
         self.i += 1
         return self.plans[self.i % len(self.plans)]
-
-    def observe(self, *a):
-        pass
-
-    def observe_time(self, *a):
-        pass
 
 
 def test_varying_verify_length_keeps_the_distribution():
@@ -404,8 +402,7 @@ def test_varying_verify_length_keeps_the_distribution():
     exact = exact_joint_distribution(model, prompt, 3, T, TOP_K, TOP_P)
     eng = LLMEngine(model, EngineConfig(block_size=8, mask_token_id=7, max_model_len=64, num_kv_blocks=4000,
                                         kv_page_size=4, max_num_seqs=512, max_num_batched_tokens=4096,
-                                        verify_policy="adaptive"))
-    eng.policy = _CyclingPlans()
+                                        verify_policy="adaptive"), planner=_CyclingPlans())
     n = 6000
     reqs = [GenerateRequest(prompt_token_ids=prompt, params=SamplingParams(
         max_tokens=3, temperature=T, top_k=TOP_K, top_p=TOP_P, seed=7000 + i, ignore_eos=True)) for i in range(n)]
@@ -417,18 +414,22 @@ def test_varying_verify_length_keeps_the_distribution():
 
 
 def test_forced_acceptance_profile_and_count():
+    """The benchmarks' forced acceptance (benchmarks/forcing.py), injected as the acceptance rule."""
+    from benchmarks.forcing import ForcedAcceptance
+
     model = tiny_model("qwen3", seed=2)
+    forced = ForcedAcceptance()
     eng = LLMEngine(model, EngineConfig(block_size=8, mask_token_id=300, max_model_len=256, num_kv_blocks=200,
-                                        kv_page_size=8))
-    eng.forced_accept = [1.0] * 3  # accept exactly 3 drafts per cycle
-    c = eng._forced_counts(5, 7)
+                                        kv_page_size=8), acceptance=forced)
+    forced.profile = [1.0] * 3  # accept exactly 3 drafts per cycle
+    c = forced.counts(5, 7)
     assert c.tolist() == [3] * 5
-    eng.forced_accept = [0.5] * 7
-    c = eng._forced_counts(20000, 7).float()
+    forced.profile = [0.5] * 7
+    c = forced.counts(20000, 7).float()
     want = sum(0.5 ** (i + 1) for i in range(7))
     assert abs(c.mean().item() - want) < 0.03
     # End to end: every cycle accepts 3 drafts and emits 4 tokens; the cache holds them.
-    eng.forced_accept = [1.0] * 3
+    forced.profile = [1.0] * 3
     (d,) = eng.generate([GenerateRequest(prompt_token_ids=PROMPTS[1], params=SamplingParams(
         max_tokens=21, temperature=0, ignore_eos=True))])
     assert d.stats.num_cycles == 5 and d.stats.num_accepted_tokens == 15

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from orthrus_runtime.engine.llm_engine import EngineConfig, LLMEngine
+from orthrus_runtime.engine.llm_engine import EngineConfig, LLMEngine, build_runner
 from orthrus_runtime.spec.reference import ar_logits, greedy_ar, greedy_orthrus
 from orthrus_runtime.model.testing import tiny_model
 from orthrus_runtime.types import GenerateRequest, SamplingParams
@@ -12,10 +12,12 @@ from orthrus_runtime.types import GenerateRequest, SamplingParams
 PROMPTS = [list(range(3, 8)), list(range(10, 27)), [42], [(7 * i) % 250 + 3 for i in range(40)]]
 
 
-def make_engine(model, B, **kw):
+def make_engine(model, B, runner_for=None, **kw):
+    """runner_for(model, cfg) -> the runner to inject (default: the config's)."""
     cfg = dict(block_size=B, mask_token_id=300, max_model_len=256, num_kv_blocks=200, kv_page_size=8)
     cfg.update(kw)
-    return LLMEngine(model, EngineConfig(**cfg))
+    cfg = EngineConfig(**cfg)
+    return LLMEngine(model, cfg, runner=runner_for(model, cfg) if runner_for else None)
 
 
 def greedy(n, mode, eos_free=True):
@@ -57,8 +59,8 @@ def test_ar_view_matches_transformers(arch):
     seq = next(iter(eng.seqs.values()))
     eng.blocks.allocate(seq, len(ids))
     half = len(ids) // 2
-    a = eng.runner.run_ar([seq], [ids[:half]], [0], [list(range(half))])[0]
-    b = eng.runner.run_ar([seq], [ids[half:]], [half], [list(range(len(ids) - half))])[0]
+    a = eng.runner.run_ar([seq.block_table], [ids[:half]], [0], [list(range(half))])[0]
+    b = eng.runner.run_ar([seq.block_table], [ids[half:]], [half], [list(range(len(ids) - half))])[0]
     assert (torch.cat([a, b]) - ref).abs().max().item() < 1e-4
 
 
@@ -87,18 +89,26 @@ def test_orthrus_greedy_equals_ar_greedy(arch, diffusion):
 
 
 class OracleDrafts:
-    """Test double for the diffusion view: proposes the verifier's own future greedy tokens,
-    except at chosen draft positions where it proposes a wrong token."""
+    """Test double for the diffusion view: a runner whose draft pass proposes the verifier's own
+    future greedy tokens, except at chosen draft positions where it proposes a wrong token. The
+    other passes are the real runner's. `prompt_lens[rid]` maps a row back to its request: a row
+    is known by its block table and cached length alone."""
 
-    def __init__(self, eng: LLMEngine, futures: dict[str, list[int]], wrong_every: int = 0):
-        self.eng, self.futures, self.wrong_every = eng, futures, wrong_every
+    def __init__(self, runner, futures: dict[str, list[int]], wrong_every: int = 0):
+        self.runner, self.futures, self.wrong_every = runner, futures, wrong_every
         self.calls = 0
+        self.eng: LLMEngine = None  # set once the engine exists: rows are found among its sequences
 
-    def __call__(self, seqs, anchors, block_size, mask_id, num_logits, **_):
-        V = self.eng.model.cfg.vocab_size
-        out = torch.full((len(seqs), num_logits, V), -10.0)
+    def __getattr__(self, name):
+        return getattr(self.runner, name)
+
+    def run_draft(self, tables, starts, anchors, block_size, mask_id, num_logits, **_):
+        V = self.runner.model.cfg.vocab_size
+        out = torch.full((len(tables), num_logits, V), -10.0)
         self.calls += 1
-        for i, s in enumerate(seqs):
+        owner = {id(s.block_table): s for s in self.eng.seqs.values()}
+        for i, t in enumerate(tables):
+            s = owner[id(t)]
             fut = self.futures[s.request_id]
             start = len(s.output_token_ids)  # drafts propose output positions start, start+1, ...
             for j in range(num_logits):
@@ -115,8 +125,8 @@ def test_oracle_drafts_long_acceptance_bonus_and_eos(wrong_every):
     model = tiny_model("qwen3", seed=2)
     B = 8
     futures = {f"r{i}": greedy_ar(model, p, 200) for i, p in enumerate(PROMPTS)}
-    eng = make_engine(model, B)
-    eng.runner.run_draft = OracleDrafts(eng, futures, wrong_every)
+    eng = make_engine(model, B, runner_for=lambda m, c: OracleDrafts(build_runner(m, c), futures, wrong_every))
+    eng.runner.eng = eng
     reqs = greedy(64, "orthrus")
     for i, r in enumerate(reqs):
         r.request_id = f"r{i}"
@@ -134,8 +144,8 @@ def test_oracle_drafts_long_acceptance_bonus_and_eos(wrong_every):
     fut = futures["r1"]
     eos = fut[20]
     first = fut.index(eos)
-    eng2 = make_engine(model, B)
-    eng2.runner.run_draft = OracleDrafts(eng2, {"e": fut})
+    eng2 = make_engine(model, B, runner_for=lambda m, c: OracleDrafts(build_runner(m, c), {"e": fut}))
+    eng2.runner.eng = eng2
     req = GenerateRequest(prompt_token_ids=PROMPTS[1], request_id="e",
                           params=SamplingParams(max_tokens=64, temperature=0, stop_token_ids=[eos]))
     (d,) = eng2.generate([req])

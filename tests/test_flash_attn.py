@@ -190,11 +190,12 @@ def test_flash_engine_in_cuda_graphs():
     for s in seqs:
         eng.blocks.allocate(s, s.num_cached + 8)
     anchors = [s.output_token_ids[-1] for s in seqs]
-    d_g = eng.runner.run_draft(seqs, anchors, 7, 300, 6).clone()  # D=7 in the T=8 graph
-    d_e = eager.run_draft(seqs, anchors, 7, 300, 6)
+    tables, starts = [s.block_table for s in seqs], [s.num_cached for s in seqs]
+    d_g = eng.runner.run_draft(tables, starts, anchors, 7, 300, 6).clone()  # D=7 in the T=8 graph
+    d_e = eager.run_draft(tables, starts, anchors, 7, 300, 6)
     assert (d_g.float() - d_e.float()).abs().max().item() < 1e-2
     ids = torch.cat([torch.tensor(anchors, device="cuda").unsqueeze(1), d_e.argmax(-1)[:, :4]], 1)
-    v_g = eng.runner.run_verify(seqs, ids, [5, 3, 5]).clone()  # T=5 in the T=8 graph
-    v_e = eager.run_verify(seqs, ids, [5, 3, 5])
+    v_g = eng.runner.run_verify(tables, starts, ids, [5, 3, 5]).clone()  # T=5 in the T=8 graph
+    v_e = eager.run_verify(tables, starts, ids, [5, 3, 5])
     for i, k in enumerate([5, 3, 5]):
         assert (v_g[i, :k].float() - v_e[i, :k].float()).abs().max().item() < 1e-2

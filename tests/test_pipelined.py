@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from orthrus_runtime.engine.llm_engine import EngineConfig, LLMEngine
+from orthrus_runtime.engine.llm_engine import EngineConfig, LLMEngine, build_runner
+from orthrus_runtime.spec.planner import VerifyPolicy
 from orthrus_runtime.spec.reference import greedy_ar
 from orthrus_runtime.model.testing import tiny_model
 from orthrus_runtime.types import GenerateRequest, SamplingParams
@@ -18,10 +19,25 @@ def prompt(i, n):
     return [(i * 37 + j * 11) % 290 + 3 for j in range(n)]
 
 
+def config(pipelined: bool, policy: str = "full", blocks: int = 400) -> EngineConfig:
+    return EngineConfig(block_size=4, mask_token_id=300, max_model_len=160, num_kv_blocks=blocks, kv_page_size=4,
+                        max_num_seqs=16, max_num_batched_tokens=64, async_scheduling=pipelined, verify_policy=policy)
+
+
 def engine(pipelined: bool, policy: str = "full", blocks: int = 400) -> LLMEngine:
-    cfg = EngineConfig(block_size=4, mask_token_id=300, max_model_len=160, num_kv_blocks=blocks, kv_page_size=4,
-                       max_num_seqs=16, max_num_batched_tokens=64, async_scheduling=pipelined, verify_policy=policy)
-    return LLMEngine(MODEL, cfg)
+    return LLMEngine(MODEL, config(pipelined, policy, blocks))
+
+
+class _TimedPolicy(VerifyPolicy):
+    """The adaptive policy, recording the cycle times it is fed."""
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.seen: list[tuple] = []
+
+    def observe_time(self, *a) -> None:
+        self.seen.append(a)
+        super().observe_time(*a)
 
 
 def requests(mode: str, temperature: float, stops: list[int]):
@@ -125,14 +141,15 @@ def test_policy_learns_cycle_times_from_chained_cycles_only(pipelined):
     """Pipelined, a cycle launched after the previous commit (the pipeline restarting after an
     admission or prefill) carries launch time the pipeline otherwise hides: the adaptive
     policy learns cycle times only from cycles queued ahead. Not pipelined: from every cycle."""
-    eng = engine(pipelined, policy="adaptive")
-    seen, commits = [], []
-    observe_time, commit = eng.policy.observe_time, eng._commit
-    eng.policy.observe_time = lambda *a: (seen.append(a), observe_time(*a))
-    eng._commit = lambda *a, **k: (commits.append(1), commit(*a, **k))[1]
+    cfg = config(pipelined, policy="adaptive")
+    runner = build_runner(MODEL, cfg)
+    pol = _TimedPolicy(4, runner.costs, pipelined=pipelined)
+    eng = LLMEngine(MODEL, cfg, runner=runner, planner=pol)
+    seen = pol.seen
     eng.generate(requests("orthrus", 0.0, []))
+    commits = eng.num_batch_cycles
     if pipelined:
-        assert 0 < len(seen) == eng.num_chained_steps < len(commits)
+        assert 0 < len(seen) == eng.num_chained_steps < commits
     else:
-        assert eng.num_chained_steps == 0 and len(seen) == len(commits)
+        assert eng.num_chained_steps == 0 and len(seen) == commits
     assert eng.blocks.num_free == eng.blocks.num_blocks

@@ -14,7 +14,7 @@ import os
 import pytest
 import torch
 
-from orthrus_runtime.engine.llm_engine import EngineConfig, LLMEngine
+from orthrus_runtime.engine.llm_engine import EngineConfig, LLMEngine, build_runner
 from orthrus_runtime.worker.fast_forward import FastForward, TorchOps
 from orthrus_runtime.worker.kv_cache import KVCache
 from orthrus_runtime.spec.reference import greedy_ar
@@ -88,7 +88,7 @@ def test_fast_forward_matches_reference_runner(shape, ops_name, device):
     # 1. Prefill of ragged prompts (padding rows of the shorter ones).
     prompts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in lens]
     T = max(lens)
-    want = ref.run_ar(seqs, prompts, [0] * bs, [list(range(n)) for n in lens])
+    want = ref.run_ar([s.block_table for s in seqs], prompts, [0] * bs, [list(range(n)) for n in lens])
     ids = torch.zeros(bs, T, dtype=torch.long)
     for i, p in enumerate(prompts):
         ids[i, : len(p)] = torch.tensor(p)
@@ -103,7 +103,7 @@ def test_fast_forward_matches_reference_runner(shape, ops_name, device):
     # 2. Draft pass: [anchor, MASK...] against the cached prefix; writes nothing.
     B = 6
     anchors = [7, 8, 9, 10]
-    want = ref.run_draft(seqs, anchors, B, 300, B)
+    want = ref.run_draft([s.block_table for s in seqs], [s.num_cached for s in seqs], anchors, B, 300, B)
     ids = torch.full((bs, B), 300)
     ids[:, 0] = torch.tensor(anchors)
     k_before = kv_fast.k.clone()
@@ -117,7 +117,7 @@ def test_fast_forward_matches_reference_runner(shape, ops_name, device):
     vids = torch.zeros(bs, 6, dtype=torch.long)
     for i, t in enumerate(toks):
         vids[i, : len(t)] = torch.tensor(t)
-    want = ref.run_verify(seqs, vids.to(dev), K)
+    want = ref.run_verify([s.block_table for s in seqs], [s.num_cached for s in seqs], vids.to(dev), K)
     got = run_fast(vids, lens, K, diff=False)
     for i, k in enumerate(K):
         check(got[i, :k], want[i, :k], "verify logits")
@@ -126,15 +126,10 @@ def test_fast_forward_matches_reference_runner(shape, ops_name, device):
 
 
 def _engine(model, B, device, fast, cuda_graphs=None, policy="full", pipelined=None):
-    eng = LLMEngine(model, EngineConfig(block_size=B, mask_token_id=300, max_model_len=256, num_kv_blocks=200,
-                                        kv_page_size=8, verify_policy=policy))
-    if fast:
-        eng.runner = ModelRunner(model, eng.kv, torch.device(device), fast=True, cuda_graphs=cuda_graphs,
-                                 max_model_len=256)
-        if eng.policy is not None:
-            eng.policy.costs = eng.runner.costs
-        eng.pipelined = pipelined if pipelined is not None else eng.runner.graphs is not None
-    return eng
+    cfg = EngineConfig(block_size=B, mask_token_id=300, max_model_len=256, num_kv_blocks=200,
+                       kv_page_size=8, verify_policy=policy, async_scheduling=pipelined if fast else None)
+    runner = build_runner(model, cfg, fast=True, cuda_graphs=cuda_graphs) if fast else None
+    return LLMEngine(model, cfg, runner=runner)
 
 
 PROMPTS = [list(range(3, 8)), list(range(10, 27)), [42], [(7 * i) % 250 + 3 for i in range(40)]]
@@ -182,9 +177,10 @@ def test_cuda_graph_passes_equal_eager_fast_passes():
         for s in seqs:
             eng.blocks.allocate(s, s.num_cached + 8)
         anchors = [s.output_token_ids[-1] for s in seqs]
-        d = eng.runner.run_draft(seqs, anchors, 7, 300, 6)  # D=7 runs in the T=8 graph
+        tables, starts = [s.block_table for s in seqs], [s.num_cached for s in seqs]
+        d = eng.runner.run_draft(tables, starts, anchors, 7, 300, 6)  # D=7 runs in the T=8 graph
         ids = torch.cat([torch.tensor(anchors, device="cuda").unsqueeze(1), d.argmax(-1)[:, :4]], 1)
-        v = eng.runner.run_verify(seqs, ids, [5, 3, 5])  # T=5 runs in the T=8 graph
+        v = eng.runner.run_verify(tables, starts, ids, [5, 3, 5])  # T=5 runs in the T=8 graph
         outs[graphs] = (d, v)
     (d0, v0), (d1, v1) = outs[False], outs[True]
     assert (d0 - d1).abs().max().item() < 1e-4
@@ -207,9 +203,9 @@ def test_fast_engine_sampling_is_lossless(device):
     model = model.to(device)
     n = 6000
     for mode in ("orthrus", "ar"):
-        eng = LLMEngine(model, EngineConfig(block_size=4, mask_token_id=7, max_model_len=64, num_kv_blocks=4000,
-                                            kv_page_size=4, max_num_seqs=128, max_num_batched_tokens=4096))
-        eng.runner = ModelRunner(model, eng.kv, torch.device(device), fast=True, max_model_len=64)
+        cfg = EngineConfig(block_size=4, mask_token_id=7, max_model_len=64, num_kv_blocks=4000,
+                           kv_page_size=4, max_num_seqs=128, max_num_batched_tokens=4096)
+        eng = LLMEngine(model, cfg, runner=build_runner(model, cfg, fast=True))
         res = eng.generate([GenerateRequest(prompt_token_ids=prompt, mode=mode, params=SamplingParams(
             max_tokens=3, temperature=T, top_k=TOP_K, top_p=TOP_P, seed=500 + i, ignore_eos=True))
             for i in range(n)])

@@ -38,7 +38,7 @@ class EngineArgs:
     max_num_batched_tokens: int = 2048  # prefill token budget per step
     max_model_len: Optional[int] = None  # None: min(config max_position_embeddings, 8192)
     kv_page_size: int = 16  # tokens per KV block
-    kv_cache_bytes: Optional[int] = None  # CPU budget; None: 512 MiB on CPU
+    kv_cache_bytes: Optional[int] = None  # CPU budget; None: defaults.CPU_KV_CACHE_BYTES (512 MiB)
     gpu_memory_utilization: float = 0.85  # CUDA: fraction of the card for weights + KV
     # Verification length policy: "full" verifies every draft; "adaptive" picks the
     # number of drafts to verify from live acceptance and measured pass costs.

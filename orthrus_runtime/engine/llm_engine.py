@@ -11,6 +11,11 @@ not yet cached):
   4. emit d_0..d_{a-1} and the new anchor; roll the cache back to L+a+1 tokens.
 ar mode is the same with K = 1 and no draft pass.
 
+Each step starts by asking the planner (handed in, or made from `verify_policy`) for the
+step's verify plan (K, D); the scheduler reserves that lookahead, and every orthrus
+cycle of the step runs it. The runner, the planner and the acceptance rule are all
+constructor arguments: one engine, whatever drives it.
+
 Pipelined decoding (`EngineConfig.async_scheduling`, on with CUDA graphs): a step
 queues the next cycle before it waits for the current one. The next cycle's start
 positions and anchors are the current one's device outputs (start + accepted + 1,
@@ -25,24 +30,25 @@ flight are safe to hand out: all device work is ordered on one stream.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
-import weakref
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 
-from orthrus_runtime.engine.detokenizer import IncrementalDetokenizer
 from orthrus_runtime.engine.block_manager import BlockManager
-from orthrus_runtime.worker.kv_cache import KVCache, bytes_per_block
-from orthrus_runtime.model.dual_view import DualViewModel
-from orthrus_runtime.worker.runner import ModelRunner
-from orthrus_runtime.spec.cycle import Chain, LaunchedCycle, launch_cycle
-from orthrus_runtime.spec.planner import VerifyPolicy
-from orthrus_runtime.spec.sampling import processed_probs, sample_inverse_cdf
+from orthrus_runtime.engine.detokenizer import IncrementalDetokenizer
 from orthrus_runtime.engine.scheduler import Scheduler
+from orthrus_runtime.defaults import CPU_KV_CACHE_BYTES
 from orthrus_runtime.engine.sequence import Sequence, SeqStatus
+from orthrus_runtime.model.dual_view import DualViewModel
+from orthrus_runtime.spec.cycle import Chain, LaunchedCycle, RejectionSampling, SamplingBatch, launch_cycle
+from orthrus_runtime.spec.planner import Planner, VerifyPlan, make_planner
+from orthrus_runtime.spec.sampling import sample_inverse_cdf
+from orthrus_runtime.worker.kv_cache import KVCache, bytes_per_block
+from orthrus_runtime.worker.runner import ModelRunner
 from orthrus_runtime.types import (
     MODES,
     AcceptanceStats,
@@ -69,7 +75,7 @@ class EngineConfig:
     max_model_len: int = 2048
     kv_page_size: int = 16
     num_kv_blocks: Optional[int] = None  # None: from kv_cache_bytes
-    kv_cache_bytes: int = 256 * 2**20
+    kv_cache_bytes: int = CPU_KV_CACHE_BYTES
     seed: int = 0
     model_id: str = "orthrus"
     default_mode: str = "orthrus"
@@ -83,9 +89,54 @@ class EngineConfig:
     attention_backend: str = "auto"
 
 
+def num_kv_pages(model: DualViewModel, cfg: EngineConfig) -> int:
+    """KV pages of the config's budget; refuses a budget that cannot hold one whole sequence."""
+    dtype = model.lm_head.weight.dtype
+    n = cfg.num_kv_blocks
+    if n is None:
+        n = cfg.kv_cache_bytes // bytes_per_block(model.cfg, cfg.kv_page_size, dtype)
+    need = -(-(cfg.max_model_len + cfg.block_size) // cfg.kv_page_size)
+    if n < need:
+        raise ValueError(
+            f"KV cache of {n} blocks x {cfg.kv_page_size} tokens cannot hold one sequence of "
+            f"max_model_len {cfg.max_model_len} plus a block of {cfg.block_size}: raise the KV budget "
+            f"or lower max_model_len"
+        )
+    return n
+
+
+def build_runner(model: DualViewModel, cfg: EngineConfig, fast: Optional[bool] = None,
+                 cuda_graphs: Optional[bool] = None, ops=None) -> ModelRunner:
+    """The runner an engine config asks for, with its KV cache. fast / cuda_graphs override the
+    config's choice (None: the fast path where async_scheduling asks for it or on CUDA)."""
+    dev, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
+    kv = KVCache(model.cfg, num_kv_pages(model, cfg), cfg.kv_page_size, dtype, dev)
+    if fast is None:
+        fast = True if cfg.async_scheduling else None
+    return ModelRunner(model, kv, dev, fast=fast,
+                       cuda_graphs=cfg.cuda_graphs if cuda_graphs is None else cuda_graphs,
+                       max_model_len=cfg.max_model_len, ops=ops, attention_backend=cfg.attention_backend)
+
+
+def pipelined_for(cfg: EngineConfig, runner: ModelRunner) -> bool:
+    """Whether an engine decodes pipelined: as configured, else wherever CUDA graphs run."""
+    return cfg.async_scheduling if cfg.async_scheduling is not None else runner.graphs is not None
+
+
+@dataclass
+class _InFlight:
+    """A queued cycle not yet committed, with the sequences of its rows."""
+    seqs: list[Sequence]
+    cycle: LaunchedCycle
+
+
 class LLMEngine:
     def __init__(self, model: DualViewModel, cfg: EngineConfig, tokenizer: Any = None,
-                 stat_logger: Optional[StatLogger] = None):
+                 stat_logger: Optional[StatLogger] = None, *, runner: Optional[ModelRunner] = None,
+                 planner: Optional[Planner] = None, acceptance: Optional[RejectionSampling] = None):
+        """runner: owns the weights and the KV cache (default: `build_runner(model, cfg)`);
+        planner: chooses each step's verify plan (default: `make_planner(cfg.verify_policy, ...)`);
+        acceptance: the acceptance rule of every cycle (default: `RejectionSampling()`)."""
         if cfg.block_size < 2:
             raise ValueError(f"block_size must be >= 2, got {cfg.block_size}")
         self.model = model.eval()
@@ -98,31 +149,21 @@ class LLMEngine:
         n_embed = mcfg.vocab_size + (1 if model.model.mask_embedding is not None else 0)
         if not (0 <= cfg.mask_token_id < n_embed):
             raise ValueError(f"mask_token_id {cfg.mask_token_id} is outside the embedding table (size {n_embed})")
-        num_blocks = cfg.num_kv_blocks
-        if num_blocks is None:
-            num_blocks = cfg.kv_cache_bytes // bytes_per_block(mcfg, cfg.kv_page_size, self.dtype)
-        need = -(-(cfg.max_model_len + cfg.block_size) // cfg.kv_page_size)
-        if num_blocks < need:
-            raise ValueError(
-                f"KV cache of {num_blocks} blocks x {cfg.kv_page_size} tokens cannot hold one sequence of "
-                f"max_model_len {cfg.max_model_len} plus a block of {cfg.block_size}: raise the KV budget "
-                f"or lower max_model_len"
-            )
-        self.kv = KVCache(mcfg, num_blocks, cfg.kv_page_size, self.dtype, self.device)
-        self.blocks = BlockManager(num_blocks, cfg.kv_page_size)
-        self.runner = ModelRunner(model, self.kv, self.device, fast=True if cfg.async_scheduling else None,
-                                  cuda_graphs=cfg.cuda_graphs, max_model_len=cfg.max_model_len,
-                                  attention_backend=cfg.attention_backend)
-        self.pipelined = (cfg.async_scheduling if cfg.async_scheduling is not None
-                          else self.runner.graphs is not None)
-        self._inflight: Optional[LaunchedCycle] = None  # a queued cycle not yet committed
+        if cfg.verify_policy not in ("full", "adaptive"):
+            raise ValueError(f"verify_policy must be 'full' or 'adaptive', got {cfg.verify_policy!r}")
+        self.runner = runner if runner is not None else build_runner(model, cfg)
+        self.kv = self.runner.kv
+        self.blocks = BlockManager(self.kv.num_blocks, self.kv.page_size)
+        self.pipelined = pipelined_for(cfg, self.runner)
+        self.planner = planner if planner is not None else make_planner(
+            cfg.verify_policy, cfg.block_size, self.runner.costs, self.pipelined)
+        self.acceptance = acceptance if acceptance is not None else RejectionSampling()
+        self._inflight: Optional[_InFlight] = None
         self._last_commit_t = 0.0
         self.num_chained_steps = 0  # steps that queued a cycle behind the one in flight
-        # A weak reference: a bound method would make engine <-> scheduler a cycle, and the KV
-        # tensors of a dropped engine would then wait for the garbage collector.
-        engine_ref = weakref.ref(self)
-        self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens,
-                                   lambda seq: engine_ref()._lookahead(seq))
+        self.num_batch_cycles = 0  # decode cycles committed (one per batch and mode a step)
+        self._sampling: tuple[tuple[str, ...], Optional[SamplingBatch]] = ((), None)
+        self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self.seqs: dict[str, Sequence] = {}
         self._ids = itertools.count()
         self._rng = torch.Generator().manual_seed(cfg.seed)
@@ -136,20 +177,6 @@ class LLMEngine:
         self.finished_by_reason: dict[str, int] = {}
         self.spec = {m: AcceptanceStats(accepted_per_position=[0] * (cfg.block_size - 1)) for m in MODES}
         self.num_steps = 0
-        # Benchmarks only: a per-position acceptance profile forcing how many drafts verification
-        # accepts (every pass still runs). None in production.
-        self.forced_accept: Optional[list[float]] = None
-        # Benchmarks only: a fixed (K, D) plan (verify K-1 drafts of a D-token block) overriding
-        # the policy. None in production.
-        self.fixed_plan: Optional[tuple[int, int]] = None
-        if cfg.verify_policy not in ("full", "adaptive"):
-            raise ValueError(f"verify_policy must be 'full' or 'adaptive', got {cfg.verify_policy!r}")
-        self.policy: Optional[VerifyPolicy] = self.new_policy() if cfg.verify_policy == "adaptive" else None
-        self._plan_step, self._plan_cache = -1, (cfg.block_size, cfg.block_size)
-
-    def new_policy(self) -> VerifyPolicy:
-        """A fresh adaptive policy (no acceptance or cycle history) over the measured passes."""
-        return VerifyPolicy(self.cfg.block_size, self.runner.costs, pipelined=self.pipelined)
 
     # -- requests -----------------------------------------------------------------
     def model_info(self) -> ModelInfo:
@@ -248,50 +275,22 @@ class LLMEngine:
         return self.scheduler.has_work() or self._inflight is not None
 
     # -- stepping ---------------------------------------------------------------------
-    def _lookahead(self, seq: Sequence) -> int:
-        """K/V slots one decode cycle may write: the verify block (one slot when this step's
-        adaptive plan is a plain AR step, so that no room is reserved and freed for nothing)."""
-        if seq.mode == "ar":
-            return 1
-        if self.policy is not None and self.fixed_plan is None and self._step_plan()[0] == 1:
-            return 1
-        return max(1, min(self.cfg.block_size, seq.remaining))
-
-    def _step_plan(self) -> tuple[int, int]:
-        """The adaptive plan of the current step, decided once, when the scheduler first asks
-        for a lookahead (before the batch is final: the running decoders stand for it)."""
-        if self._plan_step != self.num_steps:
-            dec = [s for s in self.scheduler.running if s.mode == "orthrus" and not s.is_prefilling]
-            self._plan_cache = (self.policy.choose(len(dec), max(s.remaining for s in dec)) if dec
-                                else (self.cfg.block_size, self.cfg.block_size))
-            self._plan_step = self.num_steps
-        return self._plan_cache
-
-    def _verify_len(self, seq: Sequence, k_plan: Optional[int] = None) -> int:
-        """Tokens of seq's verify pass (anchor + drafts): the cycle's plan (default: the
-        whole block), capped by what seq may still emit."""
-        if seq.mode == "ar":
-            return 1
-        k = self.cfg.block_size if k_plan is None else k_plan
-        return max(1, min(k, seq.remaining))
-
-    def _plan(self, seqs: list[Sequence]) -> tuple[int, int]:
-        """(K, D) for a batch of orthrus sequences: verify K-1 drafts of a D-token draft block.
-        "full" verifies the whole block; "adaptive" asks the policy (K == 1: a plain AR step)."""
-        if self.fixed_plan is not None:
-            return self.fixed_plan
-        B = self.cfg.block_size
-        if self.policy is not None:
-            return self._step_plan()
-        return B, B
+    def _choose_plan(self) -> VerifyPlan:
+        """This step's verify plan, chosen once from the decoding orthrus sequences. With none
+        decoding (a step of admissions), a whole block: what a new sequence's first cycle runs."""
+        dec = [s for s in self.scheduler.running if s.mode == "orthrus" and not s.is_prefilling]
+        if not dec:
+            return VerifyPlan(self.cfg.block_size, self.cfg.block_size)
+        return self.planner.choose(len(dec), max(s.remaining for s in dec))
 
     def step(self) -> list[GenerateDelta]:
         t0 = time.monotonic()
         deltas: list[GenerateDelta] = []
         cycles: list[CycleRecord] = []
         gen_before = self.generation_tokens
+        plan = self._choose_plan()
         if self._inflight is not None:
-            chained = self._step_chained()
+            chained = self._step_chained(plan)
             if chained is not None:
                 deltas, cycles = chained
                 self._log_step(t0, time.monotonic() - t0, 0, 0, cycles, gen_before)
@@ -303,7 +302,7 @@ class LLMEngine:
             for seq in list(self.scheduler.running):
                 if seq.finish_reason is not None:
                     deltas.append(self._finish(seq, seq.finish_reason, now))
-        sched = self.scheduler.schedule()
+        sched = self.scheduler.schedule(plan.num_verify)
         now = time.monotonic()
         prompt_tokens = 0
         for seq, _ in sched.prefills:
@@ -314,7 +313,7 @@ class LLMEngine:
         t_dec = time.monotonic()
         groups = [g for g in ([s for s in sched.decodes if s.mode == m] for m in MODES) if g]
         for group in groups:
-            launched = self._launch_planned(group)
+            launched = self._launch_planned(group, plan)
             if self.pipelined and len(groups) == 1:
                 self._inflight = launched  # committed by the next step, which queues the cycle after
             else:
@@ -335,34 +334,33 @@ class LLMEngine:
             cycles=cycles,
         ))
 
-    def _step_chained(self) -> Optional[tuple[list[GenerateDelta], list[CycleRecord]]]:
+    def _step_chained(self, plan: VerifyPlan) -> Optional[tuple[list[GenerateDelta], list[CycleRecord]]]:
         """A pipelined step: queue the next cycle of the running batch from the in-flight one's
         device outputs, then commit the in-flight one. None (nothing done) when the batch is
         about to change or the next cycle needs host state that is not there yet."""
         prev = self._inflight
         sch = self.scheduler
         running = sch.running
-        if not running or sch.can_admit() or any(s.is_prefilling for s in running):
+        if not running or sch.can_admit(plan.num_verify) or any(s.is_prefilling for s in running):
             return None
         mode = running[0].mode
         if any(s.mode != mode for s in running):
             return None
-        spec = mode == "orthrus"
-        k_plan, D = self._plan(running) if spec else (1, 0)
+        k_plan, D = plan if mode == "orthrus" else (1, 0)
         row_of = {s: i for i, s in enumerate(prev.seqs)}
         seqs, K, rows, starts = [], [], [], []
         for s in sorted(running, key=lambda x: x.admit_order):
             r = row_of.get(s, -1)
             if r >= 0:
-                kc = prev.K[r]
+                kc = prev.cycle.K[r]
                 # This cycle's verify length must be what the synchronous engine would use,
                 # min(plan, remaining), while the in-flight cycle's emission (1..kc) is unknown.
-                k = k_plan if spec else 1
+                k = k_plan
                 if s.remaining - kc < k:
                     continue  # sits this cycle out; back once its host state is current
                 start = s.num_cached + kc  # upper bound: the device knows the exact start
             else:
-                k, start = self._verify_len(s, k_plan if spec else None), s.num_cached
+                k, start = s.verify_len(k_plan), s.num_cached
             seqs.append(s)
             K.append(k)
             rows.append(r)
@@ -374,7 +372,7 @@ class LLMEngine:
             return None
         for s, st, k in zip(seqs, starts, K):
             self.blocks.allocate(s, st + k)
-        launched = self._launch(seqs, K, D, Chain(prev, rows), starts)
+        launched = self._launch(seqs, K, D, Chain(prev.cycle, rows), starts)
         cycles = self._commit(prev, ahead={s: k for s, k, r in zip(seqs, K, rows) if r >= 0})
         self._inflight = launched
         self.num_chained_steps += 1
@@ -384,7 +382,7 @@ class LLMEngine:
         seqs = [s for s, _ in chunks]
         tokens = [[s.token_at(i) for i in range(s.num_cached, s.num_cached + n)] for s, n in chunks]
         starts = [s.num_cached for s in seqs]
-        logits = self.runner.run_ar(seqs, tokens, starts, [[len(t) - 1] for t in tokens])
+        logits = self.runner.run_ar([s.block_table for s in seqs], tokens, starts, [[len(t) - 1] for t in tokens])
         new_prompt = 0
         done_rows, done_seqs = [], []
         for (s, n), lg in zip(chunks, logits):
@@ -396,7 +394,7 @@ class LLMEngine:
                 done_rows.append(lg[0])
                 done_seqs.append(s)
         if done_seqs:
-            probs = self._probs(torch.stack(done_rows), done_seqs)
+            probs = SamplingBatch([s.params for s in done_seqs], self.device).probs(torch.stack(done_rows), 1)
             u = torch.stack([s.uniforms(1)[0] for s in done_seqs]).to(probs.device)
             first = sample_inverse_cdf(probs, u).tolist()
             now = time.monotonic()
@@ -406,24 +404,20 @@ class LLMEngine:
         self.prompt_tokens += new_prompt
         return new_prompt
 
-    def _probs(self, logits: torch.Tensor, seqs: list[Sequence], per_seq: int = 1) -> torch.Tensor:
-        """logits [n*per_seq, V] (row-major by seq) -> processed probs."""
-        dev = logits.device
-        rep = lambda xs: torch.tensor(xs, device=dev).repeat_interleave(per_seq)  # noqa: E731
-        return processed_probs(
-            logits,
-            rep([float(s.params.temperature) for s in seqs]),
-            rep([int(s.params.top_k) for s in seqs]),
-            rep([float(s.params.top_p) for s in seqs]),
-        )
+    def _sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
+        """The batch's sampling tensors, rebuilt only when its sequences change."""
+        key = tuple(s.request_id for s in seqs)
+        if self._sampling[0] != key or self._sampling[1] is None:
+            self._sampling = (key, SamplingBatch([s.params for s in seqs], self.device))
+        return self._sampling[1]
 
-    def _launch_planned(self, seqs: list[Sequence]) -> LaunchedCycle:
+    def _launch_planned(self, seqs: list[Sequence], plan: VerifyPlan) -> _InFlight:
         """Queue one cycle for a batch of one mode, with this step's plan."""
-        k_plan, draft_len = self._plan(seqs) if seqs[0].mode == "orthrus" else (1, 0)
-        return self._launch(seqs, [self._verify_len(s, k_plan) for s in seqs], draft_len)
+        k_plan, draft_len = plan if seqs[0].mode == "orthrus" else (1, 0)
+        return self._launch(seqs, [s.verify_len(k_plan) for s in seqs], draft_len)
 
     def _launch(self, seqs: list[Sequence], K: list[int], draft_len: int, chain: Optional[Chain] = None,
-                starts: Optional[list[int]] = None) -> LaunchedCycle:
+                starts: Optional[list[int]] = None) -> _InFlight:
         B = self.cfg.block_size
         bs, Kmax = len(seqs), max(K)
         spec = seqs[0].mode == "orthrus"
@@ -433,32 +427,34 @@ class LLMEngine:
         n_u = 2 * B - 1 if spec else 1
         u = torch.zeros(bs, n_u) if all(s.generator is None for s in seqs) else \
             torch.stack([s.uniforms(n_u) for s in seqs])
-        forced = self._forced_counts(bs, Kmax - 1) if self.forced_accept is not None and Kmax > 1 else None
-        return launch_cycle(self.runner, seqs, anchors, K, max(draft_len, Kmax), B, self.cfg.mask_token_id,
-                            u, forced, starts, chain)
+        cycle = launch_cycle(self.runner, [s.block_table for s in seqs],
+                             starts if starts is not None else [s.num_cached for s in seqs], anchors, K,
+                             max(draft_len, Kmax), B, self.cfg.mask_token_id, self._sampling_batch(seqs), u,
+                             self.acceptance, chain)
+        return _InFlight(list(seqs), cycle)
 
-    def _commit(self, c: LaunchedCycle, ahead: Optional[dict[Sequence, int]] = None) -> list[CycleRecord]:
+    def _commit(self, inflight: _InFlight, ahead: Optional[dict[Sequence, int]] = None) -> list[CycleRecord]:
         """Wait for a launched cycle and apply it: emit, roll back, count. ahead: sequences with
         a later cycle already queued, and its verify length (their K/V room stays)."""
+        c, seqs = inflight.cycle, inflight.seqs
         out = c.outcome()
         t_done = time.perf_counter()
         Kmax = max(c.K)
-        if c.seqs[0].mode == "orthrus" and self.policy is not None:
-            # In a pipeline a cycle costs the interval between commits, not launch to commit; and
-            # only a cycle queued before the previous commit shows that cost: one launched after
-            # it (the pipeline restarting after a prefill, say) adds the launch's host time,
-            # which the pipeline hides. A few such samples can make the AR step look slower than
-            # it is, and the policy then stops running it (the likely cause, not isolated, of an
-            # H100 run at batch 128 keeping a 4-token plan 5 % slower than AR).
+        self.num_batch_cycles += 1
+        if seqs[0].mode == "orthrus":
+            # Pipelined, a cycle costs the interval between commits, and only a cycle queued
+            # before the previous commit shows it: one launched after it (the pipeline restarting
+            # after a prefill) adds launch time the pipeline otherwise hides, and would make the
+            # AR step look slower than it is.
             chained = c.t_launch < self._last_commit_t
             if chained or not self.pipelined:
-                self.policy.observe_time(len(c.seqs), Kmax, c.draft_len if Kmax > 1 else 0,
-                                         t_done - max(c.t_launch, self._last_commit_t))
+                self.planner.observe_time(len(seqs), Kmax, c.draft_len if Kmax > 1 else 0,
+                                          t_done - max(c.t_launch, self._last_commit_t))
             if Kmax > 1:
-                self.policy.observe(c.draft_len, [k - 1 for k in c.K], out.num_accepted)
+                self.planner.observe(c.draft_len, [k - 1 for k in c.K], out.num_accepted)
         self._last_commit_t = t_done
         records = []
-        for s, a, f, k, d in zip(c.seqs, out.num_accepted, out.final, c.K, out.drafts):
+        for s, a, f, k, d in zip(seqs, out.num_accepted, out.final, c.K, out.drafts):
             if s.status is SeqStatus.FINISHED or s.finish_reason is not None:
                 continue  # aborted, or finished by the previous cycle, while this one ran
             L = s.num_cached
@@ -471,15 +467,6 @@ class LLMEngine:
             self.spec[s.mode].record_cycle(k - 1, a)
             records.append(CycleRecord(s.mode, k - 1, a, emitted))
         return records
-
-    # -- benchmarks only: forced acceptance --------------------------------------------
-    def _forced_counts(self, bs: int, n: int) -> torch.Tensor:
-        """Accepted counts drawn from the per-position profile (P(accept pos i | all before)),
-        for the whole batch at once (a per-token Python loop would dominate large batches)."""
-        prof = list(self.forced_accept or [])[:n]
-        prof += [0.0] * (n - len(prof))
-        r = torch.rand(bs, n, generator=self._rng)
-        return (r < torch.tensor(prof)).long().cumprod(dim=-1).sum(dim=-1)
 
     # -- output -----------------------------------------------------------------------
     def _emit(self, seq: Sequence, tokens: list[int]) -> int:
@@ -543,15 +530,16 @@ class LLMEngine:
 
     # -- stats ----------------------------------------------------------------------------
     def stats(self) -> EngineStats:
-        import copy
-
+        """A snapshot: gauges now, counters so far (copies: the engine keeps counting)."""
         return EngineStats(
             num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
             kv_cache_usage=self.blocks.usage, num_kv_blocks_total=self.blocks.num_blocks,
             num_kv_blocks_free=self.blocks.num_free, num_preemptions=self.scheduler.num_preemptions,
             num_requests_finished=self.num_finished, finished_by_reason=dict(self.finished_by_reason),
             prompt_tokens=self.prompt_tokens, generation_tokens=self.generation_tokens,
-            spec=copy.deepcopy(self.spec), num_steps=self.num_steps,
+            spec={m: dataclasses.replace(a, accepted_per_position=list(a.accepted_per_position))
+                  for m, a in self.spec.items()},
+            num_steps=self.num_steps,
         )
 
     # -- convenience: a whole static batch, run to completion --------------------------------

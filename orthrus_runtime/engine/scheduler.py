@@ -3,8 +3,9 @@ and recompute preemption.
 
 Each step every running sequence that has finished its prefill runs one decode
 cycle; new and partially prefilled sequences get prompt chunks under a token
-budget. A decode cycle writes up to `lookahead(seq)` tokens of K/V (the verify
-block), so room for them is reserved before the step. When the pool runs dry the
+budget. A decode cycle writes its verify pass's K/V, `seq.verify_len(plan_k)`
+tokens for the step's plan (the lookahead), so room for them is reserved before
+the step. When the pool runs dry the
 most recently admitted sequence is preempted: its blocks are freed and it goes
 back to the head of the queue, to be recomputed (its generated tokens included)
 when room returns.
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
 
 from orthrus_runtime.engine.block_manager import BlockManager
 from orthrus_runtime.engine.sequence import Sequence, SeqStatus
@@ -31,12 +31,10 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 lookahead: Callable[[Sequence], int]):
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
         self.blocks = blocks
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
-        self.lookahead = lookahead
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._admit_counter = 0
@@ -49,12 +47,12 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def can_admit(self) -> bool:
-        """Whether `schedule` would admit the first waiting sequence now."""
+    def can_admit(self, plan_k: int) -> bool:
+        """Whether `schedule(plan_k)` would admit the first waiting sequence now."""
         if not self.waiting or len(self.running) >= self.max_num_seqs:
             return False
         seq = self.waiting[0]
-        return self.blocks.num_new_blocks(seq, seq.prefill_target + self.lookahead(seq)) <= self.blocks.num_free
+        return self.blocks.num_new_blocks(seq, seq.prefill_target + seq.verify_len(plan_k)) <= self.blocks.num_free
 
     def remove(self, seq: Sequence) -> None:
         """Take a sequence out (finished or aborted) and return its blocks."""
@@ -76,7 +74,8 @@ class Scheduler:
     def _newest_running(self) -> Sequence:
         return max(self.running, key=lambda s: s.admit_order)
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, plan_k: int) -> SchedulerOutput:
+        """One step's batch; plan_k: the step's verify plan K, whose K/V room each decode reserves."""
         out = SchedulerOutput()
         before = self.num_preemptions
 
@@ -84,7 +83,7 @@ class Scheduler:
         for seq in sorted((s for s in self.running if not s.is_prefilling), key=lambda s: s.admit_order):
             if seq.status is not SeqStatus.RUNNING:
                 continue  # preempted below by an older sequence
-            need = seq.num_cached + self.lookahead(seq)
+            need = seq.num_cached + seq.verify_len(plan_k)
             while not self.blocks.can_allocate(seq, need):
                 victim = self._newest_running()
                 self._preempt(victim)
@@ -111,7 +110,7 @@ class Scheduler:
 
         # 3. Admit waiting sequences in arrival order while the whole prompt plus one
         #    cycle's lookahead fits (no skipping ahead: first come, first served).
-        while budget > 0 and self.can_admit():
+        while budget > 0 and self.can_admit(plan_k):
             seq = self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
             seq.admit_order = self._admit_counter

@@ -61,6 +61,13 @@ class Sequence:
         """Tokens it may still emit."""
         return self.params.max_tokens - len(self.output_token_ids)
 
+    def verify_len(self, plan_k: int) -> int:
+        """Tokens of this sequence's next verify pass (anchor + drafts), which is also the K/V
+        room its next cycle writes: the plan's K capped by what it may still emit; 1 in ar mode."""
+        if self.mode == "ar":
+            return 1
+        return max(1, min(plan_k, self.remaining))
+
     def token_at(self, i: int) -> int:
         n = len(self.prompt_token_ids)
         return self.prompt_token_ids[i] if i < n else self.output_token_ids[i - n]

@@ -7,14 +7,15 @@ from typing import Any, Optional
 
 import torch
 
+from orthrus_runtime.defaults import CPU_KV_CACHE_BYTES
 from orthrus_runtime.engine.args import EngineArgs
 from orthrus_runtime.engine.llm_engine import EngineConfig, LLMEngine
 from orthrus_runtime.model.loader import load_model
 from orthrus_runtime.types import StatLogger
+from orthrus_runtime.worker.cuda_graphs import BATCH_SIZES
 from orthrus_runtime.worker.kv_cache import bytes_per_block
 
 log = logging.getLogger(__name__)
-CPU_KV_DEFAULT_BYTES = 512 * 2**20
 
 
 def engine_config_from_args(args: EngineArgs, loaded: Any) -> EngineConfig:
@@ -33,7 +34,7 @@ def engine_config_from_args(args: EngineArgs, loaded: Any) -> EngineConfig:
                 act += 2 * 2**30
             kv_bytes = int(args.gpu_memory_utilization * total) - used - act
         else:
-            kv_bytes = CPU_KV_DEFAULT_BYTES
+            kv_bytes = CPU_KV_CACHE_BYTES
     per_block = bytes_per_block(m.cfg, args.kv_page_size, m.lm_head.weight.dtype)
     return EngineConfig(
         block_size=loaded.block_size, mask_token_id=loaded.mask_token_id, max_num_seqs=args.max_num_seqs,
@@ -48,17 +49,14 @@ def engine_config_from_args(args: EngineArgs, loaded: Any) -> EngineConfig:
 def warm_up(engine: LLMEngine) -> int:
     """Capture the CUDA graphs of the decode passes before serving (not on a user's first
     request): every padded batch size up to max_num_seqs, one-token (AR) and full-block
-    passes, and under the adaptive policy every pass length it may choose (a capture in the
+    passes, and every pass length the planner may choose (a capture in the
     middle of serving stalls every running request). Returns the number of graphs held (0 on
     the CPU)."""
     runner = engine.runner
     if runner.graphs is None:
         return 0
-    sizes = [b for b in (1, 2, 4, 8, 16, 32, 64, 128) if b <= max(1, engine.cfg.max_num_seqs)]
-    B = engine.cfg.block_size
-    lengths = [1, B]
-    if engine.policy is not None:
-        lengths = sorted({t for t in runner.graphs.token_sizes if t <= B} | {B})
+    sizes = [b for b in BATCH_SIZES if b <= max(1, engine.cfg.max_num_seqs)]
+    lengths = sorted({1, engine.cfg.block_size} | engine.planner.pass_lengths())
     n = runner.capture_graphs(sizes, lengths, engine.cfg.mask_token_id)
     log.info("captured %d CUDA graphs (batch sizes %s, pass lengths %s)", n, sizes, lengths)
     return n

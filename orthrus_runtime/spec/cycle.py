@@ -5,10 +5,13 @@ counts, the final tokens and the drafts).
 `launch_cycle` queues a cycle and returns at once; `LaunchedCycle.outcome()` waits
 for its result. Between the two the host may queue the next cycle (`Chain`): it
 takes its start positions and anchors from this cycle's device outputs, so the
-device never waits for the host's bookkeeping (pipelined decoding, see engine.py).
+device never waits for the host's bookkeeping (pipelined decoding, see
+engine/llm_engine.py). A cycle sees block tables, positions and sampling settings,
+never the engine's Sequence objects.
 
-The acceptance rule is `rejection_sampler.rejection_sample` over the distributions of
-`sampling.processed_probs`. Two shortcuts keep it on the device and cheap:
+The acceptance rule is handed in (`RejectionSampling` in production:
+`rejection_sampler.rejection_sample` over the distributions of
+`sampling.processed_probs`). Two shortcuts keep it on the device and cheap:
 - `processed_probs` gets its "does any row use top-k / top-p / greedy" decisions
   from the requests' parameters on the host (`flags`) instead of by reading device
   tensors (same operations, no synchronisation);
@@ -26,7 +29,7 @@ import torch
 
 from orthrus_runtime.spec.rejection_sampler import rejection_sample
 from orthrus_runtime.spec.sampling import processed_probs, sample_inverse_cdf
-from orthrus_runtime.engine.sequence import Sequence
+from orthrus_runtime.types import SamplingParams
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -38,10 +41,11 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 class SamplingBatch:
-    """The sampling parameters of a batch, as device tensors, and the host-side flags."""
+    """The sampling parameters of a batch, as device tensors, and the host-side flags. Built
+    once per batch composition (the engine keeps it while the batch stays the same)."""
 
-    def __init__(self, seqs: Seq[Sequence], device: torch.device):
-        ps = [s.params for s in seqs]
+    def __init__(self, ps: Seq[SamplingParams], device: torch.device):
+        ps = list(ps)
         self.all_greedy = all(p.greedy for p in ps)
         self.any_greedy = any(p.greedy for p in ps)
         self.device = device
@@ -63,6 +67,27 @@ class SamplingBatch:
         any_k = any(0 < q.top_k < V for q in self.ps)
         any_p = any(q.top_p < 1.0 for q in self.ps)
         return processed_probs(logits, t, k, p, flags=(any_k, any_p, self.any_greedy))
+
+
+class RejectionSampling:
+    """The production acceptance rule: speculative rejection sampling (vLLM's terms), or, when
+    every request is greedy, its exact one-hot form on token ids (`greedy_accept`)."""
+
+    def accept(self, drafts: torch.Tensor, q: Optional[torch.Tensor], logits: torch.Tensor,
+               sb: SamplingBatch, u: torch.Tensor, max_accept: torch.Tensor, B: int):
+        """drafts [bs, K-1]; q [bs, K-1, V] draft probs (None when all greedy); logits [bs, K, V]
+        of the verify pass; u [bs, 2B-1] on the device (unused when all greedy); max_accept [bs]
+        -> (num_accepted [bs], final token [bs])."""
+        bs, K, V = logits.shape
+        if sb.all_greedy:
+            return greedy_accept(drafts, logits.argmax(-1), max_accept)
+        p = sb.probs(logits.reshape(-1, V), K).view(bs, K, V)
+        if K > 1:
+            ua, uf = u[:, B - 1: B - 1 + K - 1], u[:, 2 * B - 2]
+        else:
+            ua, uf = u[:, :0], u[:, -1]
+            q = torch.zeros(bs, 0, V, device=logits.device)
+        return rejection_sample(drafts, q, p, ua, uf, max_accept)
 
 
 def greedy_accept(drafts: torch.Tensor, target: torch.Tensor, max_accept: torch.Tensor):
@@ -99,7 +124,6 @@ class Chain:
 class LaunchedCycle:
     """A decode cycle whose device work is queued. Its outcome is on its way to pinned host
     memory; `outcome()` waits for that copy alone, not for work queued after it."""
-    seqs: list[Sequence]
     K: list[int]
     draft_len: int
     start: torch.Tensor  # [bs] int32, device: cached length each sequence started at
@@ -120,7 +144,7 @@ def _chained(chain: Optional[Chain], host_starts: list[int], anchors: list[int],
     """Device starts [bs] int32 and anchors [bs] int64 of a cycle: host values, or, for chained
     rows, the previous cycle's device outputs (no synchronisation)."""
     p = chain.prev if chain is not None else None
-    if p is not None and chain.rows == list(range(len(p.seqs))):
+    if p is not None and chain.rows == list(range(len(p.K))):
         # The steady state: the same batch in the same order. Two small kernels, no copies.
         return (p.start + p.num + 1).to(torch.int32), p.final
     start = to_device(torch.tensor(host_starts, dtype=torch.int32), dev)
@@ -134,35 +158,30 @@ def _chained(chain: Optional[Chain], host_starts: list[int], anchors: list[int],
     return start, anchor
 
 
-def launch_cycle(runner, seqs: Seq[Sequence], anchors: list[int], K: list[int], draft_len: int, B: int,
-                 mask_id: int, u: torch.Tensor, forced: Optional[torch.Tensor] = None,
-                 host_starts: Optional[list[int]] = None, chain: Optional[Chain] = None) -> LaunchedCycle:
+def launch_cycle(runner, block_tables: list[list[int]], host_starts: list[int], anchors: list[int],
+                 K: list[int], draft_len: int, B: int, mask_id: int, sb: SamplingBatch, u: torch.Tensor,
+                 acceptance: RejectionSampling, chain: Optional[Chain] = None) -> LaunchedCycle:
     """Queue draft (draft_len tokens) + verify (max(K) tokens) + accept for a batch; sequence i
-    verifies K[i] - 1 drafts. u [bs, 2B-1] (CPU): the requests' uniforms of this cycle
-    (drafts use u[:, :K-1], acceptance u[:, B-1:B-1+K-1], the final token u[:, 2B-2]).
-    forced [bs] (benchmarks only): accept min(forced, K-1) drafts, then the AR argmax.
-    host_starts: each sequence's cached length (default num_cached); with `chain`, chained
-    rows take start and anchor from the previous cycle on the device (`anchors` and
-    `host_starts` are then placeholders / upper bounds for those rows)."""
+    (block table block_tables[i], host_starts[i] tokens cached) verifies K[i] - 1 drafts.
+    u [bs, 2B-1] (CPU): the requests' uniforms of this cycle (drafts use u[:, :K-1], acceptance
+    u[:, B-1:B-1+K-1], the final token u[:, 2B-2]). With `chain`, chained rows take start and
+    anchor from the previous cycle on the device (`anchors` and `host_starts` are then
+    placeholders / upper bounds for those rows)."""
     t_launch = time.perf_counter()
     dev = runner.device
-    bs, Kmax = len(seqs), max(K)
-    if host_starts is None:
-        host_starts = [s.num_cached for s in seqs]
-    sb = SamplingBatch(seqs, dev)
+    bs, Kmax = len(block_tables), max(K)
     greedy = sb.all_greedy
     # Every host input goes over before the first launch: nothing after it waits for the
     # device until the one synchronisation in `outcome()`.
     start_d, anchors_d = _chained(chain, host_starts, anchors, dev)
     dev_pos = chain is not None  # the passes must read positions/anchors from the device
     max_acc = to_device(torch.tensor([k - 1 for k in K], dtype=torch.long), dev)
-    forced_d = to_device(forced, dev) if forced is not None else None
     if not greedy:
         u = to_device(u, dev)
         sb._tensors()
     q = None
     if Kmax > 1:
-        dl = runner.run_draft(seqs, anchors, draft_len, mask_id, Kmax - 1, starts=host_starts,
+        dl = runner.run_draft(block_tables, host_starts, anchors, draft_len, mask_id, Kmax - 1,
                               start_dev=start_d if dev_pos else None, anchor_dev=anchors_d if dev_pos else None)
         V = dl.shape[-1]
         if greedy:
@@ -173,23 +192,8 @@ def launch_cycle(runner, seqs: Seq[Sequence], anchors: list[int], K: list[int], 
     else:
         drafts = torch.zeros(bs, 0, dtype=torch.long, device=dev)
     ids = torch.cat([anchors_d.unsqueeze(1), drafts], dim=1)
-    lg = runner.run_verify(seqs, ids, list(K), starts=host_starts, start_dev=start_d if dev_pos else None)
-    V = lg.shape[-1]
-    if greedy or forced is not None:
-        target = lg.argmax(-1) if greedy else sb.probs(lg.reshape(-1, V), Kmax).view(bs, Kmax, V).argmax(-1)
-        if forced is not None:
-            num = torch.minimum(max_acc, forced_d)
-            final = target[torch.arange(bs, device=dev), num]
-        else:
-            num, final = greedy_accept(drafts, target, max_acc)
-    else:
-        p = sb.probs(lg.reshape(-1, V), Kmax).view(bs, Kmax, V)
-        if Kmax > 1:
-            ua, uf = u[:, B - 1: B - 1 + Kmax - 1], u[:, 2 * B - 2]
-        else:
-            ua, uf = u[:, :0], u[:, -1]
-            q = torch.zeros(bs, 0, V, device=dev)
-        num, final = rejection_sample(drafts, q, p, ua, uf, max_acc)
+    lg = runner.run_verify(block_tables, host_starts, ids, list(K), start_dev=start_d if dev_pos else None)
+    num, final = acceptance.accept(drafts, q, lg, sb, u, max_acc, B)
     packed = torch.cat([num.unsqueeze(1), final.unsqueeze(1), drafts], dim=1)
     ready = None
     if dev.type == "cuda":
@@ -199,4 +203,4 @@ def launch_cycle(runner, seqs: Seq[Sequence], anchors: list[int], K: list[int], 
         ready.record()
     else:
         host = packed
-    return LaunchedCycle(list(seqs), list(K), draft_len, start_d, num, final, host, ready, t_launch)
+    return LaunchedCycle(list(K), draft_len, start_d, num, final, host, ready, t_launch)

@@ -1,71 +1,94 @@
-"""Adaptive verification: how many drafts to verify (K - 1) and how long a block to
-draft (D), chosen each cycle to maximise expected emitted tokens per second.
+"""Verify planners: how many drafts to verify (K - 1) and how long a block to draft (D),
+chosen once a step (`VerifyPlan`). `FullBlockPlanner` always runs the whole block;
+`VerifyPolicy` (the adaptive plan) picks the (K, D) of the most expected tokens per
+second. Design and the measurements behind each rule: docs/adaptive-policy.md.
 
-Inputs:
-- the live acceptance by draft position: alpha[j] = P(draft j accepted | drafts
-  0..j-1 accepted), an exponentially decayed count over recent cycles, kept per
-  draft length D and shrunk towards the pooled estimate where D has little data;
-  positions never verified take the last estimated alpha (geometric extrapolation);
-- the measured cost of each pass at the current (padded) batch size: CUDA-graph
-  replay times on the GPU, wall-clock on the CPU (`PassCosts`), corrected by what the
-  recent cycles of each kind (AR or speculative) show the table misses. How depends on
-  where that time goes:
-  - not pipelined (the CPU, or `async_scheduling` off): the host's work between passes
-    (sampling, acceptance, bookkeeping) adds a per-cycle constant, the `overhead`;
-  - pipelined: the host's work hides behind the next cycle, and what the table misses
-    is the device running slower than on the table's synthetic inputs, which grows
-    with the pass: a ratio, the `scale`. Speculative plans with no cycles of their own
-    yet take the AR step's ratio: mostly untried where AR wins, they are then not
-    costed more optimistically than the AR step they are weighed against (at batch 128
-    on an H200 the bare table made 16-token plans look 10 % ahead, and the policy kept
-    probing them). Not the other way round: an AR step costed by the speculative
-    cycles' ratio (25 % on an H100 at batch 128, against AR's own 10 %) can look slower
-    than it is, lose to speculation before it has run, and then never be measured.
-  Each correction is the median of the kind's recent cycles, taken as none
-  (optimistic, so that the kind gets tried) until it has 3: one slow cycle (a compile,
-  a collection) must not make a kind look expensive for good, since a kind the policy
-  stops choosing is no longer measured.
+The adaptive plan's inputs:
+- live acceptance by draft position, alpha[j] = P(draft j accepted | drafts before it
+  accepted): decayed counts over recent cycles, per draft length D, shrunk towards the
+  pooled estimate where D has little data; unverified positions take the last alpha;
+- the measured cost of each pass at the padded batch size (`PassCosts`), corrected by
+  what the kind's recent cycles (AR or speculative) show the table misses: a per-cycle
+  `overhead` when not pipelined (host work between passes), a `scale` when pipelined
+  (the device slower than on the table's synthetic inputs). Untried speculative plans
+  take AR's scale, never the reverse, so that neither kind is costed more optimistically
+  than the one it is weighed against. A correction needs 3 cycles (one slow cycle must
+  not rule a kind out: a kind no longer chosen is no longer measured).
 
 A cycle verifying K - 1 drafts emits 1 + sum_{i<K-1} prod_{j<=i} alpha[j] tokens on
 average and costs (draft(bs, D) + verify(bs, K)) * scale + overhead; plain AR (K = 1)
-emits one token for verify(bs, 1) * scale + overhead. Once a plan (batch bucket, K, D)
-has run 3 cycles, its cost is the median of its own recent cycle times instead: the pass
-table is measured on synthetic inputs and runs a few percent fast on compute-bound passes,
-which is the whole margin near the batch size where speculation stops paying.
+emits one for verify(bs, 1) * scale + overhead. A plan with 3 cycles of its own is costed
+by their median instead (the table runs a few percent fast on compute-bound passes).
 
-The policy only ever changes K and D: the
-acceptance rule, and the uniforms each request draws per cycle, are untouched, so
-the output distribution stays the AR model's. When acceptance collapses, K = 1 wins
-and Orthrus runs at AR speed; it still probes the cheapest speculative cycle now and then
-(at exponentially growing intervals) so that it notices when acceptance recovers, but
-only while an optimistic acceptance (the estimate plus its uncertainty, which grows
-back as old evidence decays) would make speculation win: where the estimate is
-confidently against it (a compute-bound batch, say), probes stop. Probes are spaced so
-that their extra time stays within `probe_budget` (0.25 %: below the run-to-run noise of
-an AR step, so that "never slower than AR" holds when measured) of the AR steps between
-them; by an H100's measured passes that is a probe every ~500 AR steps at batch 128 (about 4 s), at batch 1
-about every 400. With 1 % the same card lost 0.3 % to AR at acceptance 0.875.
-Near a tie, AR keeps the step: the policy leaves AR for a speculative plan only when the
-plan's estimated rate beats AR's by `spec_margin` (3 %); once speculating, it stays while
-a plan is estimated at least as fast as AR (hysteresis). The estimates carry errors of a
-few percent (a plan's cost comes from a table measured on synthetic inputs, or from a few
-recent cycles, while the AR step's cost grows with the context): an H100 at batch 128 and
-acceptance 0.875 ran 7 cycles of a 4-token plan estimated 0.1 % ahead of AR and measured
-3 % behind it. The margin only on entry: with it both ways, the same card at acceptance
-0.94 (a plan truly 4 % ahead) flipped between AR and the plan and lost 2 % to AR.
-The converse check: when speculation has won for `ar_recheck` (128) cycles by less than
-`ar_recheck_gain` (25 %), the AR step's old measurement is dropped, so that AR runs and
-is measured again (a plan the policy stops choosing is otherwise never measured again).
+Rules:
+- Only K and D change: the acceptance rule and each request's uniforms per cycle do not,
+  so the output distribution stays the AR model's.
+- From AR, a plan must beat AR's rate by `spec_margin` (3 %, above the estimates' error);
+  once speculating, a plan keeps the step while it is ahead of AR (hysteresis: a margin
+  both ways flips between two near-equal choices).
+- While AR wins, the cheapest plan is probed at growing intervals, only if an optimistic
+  acceptance (estimate plus uncertainty) would win by `probe_gain`, and spaced so that
+  probes cost at most `probe_budget` (0.25 %, below an AR step's noise) of the AR time
+  between them.
+- After `ar_recheck` cycles of speculation winning by less than `ar_recheck_gain`, AR's old
+  cost is forgotten so that AR runs and is measured again.
 """
 from __future__ import annotations
 
 from collections import deque
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 
 from orthrus_runtime.worker.cuda_graphs import TOKEN_SIZES
 from orthrus_runtime.worker.pass_costs import PassCosts, batch_bucket
+
+
+class VerifyPlan(NamedTuple):
+    """What one step's speculative cycle runs, the same for every orthrus sequence in it."""
+
+    num_verify: int  # K: tokens of the verify pass, the anchor and K - 1 drafts; 1 is a plain AR step
+    draft_len: int  # D: tokens of the draft pass (0 when num_verify is 1: no draft pass)
+
+
+class Planner:
+    """Chooses the verify plan once at the top of each step; the engine feeds back what the
+    cycles accepted and cost. A fixed planner learns nothing from that feedback."""
+
+    def choose(self, num_seqs: int, max_remaining: int) -> VerifyPlan:
+        raise NotImplementedError
+
+    def observe(self, draft_len: int, verified: list[int], accepted: list[int]) -> None:
+        return None
+
+    def observe_time(self, num_seqs: int, num_verify: int, draft_len: int, seconds: float) -> None:
+        return None
+
+    def pass_lengths(self) -> set[int]:
+        """The verify and draft pass lengths it may choose (their CUDA graphs are captured ahead)."""
+        raise NotImplementedError
+
+
+class FullBlockPlanner(Planner):
+    """The paper's cycle: draft the whole block, verify every draft."""
+
+    def __init__(self, block_size: int):
+        self.plan = VerifyPlan(block_size, block_size)
+
+    def choose(self, num_seqs: int, max_remaining: int) -> VerifyPlan:
+        return self.plan
+
+    def pass_lengths(self) -> set[int]:
+        return {self.plan.num_verify}
+
+
+def make_planner(verify_policy: str, block_size: int, costs: PassCosts, pipelined: bool) -> Planner:
+    """The planner an engine setting names: "full" (FullBlockPlanner) or "adaptive" (VerifyPolicy)."""
+    if verify_policy == "full":
+        return FullBlockPlanner(block_size)
+    if verify_policy == "adaptive":
+        return VerifyPolicy(block_size, costs, pipelined=pipelined)
+    raise ValueError(f"verify_policy must be 'full' or 'adaptive', got {verify_policy!r}")
 
 
 class AcceptanceEstimator:
@@ -136,7 +159,9 @@ class AcceptanceEstimator:
         return float(self.curve(draft_len)[min(max(K, 1), self.n + 1)])
 
 
-class VerifyPolicy:
+class VerifyPolicy(Planner):
+    """The adaptive plan: the (K, D) of the highest expected tokens per second (module docstring)."""
+
     def __init__(self, block_size: int, costs: PassCosts, token_sizes=TOKEN_SIZES, vary_draft_len: bool = True,
                  probe_min: int = 8, probe_max: int = 256, probe_gain: float = 1.10, pipelined: bool = False,
                  probe_budget: float = 0.0025, ar_recheck: int = 128, ar_recheck_gain: float = 1.25,
@@ -161,9 +186,11 @@ class VerifyPolicy:
         self.since_ar = 0
         self.probe_every = probe_min
         self.since_spec = 0
-        self.last: dict = {}
         self._pass_cost: dict[tuple[int, int, int], float] = {}  # (bs, K, D) -> passes, for costs.version
         self._pass_version = -1
+
+    def pass_lengths(self) -> set[int]:
+        return {1, *self.sizes}
 
     def _draft_lens(self, K: int) -> list[int]:
         if not self.vary_draft_len:
@@ -207,8 +234,7 @@ class VerifyPolicy:
         best = max(cands, key=lambda c: c[0])
         return best if best[0] > (1.0 if self.speculating else self.spec_margin) * cands[0][0] else cands[0]
 
-    def choose(self, bs: int, max_remaining: int) -> tuple[int, int]:
-        """-> (K, D): verify K - 1 drafts of a D-token draft block; K == 1 is a plain AR step."""
+    def choose(self, bs: int, max_remaining: int) -> VerifyPlan:
         cands = self.rates(bs, max_remaining)
         best = self._best(cands)
         if best[1] > 1:
@@ -246,8 +272,7 @@ class VerifyPolicy:
                     self.probe_every = max(min(self.probe_every * 2, self.probe_max),
                                            int(extra / (self.probe_budget * ar)) if ar > 0 else 0)
         self.speculating = best[1] > 1 and not probe
-        self.last = {"bs": bs, "K": best[1], "D": best[2], "rate": best[0]}
-        return best[1], best[2]
+        return VerifyPlan(best[1], best[2])
 
     def _forget_ar(self, bs: int) -> None:
         self._cycle.pop((batch_bucket(bs), 1, 0), None)

@@ -20,10 +20,10 @@ from typing import Callable, Optional, Sequence as Seq
 
 import torch
 
+from orthrus_runtime.defaults import BATCH_BUCKETS, TOKEN_BUCKETS
 from orthrus_runtime.worker.fast_forward import FastForward
 
-BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128)
-TOKEN_SIZES = (1, 2, 4, 8, 16, 32, 64)
+BATCH_SIZES, TOKEN_SIZES = BATCH_BUCKETS, TOKEN_BUCKETS
 _ROW_START, _ROW_NVALID, _ROW_ANCHOR, _ROW_BT = 0, 1, 2, 3
 
 

@@ -1,5 +1,6 @@
 """ModelRunner: owns the weights and the KV tensors, runs the three kinds of pass
-over padded batches of sequences.
+over padded batches. A batch is block tables and positions (cached lengths): the runner
+never sees the engine's Sequence objects.
 
 - prefill: AR view over prompt chunks, writes K/V;
 - draft: diffusion view over [anchor, MASK x (D-1)], reads the cached prefix, writes nothing;
@@ -25,7 +26,6 @@ import torch
 from orthrus_runtime.worker.pass_costs import PassCosts
 from orthrus_runtime.worker.kv_cache import KVCache
 from orthrus_runtime.model.dual_view import DualViewModel, sdpa
-from orthrus_runtime.engine.sequence import Sequence
 
 
 class PagedAR:
@@ -113,22 +113,22 @@ class ModelRunner:
         return len(self.graphs.graphs)
 
     # -- helpers -----------------------------------------------------------------------------
-    def _block_tables(self, seqs: Seq[Sequence], num_positions: list[int]) -> torch.Tensor:
+    def _block_tables(self, tables: Seq[list[int]], num_positions: list[int]) -> torch.Tensor:
         nb = max(max(-(-n // self.page), 1) for n in num_positions)
-        rows = [s.block_table[:nb] + [0] * (nb - min(nb, len(s.block_table))) for s in seqs]
+        rows = [t[:nb] + [0] * (nb - min(nb, len(t))) for t in tables]
         return torch.tensor(rows, dtype=torch.long, device=self.device)
 
-    def _slots(self, seq: Sequence, start: int, n: int) -> list[int]:
-        return [seq.block_table[p // self.page] * self.page + p % self.page for p in range(start, start + n)]
+    def _slots(self, table: list[int], start: int, n: int) -> list[int]:
+        return [table[p // self.page] * self.page + p % self.page for p in range(start, start + n)]
 
-    def _meta(self, seqs: Seq[Sequence], starts: list[int], nvalid: list[int], T: int,
+    def _meta(self, tables: Seq[list[int]], starts: list[int], nvalid: list[int], T: int,
               start_dev: Optional[torch.Tensor] = None):
         """Device tensors of the fast path's eager passes: start, nvalid [bs] int32, block tables [bs, w] int32.
         start_dev: the exact starts, already on the device (`starts` are then upper bounds)."""
         w = max(max(-(-(s + T) // self.page) for s in starts), 1)
-        bt = torch.zeros(len(seqs), w, dtype=torch.int32)
-        for i, s in enumerate(seqs):
-            row = s.block_table[:w]
+        bt = torch.zeros(len(tables), w, dtype=torch.int32)
+        for i, t in enumerate(tables):
+            row = t[:w]
             bt[i, : len(row)] = torch.tensor(row, dtype=torch.int32)
         dev = self.device
         start = start_dev if start_dev is not None else torch.tensor(starts, dtype=torch.int32).to(dev)
@@ -156,28 +156,29 @@ class ModelRunner:
 
     # -- passes ------------------------------------------------------------------------------
     @torch.inference_mode()
-    def run_ar(self, seqs: Seq[Sequence], tokens: list[list[int]], starts: list[int],
+    def run_ar(self, tables: Seq[list[int]], tokens: list[list[int]], starts: list[int],
                logits_at: list[list[int]]) -> list[torch.Tensor]:
-        """AR pass: seq i gets tokens[i] at positions starts[i].. (K/V written there).
-        Returns, per seq, float32 logits [len(logits_at[i]), V] at those row offsets."""
-        bs, T = len(seqs), max(len(t) for t in tokens)
+        """AR pass: sequence i (block table tables[i]) gets tokens[i] at positions starts[i]..
+        (K/V written there). Returns, per sequence, float32 logits [len(logits_at[i]), V] at
+        those row offsets."""
+        bs, T = len(tables), max(len(t) for t in tokens)
         ids = torch.zeros(bs, T, dtype=torch.long)
         for i, t in enumerate(tokens):
             ids[i, : len(t)] = torch.tensor(t)
         dev = self.device
         if self.fast is not None:
-            start, nvalid, bt = self._meta(seqs, starts, [len(t) for t in tokens], T)
+            start, nvalid, bt = self._meta(tables, starts, [len(t) for t in tokens], T)
             hidden = self.fast.forward(ids.to(dev), start, nvalid, bt, diff=False).view(bs, T, -1)
         else:
             pos = torch.zeros(bs, T, dtype=torch.long)
             valid = torch.zeros(bs, T, dtype=torch.bool)
             slots: list[int] = []
-            for i, (s, t, st) in enumerate(zip(seqs, tokens, starts)):
+            for i, (table, t, st) in enumerate(zip(tables, tokens, starts)):
                 n = len(t)
                 pos[i, :n] = torch.arange(st, st + n)
                 valid[i, :n] = True
-                slots += self._slots(s, st, n)
-            bt = self._block_tables(seqs, [st + len(t) for st, t in zip(starts, tokens)])
+                slots += self._slots(table, st, n)
+            bt = self._block_tables(tables, [st + len(t) for st, t in zip(starts, tokens)])
             pos, valid = pos.to(dev), valid.to(dev)
             attend = PagedAR(self.kv, torch.tensor(slots, dtype=torch.long, device=dev), valid, bt, pos,
                              self.model.scale)
@@ -188,32 +189,32 @@ class ModelRunner:
         return list(logits.split([len(r) for r in logits_at]))
 
     @torch.inference_mode()
-    def run_draft(self, seqs: Seq[Sequence], anchors: list[int], block_size: int, mask_id: int,
-                  num_logits: int, starts: Optional[list[int]] = None, start_dev: Optional[torch.Tensor] = None,
+    def run_draft(self, tables: Seq[list[int]], starts: list[int], anchors: list[int], block_size: int,
+                  mask_id: int, num_logits: int, start_dev: Optional[torch.Tensor] = None,
                   anchor_dev: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Diffusion pass over [anchor, MASK x (block_size-1)] at positions starts[i].. (default
-        num_cached); returns float32 logits [bs, num_logits, V] of block rows 0..num_logits-1.
+        """Diffusion pass over [anchor, MASK x (block_size-1)] at positions starts[i]..; returns
+        float32 logits [bs, num_logits, V] of block rows 0..num_logits-1.
         start_dev [bs] int32 / anchor_dev [bs] int64: exact values on the device (a chained
         cycle; the fast path only), `starts` being upper bounds and `anchors` unused."""
-        bs, B = len(seqs), block_size
+        bs, B = len(tables), block_size
         dev = self.device
         t0 = time.perf_counter()
         self._check_device_starts(start_dev)
-        ctx_l = list(starts) if starts is not None else [s.num_cached for s in seqs]
+        ctx_l = list(starts)
         if self.graphs is not None and self.graphs.fits(bs, B):
-            hidden = self.graphs.run("draft", ctx_l, [B] * bs, [s.block_table for s in seqs], B,
+            hidden = self.graphs.run("draft", ctx_l, [B] * bs, list(tables), B,
                                      anchors=anchors, mask_id=mask_id, start_dev=start_dev, anchor_dev=anchor_dev)
         elif self.fast is not None:
             ids = torch.full((bs, B), mask_id, dtype=torch.long, device=dev)
             ids[:, 0] = anchor_dev if anchor_dev is not None else torch.tensor(anchors, device=dev)
-            start, nvalid, bt = self._meta(seqs, ctx_l, [B] * bs, B, start_dev)
+            start, nvalid, bt = self._meta(tables, ctx_l, [B] * bs, B, start_dev)
             hidden = self.fast.forward(ids, start, nvalid, bt, diff=True).view(bs, B, -1)
         else:
             ids = torch.full((bs, B), mask_id, dtype=torch.long)
             ids[:, 0] = torch.tensor(anchors)
             ctx = torch.tensor(ctx_l, dtype=torch.long)
             pos = ctx.unsqueeze(1) + torch.arange(B).unsqueeze(0)
-            bt = self._block_tables(seqs, ctx_l)
+            bt = self._block_tables(tables, ctx_l)
             ids, pos, ctx = ids.to(dev), pos.to(dev), ctx.to(dev)
             attend = PagedDraft(self.kv, bt, ctx, B, self.model.scale)
             hidden = self.model.forward_hidden(ids, pos, attend, diff=True)
@@ -222,29 +223,29 @@ class ModelRunner:
         return out
 
     @torch.inference_mode()
-    def run_verify(self, seqs: Seq[Sequence], ids: torch.Tensor, lengths: list[int],
-                   starts: Optional[list[int]] = None, start_dev: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """AR pass over ids [bs, T] (on the device: [anchor, drafts...]) at positions starts[i]..
-        (default num_cached); sequence i's first lengths[i] tokens are real (their K/V are written),
-        the rest padding. start_dev as in run_draft. Returns float32 logits [bs, T, V]."""
+    def run_verify(self, tables: Seq[list[int]], starts: list[int], ids: torch.Tensor, lengths: list[int],
+                   start_dev: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """AR pass over ids [bs, T] (on the device: [anchor, drafts...]) at positions starts[i]..;
+        sequence i's first lengths[i] tokens are real (their K/V are written), the rest padding.
+        start_dev as in run_draft. Returns float32 logits [bs, T, V]."""
         bs, T = ids.shape
         dev = self.device
         t0 = time.perf_counter()
         self._check_device_starts(start_dev)
-        starts = list(starts) if starts is not None else [s.num_cached for s in seqs]
+        starts = list(starts)
         if self.graphs is not None and self.graphs.fits(bs, T):
-            hidden = self.graphs.run("verify", starts, lengths, [s.block_table for s in seqs], T, ids=ids,
+            hidden = self.graphs.run("verify", starts, lengths, list(tables), T, ids=ids,
                                      start_dev=start_dev)
         elif self.fast is not None:
-            start, nvalid, bt = self._meta(seqs, starts, lengths, T, start_dev)
+            start, nvalid, bt = self._meta(tables, starts, lengths, T, start_dev)
             hidden = self.fast.forward(ids, start, nvalid, bt, diff=False).view(bs, T, -1)
         else:
             st = torch.tensor(starts, dtype=torch.long)
             pos = st.unsqueeze(1) + torch.arange(T).unsqueeze(0)
             valid = torch.arange(T).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
             pos = torch.where(valid, pos, torch.zeros_like(pos))
-            slots = [x for s, st_, n in zip(seqs, starts, lengths) for x in self._slots(s, st_, n)]
-            bt = self._block_tables(seqs, [a + n for a, n in zip(starts, lengths)])
+            slots = [x for t, st_, n in zip(tables, starts, lengths) for x in self._slots(t, st_, n)]
+            bt = self._block_tables(tables, [a + n for a, n in zip(starts, lengths)])
             attend = PagedAR(self.kv, torch.tensor(slots, dtype=torch.long, device=dev), valid.to(dev), bt,
                              pos.to(dev), self.model.scale)
             hidden = self.model.forward_hidden(ids.to(dev), pos.to(dev), attend, diff=False)

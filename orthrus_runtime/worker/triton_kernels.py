@@ -390,16 +390,11 @@ def silu_mul(gu: torch.Tensor) -> torch.Tensor:
 # -- skinny linear layers: y = x @ w.T for a few rows --------------------------------------------------
 #
 # A decode pass of a few tokens multiplies a handful of activation rows by every weight matrix:
-# pure weight streaming. cuBLAS runs these near the copy bandwidth for the largest matrices only;
-# the smaller ones (q|k|v, o, down) come out at 2.5-3.4 TB/s on an H200, and o and down add a
-# split-K reduction kernel each. Measured in benchmarks/gemv_micro.py (graphs of 20 calls on weight
-# copies beyond the L2; results/2026-11-27-h200-gemv-micro.json), these two kernels read the
-# weights at 3.3-4.5 TB/s and save about 0.45 ms of a 36-layer 8B-shape step at one row:
+# pure weight streaming, where cuBLAS falls short of the copy bandwidth on all but the largest
+# matrices and adds split-K reductions (measurements: benchmarks/gemv_micro.py, docs/performance.md):
 # - one row: CUDA cores, each program a [BN, K] slab of w dotted with the row (tensor-core tiles
 #   would be 15/16 padding);
-# - 2-32 rows: tensor cores on the swapped product w_tile @ x_tile.T, x padded to 16 or 32 rows
-#   (at 32 rows cuBLASLt would still win on down, 27.4 vs 28.6 us, but torch's default cuBLAS
-#   path takes 30.5 us and adds a split-K reduction).
+# - 2-32 rows: tensor cores on the swapped product w_tile @ x_tile.T, x padded to 16 or 32 rows.
 # Accumulation is float32 and each output is written once (no split-K, no atomics).
 
 
@@ -455,9 +450,9 @@ def skinny_linear_applies(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 def skinny_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [M, K] (M <= 32, half precision) @ w[N, K].T -> y [M, N]. Configurations from the
-    H200 sweep: one row BN 4 x BK 2048 (BN 8 x BK 1024 for N > 8192); more rows BN 64 x BK 128,
-    6 stages (4 for a vocabulary-sized N)."""
+    """x [M, K] (M <= 32, half precision) @ w[N, K].T -> y [M, N]. Tile sizes are the fastest of
+    benchmarks/gemv_micro.py's sweep: one row BN 4 x BK 2048 (BN 8 x BK 1024 for N > 8192); more
+    rows BN 64 x BK 128, 6 stages (4 for a vocabulary-sized N)."""
     M, K = x.shape
     N = w.shape[0]
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
