@@ -617,8 +617,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
 
     base = load_base_config()
-    ports = Ports(http=_free_port(), grpc=_free_port(),
-                  metrics=free_metrics_base() if args.cpu_dry_run else int(base["applications"][0]["args"]["metrics_port"]))
+    # The GPU run keeps the file's metrics port; the dry run may share the machine with other tests.
+    metrics = free_metrics_base() if args.cpu_dry_run else int(base["applications"][0]["args"]["metrics_port"])
+    ports = Ports(http=_free_port(), grpc=_free_port(), metrics=metrics)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{datetime.date.today().isoformat()}-{slug}-multi-gpu" + (f"-{args.tag}" if args.tag else "")
@@ -626,7 +627,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     rep: dict = {"commit": _commit(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
                  "dry_run": args.cpu_dry_run, "config_file": str(CONFIG.relative_to(ROOT)),
-                 "env": {"gpus": gpus, "gpu": gpus[0] if gpus else "cpu", "gpu_count": len(gpus), "ray": ray.__version__},
+                 "env": {"gpus": gpus, "gpu": gpus[0] if gpus else "cpu", "gpu_count": len(gpus),
+                         "ray": ray.__version__},
                  "settings": {k: v for k, v in asdict(s).items() if k not in ("engine", "engine_deployment",
                                                                               "autoscaling", "router_deployment")},
                  "phases": {}, "errors": {}}
