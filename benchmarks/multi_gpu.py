@@ -1,6 +1,6 @@
 """Several GPUs on one host: the real Serve application, one engine replica per GPU.
 
-    python3 benchmarks/multi_gpu.py --out benchmarks/results            # >= 2 GPUs, about 6 minutes
+    python3 benchmarks/multi_gpu.py --out benchmarks/results            # >= 2 GPUs, an estimated 6 minutes
     python3 benchmarks/multi_gpu.py --model /tmp/smollm2.gguf ...        # another checkpoint
     python3 benchmarks/multi_gpu.py --cpu-dry-run --out /tmp/x           # the plumbing, on the CPU
 
