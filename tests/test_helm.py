@@ -127,8 +127,14 @@ def _servicemonitor_values() -> dict:
     }
 
 
+def _multi_gpu_values() -> dict:
+    # The chart's own example file for one node with several GPUs, as shipped.
+    return _load_yaml(CHART / "values-multi-gpu.yaml")
+
+
 VALUE_SETS = {
     "default": dict,
+    "multi-gpu": _multi_gpu_values,
     "cpu-only": _cpu_only_values,
     "gpu-autoscaling": _gpu_autoscaling_values,
     "monitoring-and-netpol-off": _quiet_values,
@@ -217,6 +223,7 @@ def test_rendered_objects_per_value_set(rendered):
         "gpu-autoscaling": ["ConfigMap", "NetworkPolicy", "PodMonitor", "RayService", "Secret",
                             "Service", "Service", "Service"],
         "monitoring-and-netpol-off": ["RayService", "Secret", "Service", "Service"],
+        "multi-gpu": ["ConfigMap", "NetworkPolicy", "PodMonitor", "RayService", "Service", "Service", "Service"],
         "servicemonitor-image-model": ["ConfigMap", "NetworkPolicy", "RayService", "Service", "Service", "Service",
                                        "ServiceMonitor"],
     }[name]
@@ -402,6 +409,35 @@ def test_worker_group_follows_engine_autoscaling(chart):
     assert worker["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
     assert "podAntiAffinity" in worker["affinity"]
     assert worker["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+
+
+def test_multi_gpu_example_runs_one_replica_per_gpu_on_one_node(chart):
+    # The example's serve block is deployment/configs/gpu-multi.yaml, key for key.
+    assert _multi_gpu_values()["serve"] == _load_yaml(CONFIGS / "gpu-multi.yaml")
+    objs = _objects(chart, _multi_gpu_values())
+    rs = _one(objs, "RayService")
+    engine = _deployment(_serve_config(rs), "OrthrusEngine")
+    auto = engine["autoscaling_config"]
+    assert engine["ray_actor_options"]["num_gpus"] == 1
+    cluster = rs["spec"]["rayClusterConfig"]
+    (group,) = cluster["workerGroupSpecs"]
+    # One 1-GPU worker pod per engine replica, from min_replicas to max_replicas (the GPU count).
+    assert (group["minReplicas"], group["replicas"], group["maxReplicas"]) == (
+        auto["min_replicas"], auto["initial_replicas"], auto["max_replicas"]) == (1, 1, 8)
+    assert cluster["enableInTreeAutoscaling"] is True
+    assert cluster["autoscalerOptions"]["upscalingMode"] == "Aggressive"
+    # A pod outlives the Serve replica it held by more than Serve's downscale delay.
+    assert group["idleTimeoutSeconds"] > auto["downscale_delay_s"]
+    worker = group["template"]["spec"]
+    res = worker["containers"][0]["resources"]
+    assert res["limits"]["nvidia.com/gpu"] == res["requests"]["nvidia.com/gpu"] == "1"
+    assert worker["nodeSelector"] == {"nvidia.com/gpu.count": str(auto["max_replicas"])}
+    # Every worker on the first one's node: its own labels match the affinity term.
+    (term,) = worker["affinity"]["podAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert term["topologyKey"] == "kubernetes.io/hostname"
+    assert term["labelSelector"]["matchLabels"].items() <= group["template"]["metadata"]["labels"].items()
+    head_labels = cluster["headGroupSpec"]["template"]["metadata"]["labels"]
+    assert not term["labelSelector"]["matchLabels"].items() <= head_labels.items()
 
 
 def test_fixed_replicas_turn_ray_autoscaling_off(chart):
