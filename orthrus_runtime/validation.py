@@ -16,7 +16,8 @@ Limits (docs/reliability.md lists them for users):
   top_k           -1 or 0 (off), or 1 .. TOP_K_LIMIT; >= the vocabulary keeps every token
   seed            64 bits: -2**63 .. 2**64 - 1
   stop            at most MAX_STOP_STRINGS non-empty strings of MAX_STOP_CHARS characters
-  text            valid Unicode (no lone surrogates), at most MAX_TEXT_CHARS characters in all
+  text            valid Unicode (no lone surrogates); at most MAX_TEXT_CHARS characters in
+                  all, and max_model_len * MAX_CHARS_PER_TOKEN in the engine
   roles           system, user, assistant, developer (= system)
 """
 from __future__ import annotations
@@ -38,10 +39,12 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 MAX_STOP_TOKEN_IDS = 64
 TOKEN_ID_LIMIT = 2**31  # ids at the door; the engine checks them against its vocabulary
-# Bounds the tokenizer's work per request (prompt, messages and stop strings together);
-# far above any max_model_len this engine serves, so only the token-count check refuses
-# real prompts.
+# Bound the tokenizer's work per request (prompt, messages and stop strings together): at
+# the door MAX_TEXT_CHARS; in the engine also max_model_len * MAX_CHARS_PER_TOKEN, text so
+# long that it cannot fit max_model_len tokens (real tokenizers average 3-5 characters a
+# token), so only the token-count check refuses real prompts.
 MAX_TEXT_CHARS = 1 << 20
+MAX_CHARS_PER_TOKEN = 32
 MAX_MESSAGES = 4096
 MAX_REQUEST_ID_CHARS = 128
 # Accepted roles; `developer` is OpenAI's newer name for the system role.
@@ -119,7 +122,7 @@ def check_sampling(p: SamplingParams) -> None:
     p.top_p = top_p
     _check_int(p.top_k, "top_k", -1, TOP_K_LIMIT, f"-1 or 0 (off) or in [1, {TOP_K_LIMIT}]")
     if p.seed is not None:
-        _check_int(p.seed, "seed", SEED_MIN, SEED_END - 1, "a 64-bit integer")
+        _check_int(p.seed, "seed", SEED_MIN, SEED_END - 1, "in [-2**63, 2**64 - 1] (64 bits)")
     if not isinstance(p.stop, list):
         raise _bad("'stop' must be a list of strings", "stop")
     if len(p.stop) > MAX_STOP_STRINGS:
@@ -211,9 +214,11 @@ def check_request(req: GenerateRequest, limits: ModelLimits = ModelLimits()) -> 
             and req.params.max_tokens >= limits.max_model_len:
         raise _bad(f"'max_tokens' ({req.params.max_tokens}) leaves no room for a prompt in max_model_len "
                    f"{limits.max_model_len}", "max_tokens")
-    n = _text_chars(req)
-    if n > MAX_TEXT_CHARS:
-        raise _bad(f"the request's text is {n} characters; at most {MAX_TEXT_CHARS} are allowed", given[0])
+    n, cap = _text_chars(req), MAX_TEXT_CHARS
+    if limits.max_model_len is not None:
+        cap = min(cap, limits.max_model_len * MAX_CHARS_PER_TOKEN)
+    if n > cap:
+        raise _bad(f"the request's text is {n} characters; at most {cap} are allowed", given[0])
     if req.mode is not None and req.mode not in MODES:
         raise _bad(f"'mode' must be one of {', '.join(MODES)}, got {_show(req.mode)}", "mode")
     if req.request_id is not None:
