@@ -8,6 +8,7 @@ orthrus_runtime.types (picklable, no torch objects).
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, AsyncIterator, Optional, Union
 
 from ray import serve
@@ -116,6 +117,7 @@ class OrthrusEngine:
         return {
             **self._engine.health(),
             "replica": self._replica,
+            "pid": os.getpid(),
             "actor_name": self._actor_name,
             "metrics_port": self.metrics_port,
         }

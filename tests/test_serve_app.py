@@ -701,20 +701,20 @@ def test_health_answers_at_once_while_the_queue_is_full(stack):
     # still answer 200 within a second (neither goes through the engine's queue).
     body = {"model": MODEL_ID, "prompt": "hello", "max_tokens": 400, "temperature": 0}
     stop = threading.Event()
+    refused = threading.Event()  # a 503: both slots and the queue are taken
 
     def load():
         with httpx.Client(timeout=120) as http:
             while not stop.is_set():
-                http.post(f"{stack.http}/small/v1/completions", json=body)
+                if http.post(f"{stack.http}/small/v1/completions", json=body).status_code == 503:
+                    refused.set()
+                    time.sleep(0.05)
 
     threads = [threading.Thread(target=load, daemon=True) for _ in range(6)]
     for t in threads:
         t.start()
     try:
-        deadline = time.monotonic() + 60
-        while _engine_stats(stack, "small").num_running < 2:
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+        assert refused.wait(60), "the queue never filled"
         with httpx.Client(timeout=30) as http:
             for path in ("/health", "/ready", "/health", "/ready"):
                 t0 = time.monotonic()
@@ -808,8 +808,11 @@ def test_killed_engine_replica(stack):
 
 
 def test_drain_over_both_protocols(stack):
-    # Last: it drains the "small" application's router for good. Streams in flight over
-    # both protocols; the router stops admitting; what is left ends with an explicit error.
+    # Last: it drains the "small" application's router for good, as `orthrus serve` does on
+    # SIGINT/SIGTERM (deployment.cli.drain). Streams in flight over both protocols; the
+    # router stops admitting; after the drain timeout what is left ends with an explicit error.
+    from deployment.cli import drain
+
     router = serve.get_deployment_handle("OrthrusRouter", app_name="small")
     deadline = time.monotonic() + 120
     while _running_replicas() < 1:
@@ -824,8 +827,13 @@ def test_drain_over_both_protocols(stack):
             grpc_client = stack.grpc(key=None, app="small")
             call = grpc_client.generate("hello", max_tokens=1500, temperature=0)
             next(call)
-            info = router.begin_drain.remote().result(timeout_s=30)
-            assert info["draining"] and info["in_flight"] == 2
+            assert router.replica_info.remote().result(timeout_s=30)["in_flight"] == 2
+            drainer = threading.Thread(target=drain, args=(["small"], 4.0))
+            drainer.start()
+            deadline = time.monotonic() + 30
+            while not router.replica_info.remote().result(timeout_s=30)["draining"]:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
             # New requests: 503 with a retry hint / UNAVAILABLE; readiness fails, liveness holds.
             refused = http.post(f"{stack.http}/small/v1/completions", json={"model": MODEL_ID, "prompt": "hi"})
             assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
@@ -835,8 +843,9 @@ def test_drain_over_both_protocols(stack):
             assert e.value.code() == grpc.StatusCode.UNAVAILABLE
             assert http.get(f"{stack.http}/small/ready").status_code == 503
             assert http.get(f"{stack.http}/small/health").status_code == 200
-            router.end_streams.remote().result(timeout_s=30)
-            rest = [x for x in lines if x.startswith("data: ")]
+            rest = [x for x in lines if x.startswith("data: ")]  # until the drain ends the stream
+            drainer.join(timeout=60)
+            assert not drainer.is_alive()
         # The HTTP stream: an error event, then [DONE].
         assert rest[-1] == "data: [DONE]" and json.loads(rest[-2][6:])["error"]["code"] == "shutting_down"
     with pytest.raises(grpc.RpcError) as e:
