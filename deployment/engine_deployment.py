@@ -69,6 +69,7 @@ class OrthrusEngine:
         self._engine = AsyncOrthrusEngine.from_args(args, stat_logger=self._metrics, queue_timeout_s=queue_timeout_s)
         self._metrics.bind_engine_stats(self._engine.stats)
         info = self._engine.model_info()
+        self._metrics.precreate_positions(info.block_size - 1)
         logger.info(
             "engine replica %s ready: %s (%s, block size %d, max_model_len %d), metrics on port %s",
             self._replica, model_id, info.architecture, info.block_size, info.max_model_len, self.metrics_port,

@@ -142,7 +142,9 @@ class EngineStream:
                 except StopAsyncIteration:
                     raise unavailable("the engine stream ended before the request finished") from None
                 except RayError as e:
-                    raise unavailable(_short(e)) from None
+                    # The log gets the Ray error (an actor dump, say); the client a plain sentence.
+                    logger.warning("engine stream failed: %s", _short(e))
+                    raise unavailable("the engine replica serving this request failed") from None
         finally:
             self.close()
 

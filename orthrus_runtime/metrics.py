@@ -201,6 +201,12 @@ class OrthrusMetrics(StatLogger):
                 self.request_success.labels(m, rp, mode, reason)
         self.cycle_duration_seconds.labels(m, rp, MIXED_MODE)
 
+    def precreate_positions(self, num_positions: int) -> None:
+        """Create the per-draft-position acceptance counters at 0 (positions 0..num_positions-1,
+        orthrus mode: the only mode that drafts), once the engine's block size is known."""
+        for pos in range(num_positions):
+            self._pos_counter("orthrus", pos)
+
     def precreate_router_series(self) -> None:
         """Create the router's labelled counters at 0 (see HTTP_ERROR_CODES)."""
         for code in HTTP_ERROR_CODES:

@@ -351,3 +351,15 @@ def test_error_series_exist_at_zero():
         assert f'code="{code}",model="m",protocol="http",replica="r"}} 0.0' in text
     for code in GRPC_ERROR_CODES:
         assert f'code="{code}",model="m",protocol="grpc",replica="r"}} 0.0' in text
+
+
+def test_per_position_series_exist_at_zero():
+    from orthrus_runtime.metrics import OrthrusMetrics
+    from prometheus_client import generate_latest
+
+    m = OrthrusMetrics("m", "r")
+    m.precreate_positions(3)
+    text = generate_latest(m.registry).decode()
+    for pos in range(3):
+        assert f'orthrus_spec_decode_num_accepted_tokens_per_pos_total{{mode="orthrus",model="m",position="{pos}"' \
+               f',replica="r"}} 0.0' in text
