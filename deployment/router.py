@@ -115,7 +115,12 @@ class EngineStream:
 
     async def _next(self) -> Any:
         nxt = asyncio.ensure_future(self._gen.__anext__())
-        await asyncio.wait({nxt, self._interrupt}, return_when=asyncio.FIRST_COMPLETED)
+        try:
+            await asyncio.wait({nxt, self._interrupt}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # cancelled (the client left): no read may outlive us
+            nxt.cancel()
+            nxt.add_done_callback(lambda f: f.cancelled() or f.exception())  # its outcome is nobody's
+            raise
         if not nxt.done():
             nxt.cancel()
             await asyncio.gather(nxt, return_exceptions=True)
@@ -266,6 +271,8 @@ class OrthrusRouter:
             raise invalid(first.message, param=first.param)
         if isinstance(first, Refusal):
             raise first.to_api_error()
+        if isinstance(first, GenerateDelta) and first.finish_reason == "error":  # failed before any output
+            raise ApiError(500, first.error or "the request failed inside the engine", code="engine_error")
         stream = EngineStream(gen, first)
         if self._draining:  # drained while this one was queued
             stream.close()

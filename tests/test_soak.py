@@ -33,7 +33,7 @@ from orthrus_runtime.proto import orthrus_pb2 as pb  # noqa: E402
 
 MODEL_ID = "tiny-soak"
 N_REQUESTS = int(os.environ.get("SOAK_REQUESTS", "5000"))
-CONCURRENCY = 24
+CONCURRENCY = 16
 SERVICER = "deployment.grpc_service.add_OrthrusServicer_to_server"
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "Orthrus", "drafts", "blocks", "ünï", "🙂"]
 
@@ -62,7 +62,7 @@ def app(tmp_path_factory):
         "grpc_options": {"port": grpc_port, "grpc_servicer_functions": [SERVICER]},
         "applications": [{
             "name": "soak", "route_prefix": "/", "import_path": "deployment.app:build_app",
-            "args": {"engine": {"model": str(ckpt), "device": "cpu", "dtype": "float32", "max_model_len": 512,
+            "args": {"engine": {"model": str(ckpt), "device": "cpu", "dtype": "float32", "max_model_len": 1024,
                                 "max_num_seqs": 32},
                      "model_id": MODEL_ID, "metrics_port": None, "api_keys_env": None, "stream_interval_s": 0.02},
             "deployments": [
@@ -89,7 +89,7 @@ HOSTILE_HTTP = [
     {"prompt": "x", "top_k": 9223372036854775808}, {"prompt": "x", "max_tokens": 2**70},
     {"prompt": "a\ud800b"}, {"prompt": "x", "temperature": 2.5}, {"prompt": "x", "top_p": 0},
     {"prompt": [10**6]}, {"prompt": "x", "stop": [""]}, {"prompt": "x", "seed": 2**64}, {"prompt": ""},
-    {"messages": [{"role": "wizard", "content": "x"}]}, {"prompt": "x", "max_tokens": 600},
+    {"messages": [{"role": "wizard", "content": "x"}]}, {"prompt": "x", "max_tokens": 1024},
 ]
 HOSTILE_RAW = [b"{not json", b"[" * 50_000, b'{"prompt": ' + b"9" * 5000 + b"}", b"\xff\xfe"]
 HOSTILE_GRPC = [dict(prompt="x", top_k=2**62), dict(prompt="x", temperature=1e300), dict(prompt="x", max_tokens=2**40),
@@ -97,7 +97,7 @@ HOSTILE_GRPC = [dict(prompt="x", top_k=2**62), dict(prompt="x", temperature=1e30
 
 
 def _prompt(rng: random.Random) -> str:
-    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 60)))
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 30)))
 
 
 def _sampling(rng: random.Random) -> dict:
@@ -115,7 +115,7 @@ def one(i: int, base: str, target: str) -> str:
     mode = rng.choice(["orthrus", "ar"])
     if kind < 0.12:  # hostile
         if over_grpc:
-            with OrthrusClient(target, application="soak", timeout=60) as c:
+            with OrthrusClient(target, application="soak", timeout=120) as c:
                 try:
                     c.complete(**rng.choice(HOSTILE_GRPC))
                 except grpc.RpcError as e:
@@ -124,19 +124,21 @@ def one(i: int, base: str, target: str) -> str:
                 raise AssertionError("a hostile gRPC request was served")
         if rng.random() < 0.3:
             r = httpx.post(f"{base}/v1/completions", content=rng.choice(HOSTILE_RAW),
-                           headers={"Content-Type": "application/json"}, timeout=60)
+                           headers={"Content-Type": "application/json"}, timeout=120)
         else:
             body = dict(rng.choice(HOSTILE_HTTP))
             path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
-            r = httpx.post(base + path, json=body, timeout=60)
+            # json.dumps escapes a lone surrogate as \ud800, as a hostile client would send it.
+            r = httpx.post(base + path, content=json.dumps(body), headers={"Content-Type": "application/json"},
+                           timeout=120)
         assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", r.text
         return "hostile"
     aborted = kind < 0.12 + 0.22
-    max_tokens = rng.randint(100, 300) if aborted else rng.randint(1, 24)
+    max_tokens = rng.randint(64, 200) if aborted else rng.randint(1, 16)
     keep = rng.randint(1, 3)  # messages read before an abort
     prompt = _prompt(rng)
     if over_grpc:
-        with OrthrusClient(target, application="soak", timeout=60) as c:
+        with OrthrusClient(target, application="soak", timeout=120) as c:
             if not aborted and rng.random() < 0.5:
                 r = c.complete(prompt, max_tokens=max_tokens, mode=mode, **_sampling(rng))
                 assert r.finished and r.finish_reason in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH)
@@ -159,11 +161,11 @@ def one(i: int, base: str, target: str) -> str:
         body["prompt"] = prompt
     path = "/v1/chat/completions" if chat else "/v1/completions"
     if not aborted and rng.random() < 0.5:
-        r = httpx.post(base + path, json=body, timeout=60)
+        r = httpx.post(base + path, json=body, timeout=120)
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["finish_reason"] in ("stop", "length")
         return "ok"
-    with httpx.Client(timeout=60) as http:
+    with httpx.Client(timeout=120) as http:
         with http.stream("POST", base + path, json={**body, "stream": True}) as r:
             assert r.status_code == 200
             n = 0
