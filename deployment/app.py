@@ -30,11 +30,19 @@ class AppArgs:
     # Each replica (engine and router) serves Prometheus metrics here, or on the
     # next free port when another replica on the node holds it; null: off.
     metrics_port: Optional[int] = 8085
+    # Address the metrics endpoints bind: loopback unless scraped from elsewhere (the
+    # Helm chart sets 0.0.0.0, where Prometheus scrapes each pod).
+    metrics_host: str = "127.0.0.1"
     # max_tokens when a chat or gRPC request leaves it unset (/v1/completions keeps OpenAI's 16).
     default_max_tokens: int = 256
     # Minimum time between two stream messages of one request; deltas arriving
     # sooner are merged (deployment/streaming.py). 0: one message per delta.
     stream_interval_s: float = 0.05
+    # Request bodies above this many bytes are refused with HTTP 413.
+    max_request_bytes: int = 1 << 20
+    # A request waiting longer than this for the engine (Serve's queue, then the engine's
+    # own) is refused with 503 / RESOURCE_EXHAUSTED and a retry hint; null: no deadline.
+    queue_timeout_s: Optional[float] = 30.0
 
     @classmethod
     def from_dict(cls, d: Optional[dict[str, Any]]) -> "AppArgs":
@@ -50,6 +58,14 @@ class AppArgs:
             raise ValueError("args.default_max_tokens must be a positive integer")
         if not (isinstance(a.stream_interval_s, (int, float)) and 0 <= a.stream_interval_s <= 1):
             raise ValueError("args.stream_interval_s must be a number of seconds in [0, 1]")
+        if not (isinstance(a.metrics_host, str) and a.metrics_host):
+            raise ValueError("args.metrics_host must be an address to bind, e.g. 127.0.0.1 or 0.0.0.0")
+        if not (isinstance(a.max_request_bytes, int) and not isinstance(a.max_request_bytes, bool)
+                and a.max_request_bytes >= 1024):
+            raise ValueError("args.max_request_bytes must be an integer of at least 1024")
+        if a.queue_timeout_s is not None and not (isinstance(a.queue_timeout_s, (int, float))
+                                                  and a.queue_timeout_s > 0):
+            raise ValueError("args.queue_timeout_s must be a positive number of seconds or null")
         return a
 
 
@@ -59,12 +75,17 @@ def build_app(args: Optional[dict[str, Any]] = None) -> serve.Application:
     if EngineArgs.from_dict(a.engine).device == "cpu":
         # A CPU engine must not wait for a GPU; the config's ray_actor_options still win.
         engine = engine.options(ray_actor_options={"num_gpus": 0})
-    engine_app = engine.bind(a.engine, a.model_id, a.metrics_port, float(a.stream_interval_s))
+    queue_timeout_s = float(a.queue_timeout_s) if a.queue_timeout_s is not None else None
+    engine_app = engine.bind(a.engine, a.model_id, a.metrics_port, float(a.stream_interval_s), queue_timeout_s,
+                             a.metrics_host)
     settings = {
         "model_id": a.model_id,
         "api_keys_env": a.api_keys_env,
         "api_keys_file": a.api_keys_file,
         "metrics_port": a.metrics_port,
+        "metrics_host": a.metrics_host,
         "default_max_tokens": a.default_max_tokens,
+        "max_request_bytes": a.max_request_bytes,
+        "queue_timeout_s": queue_timeout_s,
     }
     return OrthrusRouter.bind(engine_app, settings)

@@ -1,16 +1,20 @@
 """`orthrus serve [--config FILE]`: start a local Ray, deploy the config, serve until Ctrl-C.
 
 This is what `serve run FILE` does (same config schema, same deploy call), plus
-waiting for the applications to come up, printing the HTTP and gRPC addresses,
-and tearing Serve and Ray down on Ctrl-C or SIGTERM.
+waiting for the applications to come up, printing the addresses it bound, and a
+graceful drain on SIGINT or SIGTERM before tearing Serve and Ray down: the routers
+stop admitting (503 with Retry-After / UNAVAILABLE), in-flight requests get
+--drain-timeout seconds to finish, the rest end with an explicit error (an SSE error
+event and [DONE]; a gRPC UNAVAILABLE status), and only then do the proxies go.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
-from typing import Optional
+from typing import Any, Optional
 
 from .config import DEFAULT_CONFIG, load_config
 
@@ -26,6 +30,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ray-temp-dir", default=None, help="temp/log folder of the local Ray (default: Ray's)")
     parser.add_argument("--timeout", type=float, default=0,
                         help="give up when the applications are not running after this many seconds (0: wait)")
+    parser.add_argument("--drain-timeout", type=float, default=30.0,
+                        help="on SIGINT/SIGTERM, seconds in-flight requests get to finish (default %(default)s)")
+
+
+# gRPC messages above this are refused by grpcio in the proxy (RESOURCE_EXHAUSTED); Ray
+# Serve's own default is 2 GiB. Read by the proxies, which inherit this environment.
+GRPC_MAX_MESSAGE_BYTES = 4 * 2**20
 
 
 def deploy(config) -> None:
@@ -78,8 +89,51 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def _display_host(host: str) -> str:
-    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+def _routers(app_names: list[str], call: str, *args: Any, tries: int = 64) -> list[dict[str, Any]]:
+    """Call `call` on every router replica of the applications: a handle picks a replica
+    per call, so call until every running replica has answered (at most `tries` calls)."""
+    from ray import serve
+
+    from .router import ROUTER_DEPLOYMENT_NAME
+
+    out = []
+    for name in app_names:
+        app = serve.status().applications.get(name)
+        dep = app.deployments.get(ROUTER_DEPLOYMENT_NAME) if app is not None else None
+        want = dep.replica_states.get("RUNNING", 0) if dep is not None else 0
+        handle = serve.get_deployment_handle(ROUTER_DEPLOYMENT_NAME, app_name=name)
+        seen: dict[str, dict[str, Any]] = {}
+        for _ in range(tries):
+            if len(seen) >= want:
+                break
+            try:
+                info = getattr(handle, call).remote(*args).result(timeout_s=30)
+            except Exception as e:  # noqa: BLE001 - a replica going away must not stop the drain
+                _err(f"drain: {name}: {call} failed ({type(e).__name__})")
+                break
+            seen[info["replica"]] = info
+        out += seen.values()
+    return out
+
+
+def drain(app_names: list[str], timeout_s: float, log=None) -> None:
+    """Stop admitting, wait up to timeout_s for in-flight requests, end the rest explicitly."""
+    log = log or _err
+    _routers(app_names, "begin_drain")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        in_flight = sum(r["in_flight"] for r in _routers(app_names, "replica_info"))
+        if in_flight == 0:
+            break
+        if time.monotonic() >= deadline:
+            log(f"drain: ending {in_flight} request(s) still in flight after {timeout_s:g}s")
+            _routers(app_names, "end_streams")
+            break
+        time.sleep(0.2)
+
+
+def _bound_http(host: str) -> str:
+    return f"{host}" if host not in ("", "::") else "[::]"
 
 
 def _err(msg: str) -> None:
@@ -97,8 +151,11 @@ def run(args: argparse.Namespace) -> int:
     from ray import serve
     from ray.serve._private.constants import SERVE_NAMESPACE
 
-    # SIGTERM (docker stop, kill) takes the same clean path as Ctrl-C.
+    # Our own handlers for both: a process started in the background inherits an ignored
+    # SIGINT, and SIGTERM (docker stop, kill) must take the same draining path as Ctrl-C.
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
+    os.environ.setdefault("RAY_SERVE_GRPC_MAX_MESSAGE_SIZE", str(GRPC_MAX_MESSAGE_BYTES))
     init_kwargs = {"namespace": SERVE_NAMESPACE}
     if args.address:
         init_kwargs["address"] = args.address
@@ -108,26 +165,41 @@ def run(args: argparse.Namespace) -> int:
             init_kwargs["_temp_dir"] = args.ray_temp_dir
     ray.init(**init_kwargs)
     rc = 0
+    names = [a.name for a in config.applications]
+    serving = False
     try:
         deploy(config)
-        names = [a.name for a in config.applications]
         error = wait_running(names, args.timeout, log=_err)
         if error:
             _err(f"orthrus serve: {error}")
             rc = 1
         else:
-            host = _display_host(config.http_options.host)
+            serving = True
+            host = _bound_http(config.http_options.host)
             for app in config.applications:
                 prefix = (app.route_prefix or "/").rstrip("/")
                 print(f"[{app.name}] HTTP (OpenAI-compatible): http://{host}:{config.http_options.port}{prefix}/v1",
                       flush=True)
-            print(f"gRPC (orthrus.v1.Orthrus): {host}:{config.grpc_options.port}", flush=True)
+            # Ray Serve's gRPC proxy has no host option: it listens on every interface.
+            print(f"gRPC (orthrus.v1.Orthrus): [::]:{config.grpc_options.port} (all interfaces)", flush=True)
             if len(names) > 1:
                 print("several applications: gRPC clients send the metadata `application: <name>`", flush=True)
+            for r in _routers(names, "replica_info"):
+                if r["metrics_port"] is not None:
+                    print(f"metrics (router {r['replica']}): http://{r['metrics_host']}:{r['metrics_port']}/metrics "
+                          "(each engine replica serves its own, from the next port)", flush=True)
             print("serving; Ctrl-C to stop", flush=True)
             while True:
                 time.sleep(3600)
     except KeyboardInterrupt:
+        if serving:
+            _err(f"draining (up to {args.drain_timeout:g}s)...")
+            try:
+                signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second signal must not cut the drain
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                drain(names, args.drain_timeout)
+            except Exception as e:  # noqa: BLE001 - shut down anyway
+                _err(f"drain failed ({type(e).__name__}: {e}); stopping")
         _err("stopping...")
     finally:
         try:

@@ -8,7 +8,10 @@ import yaml
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "serve_config.yaml"
-SERVICER_FUNCTION = "orthrus_runtime.proto.orthrus_pb2_grpc.add_OrthrusServicer_to_server"
+SERVICER_FUNCTION = "deployment.grpc_service.add_OrthrusServicer_to_server"
+# The generated registration parses requests where a malformed one cannot be answered
+# with INVALID_ARGUMENT (see deployment/grpc_service.py); configs naming it get ours.
+GENERATED_SERVICER_FUNCTION = "orthrus_runtime.proto.orthrus_pb2_grpc.add_OrthrusServicer_to_server"
 
 
 def load_config(
@@ -30,7 +33,8 @@ def load_config(
     if grpc_port is not None:
         raw.setdefault("grpc_options", {})["port"] = grpc_port
     grpc = raw.setdefault("grpc_options", {})
-    funcs = grpc.setdefault("grpc_servicer_functions", [])
+    funcs = [f for f in grpc.setdefault("grpc_servicer_functions", []) if f != GENERATED_SERVICER_FUNCTION]
+    grpc["grpc_servicer_functions"] = funcs
     if SERVICER_FUNCTION not in funcs:
         # Without it Serve's gRPC proxy does not know the orthrus.v1 service.
         funcs.append(SERVICER_FUNCTION)

@@ -8,20 +8,23 @@ orthrus_runtime.types (picklable, no torch objects).
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, AsyncIterator, Optional, Union
 
 from ray import serve
 
 from orthrus_runtime.engine.args import EngineArgs
 from orthrus_runtime.types import (
+    EngineDeadError,
     EngineStats,
     GenerateDelta,
     GenerateRequest,
     InvalidRequestError,
     ModelInfo,
+    RequestRefusedError,
 )
 
-from .errors import Rejection
+from .errors import Accepted, Refusal, Rejection
 from .streaming import coalesce
 
 logger = logging.getLogger("ray.serve")
@@ -35,17 +38,19 @@ ENGINE_DEPLOYMENT_NAME = "OrthrusEngine"
     max_ongoing_requests=64,
     max_queued_requests=256,
     # Loading a model takes a while; a replica is only killed after a few
-    # consecutive failed checks of a dead step loop, never for being slow to start.
+    # consecutive failed checks of a dead or hung step loop (its heartbeat), never
+    # for being slow to start. The check reads the heartbeat: it does not queue.
     health_check_period_s=5,
     health_check_timeout_s=30,
     # On scale-down or redeploy, in-flight requests get this long to finish
-    # before __del__ aborts what is left.
+    # before __del__ ends what is left with an explicit error.
     graceful_shutdown_timeout_s=30,
     graceful_shutdown_wait_loop_s=1,
 )
 class OrthrusEngine:
     def __init__(self, engine_args: dict[str, Any], model_id: str, metrics_port: Optional[int] = None,
-                 stream_interval_s: float = 0.0):
+                 stream_interval_s: float = 0.0, queue_timeout_s: Optional[float] = None,
+                 metrics_host: str = "127.0.0.1"):
         # Imported here so that building the application (in Serve's controller)
         # never imports torch; only replicas load the model stack.
         from orthrus_runtime.engine.async_engine import AsyncOrthrusEngine
@@ -57,35 +62,49 @@ class OrthrusEngine:
         self._actor_name = ctx.replica_id.to_full_id_str()  # the Ray actor's name (namespace "serve")
         self._metrics = OrthrusMetrics(model_id, self._replica)
         self.metrics_port = (
-            start_metrics_server(self._metrics.registry, metrics_port) if metrics_port is not None else None
+            start_metrics_server(self._metrics.registry, metrics_port, host=metrics_host)
+            if metrics_port is not None else None
         )
         args = EngineArgs.from_dict(engine_args)
-        self._engine = AsyncOrthrusEngine.from_args(args, stat_logger=self._metrics)
+        self._engine = AsyncOrthrusEngine.from_args(args, stat_logger=self._metrics, queue_timeout_s=queue_timeout_s)
         self._metrics.bind_engine_stats(self._engine.stats)
         info = self._engine.model_info()
+        self._metrics.precreate_positions(info.block_size - 1)
         logger.info(
             "engine replica %s ready: %s (%s, block size %d, max_model_len %d), metrics on port %s",
             self._replica, model_id, info.architecture, info.block_size, info.max_model_len, self.metrics_port,
         )
 
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[Union[GenerateDelta, Rejection]]:
-        """Stream the request's deltas; yields one Rejection instead when the engine refuses it.
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[Union[GenerateDelta, Rejection, Refusal,
+                                                                               Accepted]]:
+        """Accepted, then the request's deltas; or one Rejection / Refusal instead.
 
-        Deltas are merged so that messages leave at most every stream_interval_s
-        (see deployment/streaming.py). Closing this generator (the caller
-        cancelled: client disconnect, gRPC cancel) closes the engine's stream,
-        which aborts the request and frees its KV blocks.
+        Refusals are values, not exceptions, so that the reason crosses the Ray
+        boundary intact. Deltas are merged so that messages leave at most every
+        stream_interval_s (see deployment/streaming.py). Closing this generator (the
+        caller cancelled: client disconnect, gRPC cancel) closes the engine's
+        stream, which aborts the request and frees its KV blocks.
         """
-        stream = coalesce(self._engine.generate(request), self._stream_interval_s)
-        started = False
         try:
-            async for delta in stream:
-                started = True
-                yield delta
+            engine_stream = await self._engine.submit(request)
         except InvalidRequestError as e:
-            if started:
-                raise
-            yield Rejection(str(e))
+            yield Rejection(str(e), e.param)
+            return
+        except RequestRefusedError as e:
+            yield Refusal(str(e), e.reason)
+            return
+        except EngineDeadError:
+            yield Refusal("the engine loop is not running", "unavailable")
+            return
+        stream = coalesce(engine_stream, self._stream_interval_s)
+        try:
+            yield Accepted()
+            async for delta in stream:
+                yield delta
+        except RequestRefusedError as e:  # the queue deadline passed, or the engine is draining
+            yield Refusal(str(e), e.reason)
+        except EngineDeadError:
+            yield Refusal("the engine loop died", "unavailable")
         finally:
             await stream.aclose()
 
@@ -97,8 +116,9 @@ class OrthrusEngine:
 
     def health(self) -> dict[str, Any]:
         return {
-            "alive": self._engine.is_alive(),
+            **self._engine.health(),
             "replica": self._replica,
+            "pid": os.getpid(),
             "actor_name": self._actor_name,
             "metrics_port": self.metrics_port,
         }
@@ -107,13 +127,19 @@ class OrthrusEngine:
         await self._engine.abort(request_id)
 
     def check_health(self) -> None:
-        # Serve restarts a replica whose check raises; a dead step loop can serve nothing.
+        # Serve restarts a replica whose check raises; a dead or hung step loop (no
+        # heartbeat for stall_timeout_s) can serve nothing. Serve calls this on the
+        # actor directly, not through the request queue, so load does not fail it.
         if not self._engine.is_alive():
-            raise RuntimeError(f"engine step loop of replica {self._replica} has died")
+            raise RuntimeError(f"engine step loop of replica {self._replica} is not running")
 
-    def __del__(self):
-        # Serve calls this after graceful_shutdown_timeout_s: whatever is still
-        # running is aborted and the step-loop thread stopped.
+    async def __del__(self):
+        # Serve calls this once in-flight requests finished or graceful_shutdown_timeout_s
+        # passed: what is still running ends with an explicit "shutting down" error
+        # (delivered while this loop runs), then the step-loop thread stops.
         engine = getattr(self, "_engine", None)
         if engine is not None:
+            ended = await engine.drain(0.0)
+            if ended:
+                logger.info("engine replica %s stopping: ended %d request(s) still running", self._replica, ended)
             engine.shutdown()

@@ -9,13 +9,12 @@ from orthrus_runtime.types import (
     AcceptanceStats,
     GenerateDelta,
     GenerateRequest,
-    InvalidRequestError,
     ModelInfo,
     SamplingParams,
     Usage,
 )
 
-from .errors import invalid
+from .errors import checked, invalid
 
 DEFAULT_MAX_TOKENS = 256
 _MODES = {pb.MODE_ORTHRUS: "orthrus", pb.MODE_AR: "ar"}
@@ -24,7 +23,6 @@ FINISH_REASONS = {
     "length": pb.FINISH_REASON_LENGTH,
     "abort": pb.FINISH_REASON_ABORT,
 }
-MAX_REQUEST_ID_LEN = 128
 
 
 def to_generate_request(msg: pb.GenerateRequest, default_max_tokens: int = DEFAULT_MAX_TOKENS) -> GenerateRequest:
@@ -42,8 +40,6 @@ def to_generate_request(msg: pb.GenerateRequest, default_max_tokens: int = DEFAU
         )
     if msg.mode not in (pb.MODE_UNSPECIFIED, *_MODES):
         raise invalid(f"unknown mode {msg.mode}", param="mode")
-    if len(msg.request_id) > MAX_REQUEST_ID_LEN:
-        raise invalid(f"request_id is longer than {MAX_REQUEST_ID_LEN} characters", param="request_id")
 
     params = SamplingParams(
         max_tokens=msg.max_tokens if msg.HasField("max_tokens") else default_max_tokens,
@@ -54,24 +50,16 @@ def to_generate_request(msg: pb.GenerateRequest, default_max_tokens: int = DEFAU
         seed=msg.seed if msg.HasField("seed") else None,
         stop=list(msg.stop),
     )
-    try:
-        params.validate()
-    except InvalidRequestError as e:
-        raise invalid(str(e)) from None
-
     req = GenerateRequest(params=params, request_id=msg.request_id or f"grpc-{uuid.uuid4().hex}")
     if msg.HasField("prompt"):
         req.prompt = msg.prompt
     elif msg.messages:
-        for i, m in enumerate(msg.messages):
-            if m.role not in ("system", "user", "assistant"):
-                raise invalid(f"messages[{i}].role must be system, user or assistant, got {m.role!r}", param="messages")
         req.messages = [{"role": m.role, "content": m.content} for m in msg.messages]
     else:
         req.prompt_token_ids = list(msg.prompt_token_ids)
     if msg.mode in _MODES:
         req.mode = _MODES[msg.mode]
-    return req
+    return checked(req)  # the same rules and messages as over HTTP
 
 
 def _usage(u: Optional[Usage]) -> pb.Usage:

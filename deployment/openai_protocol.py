@@ -15,8 +15,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from orthrus_runtime import validation
 from orthrus_runtime.types import (
-    MODES,
     AcceptanceStats,
     GenerateRequest,
     InvalidRequestError,
@@ -24,12 +24,18 @@ from orthrus_runtime.types import (
     Usage,
 )
 
-from .errors import invalid
+from .errors import ApiError, checked, invalid
 
 # OpenAI's own default for /v1/completions is 16 tokens; chat has no small default,
 # so it takes the server's (AppArgs.default_max_tokens).
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
-CHAT_ROLES = ("system", "user", "assistant", "developer")
+CHAT_ROLES = validation.CHAT_ROLES
+# Request bodies beyond this are refused with 413 (AppArgs.max_request_bytes).
+DEFAULT_MAX_REQUEST_BYTES = 1 << 20
+# JSON nesting deeper than this, or integers of more digits, are refused with 400 (a
+# 100,000-deep body or a 5,000-digit integer made json.loads raise a plain-text 500).
+MAX_JSON_DEPTH = 32
+MAX_JSON_INT_DIGITS = 40
 # Accepted only at their neutral value: the engine implements none of them.
 _NEUTRAL = {
     "presence_penalty": (0, 0.0, None),
@@ -56,11 +62,46 @@ class ResponseOptions:
     model: str
 
 
+def _parse_int(digits: str) -> int:
+    if len(digits.lstrip("-")) > MAX_JSON_INT_DIGITS:
+        raise invalid(f"request body holds an integer of {len(digits.lstrip('-'))} digits; "
+                      f"at most {MAX_JSON_INT_DIGITS} are allowed", code="invalid_json")
+    return int(digits)
+
+
+def _depth_ok(raw: bytes) -> bool:
+    """Whether brackets nest at most MAX_JSON_DEPTH deep (outside strings), in one pass."""
+    depth, in_str, esc = 0, False, False
+    for b in raw:
+        if in_str:
+            if esc:
+                esc = False
+            elif b == 0x5C:  # backslash
+                esc = True
+            elif b == 0x22:
+                in_str = False
+        elif b == 0x22:
+            in_str = True
+        elif b in (0x5B, 0x7B):
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                return False
+        elif b in (0x5D, 0x7D):
+            depth -= 1
+    return True
+
+
 def parse_json_body(raw: bytes) -> dict[str, Any]:
+    if not _depth_ok(raw):
+        raise invalid(f"request body nests deeper than {MAX_JSON_DEPTH} levels", code="invalid_json")
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, parse_int=_parse_int)
+    except ApiError:
+        raise
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise invalid(f"request body is not valid JSON: {e}", code="invalid_json") from None
+    except (ValueError, RecursionError):
+        raise invalid("request body is not valid JSON", code="invalid_json") from None
     if not isinstance(body, dict):
         raise invalid(f"request body must be a JSON object, got {type(body).__name__}", code="invalid_json")
     return body
@@ -97,25 +138,13 @@ def _check_neutral(body: dict) -> None:
 
 
 def _sampling(body: dict, default_max_tokens: int) -> SamplingParams:
-    max_tokens = _opt(body, "max_tokens", _is_int, "an integer")
-    mct = _opt(body, "max_completion_tokens", _is_int, "an integer")
+    """The sampling fields as sent; their ranges are checked by `checked` (validation.py)."""
+    max_tokens = body.get("max_tokens")
+    mct = body.get("max_completion_tokens")
     if mct is not None:
         if max_tokens is not None and max_tokens != mct:
             raise invalid("'max_tokens' and 'max_completion_tokens' disagree", param="max_completion_tokens")
         max_tokens = mct
-    if max_tokens is not None and max_tokens < 1:
-        raise invalid(f"'max_tokens' must be >= 1, got {max_tokens}", param="max_tokens")
-
-    temperature = _opt(body, "temperature", _is_num, "a number")
-    if temperature is not None and not (0 <= temperature <= 2):
-        raise invalid(f"'temperature' must be in [0, 2], got {temperature}", param="temperature")
-    top_p = _opt(body, "top_p", _is_num, "a number")
-    if top_p is not None and not (0 < top_p <= 1):
-        raise invalid(f"'top_p' must be in (0, 1], got {top_p}", param="top_p")
-    top_k = _opt(body, "top_k", _is_int, "an integer")
-    if top_k is not None and top_k < -1:
-        raise invalid(f"'top_k' must be -1 (off), 0 (off) or positive, got {top_k}", param="top_k")
-    seed = _opt(body, "seed", _is_int, "an integer")
 
     stop = body.get("stop")
     if stop is None:
@@ -129,27 +158,23 @@ def _sampling(body: dict, default_max_tokens: int) -> SamplingParams:
     if n is not None and n != 1:
         raise invalid(f"only n=1 is supported, got n={n}", param="n")
 
-    params = SamplingParams(
+    def given(name: str, default: Any) -> Any:
+        v = body.get(name)
+        return default if v is None else v
+
+    return SamplingParams(
         max_tokens=max_tokens if max_tokens is not None else default_max_tokens,
         fit_max_tokens=max_tokens is None,
-        temperature=float(temperature) if temperature is not None else 1.0,
-        top_k=top_k if top_k is not None else -1,
-        top_p=float(top_p) if top_p is not None else 1.0,
-        seed=seed,
+        temperature=given("temperature", 1.0),
+        top_k=given("top_k", -1),
+        top_p=given("top_p", 1.0),
+        seed=body.get("seed"),
         stop=list(stop),
     )
-    try:
-        params.validate()  # the engine's own rules (seed range, stop count...), checked before queueing
-    except InvalidRequestError as e:
-        raise invalid(str(e)) from None
-    return params
 
 
 def _mode(body: dict) -> Optional[str]:
-    mode = _opt(body, "mode", lambda v: isinstance(v, str), "a string")
-    if mode is not None and mode not in MODES:
-        raise invalid(f"'mode' must be one of {', '.join(MODES)}, got '{mode}'", param="mode")
-    return mode
+    return _opt(body, "mode", lambda v: isinstance(v, str), "a string")
 
 
 def _stream_options(body: dict) -> tuple[bool, bool]:
@@ -196,7 +221,8 @@ def _content(v: Any, i: int) -> str:
     raise invalid(f"messages[{i}].content must be a string or a list of text parts", param="messages", code="invalid_type")
 
 
-def _messages(body: dict) -> list[dict[str, str]]:
+def _messages(body: dict) -> list[dict[str, Any]]:
+    """The messages with content parts joined; roles and text are checked by validation.py."""
     msgs = body.get("messages")
     if msgs is None:
         raise invalid("'messages' is required", param="messages", code="missing_required_parameter")
@@ -206,12 +232,7 @@ def _messages(body: dict) -> list[dict[str, str]]:
     for i, m in enumerate(msgs):
         if not isinstance(m, dict):
             raise invalid(f"messages[{i}] must be an object", param="messages", code="invalid_type")
-        role = m.get("role")
-        if role not in CHAT_ROLES:
-            raise invalid(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}, got {json.dumps(role)[:40]}",
-                          param="messages")
-        # `developer` is OpenAI's newer name for the system role.
-        out.append({"role": "system" if role == "developer" else role, "content": _content(m.get("content"), i)})
+        out.append({"role": m.get("role"), "content": _content(m.get("content"), i)})
     return out
 
 
@@ -232,11 +253,9 @@ def parse_completion(body: dict, model_id: str) -> tuple[GenerateRequest, Respon
     prompt, ids = _prompt(body)
     params = _sampling(body, COMPLETIONS_DEFAULT_MAX_TOKENS)
     opts = _options(body, "cmpl", model_id)
-    req = GenerateRequest(prompt=prompt, prompt_token_ids=ids, params=params, request_id=opts.request_id)
-    mode = _mode(body)
-    if mode is not None:
-        req.mode = mode
-    return req, opts
+    req = GenerateRequest(prompt=prompt, prompt_token_ids=ids, params=params, request_id=opts.request_id,
+                          mode=_mode(body))
+    return checked(req), opts
 
 
 def parse_chat(body: dict, model_id: str, default_max_tokens: int) -> tuple[GenerateRequest, ResponseOptions]:
@@ -245,11 +264,8 @@ def parse_chat(body: dict, model_id: str, default_max_tokens: int) -> tuple[Gene
     messages = _messages(body)
     params = _sampling(body, default_max_tokens)
     opts = _options(body, "chatcmpl", model_id)
-    req = GenerateRequest(messages=messages, params=params, request_id=opts.request_id)
-    mode = _mode(body)
-    if mode is not None:
-        req.mode = mode
-    return req, opts
+    req = GenerateRequest(messages=messages, params=params, request_id=opts.request_id, mode=_mode(body))
+    return checked(req), opts
 
 
 # --------------------------------------------------------------------------- responses

@@ -5,20 +5,33 @@ Serve's gRPC proxy, which calls the methods named like the proto's RPCs
 (Generate, Complete, ModelInfo, Health) with the decoded request message.
 Both front ends share one path to the engine: `_open` starts an engine stream
 over the DeploymentHandle and waits for its first item, so a refused request
-(bad input, full queue) is answered before any response byte is sent, and an
-EngineStream relays the rest. Whenever consumption stops early (client
-disconnect, gRPC cancel, error) the engine stream is cancelled, which closes
-the replica-side generator and aborts the engine request.
+(bad input, full queue, a passed queue deadline) is answered before any response
+byte is sent, and an EngineStream relays the rest. Whenever consumption stops
+early (client disconnect, gRPC cancel, error, drain) the engine stream is
+cancelled, which closes the replica-side generator and aborts the engine request.
+
+Errors: every failure is an ApiError, answered as OpenAI's JSON error shape (or an
+SSE error event followed by [DONE] once a stream has started) and as a gRPC status,
+and counted by code; anything unexpected becomes a 500 that names the request id
+under which the log holds the traceback, never the exception itself.
+
+Health: /health (liveness) answers from this replica itself; /ready (readiness) and
+the gRPC Health method say whether the application can serve: not draining, and
+its engine deployment has a healthy replica according to Serve's controller (the
+engines' own heartbeat checks), cached for a second, never a request through an
+engine's queue.
 """
 # No `from __future__ import annotations` here: FastAPI reads the handlers'
 # annotations (Request) at route registration, through Serve's ingress wrapper.
 import asyncio
 import logging
 import time
+import uuid
 from typing import Any, AsyncIterator, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
 from ray.exceptions import RayError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
@@ -30,14 +43,38 @@ from orthrus_runtime.types import GenerateDelta, GenerateRequest, ModelInfo, Usa
 
 from . import grpc_protocol, openai_protocol as oa
 from .auth import ApiKeys, bearer_token
-from .errors import ApiError, Rejection, invalid, overloaded, unavailable
+from .errors import (
+    RETRY_AFTER_S,
+    RETRYABLE_CODES,
+    Accepted,
+    ApiError,
+    Refusal,
+    Rejection,
+    internal,
+    invalid,
+    overloaded,
+    shutting_down,
+    unavailable,
+)
+from .grpc_service import MalformedMessage
 
 logger = logging.getLogger("ray.serve")
 
 ROUTER_DEPLOYMENT_NAME = "OrthrusRouter"
-HEALTH_TIMEOUT_S = 10.0
+ENGINE_DEPLOYMENT_NAME = "OrthrusEngine"
+# Readiness asks Serve's controller at most this often, and waits this long for it.
+READY_CACHE_S = 1.0
+READY_TIMEOUT_S = 5.0
 
 fastapi_app = FastAPI(title="Orthrus Serve", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+@fastapi_app.exception_handler(StarletteHTTPException)
+async def _route_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    # Unknown paths and methods: OpenAI's error shape instead of FastAPI's {"detail": ...}.
+    status = exc.status_code if exc.status_code in (404, 405) else 400
+    e = ApiError(status, f"{request.method} {request.url.path}: {exc.detail}", code="invalid_route")
+    return JSONResponse(e.to_openai(), status_code=status)
 
 
 class GrpcRequestFailed(Exception):
@@ -69,19 +106,50 @@ class EngineStream:
         self._gen = gen
         self._first = first
         self._done = first.finished
+        # Set by interrupt(): the next read raises it instead (a drain ending the stream).
+        self._interrupt: asyncio.Future = asyncio.get_running_loop().create_future()
+
+    def interrupt(self, error: ApiError) -> None:
+        if not self._interrupt.done():
+            self._interrupt.set_result(error)
+
+    async def _next(self) -> Any:
+        nxt = asyncio.ensure_future(self._gen.__anext__())
+        try:
+            await asyncio.wait({nxt, self._interrupt}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # cancelled (the client left): no read may outlive us
+            nxt.cancel()
+            nxt.add_done_callback(lambda f: f.cancelled() or f.exception())  # its outcome is nobody's
+            raise
+        if not nxt.done():
+            nxt.cancel()
+            await asyncio.gather(nxt, return_exceptions=True)
+            raise self._interrupt.result()
+        return nxt.result()
 
     async def deltas(self) -> AsyncIterator[GenerateDelta]:
         try:
-            yield self._first
-            while not self._done:
+            d = self._first
+            while True:
+                if isinstance(d, Refusal):
+                    raise d.to_api_error()
+                if not isinstance(d, GenerateDelta):
+                    raise unavailable("the engine sent an unexpected item")
+                if d.finish_reason == "error":
+                    self._done = True
+                    raise ApiError(500, d.error or "the request failed inside the engine", code="engine_error")
+                self._done = d.finished
+                yield d
+                if self._done:
+                    return
                 try:
-                    d = await self._gen.__anext__()
+                    d = await self._next()
                 except StopAsyncIteration:
                     raise unavailable("the engine stream ended before the request finished") from None
                 except RayError as e:
-                    raise unavailable(_short(e)) from None
-                self._done = d.finished
-                yield d
+                    # The log gets the Ray error (an actor dump, say); the client a plain sentence.
+                    logger.warning("engine stream failed: %s", _short(e))
+                    raise unavailable("the engine replica serving this request failed") from None
         finally:
             self.close()
 
@@ -107,6 +175,21 @@ class EngineStreamingResponse(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self._engine_stream.close()
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 past `limit` bytes without reading it all."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"request body of {int(declared)} bytes exceeds the limit of {limit} bytes",
+                       code="request_too_large")
+    chunks, n = [], 0
+    async for chunk in request.stream():
+        n += len(chunk)
+        if n > limit:
+            raise ApiError(413, f"request body exceeds the limit of {limit} bytes", code="request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 async def _collect(deltas: AsyncIterator[GenerateDelta]) -> tuple[str, list[int], GenerateDelta]:
@@ -138,54 +221,127 @@ class OrthrusRouter:
         self._engine = engine
         self._model_id: str = settings["model_id"]
         self._default_max_tokens: int = settings.get("default_max_tokens", grpc_protocol.DEFAULT_MAX_TOKENS)
+        self._max_body = int(settings.get("max_request_bytes", oa.DEFAULT_MAX_REQUEST_BYTES))
+        self._queue_timeout_s: Optional[float] = settings.get("queue_timeout_s")
         self._keys = ApiKeys(settings.get("api_keys_env"), settings.get("api_keys_file"))
         self._created = int(time.time())
         self._info: Optional[ModelInfo] = None
-        replica = serve.get_replica_context().replica_id.unique_id
-        self._metrics = OrthrusMetrics(self._model_id, replica)
+        ctx = serve.get_replica_context()
+        self._app_name = ctx.app_name
+        self.replica = ctx.replica_id.unique_id
+        self._metrics = OrthrusMetrics(self._model_id, self.replica)
+        self._metrics.precreate_router_series()
         port = settings.get("metrics_port")
-        self.metrics_port = start_metrics_server(self._metrics.registry, port) if port is not None else None
+        self._metrics_host = settings.get("metrics_host", "127.0.0.1")
+        self.metrics_port = (start_metrics_server(self._metrics.registry, port, host=self._metrics_host)
+                             if port is not None else None)
+        self._draining = False
+        self._streams: set[EngineStream] = set()
+        self._ready: tuple[float, bool, str] = (0.0, False, "not checked yet")
 
     # ------------------------------------------------------------------ engine access
 
     async def _open(self, req: GenerateRequest) -> EngineStream:
-        """Start the engine request and wait for its first delta (ApiError when refused)."""
+        """Start the engine request and wait for its first delta (ApiError when refused).
+
+        The queue deadline covers the wait for the engine's Accepted (Serve's queue and
+        the engine's checks); the engine applies it again to its own queue."""
+        if self._draining:
+            raise shutting_down()
         gen = self._engine.options(stream=True).generate.remote(req)
         try:
-            first = await gen.__anext__()
+            first = await asyncio.wait_for(gen.__anext__(), self._queue_timeout_s)
+            if isinstance(first, Accepted):
+                first = await gen.__anext__()
+        except asyncio.TimeoutError:
+            gen.cancel()
+            raise overloaded(f"the request waited more than {self._queue_timeout_s:g}s in the queue",
+                             code="queue_timeout") from None
         except BackPressureError as e:
             raise overloaded(str(e)) from None
         except StopAsyncIteration:
             raise unavailable("the engine ended the request without output") from None
         except (RayError, DeploymentUnavailableError) as e:
-            raise unavailable(_short(e)) from None
+            logger.warning("request %s: engine call failed: %s", req.request_id, _short(e))
+            raise unavailable("no engine replica could take the request") from None
         except BaseException:
             gen.cancel()  # cancelled while waiting (client went away): stop the engine request
             raise
         if isinstance(first, Rejection):
-            raise invalid(first.message)
-        return EngineStream(gen, first)
+            raise invalid(first.message, param=first.param)
+        if isinstance(first, Refusal):
+            raise first.to_api_error()
+        if isinstance(first, GenerateDelta) and first.finish_reason == "error":  # failed before any output
+            raise ApiError(500, first.error or "the request failed inside the engine", code="engine_error")
+        stream = EngineStream(gen, first)
+        if self._draining:  # drained while this one was queued
+            stream.close()
+            raise shutting_down()
+        return stream
+
+    def _track(self, stream: EngineStream) -> None:
+        self._streams.add(stream)
+
+    def _untrack(self, stream: EngineStream) -> None:
+        self._streams.discard(stream)
 
     async def _model_info(self) -> ModelInfo:
         if self._info is None:
             try:
                 self._info = await self._engine.model_info.remote()
             except (RayError, DeploymentUnavailableError) as e:
-                raise unavailable(_short(e)) from None
+                logger.warning("model_info failed: %s", _short(e))
+                raise unavailable("no engine replica answered") from None
         return self._info
 
-    async def _engine_health(self) -> tuple[bool, str]:
+    async def _readiness(self) -> tuple[bool, str]:
+        """Whether this application can serve: not draining, and Serve's controller counts a
+        healthy engine replica (whose check reads the engine loop's heartbeat)."""
+        if self._draining:
+            return False, "draining"
+        t, ok, msg = self._ready
+        if time.monotonic() - t < READY_CACHE_S:
+            return ok, msg
         try:
-            h = await asyncio.wait_for(self._engine.health.remote(), HEALTH_TIMEOUT_S)
-        except asyncio.TimeoutError:
-            return False, f"engine did not answer within {HEALTH_TIMEOUT_S:.0f}s"
-        except (RayError, DeploymentUnavailableError, BackPressureError) as e:
-            return False, _short(e)
-        return (True, "ok") if h["alive"] else (False, "engine step loop has died")
+            status = await asyncio.wait_for(asyncio.to_thread(serve.status), READY_TIMEOUT_S)
+            app = status.applications.get(self._app_name)
+            dep = app.deployments.get(ENGINE_DEPLOYMENT_NAME) if app is not None else None
+            running = dep.replica_states.get("RUNNING", 0) if dep is not None else 0
+            ok, msg = (running > 0, f"{running} engine replica(s) running" if running else "no engine replica running")
+        except Exception as e:  # noqa: BLE001 - the controller being unreachable means not ready
+            ok, msg = False, f"Serve's controller did not answer ({type(e).__name__})"
+        self._ready = (time.monotonic(), ok, msg)
+        return ok, msg
 
     def replica_info(self) -> dict[str, Any]:
         """For operators and tests, over a DeploymentHandle (not routed over HTTP)."""
-        return {"metrics_port": self.metrics_port, "auth": self._keys.enabled}
+        return {"replica": self.replica, "metrics_port": self.metrics_port, "metrics_host": self._metrics_host,
+                "auth": self._keys.enabled,
+                "draining": self._draining, "in_flight": len(self._streams)}
+
+    # ------------------------------------------------------------------ drain
+
+    def begin_drain(self) -> dict[str, Any]:
+        """Stop admitting: new requests get 503 / UNAVAILABLE with a retry hint; readiness fails."""
+        self._draining = True
+        return self.replica_info()
+
+    async def end_streams(self, wait_s: float = 2.0) -> dict[str, Any]:
+        """End every request still in flight with an explicit "shutting down" error (an
+        SSE error event and [DONE]; a gRPC UNAVAILABLE status) and wait for them to go."""
+        self._draining = True
+        for st in list(self._streams):
+            st.interrupt(shutting_down())
+        deadline = time.monotonic() + wait_s
+        while self._streams and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        return self.replica_info()
+
+    async def __del__(self):
+        # Serve calls this once in-flight requests finished or graceful_shutdown_timeout_s
+        # passed: end the rest explicitly rather than cut them.
+        if getattr(self, "_streams", None):
+            await self.end_streams()
 
     # ------------------------------------------------------------------ HTTP
 
@@ -194,8 +350,8 @@ class OrthrusRouter:
         headers = None
         if e.status == 401:
             headers = {"WWW-Authenticate": "Bearer"}
-        elif e.code == "overloaded":
-            headers = {"Retry-After": "1"}
+        elif e.code in RETRYABLE_CODES:
+            headers = {"Retry-After": str(RETRY_AFTER_S)}
         return JSONResponse(e.to_openai(), status_code=e.status, headers=headers)
 
     def _http_auth(self, request: Request) -> None:
@@ -204,28 +360,40 @@ class OrthrusRouter:
                            code="invalid_api_key")
 
     async def _http_generate(self, request: Request, chat: bool) -> Response:
+        rid = None
         try:
             self._http_auth(request)
-            body = oa.parse_json_body(await request.body())
+            if self._draining:
+                raise shutting_down()
+            body = oa.parse_json_body(await read_body(request, self._max_body))
             if chat:
                 req, opts = oa.parse_chat(body, self._model_id, self._default_max_tokens)
             else:
                 req, opts = oa.parse_completion(body, self._model_id)
+            rid = req.request_id
             stream = await self._open(req)
         except ApiError as e:
             return self._http_error(e)
+        except Exception:  # noqa: BLE001 - never a plain-text 500
+            rid = rid or f"http-{uuid.uuid4().hex}"
+            logger.exception("request %s failed", rid)
+            return self._http_error(internal(rid))
         if opts.stream:
             return EngineStreamingResponse(self._sse(stream, opts, chat), stream, media_type="text/event-stream",
                                            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._track(stream)
         try:
             text, _, last = await _collect(stream.deltas())
         except ApiError as e:
             return self._http_error(e)
+        finally:
+            self._untrack(stream)
         build = oa.chat_response if chat else oa.completion_response
         return JSONResponse(build(opts, text, last.finish_reason, last.usage or Usage(), last.stats))
 
     async def _sse(self, stream: EngineStream, opts: oa.ResponseOptions, chat: bool):
         obj = "chat.completion.chunk" if chat else "text_completion"
+        self._track(stream)
         deltas = stream.deltas()
         try:
             if chat:
@@ -245,10 +413,12 @@ class OrthrusRouter:
                         yield oa.sse(oa.usage_chunk(opts, obj, d.usage or Usage()))
                     yield oa.SSE_DONE
         except ApiError as e:
-            # Headers are gone already: report in-band, as OpenAI does, and end without [DONE].
+            # Headers are gone already: report in-band, as OpenAI does, then end the stream.
             self._metrics.on_request_error(str(e.status), "http")
             yield oa.sse(e.to_openai())
+            yield oa.SSE_DONE
         finally:
+            self._untrack(stream)
             await deltas.aclose()
 
     @fastapi_app.post("/v1/completions")
@@ -283,10 +453,16 @@ class OrthrusRouter:
 
     @fastapi_app.get("/health")
     async def health(self) -> Response:
-        # Open without a key: load balancers and probes call it.
-        ok, message = await self._engine_health()
+        # Liveness, open without a key: answered by this replica alone, whatever the load.
+        return JSONResponse({"status": "ok", "replica": self.replica, "draining": self._draining})
+
+    @fastapi_app.get("/ready")
+    async def ready(self) -> Response:
+        # Readiness, open without a key: whether requests sent here can be served now.
+        ok, message = await self._readiness()
         return JSONResponse({"status": "ok" if ok else "unavailable", "message": message},
-                            status_code=200 if ok else 503)
+                            status_code=200 if ok else 503,
+                            headers=None if ok else {"Retry-After": str(RETRY_AFTER_S)})
 
     # ------------------------------------------------------------------ gRPC
 
@@ -294,6 +470,10 @@ class OrthrusRouter:
         self._metrics.on_request_error(e.grpc_code.name, "grpc")
         ctx.set_code(e.grpc_code)
         ctx.set_details(e.message)
+        if e.code in RETRYABLE_CODES:
+            # A retry hint: seconds, and gRPC's own retry-policy pushback in milliseconds.
+            ctx.set_trailing_metadata([("retry-after", str(RETRY_AFTER_S)),
+                                       ("grpc-retry-pushback-ms", str(RETRY_AFTER_S * 1000))])
 
     def _grpc_fail(self, ctx: RayServegRPCContext, e: ApiError) -> GrpcRequestFailed:
         """For streams: set the status, then raise what this returns.
@@ -310,13 +490,28 @@ class OrthrusRouter:
             raise ApiError(401, "missing or invalid API key (send metadata `authorization: Bearer <key>`)",
                            code="invalid_api_key")
 
+    def _grpc_request(self, request: Any, ctx: RayServegRPCContext) -> GenerateRequest:
+        self._grpc_auth(ctx)
+        if isinstance(request, MalformedMessage):
+            raise invalid(f"the request is not a valid {request.message_type} message: {request.reason}",
+                          code="malformed_message")
+        if self._draining:
+            raise shutting_down()
+        return grpc_protocol.to_generate_request(request, self._default_max_tokens)
+
     async def Generate(self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext):
+        rid = None
         try:
-            self._grpc_auth(grpc_context)
-            req = grpc_protocol.to_generate_request(request, self._default_max_tokens)
+            req = self._grpc_request(request, grpc_context)
+            rid = req.request_id
             stream = await self._open(req)
         except ApiError as e:
             raise self._grpc_fail(grpc_context, e) from None
+        except Exception:  # noqa: BLE001 - never an exception text for the client
+            rid = rid or f"grpc-{uuid.uuid4().hex}"
+            logger.exception("request %s failed", rid)
+            raise self._grpc_fail(grpc_context, internal(rid)) from None
+        self._track(stream)
         deltas = stream.deltas()
         try:
             async for d in deltas:
@@ -325,19 +520,30 @@ class OrthrusRouter:
         except ApiError as e:
             raise self._grpc_fail(grpc_context, e) from None
         finally:
+            self._untrack(stream)
             await deltas.aclose()
 
     async def Complete(self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext) -> pb.GenerateResponse:
+        rid, stream = None, None
         try:
-            self._grpc_auth(grpc_context)
-            req = grpc_protocol.to_generate_request(request, self._default_max_tokens)
+            req = self._grpc_request(request, grpc_context)
+            rid = req.request_id
             stream = await self._open(req)
+            self._track(stream)
             text, token_ids, last = await _collect(stream.deltas())
         except ApiError as e:
             # A unary method returns: Serve applies the status set on the context,
             # and the client sees only that status (no exception logged for a 4xx).
             self._grpc_status(grpc_context, e)
             return pb.GenerateResponse()
+        except Exception:  # noqa: BLE001
+            rid = rid or f"grpc-{uuid.uuid4().hex}"
+            logger.exception("request %s failed", rid)
+            self._grpc_status(grpc_context, internal(rid))
+            return pb.GenerateResponse()
+        finally:
+            if stream is not None:
+                self._untrack(stream)
         return grpc_protocol.final_response(req.request_id, text, token_ids, last)
 
     async def ModelInfo(self, request: pb.ModelInfoRequest, grpc_context: RayServegRPCContext) -> pb.ModelInfoResponse:
@@ -350,6 +556,7 @@ class OrthrusRouter:
         return grpc_protocol.model_info_response(info, self._model_id)
 
     async def Health(self, request: pb.HealthRequest, grpc_context: RayServegRPCContext) -> pb.HealthResponse:
-        ok, message = await self._engine_health()
+        # Readiness (see /ready); a replica that answers at all is alive.
+        ok, message = await self._readiness()
         status = pb.HealthResponse.STATUS_SERVING if ok else pb.HealthResponse.STATUS_NOT_SERVING
         return pb.HealthResponse(status=status, message=message)

@@ -46,7 +46,12 @@ from orthrus_runtime.types import MODES, EngineStats, RequestRecord, StatLogger,
 logger = logging.getLogger(__name__)
 
 PREFIX = "orthrus_"
-FINISH_REASONS = ("stop", "length", "abort")
+FINISH_REASONS = ("stop", "length", "abort", "error")
+# The request_errors series a router creates at 0 (the dashboard's panel then shows 0, not
+# "No data", before the first error): the statuses each protocol answers with.
+HTTP_ERROR_CODES = ("400", "401", "404", "413", "500", "503")
+GRPC_ERROR_CODES = ("INVALID_ARGUMENT", "UNAUTHENTICATED", "NOT_FOUND", "RESOURCE_EXHAUSTED", "INTERNAL",
+                    "UNAVAILABLE")
 # Label value of a step whose decode batch held sequences of both modes: its one
 # wall-clock duration cannot be split between them.
 MIXED_MODE = "mixed"
@@ -196,6 +201,19 @@ class OrthrusMetrics(StatLogger):
                 self.request_success.labels(m, rp, mode, reason)
         self.cycle_duration_seconds.labels(m, rp, MIXED_MODE)
 
+    def precreate_positions(self, num_positions: int) -> None:
+        """Create the per-draft-position acceptance counters at 0 (positions 0..num_positions-1,
+        orthrus mode: the only mode that drafts), once the engine's block size is known."""
+        for pos in range(num_positions):
+            self._pos_counter("orthrus", pos)
+
+    def precreate_router_series(self) -> None:
+        """Create the router's labelled counters at 0 (see HTTP_ERROR_CODES)."""
+        for code in HTTP_ERROR_CODES:
+            self.request_errors.labels(self.model, self.replica, code, "http")
+        for code in GRPC_ERROR_CODES:
+            self.request_errors.labels(self.model, self.replica, code, "grpc")
+
     def _pos_counter(self, mode: str, pos: int) -> Counter:
         key = (mode, pos)
         c = self._per_pos.get(key)
@@ -312,8 +330,11 @@ _servers: dict[int, tuple[object, threading.Thread]] = {}
 _servers_lock = threading.Lock()
 
 
-def start_metrics_server(registry: CollectorRegistry, port: int, host: str = "0.0.0.0", max_tries: int = 16) -> int:
+def start_metrics_server(registry: CollectorRegistry, port: int, host: str = "127.0.0.1", max_tries: int = 16) -> int:
     """Serve ``registry`` at http://host:port/metrics from a daemon thread.
+
+    host: the address to bind (loopback by default; a Kubernetes pod that is scraped
+    binds 0.0.0.0, see AppArgs.metrics_host).
 
     Tries port, port+1, ... (max_tries ports) so that several replicas on one node
     each get an endpoint; returns the port actually bound (port 0: any free port).

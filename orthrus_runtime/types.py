@@ -11,14 +11,35 @@ from typing import Any, Literal, Optional
 
 Mode = Literal["orthrus", "ar"]
 MODES: tuple[str, ...] = ("orthrus", "ar")
-FinishReason = Literal["stop", "length", "abort"]
-
-MAX_STOP_STRINGS = 16
-_U64 = 2**64
+# "error": the request failed inside the engine and ended alone (its KV blocks freed).
+FinishReason = Literal["stop", "length", "abort", "error"]
 
 
 class InvalidRequestError(ValueError):
-    """A request the engine refuses before queueing it (maps to HTTP 400 / INVALID_ARGUMENT)."""
+    """A request the engine refuses before queueing it (maps to HTTP 400 / INVALID_ARGUMENT).
+
+    param: the request field at fault, when there is one."""
+
+    def __init__(self, message: str, param: Optional[str] = None):
+        super().__init__(message)
+        self.param = param
+
+    def __reduce__(self):  # keeps param across pickling (Ray)
+        return (type(self), (str(self), self.param))
+
+
+class RequestRefusedError(RuntimeError):
+    """The engine refused or ended a request for a reason other than its content: its
+    queue deadline passed, or the engine is shutting down (HTTP 503 / gRPC status).
+
+    reason: "queue_timeout" or "shutting_down"."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.reason))
 
 
 class EngineDeadError(RuntimeError):
@@ -46,40 +67,10 @@ class SamplingParams:
         return self.temperature == 0.0
 
     def validate(self) -> None:
-        def bad(msg: str) -> None:
-            raise InvalidRequestError(msg)
+        """Check (and normalise) in place; the rules live in orthrus_runtime.validation."""
+        from orthrus_runtime.validation import check_sampling
 
-        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int):
-            bad(f"max_tokens must be an integer, got {self.max_tokens!r}")
-        if self.max_tokens < 1:
-            bad(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)):
-            bad(f"temperature must be a number, got {self.temperature!r}")
-        if not (self.temperature >= 0.0) or self.temperature == float("inf"):
-            bad(f"temperature must be >= 0 and finite, got {self.temperature}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int):
-            bad(f"top_k must be an integer, got {self.top_k!r}")
-        if self.top_k < -1:
-            bad(f"top_k must be -1 (disabled), 0 (disabled) or positive, got {self.top_k}")
-        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)):
-            bad(f"top_p must be a number, got {self.top_p!r}")
-        if not (0.0 < self.top_p <= 1.0):
-            bad(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.seed is not None:
-            if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-                bad(f"seed must be an integer, got {self.seed!r}")
-            if not (-(2**63) <= self.seed < _U64):
-                bad(f"seed must fit in 64 bits, got {self.seed}")
-        if not isinstance(self.stop, list) or not all(isinstance(s, str) for s in self.stop):
-            bad("stop must be a list of strings")
-        if len(self.stop) > MAX_STOP_STRINGS:
-            bad(f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(self.stop)}")
-        if any(s == "" for s in self.stop):
-            bad("stop strings must not be empty")
-        if not isinstance(self.stop_token_ids, list) or not all(
-            isinstance(t, int) and not isinstance(t, bool) for t in self.stop_token_ids
-        ):
-            bad("stop_token_ids must be a list of integers")
+        check_sampling(self)
 
 
 @dataclass
@@ -174,6 +165,9 @@ class GenerateDelta:
     stats: Optional[AcceptanceStats] = None
     # Seconds from arrival to being scheduled (set on the final delta).
     queue_time_s: Optional[float] = None
+    # finish_reason "error": what the client may be told (no internals; the request id
+    # finds the server's log line).
+    error: Optional[str] = None
 
 
 @dataclass

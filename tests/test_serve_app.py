@@ -49,7 +49,7 @@ ENV_KEY = "sk-envkey-3f9c1a77d2"
 FILE_KEY = "sk-filekey-8b2d7e41c0"
 WRONG_KEY = "sk-wrongkey-55aa01be93"
 MAX_MODEL_LEN = 2048
-SERVICER = "orthrus_runtime.proto.orthrus_pb2_grpc.add_OrthrusServicer_to_server"
+SERVICER = "deployment.grpc_service.add_OrthrusServicer_to_server"
 
 
 def _free_port() -> int:
@@ -245,6 +245,21 @@ def test_models_and_health(stack):
     # Health needs no key (probes and load balancers call it).
     r = httpx.get(f"{stack.http}/health", timeout=30)
     assert r.status_code == 200 and r.json()["status"] == "ok"
+    r = httpx.get(f"{stack.http}/ready", timeout=30)
+    assert r.status_code == 200 and r.json()["status"] == "ok", r.text
+    # Unknown routes answer in OpenAI's error shape too.
+    r = httpx.get(f"{stack.http}/v1/nothing-here", timeout=30)
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
+
+
+def test_error_counters_exist_from_the_start(stack):
+    # Before any error of these kinds: every code the router answers with has a series at 0.
+    router = serve.get_deployment_handle("OrthrusRouter", app_name="small")
+    text = _scrape(router.replica_info.remote().result(timeout_s=30)["metrics_port"])
+    for code, proto in (("413", "http"), ("500", "http"), ("503", "http"), ("INTERNAL", "grpc"),
+                        ("RESOURCE_EXHAUSTED", "grpc"), ("UNAVAILABLE", "grpc")):
+        assert re.search(rf'orthrus_request_errors_total\{{[^}}]*code="{code}"[^}}]*protocol="{proto}"[^}}]*\}} 0\.0',
+                         text), (code, proto)
 
 
 # ----------------------------------------------------------------------------- gRPC
@@ -482,6 +497,89 @@ def test_bad_grpc_input_gets_invalid_argument(stack):
         assert c.complete("hi", max_tokens=2).usage.completion_tokens == 2
 
 
+# ----------------------------------------------------------------------------- hostile input
+
+HOSTILE_HTTP = [
+    # (body: dict or raw bytes, expected status, expected param or None); today's exploits first.
+    ({**GOOD, "top_k": 9223372036854775808}, 400, "top_k"),
+    ({**GOOD, "top_k": 10**30}, 400, "top_k"),
+    ({**GOOD, "max_tokens": 2**70}, 400, "max_tokens"),
+    ({**GOOD, "prompt": "a\ud800b"}, 400, "prompt"),
+    (b'{"model": "tiny-orthrus", "prompt": "a\\ud800b", "max_tokens": 2}', 400, "prompt"),
+    ({**GOOD, "stop": ["\udc00"]}, 400, "stop"),
+    ({**GOOD, "temperature": 2.5}, 400, "temperature"),
+    ({**GOOD, "temperature": 1e300}, 400, "temperature"),
+    (b"[" * 100_000 + b"]" * 100_000, 400, None),
+    (b'{"model": "tiny-orthrus", "prompt": "hi", "max_tokens": ' + b"9" * 5000 + b"}", 400, None),
+    (json.dumps({"model": MODEL_ID, "messages": [{"role": "user", "content": "x"}]})[:-1].encode()
+     + b', "extra": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400, None),
+    ({**GOOD, "prompt": "x" * (2 * 2**20)}, 413, None),
+]
+
+
+def test_hostile_http_input_gets_json_errors_and_nothing_dies(stack, ref):
+    actor = stack.engine_handle().health.remote().result(timeout_s=30)["actor_name"]
+    headers = {"Authorization": f"Bearer {ENV_KEY}", "Content-Type": "application/json"}
+    with httpx.Client(timeout=60) as http:
+        for body, status, param in HOSTILE_HTTP:
+            chat = isinstance(body, bytes) and b'"messages"' in body
+            path = "/v1/chat/completions" if chat else "/v1/completions"
+            raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+            r = http.post(stack.http + path, content=raw, headers=headers)
+            assert r.status_code == status, (str(body)[:120], r.text[:300])
+            err = r.json()["error"]  # JSON in OpenAI's shape, never a plain-text 500
+            assert err["message"] and err["type"] == "invalid_request_error", r.text
+            if param is not None:
+                assert err["param"] == param, (str(body)[:120], err)
+        # 1e-38 is below the greedy floor: the greedy text, on both protocols and in both modes.
+        for mode in ("orthrus", "ar"):
+            text, _, _ = ref.run(prompt="hello world", max_tokens=12, mode=mode)
+            r = http.post(f"{stack.http}/v1/completions", headers=headers, json={
+                **GOOD, "prompt": "hello world", "max_tokens": 12, "temperature": 1e-38, "mode": mode})
+            assert r.status_code == 200 and r.json()["choices"][0]["text"] == text
+            with stack.grpc() as c:
+                assert c.complete("hello world", max_tokens=12, temperature=1e-38, mode=mode).text == text
+    _wait_idle(stack)
+    after = stack.engine_handle().health.remote().result(timeout_s=30)
+    assert after["actor_name"] == actor and after["alive"]  # the engine replica was never replaced
+
+
+def _raw_grpc(stack, method: str, payload: bytes, key: str = ENV_KEY):
+    """Send raw bytes as the request message (no client-side serialization)."""
+    channel = grpc.insecure_channel(stack.grpc_target)
+    try:
+        call = channel.unary_unary(f"/orthrus.v1.Orthrus/{method}", request_serializer=None,
+                                   response_deserializer=None)
+        return call(payload, metadata=(("application", "main"), ("authorization", f"Bearer {key}")), timeout=60)
+    finally:
+        channel.close()
+
+
+def test_malformed_grpc_messages_get_invalid_argument(stack):
+    good = pb.GenerateRequest(prompt="hi", max_tokens=2).SerializeToString()
+    assert pb.GenerateResponse.FromString(_raw_grpc(stack, "Complete", good)).usage.completion_tokens == 2
+    bad_utf8 = b"\x0a\x03a\xffb"  # field 1 (prompt), 3 bytes, invalid UTF-8
+    truncated = good[:-1] if good[-1:] != b"" else good
+    oversized_prefix = b"\x0a\xff\xff\xff\x7fhi"  # field 1 claims 268 MB
+    for payload in (bad_utf8, truncated[:3], b"\xff\xff\xff\xff", oversized_prefix):
+        with pytest.raises(grpc.RpcError) as e:
+            _raw_grpc(stack, "Complete", payload)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (payload, e.value)
+        assert "DecodeError" not in e.value.details() and "class" not in e.value.details()
+    with stack.grpc() as c:
+        for kw in (dict(temperature=2.5), dict(temperature=1e300), dict(top_k=2**63 - 1), dict(max_tokens=2**62)):
+            with pytest.raises(grpc.RpcError) as e:
+                c.complete("hi", **{"max_tokens": 2, **kw})
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, kw
+        # The same words as over HTTP: one validation module.
+        with pytest.raises(grpc.RpcError) as e:
+            c.complete("hi", max_tokens=2, temperature=2.5)
+        r = httpx.post(f"{stack.http}/v1/completions", json={**GOOD, "temperature": 2.5},
+                       headers={"Authorization": f"Bearer {ENV_KEY}"}, timeout=60)
+        assert e.value.details() == r.json()["error"]["message"]
+        assert c.complete("hi", max_tokens=2).usage.completion_tokens == 2
+
+
 # ----------------------------------------------------------------------------- API keys
 
 
@@ -581,17 +679,54 @@ def test_backpressure_full_queue_is_refused_at_once(stack):
         with stack.grpc(key=None, app="small") as c:
             try:
                 c.complete("hello", max_tokens=300, temperature=0)
-                return grpc.StatusCode.OK
+                return grpc.StatusCode.OK, None
             except grpc.RpcError as e:
-                return e.code()
+                return e.code(), dict(e.trailing_metadata() or ())
 
     with ThreadPoolExecutor(max_workers=8) as pool:
-        gcodes = list(pool.map(complete, range(8)))
+        results = list(pool.map(complete, range(8)))
+    gcodes = [c for c, _ in results]
     assert gcodes.count(grpc.StatusCode.OK) >= 1, gcodes
     assert gcodes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 4, gcodes
+    for code, trailers in results:
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:  # a retry hint
+            assert trailers.get("retry-after") == "1" and trailers.get("grpc-retry-pushback-ms") == "1000", trailers
     # Still serving afterwards.
     r = httpx.post(f"{stack.http}/small/v1/completions", json={**body, "max_tokens": 2}, timeout=60)
     assert r.status_code == 200
+
+
+def test_health_answers_at_once_while_the_queue_is_full(stack):
+    # Two slots and a one-request queue, filled with long requests: liveness and readiness
+    # still answer 200 within a second (neither goes through the engine's queue).
+    body = {"model": MODEL_ID, "prompt": "hello", "max_tokens": 400, "temperature": 0}
+    stop = threading.Event()
+    refused = threading.Event()  # a 503: both slots and the queue are taken
+
+    def load():
+        with httpx.Client(timeout=120) as http:
+            while not stop.is_set():
+                if http.post(f"{stack.http}/small/v1/completions", json=body).status_code == 503:
+                    refused.set()
+                    time.sleep(0.05)
+
+    threads = [threading.Thread(target=load, daemon=True) for _ in range(6)]
+    for t in threads:
+        t.start()
+    try:
+        assert refused.wait(60), "the queue never filled"
+        with httpx.Client(timeout=30) as http:
+            for path in ("/health", "/ready", "/health", "/ready"):
+                t0 = time.monotonic()
+                r = http.get(f"{stack.http}/small{path}")
+                took = time.monotonic() - t0
+                assert r.status_code == 200 and took < 1.0, (path, r.text, took)
+        with stack.grpc(key=None, app="small") as c:
+            assert c.health().status == pb.HealthResponse.STATUS_SERVING
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=120)
 
 
 def test_autoscaling_up_under_load_and_down_after(stack):
@@ -670,3 +805,52 @@ def test_killed_engine_replica(stack):
     assert new_name != actor_name
     with stack.grpc(key=None, app="small") as c:
         assert c.complete("hi", max_tokens=4, temperature=0).usage.completion_tokens == 4
+
+
+def test_drain_over_both_protocols(stack):
+    # Last: it drains the "small" application's router for good, as `orthrus serve` does on
+    # SIGINT/SIGTERM (deployment.cli.drain). Streams in flight over both protocols; the
+    # router stops admitting; after the drain timeout what is left ends with an explicit error.
+    from deployment.cli import drain
+
+    router = serve.get_deployment_handle("OrthrusRouter", app_name="small")
+    deadline = time.monotonic() + 120
+    while _running_replicas() < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    with httpx.Client(timeout=120) as http:
+        with http.stream("POST", f"{stack.http}/small/v1/completions",
+                         json={"model": MODEL_ID, "prompt": "hello", "max_tokens": 1500, "temperature": 0,
+                               "stream": True}) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+            grpc_client = stack.grpc(key=None, app="small")
+            call = grpc_client.generate("hello", max_tokens=1500, temperature=0)
+            next(call)
+            assert router.replica_info.remote().result(timeout_s=30)["in_flight"] == 2
+            drainer = threading.Thread(target=drain, args=(["small"], 4.0))
+            drainer.start()
+            deadline = time.monotonic() + 30
+            while not router.replica_info.remote().result(timeout_s=30)["draining"]:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+            # New requests: 503 with a retry hint / UNAVAILABLE; readiness fails, liveness holds.
+            refused = http.post(f"{stack.http}/small/v1/completions", json={"model": MODEL_ID, "prompt": "hi"})
+            assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+            assert refused.json()["error"]["code"] == "shutting_down"
+            with pytest.raises(grpc.RpcError) as e:
+                stack.grpc(key=None, app="small").complete("hi", max_tokens=2)
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert http.get(f"{stack.http}/small/ready").status_code == 503
+            assert http.get(f"{stack.http}/small/health").status_code == 200
+            rest = [x for x in lines if x.startswith("data: ")]  # until the drain ends the stream
+            drainer.join(timeout=60)
+            assert not drainer.is_alive()
+        # The HTTP stream: an error event, then [DONE].
+        assert rest[-1] == "data: [DONE]" and json.loads(rest[-2][6:])["error"]["code"] == "shutting_down"
+    with pytest.raises(grpc.RpcError) as e:
+        for _ in call:
+            pass
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in e.value.details()
+    grpc_client.close()
+    _wait_idle(stack, "small")

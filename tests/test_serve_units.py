@@ -299,3 +299,67 @@ def test_app_args_are_checked():
         AppArgs.from_dict({"metrics_port": 70000})
     with pytest.raises(ValueError, match="stream_interval_s"):
         AppArgs.from_dict({"stream_interval_s": -1})
+    for bad in ({"metrics_host": ""}, {"max_request_bytes": 10}, {"queue_timeout_s": 0}, {"queue_timeout_s": "x"}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            AppArgs.from_dict(bad)
+
+
+def test_binding_defaults_and_the_generated_servicer_is_replaced(tmp_path):
+    import yaml
+
+    from deployment.app import AppArgs
+    from deployment.config import CONFIG_DIR, GENERATED_SERVICER_FUNCTION, SERVICER_FUNCTION, load_config
+
+    # The local command binds loopback; the GPU/Kubernetes config binds what pods need.
+    local = load_config(CONFIG_DIR / "serve_config.yaml")
+    assert local.http_options.host == "127.0.0.1"
+    assert AppArgs.from_dict(local.applications[0].args).metrics_host == "127.0.0.1"
+    assert AppArgs.from_dict(load_config(CONFIG_DIR / "gpu.yaml").applications[0].args).metrics_host == "0.0.0.0"
+    raw = yaml.safe_load((CONFIG_DIR / "serve_config.yaml").read_text())
+    raw["grpc_options"]["grpc_servicer_functions"] = [GENERATED_SERVICER_FUNCTION]
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    assert load_config(tmp_path / "c.yaml").grpc_options.grpc_servicer_functions == [SERVICER_FUNCTION]
+
+
+def test_metrics_server_binds_the_given_host():
+    import socket
+
+    from prometheus_client import CollectorRegistry
+
+    from orthrus_runtime.metrics import start_metrics_server, stop_metrics_server
+
+    port = start_metrics_server(CollectorRegistry(), 0)  # loopback by default
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            pass
+        addrs = {a[4][0] for a in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)} - {"127.0.0.1"}
+        for addr in addrs:  # another interface of this machine does not reach it
+            with pytest.raises(OSError):
+                socket.create_connection((addr, port), timeout=2).close()
+    finally:
+        stop_metrics_server(port)
+
+
+def test_error_series_exist_at_zero():
+    from orthrus_runtime.metrics import GRPC_ERROR_CODES, HTTP_ERROR_CODES, OrthrusMetrics
+    from prometheus_client import generate_latest
+
+    m = OrthrusMetrics("m", "r")
+    m.precreate_router_series()
+    text = generate_latest(m.registry).decode()
+    for code in HTTP_ERROR_CODES:
+        assert f'code="{code}",model="m",protocol="http",replica="r"}} 0.0' in text
+    for code in GRPC_ERROR_CODES:
+        assert f'code="{code}",model="m",protocol="grpc",replica="r"}} 0.0' in text
+
+
+def test_per_position_series_exist_at_zero():
+    from orthrus_runtime.metrics import OrthrusMetrics
+    from prometheus_client import generate_latest
+
+    m = OrthrusMetrics("m", "r")
+    m.precreate_positions(3)
+    text = generate_latest(m.registry).decode()
+    for pos in range(3):
+        assert f'orthrus_spec_decode_num_accepted_tokens_per_pos_total{{mode="orthrus",model="m",position="{pos}"' \
+               f',replica="r"}} 0.0' in text

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -64,6 +65,9 @@ from orthrus_runtime.types import (
     StepRecord,
     Usage,
 )
+from orthrus_runtime.validation import ModelLimits, check_request
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -215,9 +219,7 @@ class LLMEngine:
 
     def validate(self, req: GenerateRequest) -> list[int]:
         """Check a request; returns its prompt ids. Raises InvalidRequestError."""
-        if not isinstance(req.params, SamplingParams):
-            raise InvalidRequestError("params must be SamplingParams")
-        req.params.validate()
+        check_request(req, ModelLimits(self.model.cfg.vocab_size, self.cfg.max_model_len))
         if req.mode is None:
             req.mode = self.cfg.default_mode
         if req.mode not in MODES:
@@ -270,6 +272,14 @@ class LLMEngine:
         if seq is None:
             return None
         return self._finish(seq, "abort", time.monotonic())
+
+    def fail(self, request_id: str) -> Optional[GenerateDelta]:
+        """End a request with finish_reason "error", returning its KV blocks (the caller
+        saw it fail outside a step's own per-request guard)."""
+        seq = self.seqs.get(request_id)
+        if seq is None:
+            return None
+        return self._finish(seq, "error", time.monotonic())
 
     def has_work(self) -> bool:
         return self.scheduler.has_work() or self._inflight is not None
@@ -479,8 +489,8 @@ class LLMEngine:
             n += 1
             if t in seq.eos_token_ids:
                 reason = "stop"
-            elif seq.detok.add(t):
-                reason = "stop"
+            elif (stopped := self._detok_add(seq, t)) is not None:
+                reason = stopped
             elif seq.remaining <= 0:
                 reason = "length"
             if reason:
@@ -491,6 +501,15 @@ class LLMEngine:
         if reason:
             seq.finish_reason = reason
         return n
+
+    def _detok_add(self, seq: Sequence, token_id: int) -> Optional[str]:
+        """detok.add -> "stop" (a stop string), None, or "error": a failure (the tokenizer
+        raising on this request's text) ends this request alone, not the whole batch's step."""
+        try:
+            return "stop" if seq.detok.add(token_id) else None
+        except Exception:
+            log.exception("request %s failed in the detokenizer; ending it alone", seq.request_id)
+            return "error"
 
     def _collect_running(self) -> list[GenerateDelta]:
         """The deltas of every running sequence (finishing those that stopped)."""
@@ -509,12 +528,18 @@ class LLMEngine:
     def _finish(self, seq: Sequence, reason: str, now: float) -> GenerateDelta:
         self.scheduler.remove(seq)
         self.seqs.pop(seq.request_id, None)
+        if reason != "error":
+            try:
+                seq.detok.flush()
+            except Exception:
+                log.exception("request %s failed in the detokenizer; ending it alone", seq.request_id)
+                reason = "error"
         seq.finish_reason = reason
-        seq.detok.flush()
         self.num_finished += 1
         self.finished_by_reason[reason] = self.finished_by_reason.get(reason, 0) + 1
         d = GenerateDelta(
-            seq.request_id, token_ids=seq.pending_ids, text=seq.detok.take(True), finished=True,
+            seq.request_id, token_ids=seq.pending_ids, text="" if reason == "error" else seq.detok.take(True),
+            finished=True,
             finish_reason=reason,
             usage=Usage(len(seq.prompt_token_ids), len(seq.output_token_ids)), stats=seq.stats,
             queue_time_s=(seq.first_scheduled_time - seq.arrival_time) if seq.first_scheduled_time else None,
