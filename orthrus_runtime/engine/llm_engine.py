@@ -54,7 +54,6 @@ from orthrus_runtime.types import (
     InvalidRequestError,
     ModelInfo,
     RequestRecord,
-    SamplingParams,
     StatLogger,
     StepRecord,
     Usage,
