@@ -9,7 +9,6 @@ field `orthrus` on the final response or chunk.
 from __future__ import annotations
 
 import json
-import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -19,7 +18,6 @@ from orthrus_runtime import validation
 from orthrus_runtime.types import (
     AcceptanceStats,
     GenerateRequest,
-    InvalidRequestError,
     SamplingParams,
     Usage,
 )
@@ -109,10 +107,6 @@ def parse_json_body(raw: bytes) -> dict[str, Any]:
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_num(v: Any) -> bool:
-    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
 
 
 def _opt(body: dict, name: str, check, what: str) -> Any:

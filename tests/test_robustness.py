@@ -170,7 +170,8 @@ async def test_exploits_are_refused_before_the_step_loop():
             with pytest.raises(InvalidRequestError) as e:
                 await collect(eng, GenerateRequest(prompt="hi", params=SamplingParams(**{"max_tokens": 4, **kw})))
             assert e.value.param in {"top_k", "max_tokens", "seed", "temperature", "top_p", "stop"}, kw
-        for bad in (GenerateRequest(prompt="a\ud800b"), GenerateRequest(messages=[{"role": "user", "content": "\udfff"}]),
+        for bad in (GenerateRequest(prompt="a\ud800b"),
+                    GenerateRequest(messages=[{"role": "user", "content": "\udfff"}]),
                     GenerateRequest(messages=[{"role": "wizard", "content": "x"}])):
             with pytest.raises(InvalidRequestError):
                 await collect(eng, bad)

@@ -206,7 +206,8 @@ def test_soak(app):
     rss_end = _rss_mb(pid)
     after = engine.health.remote().result(timeout_s=30)
     figures = {"requests": N_REQUESTS, "seconds": round(took, 1), **kinds,
-               "aborted_by_reason": s.finished_by_reason.get("abort", 0), "errors": s.finished_by_reason.get("error", 0),
+               "aborted_by_reason": s.finished_by_reason.get("abort", 0),
+               "errors": s.finished_by_reason.get("error", 0),
                "rss_start_mb": round(rss_start, 1), "rss_end_mb": round(rss_end, 1)}
     print("soak:", json.dumps(figures))
     assert sum(kinds.values()) == N_REQUESTS

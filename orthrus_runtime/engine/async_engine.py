@@ -272,7 +272,8 @@ class AsyncOrthrusEngine:
             self.engine.add_request(req, prompt_ids=ids, arrival_time=arrival)
         except Exception:
             log.exception("request %s failed on admission; ending it alone", rid)
-            d = self.engine.fail(rid) or GenerateDelta(rid, finished=True, finish_reason="error", usage=Usage(len(ids), 0))
+            d = self.engine.fail(rid) or GenerateDelta(rid, finished=True, finish_reason="error",
+                                                       usage=Usage(len(ids), 0))
             self._publish_stats()
             self._deliver(d)
 

@@ -60,7 +60,6 @@ from orthrus_runtime.types import (
     InvalidRequestError,
     ModelInfo,
     RequestRecord,
-    SamplingParams,
     StatLogger,
     StepRecord,
     Usage,
