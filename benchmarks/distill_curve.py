@@ -18,7 +18,7 @@ One command, `python benchmarks/distill_curve.py --state DIR --out OUT --budget-
    DIR/curve.json, DIR/curve.png, the int8 view in parts (view.part0, ...; at most
    --part-mb each) and DIR/checkpoint.pt (float32 master weights and AdamW moments,
    about 320 MB, for a machine that stays warm); OUT gets copies of all but the
-   checkpoint (at most 7 files), so a command cut short still returns what it finished.
+   checkpoint (5 files for SmolLM2), so a command cut short still returns what it finished.
 
 A later command with the same DIR continues exactly (checkpoint.pt, when it matches
 state.json's step); with OUT's files carried back as DIR to a fresh machine it
@@ -307,13 +307,19 @@ def run(a: argparse.Namespace, split: list[float]) -> int:
 
     # Data for this command.
     gen_s = max(1.0, min(split[0] * a.budget_s, budget_left * 0.5))  # > 0: no limit would be endless
-    data = D.generate_data(loaded, stream, start=int(st["next_uid"]), seconds=gen_s,
-                           max_new_tokens=a.gen_max_new_tokens, max_num_seqs=a.gen_max_num_seqs, log=log)
-    st["next_uid"] = int(data.meta["next_uid"])
+    parts: list[D.DistillData] = []
+    for _ in range(5):  # enough to train on, even where the budget is already spent
+        new = D.generate_data(loaded, stream, start=int(st["next_uid"]), seconds=gen_s,
+                              max_new_tokens=a.gen_max_new_tokens, max_num_seqs=a.gen_max_num_seqs, log=log)
+        parts.append(new)
+        st["next_uid"] = int(new.meta["next_uid"])
+        st["gen_seconds"] = round(st["gen_seconds"] + float(new.meta["seconds"]), 1)
+        if sum(map(len, parts)) >= 4:
+            break
+    data = D.DistillData.concat(parts)
     st["data_response_tokens"] += data.response_tokens
-    st["gen_seconds"] = round(st["gen_seconds"] + float(data.meta["seconds"]), 1)
     if len(data) < 4:
-        raise ValueError(f"only {len(data)} responses in {gen_s:.0f} s of generation")
+        raise ValueError(f"only {len(data)} responses in {st['gen_seconds']:.0f} s of generation")
     train_data, val_data = data.split(0.02)
     trainer = D.Trainer(loaded.model, train_data, loaded.mask_token_id, cfg, amp=torch.bfloat16 if cuda else None)
     ck = r.dir / D.CHECKPOINT_NAME

@@ -26,7 +26,7 @@ def test_curve_commands_chain_and_resume_from_returned_files(tmp_path, capsys):
                 "--init", "ar-copy", "--prompts", str(tmp_path / "p.txt"), "--eval-dtypes", "float32",
                 "--eval-block-size", "4", "--eval-max-tokens", "6", "--eval-limit", "1", "--eval-estimate-s", "1",
                 "--gen-max-new-tokens", "10", "--gen-max-num-seqs", "8", "--batch-size", "4",
-                "--blocks-per-seq", "3", "--budget-s", "10", "--chain", "3", "--part-mb", "0.03"]
+                "--blocks-per-seq", "3", "--budget-s", "10", "--chain", "3", "--part-mb", "0.005"]
 
     def load(folder):
         return (json.loads((folder / "state.json").read_text()),
@@ -38,9 +38,10 @@ def test_curve_commands_chain_and_resume_from_returned_files(tmp_path, capsys):
     assert pts1[0]["step"] == 0 and pts1[0]["tokens_seen"] == 0 and pts1[-1]["step"] == st1["step"]
     assert {"mt-bench", "humaneval"} <= set(pts1[-1]["acceptance"]["float32"])
     out1 = sorted(p.name for p in (tmp_path / "out1").iterdir())
-    assert len(out1) <= 8 and "checkpoint.pt" not in out1 and "curve.png" in out1
+    # Besides the view's parts (two of 15 MB for SmolLM2's 27 MB int8 view): three files.
+    assert [n for n in out1 if not n.startswith("view.part")] == ["curve.json", "curve.png", "state.json"]
     parts = [p for p in (tmp_path / "out1").iterdir() if p.name.startswith("view.part")]
-    assert len(parts) >= 2 and all(p.stat().st_size <= 30_000 for p in parts)
+    assert len(parts) >= 2 and all(p.stat().st_size <= 5_000 for p in parts)
     schedule = st1["max_steps"]
     assert schedule > st1["step"]  # the schedule spans the chain
 

@@ -715,7 +715,7 @@ class Trainer:
 
     # -- checkpoints ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step_num, "max_steps": self.cfg.max_steps, "warmup_steps": self.cfg.warmup(),
+        return {"step": self.step_num, "max_steps": self.cfg.max_steps, "warmup_steps": self.cfg.warmup_steps,
                 "tokens_seen": self.tokens_seen, "targets_seen": self.targets_seen,
                 "train_seconds": self.train_seconds,
                 "params": {k: p.detach().cpu().clone() for k, p in self.params.items()},
