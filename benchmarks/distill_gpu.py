@@ -4,7 +4,8 @@ int8 view, and the acceptance evaluation of the result (int8 at every block size
 then the uncompressed trained view and the AR-copy baseline at the default block
 size), all on one loaded model.
 
-Results are written to --out as they are produced (a run cut short still leaves
+The recipe of the view shipped before issue 18; benchmarks/distill_curve.py is the chained,
+resumable run that measures the curve. Results are written to --out as they are produced (a run cut short still leaves
 what it finished): data.safetensors, train_log.jsonl, the view file (also split
 into parts of at most --part-mb MB for transports with a per-file limit) and
 acceptance-*.json. Used by benchmarks/distill_gpu.sh.
@@ -50,7 +51,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, type=Path, help="results to keep (at most 8 files)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/distill-work"), help="data and scratch files")
-    ap.add_argument("--extra-data", type=Path, default=None, help="earlier self-distilled data to train on too")
+    ap.add_argument("--extra-data", type=Path, default=None, help="folder of earlier data shards to train on too")
     ap.add_argument("--prompt-offset", type=int, default=0, help="skip the first N prompts (used by --extra-data)")
     ap.add_argument("--model", default=None, help="base model (default: the embedded SmolLM2); a tiny one for dry runs")
     ap.add_argument("--device", default="cuda")
@@ -86,13 +87,12 @@ def main() -> int:
     prompts = D.load_prompts(D.DEFAULT_PROMPTS)[a.prompt_offset :]
     if a.num_prompts:
         prompts = prompts[: a.num_prompts]
-    parts = [D.DistillData.load(a.extra_data)] if a.extra_data else []
+    parts = [D.load_shards(a.extra_data)] if a.extra_data else []
     gen_s, gen_tokens = 0.0, 0
     if a.gen_seconds > 0:
-        new = D.generate_data(loaded, prompts, max_new_tokens=a.gen_max_new_tokens,
-                              greedy_fraction=a.gen_greedy_fraction, seconds=a.gen_seconds,
-                              max_num_seqs=a.gen_max_num_seqs, progress=False)
-        new.save(a.work / "data-new.safetensors")
+        stream = D.PromptStream(loaded.tokenizer, prompts, greedy_fraction=a.gen_greedy_fraction)
+        new = D.generate_data(loaded, stream, max_new_tokens=a.gen_max_new_tokens, seconds=a.gen_seconds,
+                              max_num_seqs=a.gen_max_num_seqs, on_shard=D.ShardWriter(a.work / "data"), log=log)
         gen_s, gen_tokens = float(new.meta["seconds"]), new.response_tokens
         log(f"new data: {len(new)} sequences, {new.response_tokens} response tokens in {gen_s} s")
         parts.append(new)
@@ -103,6 +103,7 @@ def main() -> int:
     train_data, val_data = data.split(0.02)
     cfg = D.TrainConfig(block_size=loaded.block_size, batch_size=a.batch_size, blocks_per_seq=a.blocks_per_seq,
                         lr=a.lr, warmup_steps=a.warmup_steps, loss_decay=a.loss_decay, max_steps=0)
+    # (This script's defaults are the shipped view's recipe; `orthrus distill` defaults to the paper's.)
     trainer = D.Trainer(loaded.model, train_data, loaded.mask_token_id, cfg, amp=torch.bfloat16 if cuda else None)
     before = trainer.evaluate(val_data)
     log(f"held-out before training: loss {before.loss:.4f}, top-1 agreement {before.accuracy:.4f}")

@@ -165,9 +165,13 @@ def test_data_file_round_trip_and_split(tmp_path):
     data.save(tmp_path / "d.safetensors")
     back = D.DistillData.load(tmp_path / "d.safetensors")
     assert torch.equal(back.tokens, data.tokens) and back.meta["k"] == "v" and len(back) == 5
-    train, held = back.split(0.2)
+    train, held = back.split(0.2)  # uid multiples of 5 are held out
     assert len(train) == 4 and len(held) == 1
-    assert torch.equal(held.sequence(0), data.sequence(4))
+    assert torch.equal(held.sequence(0), data.sequence(0)) and held.uids.tolist() == [0]
+    assert torch.equal(train.sequence(3), data.sequence(4)) and train.uids.tolist() == [1, 2, 3, 4]
+    both = D.DistillData.concat([train, held])
+    assert sorted(both.uids.tolist()) == list(range(5)) and both.response_tokens == data.response_tokens
+    assert torch.equal(both.sequence(4), data.sequence(0))
 
 
 def test_load_prompts_formats_and_errors(tmp_path):
@@ -185,7 +189,7 @@ def test_load_prompts_formats_and_errors(tmp_path):
 def test_distill_cli_end_to_end_and_resume(tmp_path, capsys):
     ck = tiny_checkpoint(tmp_path / "ck", arch="qwen3", block_size=4)
     (tmp_path / "p.txt").write_text("\n".join(f"Tell me about the fox number {i}." for i in range(10)))
-    data = tmp_path / "data.safetensors"
+    data = tmp_path / "data"
 
     def argv(out, *extra):
         return ["--model", str(ck), "--out", str(tmp_path / out), "--data", str(data), "--prompts",
@@ -194,19 +198,25 @@ def test_distill_cli_end_to_end_and_resume(tmp_path, capsys):
                 "--save-every", "2", "--log-every", "1", "--no-progress", "--val-fraction", "0.2", *extra]
 
     # One run straight to the end (it also makes the self-distilled data).
-    assert D.run(_parse(D, argv("straight"))) == 0
-    assert data.exists() and (tmp_path / "straight" / D.CHECKPOINT_NAME).exists()
+    assert D.run(_parse(D, argv("straight", "--warmup-steps", "0"))) == 0
+    assert D.shard_paths(data) and (tmp_path / "straight" / D.CHECKPOINT_NAME).exists()
+    assert json.loads((data / "generation.json").read_text())["complete"] is True
+    assert len(D.load_shards(data)) == 10  # every prompt answered once
     view = tmp_path / "straight" / "diffusion-view.safetensors"
     straight, meta = read_diffusion_view(view)
     assert meta["quantization"] == "int8-rowwise-symmetric" and meta["trained_steps"] == "5"
+    assert int(meta["tokens_seen"]) > 0 and float(meta["train_minutes"]) > 0 and meta["init"] == "ar-copy"
+    recipe = json.loads(meta["recipe"])
+    assert recipe["lr"] == 2e-4 and recipe["warmup_fraction"] == 0.05 and recipe["data"]["complete"] is True
+    assert E.view_metadata(str(view))["tokens_seen"] == meta["tokens_seen"]
     log = [json.loads(line) for line in (tmp_path / "straight" / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4, 5]
     assert any("val_loss" in r for r in log)
     # The same run interrupted at step 3 and resumed ends with the same weights.
-    assert D.run(_parse(D, argv("split", "--stop-at-step", "3"))) == 0
-    assert D.run(_parse(D, argv("split", "--resume"))) == 0
-    resumed, meta = read_diffusion_view(tmp_path / "split" / "diffusion-view.safetensors")
-    assert meta["trained_steps"] == "5"
+    assert D.run(_parse(D, argv("split", "--stop-at-step", "3", "--warmup-steps", "0"))) == 0
+    assert D.run(_parse(D, argv("split", "--resume", "--warmup-steps", "0"))) == 0
+    resumed, meta2 = read_diffusion_view(tmp_path / "split" / "diffusion-view.safetensors")
+    assert meta2["trained_steps"] == "5" and meta2["tokens_seen"] == meta["tokens_seen"]
     for k, v in straight.items():
         assert torch.equal(v, resumed[k]), k
     loaded = load_model(str(ck), "float32", "cpu", diffusion_weights=str(view))
@@ -214,7 +224,9 @@ def test_distill_cli_end_to_end_and_resume(tmp_path, capsys):
     # Bad input: a clear error, no traceback.
     assert D.run(_parse(D, ["--out", str(tmp_path / "x"), "--lr", "-1", "--max-steps", "1"])) == 2
     assert "--lr must be > 0" in capsys.readouterr().err
-    assert D.run(_parse(D, argv("nothing-to-resume", "--resume"))) == 2
+    assert D.run(_parse(D, ["--out", str(tmp_path / "x"), "--data-only", "--no-generate"])) == 2
+    assert D.run(_parse(D, ["--out", str(tmp_path / "nothing"), "--resume", "--max-steps", "1"])) == 2
+    assert "--resume: neither" in capsys.readouterr().err
 
 
 def test_eval_acceptance_writes_consistent_json(tmp_path):
@@ -281,6 +293,88 @@ def test_time_budget_sets_the_schedule_and_uses_the_budget(monkeypatch):
     with pytest.raises(ValueError, match="warmup_steps must exceed"):
         D.train(D.Trainer(model, _random_data(n=3), mask_id, D.TrainConfig(block_size=4, warmup_steps=4, max_steps=0)),
                 minutes=0.01, progress=False)
+
+
+def test_budget_with_a_warmup_fraction_probes_then_fills_the_budget(monkeypatch):
+    """A warmup given as a fraction of a schedule sized by the budget: probe steps (no
+    update) fix the warmup first; the run still fills the budget and prints an ETA."""
+    model = tiny_model("llama", seed=5)
+    mask_id = model.add_mask_embedding()
+    cfg = D.TrainConfig(block_size=4, batch_size=2, blocks_per_seq=2, lr=1e-3, warmup_steps=0, warmup_fraction=0.1,
+                        max_steps=0)
+    tr = D.Trainer(model, _random_data(seed=6, n=6), mask_id, cfg)
+    before = {k: p.detach().clone() for k, p in tr.params.items()}
+    clock = [1000.0]
+    monkeypatch.setattr(D.time, "monotonic", lambda: clock[0])
+    real_step, real_probe = tr.train_step, tr.probe_step
+    probes = []
+
+    def probe():
+        real_probe()
+        probes.append(1)
+        clock[0] += 1.0 if len(probes) <= 3 else 0.1
+
+    def step():
+        st = real_step()
+        clock[0] += 0.1
+        return st
+
+    monkeypatch.setattr(tr, "probe_step", probe)
+    monkeypatch.setattr(tr, "train_step", step)
+    logs: list[str] = []
+    budget_s = 20.0
+    D.train(tr, minutes=budget_s / 60, progress=False, log=logs.append, log_every_s=2.0)
+    assert len(probes) == 8
+    assert tr.step_num == cfg.max_steps and 0.95 * budget_s <= clock[0] - 1000.0 <= budget_s + 0.1
+    # About 165 steps fit after the probes: a 10 % warmup.
+    assert abs(cfg.warmup_steps - 0.1 * cfg.max_steps) <= 2, (cfg.warmup_steps, cfg.max_steps)
+    assert any("ETA" in line for line in logs) and any(line.startswith("probe:") for line in logs)
+    assert tr.tokens_seen > 0 and tr.targets_seen > 0
+    assert any(not torch.equal(before[k], p) for k, p in tr.params.items())
+
+
+def test_probe_step_changes_nothing():
+    model = tiny_model("qwen3", seed=7)
+    mask_id = model.add_mask_embedding()
+    tr = D.Trainer(model, _random_data(seed=8, n=4), mask_id, D.TrainConfig(block_size=4, batch_size=2, max_steps=4))
+    before = {k: p.detach().clone() for k, p in tr.params.items()}
+    tr.probe_step()
+    assert tr.step_num == 0 and tr.tokens_seen == 0 and not tr.opt.state
+    assert all(torch.equal(before[k], p) and p.grad is None for k, p in tr.params.items())
+
+
+def test_generation_writes_shards_and_continues_where_it_stopped(tmp_path):
+    ck = tiny_checkpoint(tmp_path / "ck", arch="llama", block_size=4)
+    loaded = load_model(str(ck), "float32", "cpu")
+    prompts = [[{"role": "user", "content": f"Count the sheep in field {i}."}] for i in range(6)]
+    stream = D.PromptStream(loaded.tokenizer, prompts, passes=2, greedy_fraction=0.5, seed=3)
+    items = list(stream.items())
+    assert [it.uid for it in items] == list(range(12))
+    assert [it.greedy for it in items[:6]] == [False, True] * 3 and not any(it.greedy for it in items[6:])
+    assert items[7].prompt_ids == items[1].prompt_ids and len({it.seed for it in items}) == 12
+    folder = tmp_path / "data"
+    kw = dict(max_new_tokens=6, min_response_tokens=1, max_num_seqs=4, log=lambda s: None)
+    # A deadline already past: nothing written, the stream is not complete.
+    cut = D.generate_data(loaded, stream, seconds=1e-9, on_shard=D.ShardWriter(folder), **kw)
+    assert len(cut) == 0 and cut.meta["complete"] == "False" and not D.shard_paths(folder)
+    # A first run that only got to uid 4, handing shards over after every step ...
+    first = D.generate_data(loaded, stream, skip=set(range(5, 12)), shard_seconds=1e-9,
+                            on_shard=D.ShardWriter(folder), **kw)
+    n_first = len(D.shard_paths(folder))
+    assert n_first >= 2 and sorted(first.uids.tolist()) == list(range(5))
+    # ... and the run that continues it: new shards after the old ones, each uid once.
+    done = set(D.load_shards(folder).uids.tolist())
+    rest = D.generate_data(loaded, stream, skip=done, on_shard=D.ShardWriter(folder), **kw)
+    assert rest.meta["complete"] == "True" and rest.meta["next_uid"] == "12"
+    paths = D.shard_paths(folder)
+    assert len(paths) == n_first + 1 and paths[-1].name == f"shard-{n_first:05d}.safetensors"
+    all_data = D.load_shards(folder)
+    assert sorted(all_data.uids.tolist()) == list(range(12))
+    for i in range(len(all_data)):
+        uid = int(all_data.uids[i])
+        s = all_data.sequence(i).tolist()
+        p = int(all_data.prompt_lens[i])
+        assert s[:p] == stream.item(uid).prompt_ids and len(s) > p
 
 
 @pytest.mark.slow

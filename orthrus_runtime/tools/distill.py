@@ -5,22 +5,27 @@ and the diffusion view's mask embedding row, if the model has one, are trained;
 embeddings, MLPs, norms, lm_head and the AR projections stay frozen, so the AR
 view, and with it every output the engine emits, is unchanged.
 
-1. Data (self-distilled): prompts (default: orthrus_runtime/data/distill_prompts.jsonl.gz)
-   are answered by the base model itself through this engine in AR mode, a mix of
-   greedy and sampled responses. Saved as a safetensors file and reused.
-2. Training: for each sequence, the AR view runs once over the whole text (no
-   gradient) giving the clean K/V of every layer and the AR next-token distribution
-   at every position. Blocks [x_a, MASK x (B-1)] at random anchors a inside the
-   response are then drafted in one diffusion pass, many blocks per sequence: every
+1. Data (self-distilled): prompts (default: orthrus_runtime/data/distill_prompts.jsonl.gz,
+   chat, code and math 1:1:1) are answered by the base model itself through this engine
+   in AR mode at large batch, a mix of greedy and sampled responses (later passes over the
+   prompts sample only). Responses are written as numbered data shards while they come;
+   an interrupted or budget-limited generation continues with --resume (each response is
+   keyed by its prompt-stream id, so nothing is asked twice).
+2. Training (defaults: the paper's recipe): for each sequence, the AR view runs once over
+   the whole text (no gradient) giving the clean K/V of every layer and the AR next-token
+   distribution at every position. Blocks [x_a, MASK x (B-1)] at random anchors a inside
+   the response are then drafted in one diffusion pass, many blocks per sequence: every
    block sees the clean K/V strictly before its anchor plus its own block
-   (bidirectional), exactly what the engine's draft pass sees. Block row i is
-   trained towards the AR distribution of the token after position a+i with the
-   forward KL, KL(p_AR || q_draft), optionally weighted towards early rows
-   (acceptance needs the early drafts right first).
-   AdamW, linear warmup then cosine decay, bfloat16 autocast on CUDA, checkpoints
-   that resume bit-for-bit (batches and anchors are a function of seed and step).
+   (bidirectional), exactly what the engine's draft pass sees. Block row i is trained
+   towards the AR distribution of the token after position a+i with the forward KL,
+   KL(p_AR || q_draft), every masked row alike (or weighted towards early rows).
+   AdamW (0.9, 0.95), linear warmup then cosine decay to a floor, bfloat16 autocast on
+   CUDA; the schedule's length comes from --epochs, --max-steps or a time budget;
+   checkpoints (weights, optimizer state, totals) resume bit-for-bit (batches and
+   anchors are a function of seed and step).
 3. Export: the trained view as one diffusion-view file (int8 per-row weights by
-   default) that `load_model` lays over the base.
+   default) that `load_model` lays over the base, with its totals and recipe in the
+   safetensors metadata (tokens_seen, train_minutes, recipe, ...).
 """
 from __future__ import annotations
 
@@ -46,6 +51,7 @@ from orthrus_runtime.model.dual_view import DualViewModel
 DEFAULT_PROMPTS = DATA_DIR / "distill_prompts.jsonl.gz"
 DATA_FORMAT = "orthrus-distill-data-v1"
 CHECKPOINT_NAME = "checkpoint.pt"
+SHARD_PREFIX = "shard-"
 
 
 # =============================================================================================
@@ -103,11 +109,13 @@ def encode_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
 @dataclass
 class DistillData:
     """Sequences (prompt + response ids) stored flat: sequence i is
-    tokens[offsets[i]:offsets[i+1]], its first prompt_lens[i] ids being the prompt."""
+    tokens[offsets[i]:offsets[i+1]], its first prompt_lens[i] ids being the prompt;
+    uids[i] is the prompt-stream id that made it (see PromptStream)."""
 
     tokens: torch.Tensor  # int32 [total]
     offsets: torch.Tensor  # int64 [n + 1]
     prompt_lens: torch.Tensor  # int32 [n]
+    uids: torch.Tensor  # int64 [n]
     meta: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def __len__(self) -> int:
@@ -124,8 +132,9 @@ class DistillData:
         return self.tokens[int(self.offsets[i]) : int(self.offsets[i + 1])]
 
     @classmethod
-    def from_sequences(cls, seqs: list[tuple[list[int], list[int]]], meta: Optional[dict[str, str]] = None):
-        """seqs: [(prompt ids, response ids)]."""
+    def from_sequences(cls, seqs: list[tuple[list[int], list[int]]], meta: Optional[dict[str, str]] = None,
+                       uids: Optional[list[int]] = None):
+        """seqs: [(prompt ids, response ids)]; uids default to 0..n-1."""
         flat: list[int] = []
         offsets = [0]
         plens = []
@@ -134,39 +143,54 @@ class DistillData:
             offsets.append(len(flat))
             plens.append(len(p))
         return cls(torch.tensor(flat, dtype=torch.int32), torch.tensor(offsets, dtype=torch.int64),
-                   torch.tensor(plens, dtype=torch.int32), dict(meta or {}))
+                   torch.tensor(plens, dtype=torch.int32),
+                   torch.tensor(uids if uids is not None else range(len(seqs)), dtype=torch.int64), dict(meta or {}))
 
     @classmethod
     def concat(cls, parts: list["DistillData"]) -> "DistillData":
-        seqs = []
-        for d in parts:
-            for i in range(len(d)):
-                s, p = d.sequence(i).tolist(), int(d.prompt_lens[i])
-                seqs.append((s[:p], s[p:]))
-        out = cls.from_sequences(seqs, parts[0].meta if parts else {})
+        parts = [d for d in parts if len(d)]
+        if not parts:
+            return cls.from_sequences([])
+        shift = torch.tensor([0] + [int(d.offsets[-1]) for d in parts[:-1]]).cumsum(0)
+        offsets = torch.cat([parts[0].offsets[:1]] + [d.offsets[1:] + s for d, s in zip(parts, shift)])
+        out = cls(torch.cat([d.tokens for d in parts]), offsets, torch.cat([d.prompt_lens for d in parts]),
+                  torch.cat([d.uids for d in parts]), dict(parts[0].meta))
         out.meta["response_tokens"] = str(out.response_tokens)
         return out
 
     def split(self, fraction: float) -> tuple["DistillData", "DistillData"]:
-        """(train, held-out): the last ceil(fraction * n) sequences are held out."""
+        """(train, held-out): sequences whose uid is a multiple of round(1 / fraction) are held
+        out, so the held-out set stays the same as shards are added (at least one is held out
+        when fraction > 0 and there are two or more sequences)."""
         n = len(self)
-        k = min(n - 1, math.ceil(fraction * n)) if fraction > 0 else 0
-        return self.subset(range(n - k)), self.subset(range(n - k, n))
+        if fraction <= 0 or n < 2:
+            return self, self.subset([])
+        every = max(2, round(1 / fraction))
+        held = (self.uids % every == 0).nonzero().flatten().tolist() or [n - 1]
+        hs = set(held)
+        return self.subset([i for i in range(n) if i not in hs]), self.subset(held)
 
     def subset(self, idx: Iterable[int]) -> "DistillData":
-        seqs = []
-        for i in idx:
-            s = self.sequence(i).tolist()
-            p = int(self.prompt_lens[i])
-            seqs.append((s[:p], s[p:]))
-        return DistillData.from_sequences(seqs, self.meta)
+        idx = torch.as_tensor(list(idx), dtype=torch.long)
+        lens = self.lengths()[idx]
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)])
+        if idx.numel():
+            starts = self.offsets[idx]
+            pos = torch.arange(int(offsets[-1])) - offsets[:-1].repeat_interleave(lens) + starts.repeat_interleave(lens)
+            tokens = self.tokens[pos]
+        else:
+            tokens = self.tokens[:0]
+        return DistillData(tokens, offsets, self.prompt_lens[idx], self.uids[idx], dict(self.meta))
 
     def save(self, path: str | os.PathLike) -> None:
         from safetensors.torch import save_file
 
         meta = {"format": DATA_FORMAT, **{k: str(v) for k, v in self.meta.items()}}
+        tmp = Path(str(path) + ".tmp")
         save_file({"tokens": self.tokens.contiguous(), "offsets": self.offsets.contiguous(),
-                   "prompt_lens": self.prompt_lens.contiguous()}, str(path), metadata=meta)
+                   "prompt_lens": self.prompt_lens.contiguous(), "uids": self.uids.contiguous()}, str(tmp),
+                  metadata=meta)
+        os.replace(tmp, path)  # a shard is there whole or not at all
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "DistillData":
@@ -179,27 +203,111 @@ class DistillData:
             meta = dict(f.metadata() or {})
             if meta.get("format") != DATA_FORMAT:
                 raise ValueError(f"{p}: metadata 'format' is {meta.get('format')!r}, expected {DATA_FORMAT!r}")
-            missing = {"tokens", "offsets", "prompt_lens"} - set(f.keys())
+            missing = {"tokens", "offsets", "prompt_lens", "uids"} - set(f.keys())
             if missing:
                 raise ValueError(f"{p}: missing tensor(s) {sorted(missing)}")
-            t = {k: f.get_tensor(k) for k in ("tokens", "offsets", "prompt_lens")}
+            t = {k: f.get_tensor(k) for k in ("tokens", "offsets", "prompt_lens", "uids")}
         meta.pop("format")
-        return cls(t["tokens"], t["offsets"], t["prompt_lens"], meta)
+        return cls(t["tokens"], t["offsets"], t["prompt_lens"], t["uids"], meta)
 
 
-def generate_data(loaded: Any, prompts: list[list[dict[str, str]]], *, max_prompt_tokens: int = 256,
-                  max_new_tokens: int = 320, greedy_fraction: float = 0.5, temperature: float = 0.8,
-                  top_p: float = 0.95, seconds: float = 0.0, max_num_seqs: int = 256,
-                  max_num_batched_tokens: int = 8192, min_response_tokens: int = 16, seed: int = 0,
-                  progress: bool = True) -> DistillData:
-    """Answer the prompts with the base model through the engine (AR mode).
+def shard_paths(folder: str | os.PathLike) -> list[Path]:
+    return sorted(Path(folder).glob(f"{SHARD_PREFIX}*.safetensors"))
 
-    Greedy and sampled requests alternate so that greedy_fraction of them are greedy.
+
+def load_shards(folder: str | os.PathLike) -> DistillData:
+    """Every shard in folder, in name order, as one data set (empty if there are none)."""
+    return DistillData.concat([DistillData.load(p) for p in shard_paths(folder)])
+
+
+class ShardWriter:
+    """Writes finished responses as numbered shards (shard-00000.safetensors, ...) in folder,
+    continuing after the shards already there."""
+
+    def __init__(self, folder: str | os.PathLike, meta: Optional[dict[str, str]] = None):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        have = shard_paths(self.folder)
+        self.next = int(have[-1].stem[len(SHARD_PREFIX):]) + 1 if have else 0
+        self.meta = dict(meta or {})
+
+    def __call__(self, data: DistillData) -> Path:
+        data.meta.update(self.meta)
+        p = self.folder / f"{SHARD_PREFIX}{self.next:05d}.safetensors"
+        data.save(p)
+        self.next += 1
+        return p
+
+
+@dataclass
+class StreamItem:
+    uid: int
+    prompt_ids: list[int]
+    greedy: bool
+    seed: int
+
+
+class PromptStream:
+    """The generation work list: item uid = pass * len(prompts) + i asks prompt i again.
+
+    Pass 0 answers greedy_fraction of the prompts greedily (interleaved), later passes
+    only sample (a greedy answer would repeat pass 0's). Prompts longer than
+    max_prompt_tokens are skipped. Items are a function of (uid, seed) alone, so a run
+    that stops can continue later by skipping the uids it has."""
+
+    def __init__(self, tokenizer: Any, prompts: list[list[dict[str, str]]], *, passes: int = 1,
+                 greedy_fraction: float = 0.5, max_prompt_tokens: int = 256, seed: int = 0):
+        if not prompts:
+            raise ValueError("no prompts")
+        self.tokenizer, self.prompts, self.passes = tokenizer, prompts, passes
+        self.greedy_fraction, self.max_prompt_tokens, self.seed = greedy_fraction, max_prompt_tokens, seed
+        self._cache: dict[int, Optional[list[int]]] = {}
+
+    def __len__(self) -> int:
+        return self.passes * len(self.prompts)
+
+    def _ids(self, i: int) -> Optional[list[int]]:
+        if i not in self._cache:
+            ids = encode_prompt(self.tokenizer, self.prompts[i])
+            self._cache[i] = ids if 0 < len(ids) <= self.max_prompt_tokens else None
+        return self._cache[i]
+
+    def item(self, uid: int) -> Optional[StreamItem]:
+        ps, i = divmod(uid, len(self.prompts))
+        ids = self._ids(i)
+        if ids is None:
+            return None
+        f = self.greedy_fraction
+        greedy = ps == 0 and math.floor((i + 1) * f) > math.floor(i * f)  # greedy_fraction of them, spread out
+        return StreamItem(uid, ids, greedy, self.seed * 1_000_003 + uid)
+
+    def items(self, start: int = 0, skip: Optional[set[int]] = None):
+        for uid in range(start, len(self)):
+            if skip and uid in skip:
+                continue
+            it = self.item(uid)
+            if it is not None:
+                yield it
+
+
+def _fmt_s(s: float) -> str:
+    s = max(0, int(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def generate_data(loaded: Any, stream: PromptStream, *, start: int = 0, skip: Optional[set[int]] = None,
+                  max_new_tokens: int = 320, temperature: float = 0.8, top_p: float = 0.95, seconds: float = 0.0,
+                  max_num_seqs: int = 256, max_num_batched_tokens: int = 8192, min_response_tokens: int = 16,
+                  shard_seconds: float = 0.0, on_shard: Optional[Callable[[DistillData], Any]] = None,
+                  log_every_s: float = 10.0, log: Callable[[str], None] = print) -> DistillData:
+    """Answer the stream's prompts (from uid start, skipping uids in skip) with the base
+    model through the engine in AR mode, keeping the engine's queue full.
+
     With seconds > 0 generation stops at that deadline; responses cut there are kept
     when they have min_response_tokens (a cut response is still text the model wrote).
-    """
-    from tqdm import tqdm
-
+    With on_shard, finished responses are handed over every shard_seconds (and at the
+    end) as they come, so an interrupted run keeps them. Returns all of them; meta
+    "next_uid" is the first uid not yet submitted (where a later call continues)."""
     from orthrus_runtime.engine.setup import engine_config_from_args
     from orthrus_runtime.engine.llm_engine import LLMEngine
     from orthrus_runtime.engine.args import EngineArgs
@@ -210,68 +318,94 @@ def generate_data(loaded: Any, prompts: list[list[dict[str, str]]], *, max_promp
         raise ValueError("self-distillation needs the model's tokenizer")
     dev = loaded.model.lm_head.weight.device
     eargs = EngineArgs(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                       max_model_len=max_prompt_tokens + max_new_tokens + 1, seed=seed,
+                       max_model_len=stream.max_prompt_tokens + max_new_tokens + 1, seed=stream.seed,
                        kv_cache_bytes=None if dev.type == "cuda" else 256 * 2**20)
     # No tokenizer inside the engine: ids in, ids out, no per-token detokenizing.
     engine = LLMEngine(loaded.model, engine_config_from_args(eargs, loaded), tokenizer=None)
     stop_ids = [int(tok.eos_token_id)] if tok.eos_token_id is not None else []
-    encoded: dict[str, list[int]] = {}
-    order: list[str] = []
-    n_greedy = 0
-    for i, msgs in enumerate(prompts):
-        ids = encode_prompt(tok, msgs)
-        if not ids or len(ids) > max_prompt_tokens:
-            continue
-        greedy = (n_greedy + 1) <= greedy_fraction * (len(order) + 1)
-        n_greedy += greedy
-        params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0 if greedy else temperature,
-                                top_p=1.0 if greedy else top_p, seed=None if greedy else seed * 1_000_003 + i,
-                                stop_token_ids=stop_ids)
-        rid = engine.add_request(GenerateRequest(prompt_token_ids=ids, params=params, mode="ar",
-                                                 request_id=f"p{i}"))
-        encoded[rid] = ids
-        order.append(rid)
-    if not order:
-        raise ValueError(f"no prompt fits in {max_prompt_tokens} tokens")
-    outputs: dict[str, list[int]] = {rid: [] for rid in order}
-    done: set[str] = set()
+    items = stream.items(start, skip)
+    live: dict[str, tuple[StreamItem, list[int]]] = {}
+    finished: list[tuple[int, list[int], list[int]]] = []  # (uid, prompt, response) not yet handed over
+    kept: list[DistillData] = []
+    next_uid, exhausted = start, False
+    total_items = max(1, len(stream) - start - len(skip or ()))
     t0 = time.monotonic()
     deadline = t0 + seconds if seconds > 0 else float("inf")
-    bar = tqdm(total=len(order), desc="self-distilling", unit="resp", disable=not progress, dynamic_ncols=True)
-    n_tokens = 0
+    t_log = t_shard = t0
+    n_tokens = n_done = 0
+
+    def refill() -> None:
+        nonlocal next_uid, exhausted
+        while not exhausted and len(live) < 2 * max_num_seqs:
+            it = next(items, None)
+            if it is None:
+                exhausted = True
+                next_uid = len(stream)
+                return
+            params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0 if it.greedy else temperature,
+                                    top_p=1.0 if it.greedy else top_p, seed=None if it.greedy else it.seed,
+                                    stop_token_ids=stop_ids)
+            rid = engine.add_request(GenerateRequest(prompt_token_ids=it.prompt_ids, params=params, mode="ar",
+                                                     request_id=f"u{it.uid}"))
+            live[rid] = (it, [])
+            next_uid = it.uid + 1
+
+    def hand_over() -> None:
+        if not finished:
+            return
+        d = DistillData.from_sequences([(p, r) for _, p, r in finished], uids=[u for u, _, _ in finished])
+        finished.clear()
+        kept.append(d)
+        if on_shard is not None:
+            on_shard(d)
+
+    refill()
     while engine.has_work() and time.monotonic() < deadline:
         for d in engine.step():
-            outputs[d.request_id] += d.token_ids
+            it, out = live[d.request_id]
+            out += d.token_ids
             n_tokens += len(d.token_ids)
             if d.finished:
-                done.add(d.request_id)
-                bar.update(1)
-        el = time.monotonic() - t0
-        bar.set_postfix(tokens=n_tokens, tok_s=f"{n_tokens / max(el, 1e-9):.0f}", refresh=False)
-    for rid in list(engine.seqs):  # the deadline: keep what was written so far
+                del live[d.request_id]
+                n_done += 1
+                if len(out) >= 2:
+                    finished.append((it.uid, it.prompt_ids, out))
+        refill()
+        now = time.monotonic()
+        if on_shard is not None and shard_seconds > 0 and now - t_shard >= shard_seconds:
+            hand_over()
+            t_shard = now
+        if log_every_s > 0 and now - t_log >= log_every_s:
+            el = now - t0
+            eta = min(deadline - now, (total_items - n_done) * el / max(n_done, 1))
+            log(f"generate: {n_done} responses ({100 * n_done / total_items:.1f} % of the stream), {n_tokens} tokens, "
+                f"{n_tokens / el:.0f} tok/s, {_fmt_s(el)} elapsed, ETA {_fmt_s(eta)}"
+                + (" (budget)" if eta == deadline - now else ""))
+            t_log = now
+    complete = exhausted and not live
+    for rid in list(live):  # the deadline: keep what was written so far
+        it, out = live.pop(rid)
         d = engine.abort(rid)
         if d is not None:
-            outputs[rid] += d.token_ids
-    bar.close()
+            out += d.token_ids
+        if len(out) >= min_response_tokens:
+            finished.append((it.uid, it.prompt_ids, out))
+    hand_over()
     el = time.monotonic() - t0
-    seqs = []
-    for rid in order:
-        r = outputs[rid]
-        if len(r) >= min_response_tokens or (rid in done and len(r) >= 2):
-            seqs.append((encoded[rid], r))
     # The engine holds reference cycles (scheduler -> bound method -> engine): collect them
     # so its KV cache goes back to the allocator before training needs the memory.
     del engine
     gc.collect()
     if dev.type == "cuda":
         torch.cuda.empty_cache()
-    meta = {"model": loaded.model_id, "prompts": str(len(order)), "finished": str(len(done)),
-            "seconds": f"{el:.1f}", "max_new_tokens": str(max_new_tokens), "greedy_fraction": str(greedy_fraction),
-            "temperature": str(temperature), "top_p": str(top_p)}
-    data = DistillData.from_sequences(seqs, meta)
-    data.meta["response_tokens"] = str(data.response_tokens)
+    data = DistillData.concat(kept)
+    data.meta.update({"model": loaded.model_id, "responses": str(len(data)), "seconds": f"{el:.1f}",
+                      "next_uid": str(next_uid), "complete": str(complete),
+                      "max_new_tokens": str(max_new_tokens), "greedy_fraction": str(stream.greedy_fraction),
+                      "temperature": str(temperature), "top_p": str(top_p), "response_tokens": str(data.response_tokens)})
+    log(f"generate: {len(data)} responses, {data.response_tokens} response tokens in {_fmt_s(el)} "
+        f"({data.response_tokens / max(el, 1e-9):.0f} tok/s)")
     return data
-
 
 # =============================================================================================
 # The training pass
@@ -443,17 +577,31 @@ def trainable_parameters(model: DualViewModel) -> dict[str, torch.nn.Parameter]:
 
 @dataclass
 class TrainConfig:
+    """Defaults: the paper's recipe (lr 2e-4, 5 % warmup, cosine to a 10 % floor, AdamW
+    0.9/0.95, no weight decay, forward KL with every masked row weighted alike)."""
+
     block_size: int
-    batch_size: int = 16
-    blocks_per_seq: int = 16
-    lr: float = 5e-4
+    batch_size: int = 32
+    blocks_per_seq: int = 32
+    lr: float = 2e-4
     min_lr_ratio: float = 0.1
-    warmup_steps: int = 100
+    warmup_steps: int = 0  # 0: warmup_fraction of max_steps
+    warmup_fraction: float = 0.05
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    loss_decay: float = 7.0
+    loss_decay: float = 0.0
     max_steps: int = 1000
     seed: int = 0
+    # Steps of a linear ramp at the start of a run that resumes without the optimizer's
+    # moments (a view file instead of a checkpoint): Adam's first steps are large.
+    rewarm_steps: int = 0
+
+    def warmup(self) -> int:
+        if self.warmup_steps > 0:
+            return self.warmup_steps
+        if self.max_steps <= 0:
+            raise ValueError("warmup_fraction needs the schedule's length (max_steps) first")
+        return max(1, round(self.warmup_fraction * self.max_steps))
 
 
 class Trainer:
@@ -474,13 +622,28 @@ class Trainer:
                                      weight_decay=cfg.weight_decay, eps=1e-8,
                                      fused=dev.type == "cuda")
         self.step_num = 0
+        # Running totals, kept across resumes: sequence tokens through the teacher, target
+        # rows trained, seconds in train_step.
+        self.tokens_seen = 0
+        self.targets_seen = 0
+        self.train_seconds = 0.0
+        self._rewarm_from: Optional[int] = None
 
     def lr_at(self, step: int) -> float:
         c = self.cfg
-        if step < c.warmup_steps:
-            return c.lr * (step + 1) / c.warmup_steps
-        prog = min(1.0, (step - c.warmup_steps) / max(1, c.max_steps - c.warmup_steps))
-        return c.lr * (c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * prog)))
+        w = c.warmup()
+        if step < w:
+            lr = c.lr * (step + 1) / w
+        else:
+            prog = min(1.0, (step - w) / max(1, c.max_steps - w))
+            lr = c.lr * (c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * prog)))
+        if self._rewarm_from is not None and c.rewarm_steps > 0 and step - self._rewarm_from < c.rewarm_steps:
+            lr *= (step - self._rewarm_from + 1) / c.rewarm_steps
+        return lr
+
+    def start_rewarm(self) -> None:
+        """Ramp the learning rate up again from the current step (cfg.rewarm_steps long)."""
+        self._rewarm_from = self.step_num
 
     def batch_indices(self, step: int) -> list[int]:
         n, bs = len(self.data), self.cfg.batch_size
@@ -503,21 +666,36 @@ class Trainer:
         g = torch.Generator().manual_seed(self.cfg.seed * 7_919 + step * 104_729 + 1)
         return make_batch(self.data, self.batch_indices(step), self.cfg.blocks_per_seq, g)
 
+    def _forward_backward(self, step: int) -> StepStats:
+        batch = self.make_step_batch(step)
+        loss, st = distill_loss(self.model, batch, self.cfg.block_size, self.mask_id, self.cfg.loss_decay, self.amp)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        return st
+
     def train_step(self) -> StepStats:
+        t0 = time.perf_counter()
         self.model.train()
         lr = self.lr_at(self.step_num)
         for grp in self.opt.param_groups:
             grp["lr"] = lr
-        batch = self.make_step_batch(self.step_num)
-        loss, st = distill_loss(self.model, batch, self.cfg.block_size, self.mask_id, self.cfg.loss_decay, self.amp)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        st = self._forward_backward(self.step_num)
         if self.cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.cfg.grad_clip)
         self.opt.step()
         self.step_num += 1
         self.model.eval()
+        self.tokens_seen += st.context_tokens
+        self.targets_seen += st.targets
+        self.train_seconds += time.perf_counter() - t0
         return st
+
+    def probe_step(self) -> None:
+        """A training step's work without its update (gradients dropped): for timing."""
+        self.model.train()
+        self._forward_backward(self.step_num)
+        self.opt.zero_grad(set_to_none=True)
+        self.model.eval()
 
     @torch.no_grad()
     def evaluate(self, data: DistillData, max_seqs: int = 64) -> StepStats:
@@ -537,7 +715,9 @@ class Trainer:
 
     # -- checkpoints ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step_num, "max_steps": self.cfg.max_steps,
+        return {"step": self.step_num, "max_steps": self.cfg.max_steps, "warmup_steps": self.cfg.warmup_steps,
+                "tokens_seen": self.tokens_seen, "targets_seen": self.targets_seen,
+                "train_seconds": self.train_seconds,
                 "params": {k: p.detach().cpu().clone() for k, p in self.params.items()},
                 "optimizer": self.opt.state_dict(), "config": dataclasses.asdict(self.cfg)}
 
@@ -551,6 +731,9 @@ class Trainer:
         self.opt.load_state_dict(sd["optimizer"])
         self.step_num = int(sd["step"])
         self.cfg.max_steps = int(sd["max_steps"])
+        self.cfg.warmup_steps = int(sd["warmup_steps"])
+        self.tokens_seen, self.targets_seen = int(sd["tokens_seen"]), int(sd["targets_seen"])
+        self.train_seconds = float(sd["train_seconds"])
 
     def save(self, path: str | os.PathLike) -> None:
         tmp = Path(str(path) + ".tmp")
@@ -564,18 +747,19 @@ class Trainer:
 
 def train(trainer: Trainer, *, out_dir: Optional[Path] = None, val: Optional[DistillData] = None,
           minutes: float = 0.0, calib_skip: int = 3, calib_steps: int = 5, fix_fraction: float = 0.5,
-          save_every: int = 200,
-          log_every: int = 10, stop_at: int = 0, progress: bool = True,
-          log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+          save_every: int = 200, log_every: int = 10, log_every_s: float = 30.0, stop_at: int = 0,
+          progress: bool = True, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Run to cfg.max_steps (or to step stop_at, if given, leaving the schedule as it is:
-    a later --resume continues it).
+    a later --resume continues it), or until the time budget (minutes) is spent.
 
     With minutes > 0 and no fixed schedule yet (cfg.max_steps <= 0) the schedule's length
     comes from the budget: max_steps is re-estimated from the measured step time after
     every step until fix_fraction of the budget has gone, then fixed. The first
     calib_skip steps (CUDA's one-time set-up) are not timed, and the window restarts when
     the warmup ends (early steps run slower while the allocator's cache fills), so the
-    run ends close to the budget, not early."""
+    run ends close to the budget, not early. A warmup given as a fraction of the schedule
+    is fixed first, from a few untimed-then-timed probe steps that update nothing.
+    Every log_every_s seconds a line with the progress and the ETA goes to log."""
     from tqdm import tqdm
 
     cfg = trainer.cfg
@@ -587,12 +771,22 @@ def train(trainer: Trainer, *, out_dir: Optional[Path] = None, val: Optional[Dis
     if calibrating:
         if minutes <= 0:
             raise ValueError("give max_steps or a time budget in minutes")
+        if cfg.warmup_steps <= 0:  # the warmup is a fraction of a schedule not known yet: probe
+            for i in range(calib_skip + calib_steps):
+                if i == calib_skip:
+                    t_probe = time.monotonic()
+                trainer.probe_step()
+            now = time.monotonic()
+            est = int((deadline - now) * 0.98 / ((now - t_probe) / calib_steps))
+            cfg.warmup_steps = max(trainer.step_num + calib_skip + calib_steps + 1, round(cfg.warmup_fraction * est))
+            log(f"probe: about {est} steps fit the budget -> warmup {cfg.warmup_steps} steps")
         if trainer.step_num + calib_skip + calib_steps >= cfg.warmup_steps:
             raise ValueError(f"a time-budgeted schedule is measured during the warmup: warmup_steps must exceed "
                              f"{calib_skip + calib_steps}")
     bar = tqdm(total=cfg.max_steps if cfg.max_steps > 0 else None, initial=trainer.step_num, desc="distilling",
                unit="step", disable=not progress, dynamic_ncols=True)
     t_last, targets_since, ctx_since = time.monotonic(), 0, 0
+    t_eta, step0 = t_start, trainer.step_num
     n_run, n_calib = 0, 0
     t_calib = t_start
     while cfg.max_steps <= 0 or trainer.step_num < cfg.max_steps or calibrating:
@@ -606,8 +800,8 @@ def train(trainer: Trainer, *, out_dir: Optional[Path] = None, val: Optional[Dis
         n_run += 1
         targets_since += st.targets
         ctx_since += st.context_tokens
+        now = time.monotonic()
         if calibrating:
-            now = time.monotonic()
             if n_run == calib_skip or trainer.step_num == cfg.warmup_steps:
                 t_calib, n_calib = now, n_run  # (re)start the timing window
             elif n_run - n_calib >= calib_steps:
@@ -619,18 +813,25 @@ def train(trainer: Trainer, *, out_dir: Optional[Path] = None, val: Optional[Dis
                     log(f"schedule fixed at step {trainer.step_num}: {per * 1000:.0f} ms/step -> "
                         f"max_steps {cfg.max_steps}")
         if trainer.step_num % log_every == 0 or trainer.step_num == cfg.max_steps:
-            now = time.monotonic()
             rate = targets_since / max(now - t_last, 1e-9)
             rec = {"step": trainer.step_num, "loss": round(st.loss, 5), "acc": round(st.accuracy, 4),
                    "lr": trainer.lr_at(trainer.step_num - 1), "target_tok_s": round(rate),
                    "context_tok_s": round(ctx_since / max(now - t_last, 1e-9)),
-                   "elapsed_s": round(now - t_start, 1)}
+                   "tokens_seen": trainer.tokens_seen, "elapsed_s": round(now - t_start, 1)}
             history.append(rec)
             if logf:
                 logf.write(json.dumps(rec) + "\n")
                 logf.flush()
             t_last, targets_since, ctx_since = now, 0, 0
             bar.set_postfix(loss=f"{st.loss:.3f}", acc=f"{st.accuracy:.3f}", tok_s=f"{rate:.0f}", refresh=False)
+        if log_every_s > 0 and now - t_eta >= log_every_s and cfg.max_steps > 0:
+            per = (now - t_start) / max(1, trainer.step_num - step0)
+            eta = min(deadline - now, (cfg.max_steps - trainer.step_num) * per)
+            log(f"train: step {trainer.step_num}/{cfg.max_steps} ({100 * trainer.step_num / cfg.max_steps:.1f} %), "
+                f"loss {st.loss:.3f}, top-1 {st.accuracy:.3f}, {trainer.tokens_seen / 1e6:.2f} M tokens seen, "
+                f"{per * 1000:.0f} ms/step, {_fmt_s(now - t_start)} elapsed, ETA {_fmt_s(eta)}"
+                + (" (budget)" if eta == deadline - now else ""))
+            t_eta = now
         bar.update(1)
         if out_dir and save_every > 0 and trainer.step_num % save_every == 0:
             trainer.save(out_dir / CHECKPOINT_NAME)
@@ -657,17 +858,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None, help="base: Qwen3/Llama folder, .gguf, or the embedded default")
     g.add_argument("--init", default="ar-copy",
-                   help="starting diffusion view: 'ar-copy' (the paper's warm start) or a diffusion-view file")
+                   help="starting diffusion view: 'ar-copy' (the paper's warm start), 'default' (the shipped "
+                        "view of the default model) or a diffusion-view file")
     g.add_argument("--device", default="auto")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="storage of the frozen base (compute runs in bfloat16 autocast on CUDA)")
     g.add_argument("--block-size", type=int, default=None, help="draft block size B (default: the model's)")
     g = p.add_argument_group("data")
     g.add_argument("--out", required=True, help="folder for data, checkpoints, logs and the trained view")
-    g.add_argument("--data", default=None, help="distillation data file (default OUT/data.safetensors; made if missing)")
+    g.add_argument("--data", default=None, help="folder of data shards (default OUT/data; made if empty)")
     g.add_argument("--prompts", default=str(DEFAULT_PROMPTS), help=".jsonl(.gz) with 'prompt'/'messages', or .txt")
     g.add_argument("--num-prompts", type=int, default=0, help="use the first N prompts (0: all)")
-    g.add_argument("--gen-seconds", type=float, default=0.0, help="stop generating after this long (0: no limit)")
+    g.add_argument("--gen-passes", type=int, default=1,
+                   help="times through the prompts (the first mixes greedy and sampled answers, later ones sample)")
+    g.add_argument("--gen-seconds", type=float, default=0.0, help="generation time budget (0: no limit)")
+    g.add_argument("--gen-shard-seconds", type=float, default=60.0, help="write a data shard this often")
     g.add_argument("--gen-max-prompt-tokens", type=int, default=256)
     g.add_argument("--gen-max-new-tokens", type=int, default=320)
     g.add_argument("--gen-greedy-fraction", type=float, default=0.5)
@@ -675,22 +880,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gen-top-p", type=float, default=0.95)
     g.add_argument("--gen-max-num-seqs", type=int, default=256)
     g.add_argument("--data-only", action="store_true", help="stop after making the data")
-    g = p.add_argument_group("training")
-    g.add_argument("--batch-size", type=int, default=16, help="sequences per step")
-    g.add_argument("--blocks-per-seq", type=int, default=16, help="draft blocks per sequence per step")
-    g.add_argument("--lr", type=float, default=5e-4)
+    g.add_argument("--no-generate", action="store_true", help="train on the shards there, generate none")
+    g = p.add_argument_group("training (defaults: the paper's recipe)")
+    g.add_argument("--batch-size", type=int, default=32, help="sequences per step")
+    g.add_argument("--blocks-per-seq", type=int, default=32, help="draft blocks per sequence per step")
+    g.add_argument("--lr", type=float, default=2e-4)
     g.add_argument("--min-lr-ratio", type=float, default=0.1)
-    g.add_argument("--warmup-steps", type=int, default=100)
+    g.add_argument("--warmup-steps", type=int, default=0, help="0: --warmup-fraction of the schedule")
+    g.add_argument("--warmup-fraction", type=float, default=0.05)
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--grad-clip", type=float, default=1.0)
-    g.add_argument("--loss-decay", type=float, default=7.0,
-                   help="weight block row i by exp(-i/decay) (0: uniform)")
-    g.add_argument("--max-steps", type=int, default=0, help="schedule length (0: from --train-minutes)")
-    g.add_argument("--train-minutes", type=float, default=0.0, help="time budget (sets max-steps when it is 0)")
+    g.add_argument("--loss-decay", type=float, default=0.0,
+                   help="weight block row i by exp(-i/decay) (0: every masked row alike)")
+    g.add_argument("--epochs", type=float, default=2.0,
+                   help="schedule length in passes over the data, when neither --max-steps nor --train-minutes")
+    g.add_argument("--max-steps", type=int, default=0, help="schedule length in steps")
+    g.add_argument("--train-minutes", type=float, default=0.0,
+                   help="time budget; without --max-steps the schedule is sized to fill it")
     g.add_argument("--val-fraction", type=float, default=0.02)
     g.add_argument("--save-every", type=int, default=200)
     g.add_argument("--log-every", type=int, default=10)
-    g.add_argument("--resume", action="store_true", help=f"continue from OUT/{CHECKPOINT_NAME}")
+    g.add_argument("--resume", action="store_true",
+                   help=f"continue an unfinished generation and the training from OUT/{CHECKPOINT_NAME}")
     g.add_argument("--stop-at-step", type=int, default=0,
                    help="end this run at that step, schedule unchanged (continue later with --resume)")
     g.add_argument("--seed", type=int, default=0)
@@ -707,17 +918,20 @@ def _validate(args: argparse.Namespace) -> Optional[str]:
         (args.blocks_per_seq >= 1, "--blocks-per-seq must be >= 1"),
         (args.lr > 0, "--lr must be > 0"),
         (0 <= args.min_lr_ratio <= 1, "--min-lr-ratio must be in [0, 1]"),
-        (args.warmup_steps >= 1, "--warmup-steps must be >= 1"),
+        (args.warmup_steps >= 0, "--warmup-steps must be >= 0"),
+        (0 < args.warmup_fraction < 1, "--warmup-fraction must be in (0, 1)"),
         (args.max_steps >= 0 and args.train_minutes >= 0, "--max-steps and --train-minutes must be >= 0"),
+        (args.epochs > 0, "--epochs must be > 0"),
+        (args.gen_passes >= 1, "--gen-passes must be >= 1"),
+        (args.gen_seconds >= 0 and args.gen_shard_seconds >= 0, "--gen-seconds and --gen-shard-seconds must be >= 0"),
         (0 <= args.gen_greedy_fraction <= 1, "--gen-greedy-fraction must be in [0, 1]"),
         (0 <= args.val_fraction < 1, "--val-fraction must be in [0, 1)"),
         (args.block_size is None or args.block_size >= 2, "--block-size must be >= 2"),
+        (not (args.data_only and args.no_generate), "--data-only and --no-generate exclude each other"),
     ]
     for ok, msg in checks:
         if not ok:
             return msg
-    if not args.data_only and args.max_steps == 0 and args.train_minutes == 0:
-        return "give --max-steps or --train-minutes"
     return None
 
 
@@ -726,6 +940,15 @@ def load_for_distill(args: argparse.Namespace):
 
     init = None if args.init == "ar-copy" else args.init
     return load_model(args.model, args.dtype, args.device, args.block_size, None, init)
+
+
+def view_metadata(trainer: Trainer, loaded: Any, data: DistillData, init: str, recipe: dict[str, Any]) -> dict[str, str]:
+    """What a trained view file records about itself (shown by `orthrus eval-acceptance`)."""
+    return {"trained_steps": str(trainer.step_num), "train_minutes": f"{trainer.train_seconds / 60:.2f}",
+            "tokens_seen": str(trainer.tokens_seen), "target_rows_seen": str(trainer.targets_seen),
+            "train_sequences": str(len(data)), "train_response_tokens": str(data.response_tokens),
+            "base_model": loaded.model_id, "init": init,
+            "recipe": json.dumps({**dataclasses.asdict(trainer.cfg), **recipe}, sort_keys=True)}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -743,51 +966,72 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    data_path = Path(args.data) if args.data else out / "data.safetensors"
+    data_dir = Path(args.data) if args.data else out / "data"
+    ckpt = out / CHECKPOINT_NAME
+    if args.resume and not args.data_only and not ckpt.exists() and not shard_paths(data_dir):
+        raise FileNotFoundError(f"--resume: neither {ckpt} nor data shards in {data_dir} found")
     loaded = load_for_distill(args)
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
-    dev = loaded.model.lm_head.weight.device
-    amp = torch.bfloat16 if dev.type == "cuda" else None
 
-    if data_path.exists():
-        data = DistillData.load(data_path)
-        log(f"data: {len(data)} sequences, {data.response_tokens} response tokens from {data_path}")
-    else:
+    gen_state_path = data_dir / "generation.json"
+    gen_state = json.loads(gen_state_path.read_text()) if gen_state_path.exists() else {}
+    have = shard_paths(data_dir)
+    if not args.no_generate and (not have or (args.resume and not gen_state.get("complete", True))):
         prompts = load_prompts(args.prompts)
         if args.num_prompts:
             prompts = prompts[: args.num_prompts]
-        data = generate_data(loaded, prompts, max_prompt_tokens=args.gen_max_prompt_tokens,
-                             max_new_tokens=args.gen_max_new_tokens, greedy_fraction=args.gen_greedy_fraction,
-                             temperature=args.gen_temperature, top_p=args.gen_top_p, seconds=args.gen_seconds,
-                             max_num_seqs=args.gen_max_num_seqs, seed=args.seed, progress=not args.no_progress)
-        data.save(data_path)
-        log(f"data: {len(data)} sequences, {data.response_tokens} response tokens in "
-            f"{data.meta['seconds']}s -> {data_path}")
+        stream = PromptStream(loaded.tokenizer, prompts, passes=args.gen_passes,
+                              greedy_fraction=args.gen_greedy_fraction, max_prompt_tokens=args.gen_max_prompt_tokens,
+                              seed=args.seed)
+        skip = set(load_shards(data_dir).uids.tolist()) if have else None
+        if have:
+            log(f"data: continuing the generation after {len(have)} shard(s) ({len(skip)} responses)")
+        new = generate_data(loaded, stream, skip=skip, max_new_tokens=args.gen_max_new_tokens,
+                            temperature=args.gen_temperature, top_p=args.gen_top_p, seconds=args.gen_seconds,
+                            max_num_seqs=args.gen_max_num_seqs, shard_seconds=args.gen_shard_seconds,
+                            on_shard=ShardWriter(data_dir, {"model": loaded.model_id, "prompts": str(args.prompts)}),
+                            log=log)
+        gen_state = {"complete": new.meta["complete"] == "True", "prompts": str(args.prompts),
+                     "num_prompts": len(prompts), "passes": args.gen_passes,
+                     "seconds": round(float(gen_state.get("seconds", 0)) + float(new.meta["seconds"]), 1),
+                     "greedy_fraction": args.gen_greedy_fraction, "temperature": args.gen_temperature,
+                     "top_p": args.gen_top_p, "max_new_tokens": args.gen_max_new_tokens}
+        gen_state_path.write_text(json.dumps(gen_state, indent=2) + "\n")
+    elif have and not gen_state.get("complete", True):
+        log("data: the generation there is unfinished (--resume continues it); training on what there is")
     if args.data_only:
         return 0
+    data = load_shards(data_dir)
+    if not len(data):
+        raise ValueError(f"{data_dir}: no distillation data")
+    log(f"data: {len(data)} sequences, {data.response_tokens} response tokens in {len(shard_paths(data_dir))} shard(s)")
 
     train_data, val_data = data.split(args.val_fraction)
+    max_steps = args.max_steps
+    if not max_steps and not args.train_minutes:
+        max_steps = max(1, math.ceil(args.epochs * len(train_data) / args.batch_size))
     cfg = TrainConfig(block_size=loaded.block_size, batch_size=args.batch_size, blocks_per_seq=args.blocks_per_seq,
                       lr=args.lr, min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup_steps,
-                      weight_decay=args.weight_decay, grad_clip=args.grad_clip, loss_decay=args.loss_decay,
-                      max_steps=args.max_steps, seed=args.seed)
-    trainer = Trainer(loaded.model, train_data, loaded.mask_token_id, cfg, amp)
-    ckpt = out / CHECKPOINT_NAME
-    if args.resume:
-        if not ckpt.exists():
-            print(f"error: --resume: {ckpt} not found", file=sys.stderr)
-            return 2
+                      warmup_fraction=args.warmup_fraction, weight_decay=args.weight_decay, grad_clip=args.grad_clip,
+                      loss_decay=args.loss_decay, max_steps=max_steps, seed=args.seed)
+    trainer = Trainer(loaded.model, train_data, loaded.mask_token_id, cfg,
+                      torch.bfloat16 if loaded.model.lm_head.weight.device.type == "cuda" else None)
+    if args.resume and ckpt.exists():
         trainer.load(ckpt)
         log(f"resumed at step {trainer.step_num} of {trainer.cfg.max_steps}")
-    t0 = time.monotonic()
+    elif loaded.diffusion_source not in ("ar-copy", "checkpoint"):
+        # Continuing from a trained view: its totals carry on (the curve's x axis).
+        from orthrus_runtime.model.loader import read_diffusion_view
+
+        prev = read_diffusion_view(loaded.diffusion_source)[1]
+        trainer.tokens_seen = int(prev.get("tokens_seen", 0))
+        trainer.train_seconds = 60 * float(prev.get("train_minutes", 0))
     train(trainer, out_dir=out, val=val_data, minutes=args.train_minutes, save_every=args.save_every,
           log_every=args.log_every, stop_at=args.stop_at_step, progress=not args.no_progress, log=log)
-    minutes = (time.monotonic() - t0) / 60
     export = Path(args.export) if args.export else out / "diffusion-view.safetensors"
-    meta = {"trained_steps": str(trainer.step_num), "train_minutes": f"{minutes:.2f}",
-            "train_sequences": str(len(train_data)), "train_response_tokens": str(train_data.response_tokens),
-            "base_model": loaded.model_id}
-    save_diffusion_view(loaded.model, export, loaded.block_size, loaded.mask_token_id, extra_metadata=meta,
+    recipe = {"data": gen_state, "init": args.init, "tool": "orthrus distill"}
+    save_diffusion_view(loaded.model, export, loaded.block_size, loaded.mask_token_id,
+                        extra_metadata=view_metadata(trainer, loaded, train_data, args.init, recipe),
                         quantize=None if args.quantize == "none" else args.quantize)
     log(f"wrote {export} ({export.stat().st_size / 1e6:.1f} MB)")
     return 0

@@ -195,6 +195,18 @@ def run_humaneval(loaded: Any, engine: Any, problems: list[dict[str, Any]], fmt:
         tally.add(d)
 
 
+def view_metadata(source: str) -> dict[str, str]:
+    """The safetensors metadata of the diffusion-view file a model was loaded with ({} when
+    the view is the checkpoint's own or the AR copy): tokens seen, minutes, recipe."""
+    p = Path(source)
+    if source in ("checkpoint", "ar-copy") or not p.is_file():
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(p), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
 def evaluate(loaded: Any, args: argparse.Namespace, log=print) -> dict[str, Any]:
     import torch
 
@@ -234,6 +246,7 @@ def evaluate(loaded: Any, args: argparse.Namespace, log=print) -> dict[str, Any]
         "model": loaded.model_id,
         "source": loaded.source,
         "diffusion_view": loaded.diffusion_source,
+        "diffusion_view_metadata": view_metadata(loaded.diffusion_source),
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
         "dtype": str(loaded.model.lm_head.weight.dtype).replace("torch.", ""),
         "decoding": "greedy",
@@ -279,6 +292,11 @@ def run(args: argparse.Namespace) -> int:
     dw = None if args.diffusion_weights == "none" else args.diffusion_weights
     try:
         loaded = load_model(args.model, args.dtype, args.device, None, None, dw)
+        meta = view_metadata(loaded.diffusion_source)
+        if meta:
+            keys = ("tokens_seen", "train_minutes", "trained_steps", "init")
+            print(f"diffusion view {loaded.diffusion_source}: "
+                  + ", ".join(f"{k} {meta[k]}" for k in keys if k in meta), file=sys.stderr)
         report = evaluate(loaded, args, log=lambda s: print(s, file=sys.stderr))
     except (ValueError, FileNotFoundError) as e:  # CheckpointError is a ValueError
         print(f"error: {e}", file=sys.stderr)

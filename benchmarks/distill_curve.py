@@ -1,0 +1,374 @@
+"""The curve: tokens per cycle (`orthrus eval-acceptance`: MT-bench and HumanEval, B = 16,
+256 tokens an answer, float32 and bfloat16) against training tokens seen, measured
+while the default model's diffusion view is distilled, in chained commands that each fit
+one device call (about 9 minutes on one H200).
+
+One command, `python benchmarks/distill_curve.py --state DIR --out OUT --budget-s 500`:
+
+1. loads the base twice (float32: training and the float32 evaluation; bfloat16: the
+   bfloat16 evaluation) and the view to start from: DIR's, else --init;
+2. on the first command, evaluates the starting view (the curve's first point);
+3. generates fresh self-distilled data (greedy and sampled answers, through the engine at
+   large batch) for the generation share of the budget, from where the prompt stream
+   stopped last time (the prompts come round again sampled only);
+4. trains on it for the rest, in segments, evaluating the int8 view (as it would ship)
+   after each; the number of points comes from the evaluation share and the measured
+   time of one evaluation;
+5. after every point saves DIR/state.json (totals, schedule, prompt cursor, timings),
+   DIR/curve.json, DIR/curve.png, the int8 view in parts (view.part0, ...; at most
+   --part-mb each) and DIR/checkpoint.pt (float32 master weights and AdamW moments,
+   about 320 MB, for a machine that stays warm); OUT gets copies of all but the
+   checkpoint (5 files for SmolLM2), so a command cut short still returns what it finished.
+
+A later command with the same DIR continues exactly (checkpoint.pt, when it matches
+state.json's step); with OUT's files carried back as DIR to a fresh machine it
+continues from the int8 view with fresh AdamW moments and a --rewarm-steps ramp. The
+learning-rate schedule spans --chain commands: the first one times a few probe steps
+and fixes max_steps = chain x its training seconds / step time (commands past the chain
+stay at the floor). `--plot-only` redraws DIR/curve.png from DIR/curve.json.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from orthrus_runtime.tools import distill as D  # noqa: E402
+from orthrus_runtime.tools import eval_acceptance as E  # noqa: E402
+from orthrus_runtime.model.loader import (DEFAULT_DIFFUSION_VIEW, load_model, read_diffusion_view,  # noqa: E402
+                                          save_diffusion_view)
+
+STATE_FORMAT = "orthrus-distill-curve-v1"
+TARGETS = {"mt-bench": 4.0, "humaneval": 3.6}  # issue 18, float32
+T0 = time.monotonic()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')} +{time.monotonic() - T0:5.0f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def set_view(model, tensors: dict[str, torch.Tensor]) -> None:
+    params = D.trainable_parameters(model)
+    missing = set(params) - set(tensors)
+    if missing:
+        raise ValueError(f"view lacks {sorted(missing)[:3]}")
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(tensors[k].to(p.device, p.dtype))
+
+
+def read_view_parts(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    parts = sorted(folder.glob("view.part*"), key=lambda p: int(p.name[len("view.part"):]))
+    tmp = folder / "_view.safetensors"
+    tmp.write_bytes(b"".join(p.read_bytes() for p in parts))
+    try:
+        return read_diffusion_view(tmp)
+    finally:
+        tmp.unlink()
+
+
+def write_view_parts(model, loaded, folder: Path, meta: dict[str, str], part_bytes: int) -> dict[str, torch.Tensor]:
+    """The int8 view as parts of at most part_bytes; returns it dequantized (what ships)."""
+    tmp = folder / "_view.safetensors"
+    save_diffusion_view(model, tmp, loaded.block_size, loaded.mask_token_id, extra_metadata=meta, quantize="int8")
+    raw = tmp.read_bytes()
+    tensors, _ = read_diffusion_view(tmp)
+    tmp.unlink()
+    for old in folder.glob("view.part*"):
+        old.unlink()
+    for i in range(0, len(raw), part_bytes):
+        (folder / f"view.part{i // part_bytes}").write_bytes(raw[i : i + part_bytes])
+    return tensors
+
+
+def eval_namespace(a: argparse.Namespace) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    E.add_arguments(p)
+    return p.parse_args(["--block-sizes", str(a.eval_block_size), "--max-tokens", str(a.eval_max_tokens),
+                         "--max-num-seqs", str(a.eval_max_num_seqs), "--limit", str(a.eval_limit),
+                         "--datasets", a.eval_datasets])
+
+
+def evaluate_point(models: dict[str, Any], tensors: dict[str, torch.Tensor], a: argparse.Namespace) -> dict[str, Any]:
+    """Tokens per cycle of the view `tensors` on every evaluation model (float32, bfloat16)."""
+    out: dict[str, Any] = {}
+    ns = eval_namespace(a)
+    for dtype, lm in models.items():
+        set_view(lm.model, tensors)
+        rep = E.evaluate(lm, ns, log=lambda s, d=dtype: log(f"eval {d}: {s}"))
+        out[dtype] = {ds: {k: r[str(a.eval_block_size)][k] for k in
+                           ("tokens_per_cycle", "tokens_per_forward_pass", "acceptance_by_position",
+                            "requests", "completion_tokens", "seconds")}
+                      for ds, r in rep["results"].items()}
+    return out
+
+
+def plot(curve: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=120)
+    x = [p["tokens_seen"] / 1e6 for p in curve]
+    colours = {"mt-bench": "tab:blue", "humaneval": "tab:orange"}
+    for ds, c in colours.items():
+        for dtype, style in (("float32", "-o"), ("bfloat16", "--s")):
+            y = [p["acceptance"].get(dtype, {}).get(ds, {}).get("tokens_per_cycle") for p in curve]
+            pts = [(xi, yi) for xi, yi in zip(x, y) if yi is not None]
+            if pts:
+                ax.plot(*zip(*pts), style, color=c, ms=4, label=f"{ds} {dtype}")
+        ax.axhline(TARGETS[ds], color=c, lw=0.8, ls=":")
+    ax.set_xlabel("training tokens seen (millions; sequence tokens through the teacher)")
+    ax.set_ylabel("tokens per cycle (B = 16, greedy)")
+    ax.set_title("SmolLM2-135M-Instruct: acceptance against self-distillation")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+class Run:
+    """One command's state: the folder, the totals, the curve."""
+
+    def __init__(self, a: argparse.Namespace):
+        self.a = a
+        self.dir: Path = a.state
+        self.dir.mkdir(parents=True, exist_ok=True)
+        sp = self.dir / "state.json"
+        self.state: dict[str, Any] = json.loads(sp.read_text()) if sp.exists() else {}
+        if self.state and self.state.get("format") != STATE_FORMAT:
+            raise ValueError(f"{sp}: format {self.state.get('format')!r}, expected {STATE_FORMAT!r}")
+        cp = self.dir / "curve.json"
+        self.curve: list[dict[str, Any]] = json.loads(cp.read_text())["points"] if cp.exists() else []
+
+    def save(self, trainer: D.Trainer, loaded, models, meta: dict[str, str], *, point: bool) -> dict[str, torch.Tensor]:
+        """Write the view, the state (and, with point, evaluate and add a curve point)."""
+        t0 = time.monotonic()
+        tensors = write_view_parts(loaded.model, loaded, self.dir, meta, int(self.a.part_mb * 1e6))
+        if point:
+            master = {k: p.detach().clone() for k, p in trainer.params.items()}
+            acc = evaluate_point(models, tensors, self.a)
+            set_view(loaded.model, master)
+            self.state["eval_seconds"] = round(time.monotonic() - t0, 1)
+            self.curve.append({"command": self.state["commands"], "step": trainer.step_num,
+                               "tokens_seen": trainer.tokens_seen, "target_rows_seen": trainer.targets_seen,
+                               "train_minutes": round(trainer.train_seconds / 60, 3),
+                               "data_response_tokens": self.state.get("data_response_tokens", 0),
+                               "lr": trainer.lr_at(max(0, trainer.step_num - 1)) if trainer.cfg.max_steps > 0 else 0,
+                               "heldout": self.state.get("heldout"), "acceptance": acc,
+                               "eval_seconds": self.state["eval_seconds"]})
+            summary = ", ".join(f"{d} {ds} {r['tokens_per_cycle']:.3f}" for d, v in acc.items() for ds, r in v.items())
+            log(f"point {len(self.curve)}: {trainer.tokens_seen / 1e6:.2f} M tokens seen: {summary}")
+        self.state.update({"step": trainer.step_num, "max_steps": trainer.cfg.max_steps,
+                           "warmup_steps": trainer.cfg.warmup_steps, "tokens_seen": trainer.tokens_seen,
+                           "targets_seen": trainer.targets_seen, "train_seconds": round(trainer.train_seconds, 2),
+                           "config": dataclasses.asdict(trainer.cfg)})
+        (self.dir / "curve.json").write_text(json.dumps(
+            {"what": "tokens per cycle against training tokens seen (benchmarks/distill_curve.py)",
+             "model": loaded.model_id, "device": self.state.get("device"), "targets_float32": TARGETS,
+             "eval": {"block_size": self.a.eval_block_size, "max_tokens": self.a.eval_max_tokens,
+                      "limit": self.a.eval_limit, "view": "int8, as shipped"},
+             "points": self.curve}, indent=1) + "\n")
+        if self.curve:
+            try:
+                plot(self.curve, self.dir / "curve.png")
+            except ImportError as e:
+                log(f"no plot ({e}); --plot-only redraws it where matplotlib is")
+        if self.a.checkpoint:
+            trainer.save(self.dir / D.CHECKPOINT_NAME)
+            self.state["checkpoint_step"] = trainer.step_num
+        self.write_state()
+        self.copy_out()
+        return tensors
+
+    def write_state(self) -> None:
+        tmp = self.dir / "state.json.tmp"
+        tmp.write_text(json.dumps(self.state, indent=1) + "\n")
+        tmp.replace(self.dir / "state.json")
+
+    def copy_out(self) -> None:
+        out: Path = self.a.out
+        if out is None or out.resolve() == self.dir.resolve():
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        for f in sorted(self.dir.iterdir()):
+            if f.is_file() and f.name != D.CHECKPOINT_NAME and not f.name.endswith(".tmp") and not f.name.startswith("_"):
+                shutil.copy2(f, out / f.name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    global T0
+    T0 = time.monotonic()  # the budget counts from here
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--state", type=Path, required=True, help="folder kept between commands")
+    ap.add_argument("--out", type=Path, default=None, help="where this command's results are copied ($OUT)")
+    ap.add_argument("--budget-s", type=float, default=500, help="this command's wall-clock budget, loading included")
+    ap.add_argument("--split", default="0.2,0.5,0.3", help="generation, training, evaluation shares of the budget")
+    ap.add_argument("--chain", type=int, default=4, help="commands the learning-rate schedule spans")
+    ap.add_argument("--init", default="default", help="first command's view: 'default' (shipped), 'ar-copy' or a file")
+    ap.add_argument("--model", default=None, help="base model (default: the embedded SmolLM2); a tiny one for dry runs")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--prompts", default=str(D.DEFAULT_PROMPTS))
+    ap.add_argument("--gen-max-new-tokens", type=int, default=320)
+    ap.add_argument("--gen-max-num-seqs", type=int, default=384)
+    ap.add_argument("--gen-greedy-fraction", type=float, default=0.5)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--blocks-per-seq", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--loss-decay", type=float, default=0.0)
+    ap.add_argument("--rewarm-steps", type=int, default=20)
+    ap.add_argument("--eval-dtypes", default="float32,bfloat16")
+    ap.add_argument("--eval-datasets", default="mt-bench,humaneval")
+    ap.add_argument("--eval-block-size", type=int, default=16)
+    ap.add_argument("--eval-max-tokens", type=int, default=256)
+    ap.add_argument("--eval-max-num-seqs", type=int, default=256)
+    ap.add_argument("--eval-limit", type=int, default=0)
+    ap.add_argument("--eval-estimate-s", type=float, default=90, help="one evaluation's seconds until measured")
+    ap.add_argument("--part-mb", type=float, default=15.0)
+    ap.add_argument("--no-checkpoint", dest="checkpoint", action="store_false",
+                    help="keep no checkpoint.pt (optimizer moments) in --state")
+    ap.add_argument("--plot-only", action="store_true")
+    a = ap.parse_args(argv)
+    try:
+        split = [float(x) for x in a.split.split(",")]
+    except ValueError:
+        split = []
+    if len(split) != 3 or min(split) < 0 or abs(sum(split) - 1) > 1e-6 or split[1] <= 0:
+        print("error: --split needs three shares (generation, training, evaluation) summing to 1", file=sys.stderr)
+        return 2
+    if a.budget_s <= 0 or a.chain < 1:
+        print("error: --budget-s must be > 0 and --chain >= 1", file=sys.stderr)
+        return 2
+    try:
+        return run(a, split)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(a: argparse.Namespace, split: list[float]) -> int:
+    r = Run(a)
+    if a.plot_only:
+        if not r.curve:
+            raise FileNotFoundError(f"{a.state}/curve.json: no points")
+        plot(r.curve, a.state / "curve.png")
+        return 0
+    deadline = T0 + a.budget_s
+    torch.backends.cuda.matmul.allow_tf32 = False  # float32 evaluation means float32
+    loaded = load_model(a.model, "float32", a.device, None, None, None)
+    cuda = loaded.model.lm_head.weight.device.type == "cuda"
+    models = {"float32": loaded}
+    for dt in [d.strip() for d in a.eval_dtypes.split(",") if d.strip() and d.strip() != "float32"]:
+        models[dt] = load_model(a.model, dt, a.device, None, None, None)
+    st = r.state
+    first = not st
+    if first:
+        st.update({"format": STATE_FORMAT, "commands": 0, "next_uid": 0, "init": a.init, "chain": a.chain,
+                   "data_response_tokens": 0, "gen_seconds": 0.0,
+                   "device": torch.cuda.get_device_name(0) if cuda else "cpu"})
+        if a.init != "ar-copy":
+            tensors, meta = read_diffusion_view(DEFAULT_DIFFUSION_VIEW if a.init == "default" else a.init)
+            set_view(loaded.model, tensors)
+            st["tokens_seen"] = int(meta.get("tokens_seen", 0))
+            st["train_seconds"] = 60 * float(meta.get("train_minutes", 0))
+    else:
+        tensors, _ = read_view_parts(r.dir)
+        set_view(loaded.model, tensors)
+    st["commands"] += 1
+    log(f"command {st['commands']} on {st['device']}: {loaded.model_id}, view "
+        f"{'from ' + str(r.dir) if not first else a.init}, {len(r.curve)} point(s) so far")
+
+    prompts = D.load_prompts(a.prompts)
+    stream = D.PromptStream(loaded.tokenizer, prompts, passes=10_000, greedy_fraction=a.gen_greedy_fraction, seed=0)
+    budget_left = deadline - time.monotonic()
+    eval_s = float(st.get("eval_seconds", a.eval_estimate_s))
+    n_points = max(1, int(split[2] * a.budget_s / eval_s) - (1 if first else 0))
+
+    cfg = D.TrainConfig(block_size=loaded.block_size, batch_size=a.batch_size, blocks_per_seq=a.blocks_per_seq,
+                        lr=a.lr, loss_decay=a.loss_decay, max_steps=0, rewarm_steps=a.rewarm_steps)
+    if not first:
+        cfg = D.TrainConfig(**st["config"])
+        if a.chain != st["chain"]:  # a longer (or shorter) chain stretches the schedule from here
+            cfg.max_steps = max(cfg.max_steps // st["chain"], round(cfg.max_steps * a.chain / st["chain"]))
+            log(f"chain {st['chain']} -> {a.chain} commands: max_steps {cfg.max_steps}")
+            st["chain"] = a.chain
+
+    # Data for this command.
+    gen_s = max(1.0, min(split[0] * a.budget_s, budget_left * 0.5))  # > 0: no limit would be endless
+    parts: list[D.DistillData] = []
+    for _ in range(5):  # enough to train on, even where the budget is already spent
+        new = D.generate_data(loaded, stream, start=int(st["next_uid"]), seconds=gen_s,
+                              max_new_tokens=a.gen_max_new_tokens, max_num_seqs=a.gen_max_num_seqs, log=log)
+        parts.append(new)
+        st["next_uid"] = int(new.meta["next_uid"])
+        st["gen_seconds"] = round(st["gen_seconds"] + float(new.meta["seconds"]), 1)
+        if sum(map(len, parts)) >= 4:
+            break
+    data = D.DistillData.concat(parts)
+    st["data_response_tokens"] += data.response_tokens
+    if len(data) < 4:
+        raise ValueError(f"only {len(data)} responses in {st['gen_seconds']:.0f} s of generation")
+    train_data, val_data = data.split(0.02)
+    trainer = D.Trainer(loaded.model, train_data, loaded.mask_token_id, cfg, amp=torch.bfloat16 if cuda else None)
+    ck = r.dir / D.CHECKPOINT_NAME
+    if not first and ck.exists() and st.get("checkpoint_step") == st["step"]:
+        trainer.load(ck)
+        log(f"resumed exactly from {ck} at step {trainer.step_num}")
+    else:
+        trainer.step_num = int(st.get("step", 0))
+        trainer.tokens_seen, trainer.targets_seen = int(st.get("tokens_seen", 0)), int(st.get("targets_seen", 0))
+        trainer.train_seconds = float(st.get("train_seconds", 0))
+        if not first:
+            trainer.start_rewarm()
+            log(f"resumed from the int8 view at step {trainer.step_num} (fresh AdamW moments, "
+                f"{cfg.rewarm_steps}-step ramp)")
+    before = trainer.evaluate(val_data)
+    meta_fn: Callable[[], dict[str, str]] = lambda: D.view_metadata(  # noqa: E731
+        trainer, loaded, train_data, st["init"],
+        {"tool": "benchmarks/distill_curve.py", "commands": st["commands"], "chain": st["chain"],
+         "data_response_tokens": st["data_response_tokens"], "gen_seconds": st["gen_seconds"]})
+    if first:  # the curve's first point: the starting view
+        st["heldout"] = {"loss": round(before.loss, 4), "acc": round(before.accuracy, 4)}
+        r.save(trainer, loaded, models, meta_fn(), point=True)
+        eval_s = st["eval_seconds"]
+    if cfg.max_steps <= 0:  # the chain's schedule, from probe steps
+        for i in range(8):
+            if i == 3:
+                t_probe = time.monotonic()
+            trainer.probe_step()
+        per = (time.monotonic() - t_probe) / 5
+        train_s = max(1.0, deadline - time.monotonic() - n_points * eval_s)
+        cfg.max_steps = max(10, int(a.chain * train_s / per))
+        cfg.warmup_steps = cfg.warmup()
+        log(f"schedule: {per * 1000:.0f} ms/step -> {cfg.max_steps} steps over {a.chain} command(s), "
+            f"warmup {cfg.warmup_steps}")
+    for k in range(n_points):
+        seg = (deadline - time.monotonic() - (n_points - k) * eval_s - 5) / (n_points - k)
+        if seg < 0.5:  # over budget already: one short segment, so that every command trains
+            log(f"segment {k + 1} of {n_points}: {seg:.1f} s left, training 0.5 s")
+            seg = 0.5
+        D.train(trainer, minutes=seg / 60, save_every=0, log_every=50, progress=False, log=log)
+        vs = trainer.evaluate(val_data)
+        st["heldout"] = {"loss": round(vs.loss, 4), "acc": round(vs.accuracy, 4), "before": round(before.loss, 4)}
+        r.save(trainer, loaded, models, meta_fn(), point=True)
+        eval_s = st["eval_seconds"]
+    r.save(trainer, loaded, models, meta_fn(), point=False)
+    log(f"command {st['commands']} done: step {trainer.step_num}/{cfg.max_steps}, "
+        f"{trainer.tokens_seen / 1e6:.2f} M tokens seen, {len(r.curve)} point(s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""benchmarks/distill_curve.py on a tiny model (CPU): chained commands continue the
+schedule, the totals and the prompt stream; a fresh machine continues from the returned
+files alone; every command's returned folder fits the device's file limits."""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from orthrus_runtime.model.testing import tiny_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def test_curve_commands_chain_and_resume_from_returned_files(tmp_path, capsys):
+    import distill_curve as C
+
+    ck = tiny_checkpoint(tmp_path / "ck", arch="llama", block_size=4)
+    (tmp_path / "p.txt").write_text("\n".join(f"Describe the colour of stone number {i}." for i in range(40)))
+    state = tmp_path / "state"
+
+    def argv(state_dir, out):
+        return ["--state", str(state_dir), "--out", str(out), "--model", str(ck), "--device", "cpu",
+                "--init", "ar-copy", "--prompts", str(tmp_path / "p.txt"), "--eval-dtypes", "float32",
+                "--eval-block-size", "4", "--eval-max-tokens", "6", "--eval-limit", "1", "--eval-estimate-s", "1",
+                "--gen-max-new-tokens", "10", "--gen-max-num-seqs", "8", "--batch-size", "4",
+                "--blocks-per-seq", "3", "--budget-s", "10", "--chain", "3", "--part-mb", "0.005"]
+
+    def load(folder):
+        return (json.loads((folder / "state.json").read_text()),
+                json.loads((folder / "curve.json").read_text())["points"])
+
+    assert C.main(argv(state, tmp_path / "out1")) == 0
+    st1, pts1 = load(state)
+    assert st1["commands"] == 1 and st1["next_uid"] > 0 and st1["step"] > 0
+    assert pts1[0]["step"] == 0 and pts1[0]["tokens_seen"] == 0 and pts1[-1]["step"] == st1["step"]
+    assert {"mt-bench", "humaneval"} <= set(pts1[-1]["acceptance"]["float32"])
+    out1 = sorted(p.name for p in (tmp_path / "out1").iterdir())
+    # Besides the view's parts (two of 15 MB for SmolLM2's 27 MB int8 view): three files.
+    assert [n for n in out1 if not n.startswith("view.part")] == ["curve.json", "curve.png", "state.json"]
+    parts = [p for p in (tmp_path / "out1").iterdir() if p.name.startswith("view.part")]
+    assert len(parts) >= 2 and all(p.stat().st_size <= 5_000 for p in parts)
+    schedule = st1["max_steps"]
+    assert schedule > st1["step"]  # the schedule spans the chain
+
+    # Same machine: exact resume from the checkpoint kept in --state.
+    assert C.main(argv(state, tmp_path / "out2")) == 0
+    st2, pts2 = load(state)
+    assert "resumed exactly" in capsys.readouterr().err
+    assert st2["commands"] == 2 and st2["max_steps"] == schedule
+    assert st2["step"] > st1["step"] and st2["tokens_seen"] > st1["tokens_seen"] and st2["next_uid"] > st1["next_uid"]
+    assert pts2[: len(pts1)] == pts1 and len(pts2) > len(pts1)
+
+    # A fresh machine: only the returned files (no checkpoint): the int8 view, fresh moments.
+    fresh = tmp_path / "fresh"
+    shutil.copytree(tmp_path / "out2", fresh)
+    assert C.main(argv(fresh, tmp_path / "out3")) == 0
+    st3, pts3 = load(fresh)
+    assert "resumed from the int8 view" in capsys.readouterr().err
+    assert st3["commands"] == 3 and st3["step"] > st2["step"] and st3["tokens_seen"] > st2["tokens_seen"]
+    assert [p["tokens_seen"] for p in pts3] == sorted(p["tokens_seen"] for p in pts3)
+
+    # Bad input: a clear error.
+    assert C.main(["--state", str(state), "--split", "0.5,0.5"]) == 2
+    assert "--split" in capsys.readouterr().err
