@@ -9,8 +9,8 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "orthrus_runtime"
 # Higher numbers may import lower ones. The base: plain data, defaults, the gRPC stubs and client,
-# and the Prometheus metrics (read by the Serve layer without the model stack).
-RANK = {"types": 0, "defaults": 0, "proto": 0, "client": 0, "metrics": 0, "data": 0,
+# the request rules and the Prometheus metrics (read by the Serve layer without the model stack).
+RANK = {"types": 0, "defaults": 0, "validation": 0, "proto": 0, "client": 0, "metrics": 0, "data": 0,
         "model": 1, "worker": 2, "spec": 3, "engine": 4, "tools": 5}
 
 
@@ -54,7 +54,7 @@ def test_imports_only_go_down_the_layers():
 
 def test_base_layer_and_engine_args_do_not_load_torch():
     """The Serve controller and the clients import these without the model stack."""
-    code = ("import sys; import orthrus_runtime.types, orthrus_runtime.defaults, orthrus_runtime.metrics, "
+    code = ("import sys; import orthrus_runtime.types, orthrus_runtime.defaults, orthrus_runtime.metrics, orthrus_runtime.validation, "
             "orthrus_runtime.client, orthrus_runtime.engine.args; "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
