@@ -460,6 +460,26 @@ def test_cpu_only_worker_group_has_no_gpu(chart):
     assert rs["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
 
 
+def test_worker_readiness_is_the_routers_ready_endpoint_and_the_head_keeps_kuberays(chart):
+    """Worker pods are ready when their Serve proxy answers /ready (an engine replica running,
+    not draining; answered without an engine's queue); null leaves KubeRay's default probes.
+    The head and liveness stay KubeRay's."""
+    rs = _one(_objects(chart, _defaults()), "RayService")
+    (group,) = rs["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    (worker,) = group["template"]["spec"]["containers"]
+    probe = worker["readinessProbe"]
+    assert probe["httpGet"] == {"path": "/ready", "port": "serve"}
+    assert any(p["name"] == "serve" for p in worker["ports"])
+    assert "livenessProbe" not in worker
+    head = rs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert "readinessProbe" not in head and "livenessProbe" not in head
+    values = _defaults()
+    values["workers"]["readinessProbe"] = None
+    rs = _one(_objects(chart, values), "RayService")
+    (group,) = rs["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    assert "readinessProbe" not in group["template"]["spec"]["containers"][0]
+
+
 def _engine_args(rs: dict) -> dict:
     return _serve_config(rs)["applications"][0]["args"]["engine"]
 
