@@ -32,7 +32,7 @@ from orthrus_runtime.model.testing import tiny_checkpoint  # noqa: E402
 
 APP = "multi"
 MODEL_ID = "tiny-orthrus-multi"
-SERVICER = "orthrus_runtime.proto.orthrus_pb2_grpc.add_OrthrusServicer_to_server"
+SERVICER = "deployment.grpc_service.add_OrthrusServicer_to_server"
 
 
 def _free_port() -> int:
