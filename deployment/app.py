@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 from ray import serve
 
+from orthrus_runtime.defaults import DEFAULT_MAX_TOKENS
 from orthrus_runtime.engine.args import EngineArgs, from_known_fields
 
 from .engine_deployment import OrthrusEngine
@@ -34,7 +35,7 @@ class AppArgs:
     # Helm chart sets 0.0.0.0, where Prometheus scrapes each pod).
     metrics_host: str = "127.0.0.1"
     # max_tokens when a chat or gRPC request leaves it unset (/v1/completions keeps OpenAI's 16).
-    default_max_tokens: int = 256
+    default_max_tokens: int = DEFAULT_MAX_TOKENS
     # Minimum time between two stream messages of one request; deltas arriving
     # sooner are merged (deployment/streaming.py). 0: one message per delta.
     stream_interval_s: float = 0.05

@@ -4,6 +4,7 @@ from __future__ import annotations
 import uuid
 from typing import Optional
 
+from orthrus_runtime.defaults import DEFAULT_MAX_TOKENS
 from orthrus_runtime.proto import orthrus_pb2 as pb
 from orthrus_runtime.types import (
     AcceptanceStats,
@@ -16,7 +17,6 @@ from orthrus_runtime.types import (
 
 from .errors import checked, invalid
 
-DEFAULT_MAX_TOKENS = 256
 _MODES = {pb.MODE_ORTHRUS: "orthrus", pb.MODE_AR: "ar"}
 FINISH_REASONS = {
     "stop": pb.FINISH_REASON_STOP,
@@ -43,7 +43,7 @@ def to_generate_request(msg: pb.GenerateRequest, default_max_tokens: int = DEFAU
 
     params = SamplingParams(
         max_tokens=msg.max_tokens if msg.HasField("max_tokens") else default_max_tokens,
-        fit_max_tokens=not msg.HasField("max_tokens"),
+        max_tokens_defaulted=not msg.HasField("max_tokens"),
         temperature=msg.temperature if msg.HasField("temperature") else 1.0,
         top_k=msg.top_k if msg.HasField("top_k") else -1,
         top_p=msg.top_p if msg.HasField("top_p") else 1.0,

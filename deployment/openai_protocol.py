@@ -158,7 +158,7 @@ def _sampling(body: dict, default_max_tokens: int) -> SamplingParams:
 
     return SamplingParams(
         max_tokens=max_tokens if max_tokens is not None else default_max_tokens,
-        fit_max_tokens=max_tokens is None,
+        max_tokens_defaulted=max_tokens is None,
         temperature=given("temperature", 1.0),
         top_k=given("top_k", -1),
         top_p=given("top_p", 1.0),

@@ -38,6 +38,7 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.grpc_util import RayServegRPCContext
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
+from orthrus_runtime.defaults import DEFAULT_MAX_TOKENS
 from orthrus_runtime.proto import orthrus_pb2 as pb
 from orthrus_runtime.types import GenerateDelta, GenerateRequest, ModelInfo, Usage
 
@@ -220,7 +221,7 @@ class OrthrusRouter:
 
         self._engine = engine
         self._model_id: str = settings["model_id"]
-        self._default_max_tokens: int = settings.get("default_max_tokens", grpc_protocol.DEFAULT_MAX_TOKENS)
+        self._default_max_tokens: int = settings.get("default_max_tokens", DEFAULT_MAX_TOKENS)
         self._max_body = int(settings.get("max_request_bytes", oa.DEFAULT_MAX_REQUEST_BYTES))
         self._queue_timeout_s: Optional[float] = settings.get("queue_timeout_s")
         self._keys = ApiKeys(settings.get("api_keys_env"), settings.get("api_keys_file"))

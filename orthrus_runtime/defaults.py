@@ -13,3 +13,6 @@ CPU_KV_CACHE_BYTES = 512 * 2**20
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 # Pass lengths (tokens per sequence) a decode pass is padded to.
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+# max_tokens of a request that leaves it unset (chat, gRPC, the engine's SamplingParams);
+# /v1/completions keeps OpenAI's own 16.
+DEFAULT_MAX_TOKENS = 256

@@ -9,6 +9,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
+from orthrus_runtime.defaults import DEFAULT_MAX_TOKENS
+
 Mode = Literal["orthrus", "ar"]
 MODES: tuple[str, ...] = ("orthrus", "ar")
 # "error": the request failed inside the engine and ended alone (its KV blocks freed).
@@ -50,7 +52,7 @@ class EngineDeadError(RuntimeError):
 class SamplingParams:
     """How to pick tokens. temperature == 0 means greedy."""
 
-    max_tokens: int = 256
+    max_tokens: int = DEFAULT_MAX_TOKENS
     temperature: float = 1.0
     top_k: int = -1  # -1 (or 0): no top-k filtering
     top_p: float = 1.0
@@ -60,7 +62,7 @@ class SamplingParams:
     ignore_eos: bool = False
     # max_tokens is only a default the client did not choose: the engine shrinks it to the
     # room left in max_model_len instead of refusing a long prompt (vLLM's behaviour).
-    fit_max_tokens: bool = False
+    max_tokens_defaulted: bool = False
 
     @property
     def greedy(self) -> bool:

@@ -139,7 +139,7 @@ def check_sampling(p: SamplingParams) -> None:
         raise _bad(f"at most {MAX_STOP_TOKEN_IDS} stop token ids are allowed", "stop_token_ids")
     if any(not (0 <= t < TOKEN_ID_LIMIT) for t in p.stop_token_ids):
         raise _bad("stop token ids must be non-negative 32-bit integers", "stop_token_ids")
-    for name in ("ignore_eos", "fit_max_tokens"):
+    for name in ("ignore_eos", "max_tokens_defaulted"):
         if not isinstance(getattr(p, name), bool):
             raise _bad(f"'{name}' must be a boolean", name)
 
@@ -210,7 +210,7 @@ def check_request(req: GenerateRequest, limits: ModelLimits = ModelLimits()) -> 
         bad = [t for t in req.params.stop_token_ids if t >= limits.vocab_size]
         if bad:
             raise _bad(f"unknown stop token id(s) {bad[:5]} (vocabulary size {limits.vocab_size})", "stop_token_ids")
-    if limits.max_model_len is not None and not req.params.fit_max_tokens \
+    if limits.max_model_len is not None and not req.params.max_tokens_defaulted \
             and req.params.max_tokens >= limits.max_model_len:
         raise _bad(f"'max_tokens' ({req.params.max_tokens}) leaves no room for a prompt in max_model_len "
                    f"{limits.max_model_len}", "max_tokens")

@@ -214,7 +214,7 @@ def test_default_mode_and_fitted_default_max_tokens():
         eng.validate(GenerateRequest(prompt_token_ids=long_prompt, params=SamplingParams(max_tokens=10)))
     # ... a server default shrinks to the room left, and mode None takes the engine's default.
     req = GenerateRequest(prompt_token_ids=long_prompt,
-                          params=SamplingParams(max_tokens=256, fit_max_tokens=True, temperature=0, ignore_eos=True))
+                          params=SamplingParams(max_tokens=256, max_tokens_defaulted=True, temperature=0, ignore_eos=True))
     (d,) = eng.generate([req])
     assert req.mode == "ar" and d.usage.completion_tokens == 4 and d.finish_reason == "length"
     assert d.stats.num_draft_tokens == 0

@@ -214,7 +214,7 @@ def test_grpc_request_conversion():
     req = grpc_protocol.to_generate_request(pb.GenerateRequest(prompt_token_ids=[5, 6]), default_max_tokens=99)
     assert req.prompt_token_ids == [5, 6] and req.params.max_tokens == 99 and req.params.temperature == 1.0
     assert req.request_id.startswith("grpc-") and req.mode is None  # MODE_UNSPECIFIED: the engine default
-    assert req.params.fit_max_tokens and not grpc_protocol.to_generate_request(msg).params.fit_max_tokens
+    assert req.params.max_tokens_defaulted and not grpc_protocol.to_generate_request(msg).params.max_tokens_defaulted
 
 
 def test_grpc_delta_conversion():

@@ -233,7 +233,7 @@ class LLMEngine:
         bad = [t for t in req.params.stop_token_ids if not (0 <= t < V)]
         if bad:
             raise InvalidRequestError(f"unknown stop token id(s) {bad[:5]} (vocabulary size {V})")
-        if req.params.fit_max_tokens and len(ids) < self.cfg.max_model_len:
+        if req.params.max_tokens_defaulted and len(ids) < self.cfg.max_model_len:
             req.params.max_tokens = min(req.params.max_tokens, self.cfg.max_model_len - len(ids))
         total = len(ids) + req.params.max_tokens
         if total > self.cfg.max_model_len:
