@@ -45,8 +45,8 @@ def test_engine_refuses_a_backend_it_cannot_run():
     base = dict(block_size=4, mask_token_id=300, max_model_len=64, num_kv_blocks=40, kv_page_size=8)
     with pytest.raises(ValueError, match="flash-attn needs CUDA"):
         LLMEngine(model, EngineConfig(**base, async_scheduling=True, attention_backend="flash_attn"))
-    with pytest.raises(ValueError, match="needs the fast path"):
-        LLMEngine(model, EngineConfig(**base, attention_backend="triton"))  # CPU: the reference path
+    with pytest.raises(ValueError, match="'triton' needs CUDA"):
+        LLMEngine(model, EngineConfig(**base, attention_backend="triton"))
     with pytest.raises(ValueError, match="must be one of"):
         LLMEngine(model, EngineConfig(**base, async_scheduling=True, attention_backend="fa"))
 
@@ -63,7 +63,7 @@ def test_engine_args_carry_the_backend(tmp_path):
     served = AsyncOrthrusEngine.from_args(EngineArgs(model=str(folder), device="cpu", max_model_len=64,
                                                      attention_backend="torch"))
     served.shutdown()
-    assert served.engine.runner.backend == "torch-reference"
+    assert served.engine.runner.backend == "torch"
 
 
 @needs_fa
@@ -179,7 +179,7 @@ def test_flash_engine_in_cuda_graphs():
         assert sum(same) >= 0.75 * 24 * len(PROMPTS), (name, same)
 
     # Graph replay = eager pass, flash-attn in both.
-    eager = ModelRunner(eng.model, eng.kv, torch.device("cuda"), fast=True, cuda_graphs=False,
+    eager = ModelRunner(eng.model, eng.kv, torch.device("cuda"), cuda_graphs=False,
                         max_model_len=256, attention_backend="flash_attn")
     for r in [GenerateRequest(prompt_token_ids=p, params=SamplingParams(max_tokens=30, temperature=0.0))
               for p in PROMPTS[:3]]:

@@ -1,5 +1,5 @@
-"""The fast path (packed projections, fused ops, CUDA graphs) computes what the reference
-torch path computes: logits of prefill, draft and verify passes, the K/V it writes, and
+"""The fast path (packed projections, fused ops, CUDA graphs) computes what the dense reference
+decoder (spec/reference.py) computes: logits of prefill, draft and verify passes, the K/V it writes, and
 whole greedy generations.
 
 On the CPU the fast path runs with plain torch ops; the Triton kernels run where triton
@@ -17,8 +17,7 @@ import torch
 from orthrus_runtime.engine.llm_engine import EngineConfig, LLMEngine, build_runner
 from orthrus_runtime.worker.fast_forward import FastForward, TorchOps
 from orthrus_runtime.worker.kv_cache import KVCache
-from orthrus_runtime.spec.reference import greedy_ar
-from orthrus_runtime.worker.runner import ModelRunner
+from orthrus_runtime.spec.reference import ar_logits, ar_logits_and_kv, draft_logits, greedy_ar
 from orthrus_runtime.model.testing import tiny_model
 from orthrus_runtime.types import GenerateRequest, SamplingParams
 
@@ -32,12 +31,6 @@ SHAPES = {  # (arch, heads, kv_heads, head_dim): GQA groups of 2 and 3 (SmolLM2'
     "qwen3-g2": ("qwen3", 4, 2, 16),
     "llama-g3": ("llama", 6, 2, 64),
 }
-
-
-class _Seq:
-    def __init__(self, block_table):
-        self.block_table = block_table
-        self.num_cached = 0
 
 
 def _ops(name):
@@ -59,6 +52,8 @@ def _device_for(ops_name, device):
 @pytest.mark.parametrize("ops_name", OPS)
 @pytest.mark.parametrize("device", DEVICES)
 def test_fast_forward_matches_reference_runner(shape, ops_name, device):
+    """Every op set's paged passes (ragged batch, scattered block tables) against the dense
+    reference decoder, sequence by sequence: logits and the K/V written to the cache."""
     if ops_name == "triton" and HAS_CUDA and device == "cpu":
         pytest.skip("compiled Triton runs on CUDA tensors")
     dev = torch.device(_device_for(ops_name, device))
@@ -66,15 +61,13 @@ def test_fast_forward_matches_reference_runner(shape, ops_name, device):
     g = torch.Generator().manual_seed(0)
     model = tiny_model(arch, seed=1, heads=heads, kv_heads=kv_heads, head_dim=head_dim).to(dev)
     page, nblocks = 4, 64
-    kv_ref = KVCache(model.cfg, nblocks, page, torch.float32, dev)
     kv_fast = KVCache(model.cfg, nblocks, page, torch.float32, dev)
-    ref = ModelRunner(model, kv_ref, dev, fast=False)
     fast = FastForward(model, kv_fast, _ops(ops_name))
     perm = torch.randperm(nblocks, generator=g).tolist()
     lens = [5, 13, 1, 9]  # scattered, non-contiguous block tables
-    seqs = [_Seq(perm[i * 16:(i + 1) * 16]) for i in range(len(lens))]
-    bt = torch.tensor([s.block_table for s in seqs], dtype=torch.int32, device=dev)
-    bs = len(seqs)
+    tables = [perm[i * 16:(i + 1) * 16] for i in range(len(lens))]
+    bt = torch.tensor(tables, dtype=torch.int32, device=dev)
+    bs = len(tables)
 
     def check(a, b, what):
         err = (a - b).abs().max().item()
@@ -85,30 +78,34 @@ def test_fast_forward_matches_reference_runner(shape, ops_name, device):
                          torch.tensor(nvalid, dtype=torch.int32, device=dev), bt, diff=diff)
         return model.logits(h).view(bs, ids.shape[1], -1)
 
+    def check_cache(i, ids, what):
+        """Sequence i's cached K/V at positions 0..len(ids)-1 against the dense ones."""
+        _, dense = ar_logits_and_kv(model, ids)
+        slots = torch.tensor([tables[i][p // page] * page + p % page for p in range(len(ids))], device=dev)
+        for layer, (k, v) in enumerate(dense):
+            check(kv_fast.k[layer].reshape(-1, *k.shape[1:])[slots], k, f"{what} K, layer {layer}")
+            check(kv_fast.v[layer].reshape(-1, *v.shape[1:])[slots], v, f"{what} V, layer {layer}")
+
     # 1. Prefill of ragged prompts (padding rows of the shorter ones).
     prompts = [torch.randint(0, 300, (n,), generator=g).tolist() for n in lens]
     T = max(lens)
-    want = ref.run_ar([s.block_table for s in seqs], prompts, [0] * bs, [list(range(n)) for n in lens])
     ids = torch.zeros(bs, T, dtype=torch.long)
     for i, p in enumerate(prompts):
         ids[i, : len(p)] = torch.tensor(p)
     got = run_fast(ids, [0] * bs, lens, diff=False)
     for i, n in enumerate(lens):
-        check(got[i, :n], want[i], "prefill logits")
-    check(kv_fast.k, kv_ref.k, "prefill K")
-    check(kv_fast.v, kv_ref.v, "prefill V")
-    for s, n in zip(seqs, lens):
-        s.num_cached = n
+        check(got[i, :n], ar_logits(model, prompts[i]), "prefill logits")
+        check_cache(i, prompts[i], "prefill")
 
     # 2. Draft pass: [anchor, MASK...] against the cached prefix; writes nothing.
     B = 6
     anchors = [7, 8, 9, 10]
-    want = ref.run_draft([s.block_table for s in seqs], [s.num_cached for s in seqs], anchors, B, 300, B)
     ids = torch.full((bs, B), 300)
     ids[:, 0] = torch.tensor(anchors)
     k_before = kv_fast.k.clone()
     got = run_fast(ids, lens, [B] * bs, diff=True)
-    check(got, want, "draft logits")
+    for i in range(bs):
+        check(got[i], draft_logits(model, prompts[i], anchors[i], B, 300), "draft logits")
     assert torch.equal(kv_fast.k, k_before), "the draft pass wrote to the cache"
 
     # 3. Verify pass with a different number of real tokens per sequence.
@@ -117,19 +114,16 @@ def test_fast_forward_matches_reference_runner(shape, ops_name, device):
     vids = torch.zeros(bs, 6, dtype=torch.long)
     for i, t in enumerate(toks):
         vids[i, : len(t)] = torch.tensor(t)
-    want = ref.run_verify([s.block_table for s in seqs], [s.num_cached for s in seqs], vids.to(dev), K)
     got = run_fast(vids, lens, K, diff=False)
     for i, k in enumerate(K):
-        check(got[i, :k], want[i, :k], "verify logits")
-    check(kv_fast.k, kv_ref.k, "verify K")
-    check(kv_fast.v, kv_ref.v, "verify V")
+        check(got[i, :k], ar_logits(model, prompts[i] + toks[i])[lens[i]:], "verify logits")
+        check_cache(i, prompts[i] + toks[i], "verify")
 
 
-def _engine(model, B, device, fast, cuda_graphs=None, policy="full", pipelined=None):
+def _engine(model, B, device, cuda_graphs=None, policy="full", pipelined=None):
     cfg = EngineConfig(block_size=B, mask_token_id=300, max_model_len=256, num_kv_blocks=200,
-                       kv_page_size=8, verify_policy=policy, async_scheduling=pipelined if fast else None)
-    runner = build_runner(model, cfg, fast=True, cuda_graphs=cuda_graphs) if fast else None
-    return LLMEngine(model, cfg, runner=runner)
+                       kv_page_size=8, verify_policy=policy, async_scheduling=pipelined)
+    return LLMEngine(model, cfg, runner=build_runner(model, cfg, cuda_graphs=cuda_graphs))
 
 
 PROMPTS = [list(range(3, 8)), list(range(10, 27)), [42], [(7 * i) % 250 + 3 for i in range(40)]]
@@ -148,10 +142,10 @@ def test_fast_engine_greedy_orthrus_equals_ar(device, pipelined):
     without pipelined decoding."""
     model = tiny_model("qwen3", diffusion="ar-copy", seed=1).to(device)
     ref = [greedy_ar(model, p, 40) for p in PROMPTS]
-    eng = _engine(model, 4, device, fast=True, pipelined=pipelined)
+    eng = _engine(model, 4, device, pipelined=pipelined)
     assert [d.token_ids for d in eng.generate(_greedy(40, "ar"))] == ref
     for B, policy in ((4, "full"), (8, "full"), (8, "adaptive")):
-        eng = _engine(model, B, device, fast=True, policy=policy, pipelined=pipelined)
+        eng = _engine(model, B, device, policy=policy, pipelined=pipelined)
         res = eng.generate(_greedy(40, "orthrus"))
         assert [d.token_ids for d in res] == ref, f"block {B}, {policy}"
         assert eng.blocks.num_free == eng.blocks.num_blocks
@@ -167,7 +161,7 @@ def test_cuda_graph_passes_equal_eager_fast_passes():
     model = tiny_model("qwen3", seed=4).to("cuda")
     outs = {}
     for graphs in (False, True):
-        eng = _engine(model, 8, "cuda", fast=True, cuda_graphs=graphs)
+        eng = _engine(model, 8, "cuda", cuda_graphs=graphs)
         reqs = [GenerateRequest(prompt_token_ids=p, params=SamplingParams(max_tokens=30, temperature=0.0,
                                                                           ignore_eos=True)) for p in PROMPTS[:3]]
         for r in reqs:
@@ -205,7 +199,7 @@ def test_fast_engine_sampling_is_lossless(device):
     for mode in ("orthrus", "ar"):
         cfg = EngineConfig(block_size=4, mask_token_id=7, max_model_len=64, num_kv_blocks=4000,
                            kv_page_size=4, max_num_seqs=128, max_num_batched_tokens=4096)
-        eng = LLMEngine(model, cfg, runner=build_runner(model, cfg, fast=True))
+        eng = LLMEngine(model, cfg)
         res = eng.generate([GenerateRequest(prompt_token_ids=prompt, mode=mode, params=SamplingParams(
             max_tokens=3, temperature=T, top_k=TOP_K, top_p=TOP_P, seed=500 + i, ignore_eos=True))
             for i in range(n)])

@@ -84,8 +84,7 @@ class EngineConfig:
     default_mode: str = "orthrus"
     cuda_graphs: Optional[bool] = None  # None: on for CUDA (see ModelRunner)
     verify_policy: str = "full"
-    # Pipelined decoding (see the module docstring). None: on where CUDA graphs run; True
-    # elsewhere also selects the fast path (so that the CPU tests run it).
+    # Pipelined decoding (see the module docstring). None: on where CUDA graphs run.
     async_scheduling: Optional[bool] = None
     # Attention of the CUDA fast path: auto (flash-attn 4 where it runs, else the Triton
     # kernels), flash_attn, triton, or torch (see fast_forward.make_ops).
@@ -108,16 +107,13 @@ def num_kv_pages(model: DualViewModel, cfg: EngineConfig) -> int:
     return n
 
 
-def build_runner(model: DualViewModel, cfg: EngineConfig, fast: Optional[bool] = None,
-                 cuda_graphs: Optional[bool] = None, ops=None) -> ModelRunner:
-    """The runner an engine config asks for, with its KV cache. fast / cuda_graphs override the
-    config's choice (None: the fast path where async_scheduling asks for it or on CUDA)."""
+def build_runner(model: DualViewModel, cfg: EngineConfig, cuda_graphs: Optional[bool] = None,
+                 ops=None) -> ModelRunner:
+    """The runner an engine config asks for, with its KV cache; cuda_graphs / ops override the
+    config's choice."""
     dev, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
     kv = KVCache(model.cfg, num_kv_pages(model, cfg), cfg.kv_page_size, dtype, dev)
-    if fast is None:
-        fast = True if cfg.async_scheduling else None
-    return ModelRunner(model, kv, dev, fast=fast,
-                       cuda_graphs=cfg.cuda_graphs if cuda_graphs is None else cuda_graphs,
+    return ModelRunner(model, kv, dev, cuda_graphs=cfg.cuda_graphs if cuda_graphs is None else cuda_graphs,
                        max_model_len=cfg.max_model_len, ops=ops, attention_backend=cfg.attention_backend)
 
 

@@ -19,6 +19,30 @@ def ar_logits(model: DualViewModel, ids: list[int]) -> torch.Tensor:
 
 
 @torch.inference_mode()
+def ar_logits_and_kv(model: DualViewModel, ids: list[int]) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Logits [T, V] of the AR view over a whole sequence, and per layer its K/V [T, Hkv, d]."""
+    t = torch.tensor([ids], device=model.lm_head.weight.device)
+    pos = torch.arange(len(ids), device=t.device).unsqueeze(0)
+    attend = DenseAR(None, model.scale)
+    h = model.forward_hidden(t, pos, attend, diff=False)
+    return model.logits(h[0]), [(k[0], v[0]) for k, v in attend.new]
+
+
+@torch.inference_mode()
+def draft_logits(model: DualViewModel, prefix: list[int], anchor: int, block_size: int, mask_id: int) -> torch.Tensor:
+    """Logits [B, V] of the diffusion view over [anchor, MASK x (B-1)] after the AR view's
+    dense K/V of prefix (positions len(prefix)..len(prefix)+B-1)."""
+    dev = model.lm_head.weight.device
+    ar = DenseAR(None, model.scale)
+    model.forward_hidden(torch.tensor([prefix], device=dev), torch.arange(len(prefix), device=dev)[None], ar, False)
+    L = len(prefix)
+    block = torch.tensor([[anchor] + [mask_id] * (block_size - 1)], device=dev)
+    h = model.forward_hidden(block, torch.arange(L, L + block_size, device=dev)[None], DenseDraft(ar.new, model.scale),
+                             diff=True)
+    return model.logits(h[0])
+
+
+@torch.inference_mode()
 def greedy_ar(model: DualViewModel, prompt: list[int], max_tokens: int, eos: frozenset[int] = frozenset()) -> list[int]:
     """Plain greedy decoding with a dense growing cache."""
     dev = model.lm_head.weight.device

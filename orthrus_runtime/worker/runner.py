@@ -6,15 +6,14 @@ never sees the engine's Sequence objects.
 - draft: diffusion view over [anchor, MASK x (D-1)], reads the cached prefix, writes nothing;
 - verify: AR view over [anchor, drafts...], writes K/V (rolled back by the caller).
 
-Two implementations compute the same passes:
-- the reference torch path (below: gather the block tables, SDPA with a mask), the
-  CPU default and what the fast path is tested against;
-- the fast path (`fast_forward.FastForward`): packed projections and fused ops
-  (Triton kernels on CUDA, plain torch elsewhere), with CUDA graphs for the decode
-  passes at padded batch sizes (`cuda_graphs.GraphedPasses`). The CUDA default.
+Every pass runs `fast_forward.FastForward` (packed projections, fused ops) with an op set
+chosen by `fast_forward.make_ops`: the Triton kernels or flash-attn on CUDA, plain torch
+(`TorchOps`, the one eager reference the kernels are tested against) elsewhere; on CUDA the
+decode passes replay CUDA graphs at padded batch sizes (`cuda_graphs.GraphedPasses`).
+The dense decoder of spec/reference.py is the definition all of it is tested against.
 
-Pass costs are recorded in `self.costs` (graph replay times on CUDA, wall-clock on
-the CPU) for the adaptive verification policy.
+Pass costs are recorded in `self.costs` (graph replay times on CUDA, wall-clock on the
+CPU) for the adaptive verify planner.
 """
 from __future__ import annotations
 
@@ -23,66 +22,27 @@ from typing import Optional, Sequence as Seq
 
 import torch
 
-from orthrus_runtime.worker.pass_costs import PassCosts
+from orthrus_runtime.model.dual_view import DualViewModel
+from orthrus_runtime.worker.fast_forward import FastForward, make_ops
 from orthrus_runtime.worker.kv_cache import KVCache
-from orthrus_runtime.model.dual_view import DualViewModel, sdpa
-
-
-class PagedAR:
-    """AR view over the paged cache: write this pass's K/V, then attend causally."""
-
-    def __init__(self, kv: KVCache, slots: torch.Tensor, valid: torch.Tensor, block_tables: torch.Tensor,
-                 positions: torch.Tensor, scale: float):
-        # slots [n_valid] flat slot ids of valid tokens; valid [bs, T] bool;
-        # block_tables [bs, nb]; positions [bs, T] (padding rows: 0).
-        self.kv, self.slots, self.valid, self.bt, self.scale = kv, slots, valid, block_tables, scale
-        S = block_tables.shape[1] * kv.page_size
-        self.mask = torch.arange(S, device=positions.device).view(1, 1, S) <= positions.unsqueeze(-1)
-
-    def __call__(self, layer, q, k, v):
-        self.kv.write(layer, self.slots, k[self.valid], v[self.valid])
-        K, V = self.kv.gather(layer, self.bt)
-        return sdpa(q, K, V, self.mask, self.scale)
-
-
-class PagedDraft:
-    """Diffusion view: the cached prefix [0, ctx_len) plus its own block, bidirectional."""
-
-    def __init__(self, kv: KVCache, block_tables: torch.Tensor, ctx_lens: torch.Tensor, T: int, scale: float):
-        self.kv, self.bt, self.scale = kv, block_tables, scale
-        S = block_tables.shape[1] * kv.page_size
-        bs = ctx_lens.shape[0]
-        ctx = (torch.arange(S, device=ctx_lens.device).view(1, 1, S) < ctx_lens.view(bs, 1, 1)).expand(bs, T, S)
-        own = torch.ones(bs, T, T, dtype=torch.bool, device=ctx_lens.device)
-        self.mask = torch.cat([ctx, own], dim=-1)
-
-    def __call__(self, layer, q, k, v):
-        K, V = self.kv.gather(layer, self.bt)
-        return sdpa(q, torch.cat([K, k], dim=1), torch.cat([V, v], dim=1), self.mask, self.scale)
+from orthrus_runtime.worker.pass_costs import PassCosts
 
 
 class ModelRunner:
-    def __init__(self, model: DualViewModel, kv: KVCache, device: torch.device, fast: Optional[bool] = None,
+    def __init__(self, model: DualViewModel, kv: KVCache, device: torch.device,
                  cuda_graphs: Optional[bool] = None, max_model_len: Optional[int] = None, ops=None,
                  attention_backend: str = "auto"):
-        """fast / cuda_graphs: None = on for CUDA, off elsewhere. ops: the fast path's op set
-        (default: `fast_forward.make_ops(attention_backend)`)."""
+        """cuda_graphs: None = on for CUDA. ops: the op set (default:
+        `fast_forward.make_ops(attention_backend)`)."""
         self.model = model
         self.kv = kv
         self.device = device
         self.page = kv.page_size
         self.costs = PassCosts()
-        self.fast = None
         self.graphs = None
-        use_fast = fast if fast is not None else device.type == "cuda"
-        if use_fast:
-            from orthrus_runtime.worker.fast_forward import FastForward, make_ops
-
-            self.fast = FastForward(model, kv, ops if ops is not None else make_ops(attention_backend, device, model))
-        elif attention_backend not in ("auto", "torch"):
-            raise ValueError(f"attention_backend {attention_backend!r} needs the fast path (CUDA, or async_scheduling)")
+        self.fast = FastForward(model, kv, ops if ops is not None else make_ops(attention_backend, device, model))
         use_graphs = cuda_graphs if cuda_graphs is not None else device.type == "cuda"
-        if use_graphs and self.fast is not None and device.type == "cuda" and self.fast.ops.graphable:
+        if use_graphs and device.type == "cuda" and self.fast.ops.graphable:
             from orthrus_runtime.worker.cuda_graphs import GraphedPasses
 
             max_len = max_model_len or model.cfg.max_position_embeddings
@@ -94,8 +54,6 @@ class ModelRunner:
 
     @property
     def backend(self) -> str:
-        if self.fast is None:
-            return "torch-reference"
         return f"{self.fast.ops.name}{'+cuda-graphs' if self.graphs is not None else ''}"
 
     def capture_graphs(self, batch_sizes: Seq[int], token_sizes: Seq[int], mask_id: int,
@@ -113,17 +71,9 @@ class ModelRunner:
         return len(self.graphs.graphs)
 
     # -- helpers -----------------------------------------------------------------------------
-    def _block_tables(self, tables: Seq[list[int]], num_positions: list[int]) -> torch.Tensor:
-        nb = max(max(-(-n // self.page), 1) for n in num_positions)
-        rows = [t[:nb] + [0] * (nb - min(nb, len(t))) for t in tables]
-        return torch.tensor(rows, dtype=torch.long, device=self.device)
-
-    def _slots(self, table: list[int], start: int, n: int) -> list[int]:
-        return [table[p // self.page] * self.page + p % self.page for p in range(start, start + n)]
-
     def _meta(self, tables: Seq[list[int]], starts: list[int], nvalid: list[int], T: int,
               start_dev: Optional[torch.Tensor] = None):
-        """Device tensors of the fast path's eager passes: start, nvalid [bs] int32, block tables [bs, w] int32.
+        """Device tensors of an eager pass: start, nvalid [bs] int32, block tables [bs, w] int32.
         start_dev: the exact starts, already on the device (`starts` are then upper bounds)."""
         w = max(max(-(-(s + T) // self.page) for s in starts), 1)
         bt = torch.zeros(len(tables), w, dtype=torch.int32)
@@ -134,11 +84,6 @@ class ModelRunner:
         start = start_dev if start_dev is not None else torch.tensor(starts, dtype=torch.int32).to(dev)
         return start, torch.tensor(nvalid, dtype=torch.int32).to(dev), bt.to(dev)
 
-    def _check_device_starts(self, start_dev) -> None:
-        """Device-side starts come from a chained cycle, which only the fast path runs."""
-        if start_dev is not None and self.fast is None:
-            raise RuntimeError("device-side starts (pipelined decoding) need the fast path")
-
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [bs, n, h] (any strides) -> float32 logits [bs, n, V]. Flattened to one matrix
         product first: lm_head on a strided 3-D view runs as a per-sequence batched product
@@ -147,8 +92,8 @@ class ModelRunner:
         return self._head(hidden.reshape(bs * n, h)).view(bs, n, -1)
 
     def _head(self, flat: torch.Tensor) -> torch.Tensor:
-        """flat [n, hidden] -> float32 logits [n, V]: through the fast path's linear when it runs."""
-        return self.fast.logits(flat) if self.fast is not None else self.model.logits(flat)
+        """flat [n, hidden] -> float32 logits [n, V]."""
+        return self.fast.logits(flat)
 
     def _record(self, kind: str, bs: int, T: int, t0: float) -> None:
         if self._timed:
@@ -166,23 +111,8 @@ class ModelRunner:
         for i, t in enumerate(tokens):
             ids[i, : len(t)] = torch.tensor(t)
         dev = self.device
-        if self.fast is not None:
-            start, nvalid, bt = self._meta(tables, starts, [len(t) for t in tokens], T)
-            hidden = self.fast.forward(ids.to(dev), start, nvalid, bt, diff=False).view(bs, T, -1)
-        else:
-            pos = torch.zeros(bs, T, dtype=torch.long)
-            valid = torch.zeros(bs, T, dtype=torch.bool)
-            slots: list[int] = []
-            for i, (table, t, st) in enumerate(zip(tables, tokens, starts)):
-                n = len(t)
-                pos[i, :n] = torch.arange(st, st + n)
-                valid[i, :n] = True
-                slots += self._slots(table, st, n)
-            bt = self._block_tables(tables, [st + len(t) for st, t in zip(starts, tokens)])
-            pos, valid = pos.to(dev), valid.to(dev)
-            attend = PagedAR(self.kv, torch.tensor(slots, dtype=torch.long, device=dev), valid, bt, pos,
-                             self.model.scale)
-            hidden = self.model.forward_hidden(ids.to(dev), pos, attend, diff=False)
+        start, nvalid, bt = self._meta(tables, starts, [len(t) for t in tokens], T)
+        hidden = self.fast.forward(ids.to(dev), start, nvalid, bt, diff=False).view(bs, T, -1)
         rows = [torch.as_tensor(r, dtype=torch.long, device=dev) for r in logits_at]
         flat = torch.cat([hidden[i, r] for i, r in enumerate(rows)], dim=0)
         logits = self._head(flat)
@@ -195,29 +125,19 @@ class ModelRunner:
         """Diffusion pass over [anchor, MASK x (block_size-1)] at positions starts[i]..; returns
         float32 logits [bs, num_logits, V] of block rows 0..num_logits-1.
         start_dev [bs] int32 / anchor_dev [bs] int64: exact values on the device (a chained
-        cycle; the fast path only), `starts` being upper bounds and `anchors` unused."""
+        cycle), `starts` being upper bounds and `anchors` unused."""
         bs, B = len(tables), block_size
         dev = self.device
         t0 = time.perf_counter()
-        self._check_device_starts(start_dev)
         ctx_l = list(starts)
         if self.graphs is not None and self.graphs.fits(bs, B):
             hidden = self.graphs.run("draft", ctx_l, [B] * bs, list(tables), B,
                                      anchors=anchors, mask_id=mask_id, start_dev=start_dev, anchor_dev=anchor_dev)
-        elif self.fast is not None:
+        else:
             ids = torch.full((bs, B), mask_id, dtype=torch.long, device=dev)
             ids[:, 0] = anchor_dev if anchor_dev is not None else torch.tensor(anchors, device=dev)
             start, nvalid, bt = self._meta(tables, ctx_l, [B] * bs, B, start_dev)
             hidden = self.fast.forward(ids, start, nvalid, bt, diff=True).view(bs, B, -1)
-        else:
-            ids = torch.full((bs, B), mask_id, dtype=torch.long)
-            ids[:, 0] = torch.tensor(anchors)
-            ctx = torch.tensor(ctx_l, dtype=torch.long)
-            pos = ctx.unsqueeze(1) + torch.arange(B).unsqueeze(0)
-            bt = self._block_tables(tables, ctx_l)
-            ids, pos, ctx = ids.to(dev), pos.to(dev), ctx.to(dev)
-            attend = PagedDraft(self.kv, bt, ctx, B, self.model.scale)
-            hidden = self.model.forward_hidden(ids, pos, attend, diff=True)
         out = self._logits(hidden[:, :num_logits])
         self._record("draft", bs, B, t0)
         return out
@@ -231,24 +151,13 @@ class ModelRunner:
         bs, T = ids.shape
         dev = self.device
         t0 = time.perf_counter()
-        self._check_device_starts(start_dev)
         starts = list(starts)
         if self.graphs is not None and self.graphs.fits(bs, T):
             hidden = self.graphs.run("verify", starts, lengths, list(tables), T, ids=ids,
                                      start_dev=start_dev)
-        elif self.fast is not None:
+        else:
             start, nvalid, bt = self._meta(tables, starts, lengths, T, start_dev)
             hidden = self.fast.forward(ids, start, nvalid, bt, diff=False).view(bs, T, -1)
-        else:
-            st = torch.tensor(starts, dtype=torch.long)
-            pos = st.unsqueeze(1) + torch.arange(T).unsqueeze(0)
-            valid = torch.arange(T).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)
-            pos = torch.where(valid, pos, torch.zeros_like(pos))
-            slots = [x for t, st_, n in zip(tables, starts, lengths) for x in self._slots(t, st_, n)]
-            bt = self._block_tables(tables, [a + n for a, n in zip(starts, lengths)])
-            attend = PagedAR(self.kv, torch.tensor(slots, dtype=torch.long, device=dev), valid.to(dev), bt,
-                             pos.to(dev), self.model.scale)
-            hidden = self.model.forward_hidden(ids.to(dev), pos.to(dev), attend, diff=False)
         out = self._logits(hidden)
         self._record("verify", bs, T, t0)
         return out
