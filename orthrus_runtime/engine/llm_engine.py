@@ -71,13 +71,15 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class EngineConfig:
-    block_size: int
+    """Two kinds of block: the draft block (`block_size`, B tokens a diffusion pass drafts) and
+    the KV block, a page of `kv_page_size` token slots of the paged cache (`num_kv_blocks`)."""
+    block_size: int  # the draft block B
     mask_token_id: int
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     max_model_len: int = 2048
-    kv_page_size: int = 16
-    num_kv_blocks: Optional[int] = None  # None: from kv_cache_bytes
+    kv_page_size: int = 16  # token slots per KV block (page)
+    num_kv_blocks: Optional[int] = None  # KV pages; None: from kv_cache_bytes
     kv_cache_bytes: int = CPU_KV_CACHE_BYTES
     seed: int = 0
     model_id: str = "orthrus"
@@ -86,8 +88,8 @@ class EngineConfig:
     verify_policy: str = "full"
     # Pipelined decoding (see the module docstring). None: on where CUDA graphs run.
     async_scheduling: Optional[bool] = None
-    # Attention of the CUDA fast path: auto (flash-attn 4 where it runs, else the Triton
-    # kernels), flash_attn, triton, or torch (see fast_forward.make_ops).
+    # Attention: auto (flash-attn 4 where it runs, else the Triton kernels on CUDA, torch on the
+    # CPU), flash_attn, triton, or torch (see fast_forward.make_ops).
     attention_backend: str = "auto"
 
 
