@@ -458,7 +458,8 @@ def section_attention(rep, shape, model, eng):
     """The attention backends side by side: the engine's graphed decode (AR step, Orthrus cycle of
     block 32, engine steps) with each backend, and eager passes (long prefills, long-context
     draft/verify) with each op set on the same weights and KV cache (the pass writes into free blocks)."""
-    from orthrus_runtime.worker.fast_forward import TritonOps, make_ops
+    from benchmarks.forcing import TritonOpsNoSplit
+    from orthrus_runtime.worker.fast_forward import make_ops
 
     out = rep.setdefault("attention_backends", {}).setdefault(shape, {})
     dev = torch.device(DEVICE)
@@ -469,7 +470,7 @@ def section_attention(rep, shape, model, eng):
         except ValueError as e:
             out[f"{name}_unavailable"] = str(e)
     if "triton" in ops:
-        ops["triton_no_split"] = TritonOps(split_kv=False)
+        ops["triton_no_split"] = TritonOpsNoSplit()
     fast = eng.runner.fast
     own = fast.ops
     eager = out["pass_ms"] = {}  # eager prefills; decode-sized passes replayed from CUDA graphs

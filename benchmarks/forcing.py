@@ -1,6 +1,7 @@
 """Benchmark controls injected into an engine through its constructor (the runtime holds no
-benchmark-only code): a planner that can pin a fixed (K, D) plan, and an acceptance rule that
-can force how many drafts verification accepts while every pass still runs."""
+benchmark-only code): a planner that can pin a fixed (K, D) plan, an acceptance rule that can
+force how many drafts verification accepts while every pass still runs, and the Triton op set
+without split-KV attention (to measure what the split gains)."""
 from __future__ import annotations
 
 from typing import Callable, Optional
@@ -10,6 +11,16 @@ import torch
 from orthrus_runtime.engine.llm_engine import EngineConfig, LLMEngine, build_runner, pipelined_for
 from orthrus_runtime.spec.cycle import RejectionSampling, SamplingBatch
 from orthrus_runtime.spec.planner import Planner, VerifyPlan, make_planner
+from orthrus_runtime.worker.fast_forward import TritonOps
+
+
+class TritonOpsNoSplit(TritonOps):
+    """The Triton kernels with one program per row block in attention (no split-KV)."""
+
+    name = "triton-no-split"
+
+    def attention(self, q, kb, vb, kc, vc, bt, start, nvalid, T, scale, causal, meta=None):
+        return self.tk.paged_attention(q, kb, vb, kc, vc, bt, start, nvalid, T, scale, causal, splits=1)
 
 
 class ForcedAcceptance(RejectionSampling):

@@ -427,11 +427,11 @@ class LLMEngine:
                 starts: Optional[list[int]] = None) -> _InFlight:
         B = self.cfg.block_size
         bs, Kmax = len(seqs), max(K)
-        spec = seqs[0].mode == "orthrus"
+        speculative = seqs[0].mode == "orthrus"
         anchors = [s.output_token_ids[-1] for s in seqs]  # chained rows: replaced on the device
         # Each request draws the same number of uniforms per cycle whatever the batch and the plan
         # (greedy requests draw none: zeros).
-        n_u = 2 * B - 1 if spec else 1
+        n_u = 2 * B - 1 if speculative else 1
         u = torch.zeros(bs, n_u) if all(s.generator is None for s in seqs) else \
             torch.stack([s.uniforms(n_u) for s in seqs])
         cycle = launch_cycle(self.runner, [s.block_table for s in seqs],

@@ -110,13 +110,10 @@ class TritonOps(_Ops):
     name = "triton"
     graphable = True
 
-    def __init__(self, split_kv: bool = True):
-        """split_kv: small batches spread long prefixes over several programs (see
-        `triton_kernels.num_splits`); False keeps one program per row block (benchmarks)."""
+    def __init__(self):
         from orthrus_runtime.worker import triton_kernels as tk
 
         self.tk = tk
-        self.split_kv = split_kv
 
     def add_rmsnorm(self, x, res, w, eps):
         return self.tk.add_rmsnorm(x, res, w, eps)
@@ -125,8 +122,8 @@ class TritonOps(_Ops):
         return self.tk.qk_norm_rope(qkv, cos, sin, qw, kw, H, HKV, D, eps, kc, vc, slots)
 
     def attention(self, q, kb, vb, kc, vc, bt, start, nvalid, T, scale, causal, meta=None):
-        return self.tk.paged_attention(q, kb, vb, kc, vc, bt, start, nvalid, T, scale, causal,
-                                       splits=None if self.split_kv else 1)
+        # Small batches spread long prefixes over several programs (triton_kernels.num_splits).
+        return self.tk.paged_attention(q, kb, vb, kc, vc, bt, start, nvalid, T, scale, causal)
 
     def silu_mul(self, gu):
         return self.tk.silu_mul(gu)
