@@ -181,7 +181,9 @@ def run(args: argparse.Namespace) -> int:
                 print(f"[{app.name}] HTTP (OpenAI-compatible): http://{host}:{config.http_options.port}{prefix}/v1",
                       flush=True)
             # Ray Serve's gRPC proxy has no host option: it listens on every interface.
-            print(f"gRPC (orthrus.v1.Orthrus): [::]:{config.grpc_options.port} (all interfaces)", flush=True)
+            port = config.grpc_options.port
+            print(f"gRPC (orthrus.v1.Orthrus): [::]:{port} (all interfaces; from this machine: 127.0.0.1:{port})",
+                  flush=True)
             if len(names) > 1:
                 print("several applications: gRPC clients send the metadata `application: <name>`", flush=True)
             for r in _routers(names, "replica_info"):

@@ -73,7 +73,7 @@ def test_orthrus_serve_binds_prints_and_drains_on_a_signal(tmp_path):
         text = "".join(out)
         # What it bound: loopback HTTP and metrics (the local config), gRPC on every interface.
         assert f"http://127.0.0.1:{http_port}/v1" in text
-        assert f"[::]:{grpc_port} (all interfaces)" in text
+        assert f"[::]:{grpc_port} (all interfaces; from this machine: 127.0.0.1:{grpc_port})" in text
         m = re.search(r"metrics \(router \S+\): http://127\.0\.0\.1:(\d+)/metrics", text)
         assert m and httpx.get(f"http://127.0.0.1:{m.group(1)}/metrics", timeout=30).status_code == 200
         base = f"http://127.0.0.1:{http_port}"

@@ -13,6 +13,7 @@ import random
 import shutil
 import socket
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -107,7 +108,34 @@ def _sampling(rng: random.Random) -> dict:
             "top_p": rng.choice([1.0, 0.9]), "seed": rng.randint(0, 2**32)}
 
 
-def one(i: int, base: str, target: str) -> str:
+class Clients:
+    """One gRPC channel and one HTTP connection pool per client thread, as real clients keep
+    them (a new channel per request would spend the two cores on handshakes); closed at the end."""
+
+    def __init__(self, target: str):
+        self.target, self._local, self._all, self._lock = target, threading.local(), [], threading.Lock()
+
+    def _own(self, name: str, make):
+        c = getattr(self._local, name, None)
+        if c is None:
+            c = make()
+            setattr(self._local, name, c)
+            with self._lock:
+                self._all.append(c)
+        return c
+
+    def grpc(self) -> OrthrusClient:
+        return self._own("grpc", lambda: OrthrusClient(self.target, application="soak", timeout=120))
+
+    def http(self) -> httpx.Client:
+        return self._own("http", lambda: httpx.Client(timeout=120))
+
+    def close(self) -> None:
+        for c in self._all:
+            c.close()
+
+
+def one(i: int, base: str, clients: Clients) -> str:
     """Run request i; returns its kind ("ok", "aborted", "hostile"), raising on anything unexpected."""
     rng = random.Random(i)
     kind = rng.random()
@@ -115,22 +143,22 @@ def one(i: int, base: str, target: str) -> str:
     mode = rng.choice(["orthrus", "ar"])
     if kind < 0.12:  # hostile
         if over_grpc:
-            with OrthrusClient(target, application="soak", timeout=120) as c:
-                try:
-                    c.complete(**rng.choice(HOSTILE_GRPC))
-                except grpc.RpcError as e:
-                    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, e
-                    return "hostile"
-                raise AssertionError("a hostile gRPC request was served")
+            c = clients.grpc()
+            try:
+                c.complete(**rng.choice(HOSTILE_GRPC))
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, e
+                return "hostile"
+            raise AssertionError("a hostile gRPC request was served")
         if rng.random() < 0.3:
-            r = httpx.post(f"{base}/v1/completions", content=rng.choice(HOSTILE_RAW),
-                           headers={"Content-Type": "application/json"}, timeout=120)
+            r = clients.http().post(f"{base}/v1/completions", content=rng.choice(HOSTILE_RAW),
+                                    headers={"Content-Type": "application/json"})
         else:
             body = dict(rng.choice(HOSTILE_HTTP))
             path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
             # json.dumps escapes a lone surrogate as \ud800, as a hostile client would send it.
-            r = httpx.post(base + path, content=json.dumps(body), headers={"Content-Type": "application/json"},
-                           timeout=120)
+            r = clients.http().post(base + path, content=json.dumps(body),
+                                    headers={"Content-Type": "application/json"})
         assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", r.text
         return "hostile"
     aborted = kind < 0.12 + 0.22
@@ -138,21 +166,21 @@ def one(i: int, base: str, target: str) -> str:
     keep = rng.randint(1, 3)  # messages read before an abort
     prompt = _prompt(rng)
     if over_grpc:
-        with OrthrusClient(target, application="soak", timeout=120) as c:
-            if not aborted and rng.random() < 0.5:
-                r = c.complete(prompt, max_tokens=max_tokens, mode=mode, **_sampling(rng))
-                assert r.finished and r.finish_reason in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH)
-                return "ok"
-            call = c.generate(prompt, max_tokens=max_tokens, mode=mode, **_sampling(rng))
-            n = 0
-            for m in call:
-                n += 1
-                if aborted and n >= keep:
-                    call.cancel()
-                    return "aborted"
-                if m.finished:
-                    assert m.finish_reason in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH)
-            return "ok"  # finished before the abort point
+        c = clients.grpc()
+        if not aborted and rng.random() < 0.5:
+            r = c.complete(prompt, max_tokens=max_tokens, mode=mode, **_sampling(rng))
+            assert r.finished and r.finish_reason in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH)
+            return "ok"
+        call = c.generate(prompt, max_tokens=max_tokens, mode=mode, **_sampling(rng))
+        n = 0
+        for m in call:
+            n += 1
+            if aborted and n >= keep:
+                call.cancel()
+                return "aborted"
+            if m.finished:
+                assert m.finish_reason in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH)
+        return "ok"  # finished before the abort point
     chat = rng.random() < 0.5
     body = {"max_tokens": max_tokens, "mode": mode, **_sampling(rng)}
     if chat:
@@ -161,23 +189,22 @@ def one(i: int, base: str, target: str) -> str:
         body["prompt"] = prompt
     path = "/v1/chat/completions" if chat else "/v1/completions"
     if not aborted and rng.random() < 0.5:
-        r = httpx.post(base + path, json=body, timeout=120)
+        r = clients.http().post(base + path, json=body)
         assert r.status_code == 200, r.text
         assert r.json()["choices"][0]["finish_reason"] in ("stop", "length")
         return "ok"
-    with httpx.Client(timeout=120) as http:
-        with http.stream("POST", base + path, json={**body, "stream": True}) as r:
-            assert r.status_code == 200
-            n = 0
-            for line in r.iter_lines():
-                if not line.startswith("data: "):
-                    continue
-                n += 1
-                if aborted and n >= keep:
-                    return "aborted"  # leaving the block drops the connection
-                assert "error" not in line, line
-                if line == "data: [DONE]":
-                    return "ok"
+    with clients.http().stream("POST", base + path, json={**body, "stream": True}) as r:
+        assert r.status_code == 200
+        n = 0
+        for line in r.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            n += 1
+            if aborted and n >= keep:
+                return "aborted"  # leaving the block drops the connection
+            assert "error" not in line, line
+            if line == "data: [DONE]":
+                return "ok"
     raise AssertionError("a stream ended without [DONE]")
 
 
@@ -189,12 +216,16 @@ def test_soak(app):
     t0 = time.monotonic()
     kinds: dict[str, int] = {}
     warm = min(500, N_REQUESTS // 10)
-    with ThreadPoolExecutor(max_workers=CONCURRENCY) as pool:
-        for k in pool.map(lambda i: one(i, base, target), range(warm)):
-            kinds[k] = kinds.get(k, 0) + 1
-        rss_start = _rss_mb(pid)  # after warm-up: allocator pools and caches are in place
-        for k in pool.map(lambda i: one(i, base, target), range(warm, N_REQUESTS)):
-            kinds[k] = kinds.get(k, 0) + 1
+    clients = Clients(target)
+    try:
+        with ThreadPoolExecutor(max_workers=CONCURRENCY) as pool:
+            for k in pool.map(lambda i: one(i, base, clients), range(warm)):
+                kinds[k] = kinds.get(k, 0) + 1
+            rss_start = _rss_mb(pid)  # after warm-up: allocator pools and caches are in place
+            for k in pool.map(lambda i: one(i, base, clients), range(warm, N_REQUESTS)):
+                kinds[k] = kinds.get(k, 0) + 1
+    finally:
+        clients.close()
     took = time.monotonic() - t0
     deadline = time.monotonic() + 60
     while True:

@@ -944,7 +944,7 @@ def load_for_distill(args: argparse.Namespace):
 
 def view_metadata(trainer: Trainer, loaded: Any, data: DistillData, init: str, recipe: dict[str, Any]) -> dict[str, str]:
     """What a trained view file records about itself (shown by `orthrus eval-acceptance`)."""
-    return {"trained_steps": str(trainer.step_num), "train_minutes": f"{trainer.train_seconds / 60:.2f}",
+    return {"trained_steps": str(trainer.step_num), "train_minutes": f"{trainer.train_seconds / 60:.6g}",
             "tokens_seen": str(trainer.tokens_seen), "target_rows_seen": str(trainer.targets_seen),
             "train_sequences": str(len(data)), "train_response_tokens": str(data.response_tokens),
             "base_model": loaded.model_id, "init": init,
