@@ -208,6 +208,33 @@ class Run:
                 shutil.copy2(f, out / f.name)
 
 
+def time_speedup(r: Run, model: str | None) -> None:
+    """speedup.json: the engine-alone speed of the view in r.dir (int8, as shipped) against AR."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import engine as bench
+    from orthrus_runtime.model.loader import default_gguf_path
+
+    if not torch.cuda.is_available():
+        bench._dry_run_setup()  # a CPU check of this path: the numbers mean nothing
+
+    view = r.dir / "_speedup_view.safetensors"
+    view.write_bytes(b"".join(p.read_bytes() for p in sorted(r.dir.glob("view.part*"),
+                                                              key=lambda p: int(p.name[len("view.part"):]))))
+    rep: dict[str, Any] = {"what": "engine alone, bfloat16, chat prompts, 256 greedy tokens (benchmarks/engine.py "
+                                   "section_smollm2)", "step": r.state["step"], "tokens_seen": r.state["tokens_seen"]}
+    try:
+        bench.section_smollm2(rep, False, path=Path(model) if model else default_gguf_path(), view=str(view))
+    finally:
+        view.unlink()
+    sm = rep.get("smollm2", {})
+    ar, full, ad = (sm.get(f"{m}/bs1", {}).get("tokens_per_s") for m in ("ar", "orthrus-full", "orthrus-adaptive"))
+    if ar:
+        rep["orthrus_vs_ar_bs1"] = {"full": full / ar if full else None, "adaptive": ad / ar if ad else None}
+    (r.dir / "speedup.json").write_text(json.dumps(rep, indent=1, default=str) + "\n")
+    log(f"speed-up at batch 1: {rep.get('orthrus_vs_ar_bs1')}")
+    r.copy_out()
+
+
 def main(argv: list[str] | None = None) -> int:
     global T0
     T0 = time.monotonic()  # the budget counts from here
@@ -240,6 +267,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-checkpoint", dest="checkpoint", action="store_false",
                     help="keep no checkpoint.pt (optimizer moments) in --state")
     ap.add_argument("--plot-only", action="store_true")
+    ap.add_argument("--speedup-s", type=float, default=0,
+                    help="seconds kept at the end to time the final view through the engine alone (bfloat16, "
+                         "benchmarks/engine.py's SmolLM2 section: AR and Orthrus at batch 1 and 16); "
+                         "writes speedup.json; 0: not timed")
     a = ap.parse_args(argv)
     try:
         split = [float(x) for x in a.split.split(",")]
@@ -265,7 +296,7 @@ def run(a: argparse.Namespace, split: list[float]) -> int:
             raise FileNotFoundError(f"{a.state}/curve.json: no points")
         plot(r.curve, a.state / "curve.png")
         return 0
-    deadline = T0 + a.budget_s
+    deadline = T0 + a.budget_s - a.speedup_s
     torch.backends.cuda.matmul.allow_tf32 = False  # float32 evaluation means float32
     loaded = load_model(a.model, "float32", a.device, None, None, None)
     cuda = loaded.model.lm_head.weight.device.type == "cuda"
@@ -367,6 +398,9 @@ def run(a: argparse.Namespace, split: list[float]) -> int:
     r.save(trainer, loaded, models, meta_fn(), point=False)
     log(f"command {st['commands']} done: step {trainer.step_num}/{cfg.max_steps}, "
         f"{trainer.tokens_seen / 1e6:.2f} M tokens seen, {len(r.curve)} point(s)")
+    if a.speedup_s > 0:
+        del trainer, models
+        time_speedup(r, a.model)
     return 0
 
 

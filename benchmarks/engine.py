@@ -659,15 +659,18 @@ def find_smollm2() -> Path | None:
     return None
 
 
-def section_smollm2(rep, quick: bool):
+def section_smollm2(rep, quick: bool, path: Path | None = None, view: str | None = None):
+    """The real SmolLM2 in bfloat16 through the engine alone: AR, Orthrus (full block) and Orthrus
+    (adaptive) at batch 1 and 16 on chat prompts; `view` (default: the shipped one) is the diffusion view."""
     from orthrus_runtime.model.loader import DEFAULT_DIFFUSION_VIEW, load_model
 
-    path = find_smollm2()
+    path = path or find_smollm2()
     if path is None:
         rep["smollm2"] = {"skipped": "the SmolLM2 GGUF (98 MB) is not on this machine: it cannot travel in one "
                                      "call (64 MiB), and no earlier call left its parts here"}
         return
-    view = str(DEFAULT_DIFFUSION_VIEW) if DEFAULT_DIFFUSION_VIEW.exists() else None
+    if view is None:
+        view = str(DEFAULT_DIFFUSION_VIEW) if DEFAULT_DIFFUSION_VIEW.exists() else None
     loaded = load_model(str(path), dtype="bfloat16", device=DEVICE, diffusion_weights=view)
     eng = bench_engine(loaded.model, EngineConfig(block_size=loaded.block_size, mask_token_id=loaded.mask_token_id,
                                                   max_num_seqs=16, max_model_len=1024, num_kv_blocks=2048,
