@@ -63,6 +63,11 @@ class SamplingParams:
     # max_tokens is only a default the client did not choose: the engine shrinks it to the
     # room left in max_model_len instead of refusing a long prompt (vLLM's behaviour).
     max_tokens_defaulted: bool = False
+    # Log-probabilities (see TokenLogprob): None: none; k in 0..MAX_LOGPROBS: each output
+    # token's, with the k most likely alternatives. prompt_logprobs: the same for every prompt
+    # token (the first has none). max_tokens = 0 with prompt_logprobs scores a prompt alone.
+    logprobs: Optional[int] = None
+    prompt_logprobs: Optional[int] = None
 
     @property
     def greedy(self) -> bool:
@@ -150,6 +155,19 @@ class AcceptanceStats:
 
 
 @dataclass
+class TokenLogprob:
+    """A token at one position and its log-probability there: the AR view's raw distribution
+    (log-softmax of the logits, before temperature, top-k or top-p: vLLM's default), the same
+    in both modes, since Orthrus emits only tokens the AR view verified. `top` holds the most
+    likely tokens at that position, best first (each with an empty `top`)."""
+
+    token_id: int
+    logprob: float
+    token: str = ""  # the token's text on its own (tokenizer.decode([token_id]))
+    top: list["TokenLogprob"] = field(default_factory=list)
+
+
+@dataclass
 class GenerateDelta:
     """One streamed increment of a request's output.
 
@@ -170,6 +188,11 @@ class GenerateDelta:
     # finish_reason "error": what the client may be told (no internals; the request id
     # finds the server's log line).
     error: Optional[str] = None
+    # With params.logprobs: one per entry of token_ids.
+    logprobs: Optional[list[TokenLogprob]] = None
+    # With params.prompt_logprobs, on the request's first delta: one per prompt token (the
+    # first is None: nothing predicts it).
+    prompt_logprobs: Optional[list[Optional[TokenLogprob]]] = None
 
 
 @dataclass

@@ -10,7 +10,9 @@ in the sampling tensors stopped the step loop for everyone).
 Torch-free: the Serve layer imports it without the model stack.
 
 Limits (docs/reliability.md lists them for users):
-  max_tokens      1 .. MAX_TOKENS_LIMIT, and prompt + max_tokens <= max_model_len
+  max_tokens      1 .. MAX_TOKENS_LIMIT (0 with prompt_logprobs: score a prompt alone), and
+                  prompt + max_tokens <= max_model_len
+  logprobs        None or 0 .. MAX_LOGPROBS alternatives (prompt_logprobs the same)
   temperature     0 .. TEMPERATURE_MAX; 0 < t < TEMPERATURE_FLOOR is greedy (t = 0)
   top_p           (0, 1]
   top_k           -1 or 0 (off), or 1 .. TOP_K_LIMIT; >= the vocabulary keeps every token
@@ -35,6 +37,9 @@ TEMPERATURE_MAX = 2.0
 TEMPERATURE_FLOOR = 1e-5
 TOP_K_LIMIT = 2**31 - 1
 SEED_MIN, SEED_END = -(2**63), 2**64
+# Alternatives per position in log-probabilities (OpenAI's top_logprobs limit; its completions
+# API allows 5, checked at that door).
+MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 MAX_STOP_TOKEN_IDS = 64
@@ -111,7 +116,13 @@ def _check_float(v: Any, name: str) -> float:
 
 def check_sampling(p: SamplingParams) -> None:
     """Check p in place; normalises temperature (floats, the greedy floor) and top_p."""
-    _check_int(p.max_tokens, "max_tokens", 1, MAX_TOKENS_LIMIT, f"in [1, {MAX_TOKENS_LIMIT}]")
+    for name in ("logprobs", "prompt_logprobs"):
+        if getattr(p, name) is not None:
+            _check_int(getattr(p, name), name, 0, MAX_LOGPROBS, f"in [0, {MAX_LOGPROBS}]")
+    if p.max_tokens == 0 and p.prompt_logprobs is not None:  # scoring a prompt (echo), no output
+        pass
+    else:
+        _check_int(p.max_tokens, "max_tokens", 1, MAX_TOKENS_LIMIT, f"in [1, {MAX_TOKENS_LIMIT}]")
     t = _check_float(p.temperature, "temperature")
     if not (0.0 <= t <= TEMPERATURE_MAX):
         raise _bad(f"'temperature' must be in [0, {TEMPERATURE_MAX:g}], got {p.temperature}", "temperature")
