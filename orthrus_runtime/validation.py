@@ -40,6 +40,8 @@ SEED_MIN, SEED_END = -(2**63), 2**64
 # Alternatives per position in log-probabilities (OpenAI's top_logprobs limit; its completions
 # API allows 5, checked at that door).
 MAX_LOGPROBS = 20
+# Choices per request (`n`): each is its own engine request.
+MAX_CHOICES = 16
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 MAX_STOP_TOKEN_IDS = 64
@@ -153,6 +155,22 @@ def check_sampling(p: SamplingParams) -> None:
     for name in ("ignore_eos", "max_tokens_defaulted"):
         if not isinstance(getattr(p, name), bool):
             raise _bad(f"'{name}' must be a boolean", name)
+
+
+def check_choices(n: Any) -> int:
+    """`n`, the number of choices: 1 .. MAX_CHOICES."""
+    return _check_int(n, "n", 1, MAX_CHOICES, f"in [1, {MAX_CHOICES}]")
+
+
+def derive_seed(seed: Optional[int], index: int) -> Optional[int]:
+    """Choice `index`'s seed from the request's: choice 0 keeps it (n = 1 is unchanged), the
+    others get distinct 64-bit seeds from it, so a seeded n > 1 request is reproducible."""
+    if seed is None or index == 0:
+        return seed
+    x = (seed + index * 0x9E3779B97F4A7C15) % 2**64  # splitmix64's increment and finaliser
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) % 2**64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) % 2**64
+    return x ^ (x >> 31)
 
 
 def check_role(role: Any, i: int) -> str:
