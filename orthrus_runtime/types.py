@@ -195,6 +195,17 @@ class GenerateDelta:
     prompt_logprobs: Optional[list[Optional[TokenLogprob]]] = None
 
 
+def merge_deltas(a: Optional[GenerateDelta], b: GenerateDelta) -> GenerateDelta:
+    """The delta that says what a then b say (ids, text, log-probs; the prompt's log-probs
+    from whichever has them); accounting (finish, usage, stats) is b's."""
+    if a is None:
+        return b
+    lps = None if a.logprobs is None and b.logprobs is None else (a.logprobs or []) + (b.logprobs or [])
+    return dataclasses.replace(b, token_ids=a.token_ids + b.token_ids, text=a.text + b.text, logprobs=lps,
+                               prompt_logprobs=a.prompt_logprobs if a.prompt_logprobs is not None
+                               else b.prompt_logprobs)
+
+
 @dataclass
 class ModelInfo:
     model_id: str
