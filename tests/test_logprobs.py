@@ -48,7 +48,8 @@ def check_against_reference(model, d, prompt, k, pk, atol=2e-4):
         v, i = row.topk(k)
         assert [a.token_id for a in lp.top] == i.tolist()
         assert all(abs(a.logprob - b) < atol for a, b in zip(lp.top, v.tolist()))
-    assert d.prompt_logprobs[0] is None and len(d.prompt_logprobs) == len(prompt)
+    first = d.prompt_logprobs[0]
+    assert (first.token_id, first.logprob, first.top) == (prompt[0], None, []) and len(d.prompt_logprobs) == len(prompt)
     for p in range(1, len(prompt)):
         e = d.prompt_logprobs[p]
         assert e.token_id == prompt[p] and abs(e.logprob - ref[p - 1, prompt[p]].item()) < atol

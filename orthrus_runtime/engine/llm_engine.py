@@ -63,6 +63,7 @@ from orthrus_runtime.types import (
     RequestRecord,
     StatLogger,
     StepRecord,
+    TokenLogprob,
     Usage,
     merge_deltas,
 )
@@ -433,7 +434,7 @@ class LLMEngine:
         P = s.prompt_token_ids
         n = min(logits.shape[0], len(P) - 1 - start)  # rows whose next token is a prompt token
         if s.prompt_logprobs is None:
-            s.prompt_logprobs = [None] * len(P)
+            s.prompt_logprobs = [TokenLogprob(P[0], None, self._text_of(P[0]))] + [None] * (len(P) - 1)
         if n <= 0:
             return
         nxt = torch.tensor(P[start + 1: start + 1 + n], device=logits.device)

@@ -42,9 +42,9 @@ class Sequence:
     # Output ids not yet handed out in a delta (and, with params.logprobs, their log-probs).
     pending_ids: list[int] = field(default_factory=list)
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
-    # With params.prompt_logprobs: one per prompt token (entry 0 None), filled by the prefill and
-    # handed out once, on the first delta.
-    prompt_logprobs: Optional[list[Optional[TokenLogprob]]] = None
+    # With params.prompt_logprobs: one per prompt token (entry 0 without a logprob), filled by
+    # the prefill and handed out once, on the first delta.
+    prompt_logprobs: Optional[list[TokenLogprob]] = None
     prompt_logprobs_sent: bool = False
 
     @property
