@@ -24,6 +24,7 @@ engine's queue.
 # No `from __future__ import annotations` here: FastAPI reads the handlers'
 # annotations (Request) at route registration, through Serve's ingress wrapper.
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
@@ -40,7 +41,8 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from orthrus_runtime.defaults import DEFAULT_MAX_TOKENS
 from orthrus_runtime.proto import orthrus_pb2 as pb
-from orthrus_runtime.types import GenerateDelta, GenerateRequest, ModelInfo, Usage
+from orthrus_runtime import validation
+from orthrus_runtime.types import AcceptanceStats, GenerateDelta, GenerateRequest, ModelInfo, Usage, merge_deltas
 
 from . import grpc_protocol, openai_protocol as oa
 from .auth import ApiKeys, bearer_token
@@ -161,21 +163,23 @@ class EngineStream:
 
 
 class EngineStreamingResponse(StreamingResponse):
-    """A StreamingResponse that closes its engine stream however the response ends.
+    """A StreamingResponse that closes its engine streams (one per choice) however the
+    response ends.
 
     Starlette never starts the body iterator when the client is gone before
     the headers are sent, so the iterator's own cleanup would not run then.
     """
 
-    def __init__(self, content: AsyncIterator[bytes], stream: EngineStream, **kwargs: Any):
+    def __init__(self, content: AsyncIterator[bytes], streams: list[EngineStream], **kwargs: Any):
         super().__init__(content, **kwargs)
-        self._engine_stream = stream
+        self._engine_streams = streams
 
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self._engine_stream.close()
+            for st in self._engine_streams:
+                st.close()
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -193,19 +197,65 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def _collect(deltas: AsyncIterator[GenerateDelta]) -> tuple[str, list[int], GenerateDelta]:
-    text: list[str] = []
-    ids: list[int] = []
-    last = None
+def choice_requests(req: GenerateRequest, n: int) -> list[GenerateRequest]:
+    """The engine requests of n choices: choice i gets id `<id>-<i>` and the seed
+    validation.derive_seed(seed, i) (n = 1: the request itself)."""
+    if n == 1:
+        return [req]
+    return [dataclasses.replace(req, request_id=f"{req.request_id}-{i}", params=dataclasses.replace(
+        req.params, seed=validation.derive_seed(req.params.seed, i), stop=list(req.params.stop),
+        stop_token_ids=list(req.params.stop_token_ids))) for i in range(n)]
+
+
+async def merged(streams: list[EngineStream]) -> AsyncIterator[tuple[int, GenerateDelta]]:
+    """(choice index, delta) as each choice's deltas arrive; an error in one ends all (each
+    stream's own cleanup cancels its engine request)."""
+    its = [st.deltas() for st in streams]
+    if len(its) == 1:  # the common case, without a task per delta
+        try:
+            async for d in its[0]:
+                yield 0, d
+        finally:
+            await its[0].aclose()
+        return
+    pending = {asyncio.ensure_future(it.__anext__()): i for i, it in enumerate(its)}
     try:
-        async for d in deltas:
-            text.append(d.text)
-            ids.extend(d.token_ids)
-            last = d
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for f in sorted(done, key=lambda f: pending[f]):
+                i = pending.pop(f)
+                try:
+                    d = f.result()
+                except StopAsyncIteration:
+                    continue
+                yield i, d
+                pending[asyncio.ensure_future(its[i].__anext__())] = i
     finally:
-        await deltas.aclose()
-    assert last is not None and last.finished
-    return "".join(text), ids, last
+        for f in pending:
+            f.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        for it in its:
+            await it.aclose()
+
+
+async def collect(streams: list[EngineStream]) -> list[GenerateDelta]:
+    """Each choice's output merged into one final delta, in choice order."""
+    out: list[Optional[GenerateDelta]] = [None] * len(streams)
+    async for i, d in merged(streams):
+        out[i] = merge_deltas(out[i], d)
+    assert all(d is not None and d.finished for d in out)
+    return out  # type: ignore[return-value]
+
+
+def total_usage(finals: list[GenerateDelta]) -> tuple[Usage, AcceptanceStats]:
+    """Usage of n choices (the prompt counted once, as OpenAI does; completions summed) and
+    their acceptance statistics summed."""
+    stats = AcceptanceStats()
+    for d in finals:
+        if d.stats is not None:
+            stats.add(d.stats)
+    prompt = finals[0].usage.prompt_tokens if finals and finals[0].usage else 0
+    return Usage(prompt, sum(d.usage.completion_tokens for d in finals if d.usage)), stats
 
 
 @serve.deployment(
@@ -279,6 +329,29 @@ class OrthrusRouter:
             stream.close()
             raise shutting_down()
         return stream
+
+    async def _open_choices(self, req: GenerateRequest, n: int) -> list[EngineStream]:
+        """Start n choices (see choice_requests); all or none: a refusal of one closes the rest."""
+        if n == 1:
+            return [await self._open(req)]
+        opened = await asyncio.gather(*(self._open(r) for r in choice_requests(req, n)), return_exceptions=True)
+        failed = [e for e in opened if isinstance(e, BaseException)]
+        if failed:
+            for st in opened:
+                if isinstance(st, EngineStream):
+                    st.close()
+            raise failed[0]
+        return list(opened)  # type: ignore[arg-type]
+
+    async def _detokenize(self, ids: list[int]) -> str:
+        try:
+            text = await self._engine.detokenize.remote(ids)
+        except (RayError, DeploymentUnavailableError) as e:
+            logger.warning("detokenize failed: %s", _short(e))
+            raise unavailable("no engine replica answered") from None
+        if isinstance(text, Rejection):
+            raise invalid(text.message, param=text.param)
+        return text
 
     def _track(self, stream: EngineStream) -> None:
         self._streams.add(stream)
@@ -372,54 +445,92 @@ class OrthrusRouter:
             else:
                 req, opts = oa.parse_completion(body, self._model_id)
             rid = req.request_id
-            stream = await self._open(req)
+            echo_text = ""
+            if opts.echo:  # the prompt as sent, or the text of its token ids
+                echo_text = req.prompt if req.prompt is not None else await self._detokenize(req.prompt_token_ids)
+            streams = await self._open_choices(req, opts.n)
         except ApiError as e:
             return self._http_error(e)
         except Exception:  # noqa: BLE001 - never a plain-text 500
             rid = rid or f"http-{uuid.uuid4().hex}"
             logger.exception("request %s failed", rid)
             return self._http_error(internal(rid))
+        self._metrics.on_choices(opts.n, "http")
         if opts.stream:
-            return EngineStreamingResponse(self._sse(stream, opts, chat), stream, media_type="text/event-stream",
+            return EngineStreamingResponse(self._sse(streams, opts, chat, echo_text), streams,
+                                           media_type="text/event-stream",
                                            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self._track(stream)
+        for st in streams:
+            self._track(st)
         try:
-            text, _, last = await _collect(stream.deltas())
+            finals = await collect(streams)
         except ApiError as e:
             return self._http_error(e)
         finally:
-            self._untrack(stream)
-        build = oa.chat_response if chat else oa.completion_response
-        return JSONResponse(build(opts, text, last.finish_reason, last.usage or Usage(), last.stats))
+            for st in streams:
+                self._untrack(st)
+        usage, stats = total_usage(finals)
+        if chat:
+            choices = [oa.chat_choice(i, d.text, d.finish_reason, (d.logprobs or []) if opts.logprobs else None)
+                       for i, d in enumerate(finals)]
+            return JSONResponse(oa.chat_response(opts, choices, usage, stats))
+        choices = []
+        for i, d in enumerate(finals):
+            lps = None
+            if opts.logprobs:
+                lps = (d.prompt_logprobs or []) + (d.logprobs or []) if opts.echo else (d.logprobs or [])
+                lps = oa.completion_logprobs(lps)
+                if opts.echo:
+                    self._metrics.on_echo_prompt_tokens(len(d.prompt_logprobs or []), "http")
+            choices.append(oa.completion_choice(i, echo_text + d.text, d.finish_reason, lps))
+        return JSONResponse(oa.completion_response(opts, choices, usage, stats))
 
-    async def _sse(self, stream: EngineStream, opts: oa.ResponseOptions, chat: bool):
+    async def _sse(self, streams: list[EngineStream], opts: oa.ResponseOptions, chat: bool, echo_text: str = ""):
         obj = "chat.completion.chunk" if chat else "text_completion"
-        self._track(stream)
-        deltas = stream.deltas()
+        for st in streams:
+            self._track(st)
+        deltas = merged(streams)
+        finals: list[GenerateDelta] = []
+        offsets = [len(echo_text)] * len(streams)  # text_offset of each choice's next token
+        started = [False] * len(streams)
         try:
             if chat:
-                yield oa.sse(oa.chat_chunk(opts, {"role": "assistant", "content": ""}))
-            async for d in deltas:
-                if not d.finished and not d.text:
+                for i in range(len(streams)):
+                    yield oa.sse(oa.chat_chunk(opts, {"role": "assistant", "content": ""}, index=i))
+            async for i, d in deltas:
+                if not chat and opts.echo and not started[i]:
+                    started[i] = True  # the prompt first, as its own chunk (with its log-probs)
+                    lps = None
+                    if opts.logprobs:
+                        lps = oa.completion_logprobs(d.prompt_logprobs or [])
+                        self._metrics.on_echo_prompt_tokens(len(d.prompt_logprobs or []), "http")
+                    yield oa.sse(oa.completion_chunk(opts, echo_text, None, i, lps))
+                if not d.finished and not d.text and not (opts.logprobs and d.logprobs):
                     continue  # text held back (partial character or possible stop string)
                 if chat:
-                    chunk = oa.chat_chunk(opts, {"content": d.text} if d.text else {}, d.finish_reason)
+                    chunk = oa.chat_chunk(opts, {"content": d.text} if d.text else {}, d.finish_reason, i,
+                                          (d.logprobs or []) if opts.logprobs else None)
                 else:
-                    chunk = oa.completion_chunk(opts, d.text, d.finish_reason)
+                    lps = None
+                    if opts.logprobs:
+                        lps = oa.completion_logprobs(d.logprobs or [], offsets[i])
+                        offsets[i] += sum(len(t.token) for t in d.logprobs or [])
+                    chunk = oa.completion_chunk(opts, d.text, d.finish_reason, i, lps)
                 if d.finished:
                     chunk["orthrus"] = oa.stats_dict(d.stats)
+                    finals.append(d)
                 yield oa.sse(chunk)
-                if d.finished:
-                    if opts.include_usage:
-                        yield oa.sse(oa.usage_chunk(opts, obj, d.usage or Usage()))
-                    yield oa.SSE_DONE
+            if opts.include_usage:
+                yield oa.sse(oa.usage_chunk(opts, obj, total_usage(finals)[0]))
+            yield oa.SSE_DONE
         except ApiError as e:
             # Headers are gone already: report in-band, as OpenAI does, then end the stream.
             self._metrics.on_request_error(str(e.status), "http")
             yield oa.sse(e.to_openai())
             yield oa.SSE_DONE
         finally:
-            self._untrack(stream)
+            for st in streams:
+                self._untrack(st)
             await deltas.aclose()
 
     @fastapi_app.post("/v1/completions")

@@ -218,6 +218,18 @@ class LLMEngine:
             raise InvalidRequestError("prompt must not be empty")
         return list(self.tokenizer.encode(req.prompt))
 
+    def detokenize(self, ids: list[int]) -> str:
+        """The text of token ids (special tokens kept: the inverse of tokenize)."""
+        V = self.model.cfg.vocab_size
+        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise InvalidRequestError("tokens must be a list of integers", param="tokens")
+        bad = [t for t in ids if not (0 <= t < V)]
+        if bad:
+            raise InvalidRequestError(f"unknown token id(s) {bad[:5]} (vocabulary size {V})", param="tokens")
+        if self.tokenizer is None:
+            raise InvalidRequestError("this engine has no tokenizer")
+        return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
     def validate(self, req: GenerateRequest) -> list[int]:
         """Check a request; returns its prompt ids. Raises InvalidRequestError."""
         check_request(req, ModelLimits(self.model.cfg.vocab_size, self.cfg.max_model_len))
