@@ -477,6 +477,11 @@ BAD_GRPC = [
     dict(prompt_token_ids=[-1]),
     dict(messages=[{"role": "wizard", "content": "x"}]),
     dict(prompt="a", max_tokens=MAX_MODEL_LEN),
+    dict(prompt="a", logprobs=21),
+    dict(prompt="a", prompt_logprobs=-1),
+    dict(prompt="a", n=0),
+    dict(prompt="a", n=17),
+    dict(prompt="a", max_tokens=0, echo=True),  # scoring a prompt needs prompt_logprobs
 ]
 
 
