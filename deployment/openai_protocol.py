@@ -298,6 +298,34 @@ def parse_chat(body: dict, model_id: str, default_max_tokens: int) -> tuple[Gene
     return checked(req), opts
 
 
+def parse_tokenize(body: dict, model_id: str) -> GenerateRequest:
+    """/tokenize (vLLM's): exactly one of prompt (str) or messages; add_special_tokens and
+    add_generation_prompt only at their defaults (true), the ones the engine serves with."""
+    _check_model(body, model_id)
+    for name in ("add_special_tokens", "add_generation_prompt"):
+        if body.get(name) not in (None, True):
+            raise invalid(f"'{name}' must be true (the engine tokenizes that way)", param=name,
+                          code="unsupported_parameter")
+    if ("prompt" in body) == ("messages" in body):
+        raise invalid("send exactly one of 'prompt' or 'messages'", param="prompt")
+    if "messages" in body:
+        return checked(GenerateRequest(messages=_messages(body)))
+    if not isinstance(body["prompt"], str):
+        raise invalid("'prompt' must be a string", param="prompt", code="invalid_type")
+    return checked(GenerateRequest(prompt=body["prompt"]))
+
+
+def parse_detokenize(body: dict, model_id: str) -> list[int]:
+    """/detokenize (vLLM's): {"tokens": [int, ...]}; the engine checks the vocabulary."""
+    _check_model(body, model_id)
+    tokens = body.get("tokens")
+    if not (isinstance(tokens, list) and all(_is_int(t) for t in tokens)):
+        raise invalid("'tokens' must be a list of token ids", param="tokens", code="invalid_type")
+    if len(tokens) > validation.MAX_TEXT_CHARS:
+        raise invalid(f"at most {validation.MAX_TEXT_CHARS} tokens", param="tokens")
+    return tokens
+
+
 # --------------------------------------------------------------------------- responses
 
 

@@ -541,16 +541,19 @@ class OrthrusRouter:
     async def chat_completions(self, request: Request) -> Response:
         return await self._http_generate(request, chat=True)
 
-    def _model_card(self) -> dict[str, Any]:
-        return {"id": self._model_id, "object": "model", "created": self._created, "owned_by": "orthrus"}
+    async def _model_card(self) -> dict[str, Any]:
+        info = await self._model_info()
+        return {"id": self._model_id, "object": "model", "created": self._created, "owned_by": "orthrus",
+                "max_model_len": info.max_model_len}
 
     @fastapi_app.get("/v1/models")
     async def models(self, request: Request) -> Response:
         try:
             self._http_auth(request)
+            card = await self._model_card()
         except ApiError as e:
             return self._http_error(e)
-        return JSONResponse({"object": "list", "data": [self._model_card()]})
+        return JSONResponse({"object": "list", "data": [card]})
 
     @fastapi_app.get("/v1/models/{model:path}")
     async def model(self, model: str, request: Request) -> Response:
@@ -559,9 +562,40 @@ class OrthrusRouter:
             if model != self._model_id:
                 raise ApiError(404, f"model '{model}' does not exist; this server serves '{self._model_id}'",
                                param="model", code="model_not_found")
+            card = await self._model_card()
         except ApiError as e:
             return self._http_error(e)
-        return JSONResponse(self._model_card())
+        return JSONResponse(card)
+
+    async def _http_body(self, request: Request) -> dict[str, Any]:
+        self._http_auth(request)
+        return oa.parse_json_body(await read_body(request, self._max_body))
+
+    @fastapi_app.post("/tokenize")
+    async def tokenize(self, request: Request) -> Response:
+        """vLLM's /tokenize: {"prompt": str} or {"messages": [...]} -> {count, max_model_len, tokens}."""
+        try:
+            req = oa.parse_tokenize(await self._http_body(request), self._model_id)
+            ids = await self._engine.tokenize.remote(req)
+            if isinstance(ids, Rejection):
+                raise invalid(ids.message, param=ids.param)
+            info = await self._model_info()
+        except ApiError as e:
+            return self._http_error(e)
+        except (RayError, DeploymentUnavailableError) as e:
+            logger.warning("tokenize failed: %s", _short(e))
+            return self._http_error(unavailable("no engine replica answered"))
+        return JSONResponse({"count": len(ids), "max_model_len": info.max_model_len, "tokens": ids})
+
+    @fastapi_app.post("/detokenize")
+    async def detokenize(self, request: Request) -> Response:
+        """vLLM's /detokenize: {"tokens": [int]} -> {"prompt": str}."""
+        try:
+            ids = oa.parse_detokenize(await self._http_body(request), self._model_id)
+            text = await self._detokenize(ids)
+        except ApiError as e:
+            return self._http_error(e)
+        return JSONResponse({"prompt": text})
 
     @fastapi_app.get("/health")
     async def health(self) -> Response:
@@ -602,47 +636,72 @@ class OrthrusRouter:
             raise ApiError(401, "missing or invalid API key (send metadata `authorization: Bearer <key>`)",
                            code="invalid_api_key")
 
-    def _grpc_request(self, request: Any, ctx: RayServegRPCContext) -> GenerateRequest:
+    def _grpc_request(self, request: Any, ctx: RayServegRPCContext) -> tuple[GenerateRequest, grpc_protocol.Choices]:
         self._grpc_auth(ctx)
         if isinstance(request, MalformedMessage):
             raise invalid(f"the request is not a valid {request.message_type} message: {request.reason}",
                           code="malformed_message")
         if self._draining:
             raise shutting_down()
-        return grpc_protocol.to_generate_request(request, self._default_max_tokens)
+        return grpc_protocol.parse_request(request, self._default_max_tokens)
+
+    async def _prompt_text(self, req: GenerateRequest) -> str:
+        """The prompt's text for echo: as sent, or the text of its token ids (chat messages:
+        with the chat template applied)."""
+        if req.prompt is not None:
+            return req.prompt
+        ids = req.prompt_token_ids
+        if ids is None:
+            ids = await self._engine.tokenize.remote(req)
+            if isinstance(ids, Rejection):
+                raise invalid(ids.message, param=ids.param)
+        return await self._detokenize(ids)
+
+    async def _grpc_open(self, request: Any, ctx: RayServegRPCContext):
+        req, choices = self._grpc_request(request, ctx)
+        echo_text = await self._prompt_text(req) if choices.echo else ""
+        streams = await self._open_choices(req, choices.n)
+        self._metrics.on_choices(choices.n, "grpc")
+        return req, choices, echo_text, streams
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext):
         rid = None
         try:
-            req = self._grpc_request(request, grpc_context)
+            req, choices, echo_text, streams = await self._grpc_open(request, grpc_context)
             rid = req.request_id
-            stream = await self._open(req)
         except ApiError as e:
             raise self._grpc_fail(grpc_context, e) from None
         except Exception:  # noqa: BLE001 - never an exception text for the client
             rid = rid or f"grpc-{uuid.uuid4().hex}"
             logger.exception("request %s failed", rid)
             raise self._grpc_fail(grpc_context, internal(rid)) from None
-        self._track(stream)
-        deltas = stream.deltas()
+        for st in streams:
+            self._track(st)
+        deltas = merged(streams)
+        started = [False] * len(streams)
         try:
-            async for d in deltas:
-                if d.finished or d.text or d.token_ids:
-                    yield grpc_protocol.delta_to_response(d)
+            async for i, d in deltas:
+                if d.finished or d.text or d.token_ids or d.prompt_logprobs:
+                    first = not started[i]
+                    started[i] = True
+                    if d.prompt_logprobs and choices.echo:
+                        self._metrics.on_echo_prompt_tokens(len(d.prompt_logprobs), "grpc")
+                    yield grpc_protocol.delta_to_response(d, i, echo_text=echo_text if first else "")
         except ApiError as e:
             raise self._grpc_fail(grpc_context, e) from None
         finally:
-            self._untrack(stream)
+            for st in streams:
+                self._untrack(st)
             await deltas.aclose()
 
     async def Complete(self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext) -> pb.GenerateResponse:
-        rid, stream = None, None
+        rid, streams = None, []
         try:
-            req = self._grpc_request(request, grpc_context)
+            req, choices, echo_text, streams = await self._grpc_open(request, grpc_context)
             rid = req.request_id
-            stream = await self._open(req)
-            self._track(stream)
-            text, token_ids, last = await _collect(stream.deltas())
+            for st in streams:
+                self._track(st)
+            finals = await collect(streams)
         except ApiError as e:
             # A unary method returns: Serve applies the status set on the context,
             # and the client sees only that status (no exception logged for a 4xx).
@@ -654,9 +713,15 @@ class OrthrusRouter:
             self._grpc_status(grpc_context, internal(rid))
             return pb.GenerateResponse()
         finally:
-            if stream is not None:
-                self._untrack(stream)
-        return grpc_protocol.final_response(req.request_id, text, token_ids, last)
+            for st in streams:
+                self._untrack(st)
+        if choices.echo:
+            self._metrics.on_echo_prompt_tokens(sum(len(d.prompt_logprobs or []) for d in finals), "grpc")
+        return grpc_protocol.complete_response([
+            grpc_protocol.final_response(d.request_id if choices.n > 1 else req.request_id, d.text, d.token_ids, d,
+                                         index=i, echo_text=echo_text, logprobs=d.logprobs,
+                                         prompt_logprobs=d.prompt_logprobs)
+            for i, d in enumerate(finals)])
 
     async def ModelInfo(self, request: pb.ModelInfoRequest, grpc_context: RayServegRPCContext) -> pb.ModelInfoResponse:
         try:
