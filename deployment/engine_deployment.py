@@ -111,6 +111,19 @@ class OrthrusEngine:
     def model_info(self) -> ModelInfo:
         return self._engine.model_info()
 
+    async def tokenize(self, request: GenerateRequest) -> Union[list[int], Rejection]:
+        """The prompt's token ids (chat template applied), or a Rejection."""
+        try:
+            return await self._engine.tokenize(request)
+        except InvalidRequestError as e:
+            return Rejection(str(e), e.param)
+
+    async def detokenize(self, ids: list[int]) -> Union[str, Rejection]:
+        try:
+            return await self._engine.detokenize(ids)
+        except InvalidRequestError as e:
+            return Rejection(str(e), e.param)
+
     def stats(self) -> EngineStats:
         return self._engine.stats()
 

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import uuid
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Sequence
 
 from orthrus_runtime.defaults import DEFAULT_MAX_TOKENS
 from orthrus_runtime.proto import orthrus_pb2 as pb
@@ -11,9 +12,12 @@ from orthrus_runtime.types import (
     GenerateDelta,
     GenerateRequest,
     ModelInfo,
+    InvalidRequestError,
     SamplingParams,
+    TokenLogprob,
     Usage,
 )
+from orthrus_runtime.validation import check_choices
 
 from .errors import checked, invalid
 
@@ -25,8 +29,20 @@ FINISH_REASONS = {
 }
 
 
-def to_generate_request(msg: pb.GenerateRequest, default_max_tokens: int = DEFAULT_MAX_TOKENS) -> GenerateRequest:
-    """Validate the message's shape and build the engine request (ApiError 400 when malformed)."""
+@dataclass(frozen=True)
+class Choices:
+    """What a request asks beyond one engine request: n choices (the router runs n engine
+    requests, choice i seeded with validation.derive_seed(seed, i)), and echo (the prompt's
+    text, and with prompt_logprobs its log-probabilities, first in every choice's output)."""
+
+    n: int = 1
+    echo: bool = False
+
+
+def parse_request(msg: pb.GenerateRequest,
+                  default_max_tokens: int = DEFAULT_MAX_TOKENS) -> tuple[GenerateRequest, Choices]:
+    """Validate the message and build the engine request (one choice's: the request's seed)
+    and its Choices; ApiError 400 (INVALID_ARGUMENT) naming the field when malformed."""
     inputs = [name for name, present in (
         ("prompt", msg.HasField("prompt")),
         ("messages", len(msg.messages) > 0),
@@ -49,6 +65,8 @@ def to_generate_request(msg: pb.GenerateRequest, default_max_tokens: int = DEFAU
         top_p=msg.top_p if msg.HasField("top_p") else 1.0,
         seed=msg.seed if msg.HasField("seed") else None,
         stop=list(msg.stop),
+        logprobs=msg.logprobs if msg.HasField("logprobs") else None,
+        prompt_logprobs=msg.prompt_logprobs if msg.HasField("prompt_logprobs") else None,
     )
     req = GenerateRequest(params=params, request_id=msg.request_id or f"grpc-{uuid.uuid4().hex}")
     if msg.HasField("prompt"):
@@ -59,7 +77,18 @@ def to_generate_request(msg: pb.GenerateRequest, default_max_tokens: int = DEFAU
         req.prompt_token_ids = list(msg.prompt_token_ids)
     if msg.mode in _MODES:
         req.mode = _MODES[msg.mode]
-    return checked(req)  # the same rules and messages as over HTTP
+    checked(req)  # the same rules and messages as over HTTP
+    try:
+        n = check_choices(msg.n if msg.HasField("n") else 1)
+    except InvalidRequestError as e:
+        raise invalid(str(e), param=e.param) from None
+    return req, Choices(n=n, echo=msg.echo)
+
+
+def to_generate_request(msg: pb.GenerateRequest, default_max_tokens: int = DEFAULT_MAX_TOKENS) -> GenerateRequest:
+    """parse_request's engine request alone, for a caller that serves one choice without echo
+    (n and echo are still validated, and ignored)."""
+    return parse_request(msg, default_max_tokens)[0]
 
 
 def _usage(u: Optional[Usage]) -> pb.Usage:
@@ -79,8 +108,25 @@ def _stats(s: Optional[AcceptanceStats]) -> pb.AcceptanceStats:
     )
 
 
-def delta_to_response(d: GenerateDelta) -> pb.GenerateResponse:
-    r = pb.GenerateResponse(request_id=d.request_id, text=d.text, token_ids=d.token_ids)
+def _token_logprob(t: Optional[TokenLogprob]) -> pb.TokenLogprob:
+    """None (the first prompt token, which nothing predicts) -> a TokenLogprob with logprob unset."""
+    if t is None:
+        return pb.TokenLogprob()
+    m = pb.TokenLogprob(token_id=t.token_id, token=t.token,
+                        top=[pb.TopLogprob(token_id=a.token_id, token=a.token, logprob=a.logprob) for a in t.top])
+    if t.logprob is not None:
+        m.logprob = t.logprob
+    return m
+
+
+def delta_to_response(d: GenerateDelta, index: int = 0, *, echo_text: str = "") -> pb.GenerateResponse:
+    """One stream message of choice `index`; echo_text goes before the delta's text (a choice's
+    first message, with echo). Logprobs and prompt logprobs are copied when the delta has them."""
+    r = pb.GenerateResponse(request_id=d.request_id, text=echo_text + d.text, token_ids=d.token_ids, index=index)
+    if d.logprobs:
+        r.logprobs.extend(_token_logprob(t) for t in d.logprobs)
+    if d.prompt_logprobs:
+        r.prompt_logprobs.extend(_token_logprob(t) for t in d.prompt_logprobs)
     if d.finished:
         r.finished = True
         r.finish_reason = FINISH_REASONS.get(d.finish_reason or "", pb.FINISH_REASON_UNSPECIFIED)
@@ -90,13 +136,41 @@ def delta_to_response(d: GenerateDelta) -> pb.GenerateResponse:
     return r
 
 
-def final_response(request_id: str, text: str, token_ids: list[int], last: GenerateDelta) -> pb.GenerateResponse:
-    """The Complete answer: the whole output plus the last delta's accounting."""
-    r = delta_to_response(last)
+def final_response(
+    request_id: str,
+    text: str,
+    token_ids: list[int],
+    last: GenerateDelta,
+    *,
+    index: int = 0,
+    echo_text: str = "",
+    logprobs: Optional[Sequence[TokenLogprob]] = None,
+    prompt_logprobs: Optional[Sequence[Optional[TokenLogprob]]] = None,
+) -> pb.GenerateResponse:
+    """One choice's Complete answer: its whole output (after echo_text, with echo) plus the
+    last delta's accounting. logprobs / prompt_logprobs: the choice's, merged over all its
+    deltas (the last delta's own are not used)."""
+    r = delta_to_response(last, index)
     r.request_id = request_id
-    r.text = text
+    r.text = echo_text + text
     del r.token_ids[:]
     r.token_ids.extend(token_ids)
+    del r.logprobs[:]
+    r.logprobs.extend(_token_logprob(t) for t in logprobs or ())
+    del r.prompt_logprobs[:]
+    r.prompt_logprobs.extend(_token_logprob(t) for t in prompt_logprobs or ())
+    return r
+
+
+def complete_response(answers: Sequence[pb.GenerateResponse]) -> pb.GenerateResponse:
+    """The Complete answer of a request with n choices, from final_response's per choice (in
+    index order): choice 0's fields, and with n > 1 every choice in `choices`."""
+    if not answers:
+        raise ValueError("a Complete answer needs at least one choice")
+    r = pb.GenerateResponse()
+    r.CopyFrom(answers[0])
+    if len(answers) > 1:
+        r.choices.extend(answers)
     return r
 
 

@@ -19,6 +19,7 @@ from orthrus_runtime.types import (
     AcceptanceStats,
     GenerateRequest,
     SamplingParams,
+    TokenLogprob,
     Usage,
 )
 
@@ -39,9 +40,6 @@ _NEUTRAL = {
     "presence_penalty": (0, 0.0, None),
     "frequency_penalty": (0, 0.0, None),
     "logit_bias": (None, {}),
-    "logprobs": (None, False, 0),
-    "top_logprobs": (None, 0),
-    "echo": (None, False),
     "best_of": (None, 1),
     "suffix": (None, ""),
     "tools": (None, []),
@@ -51,6 +49,10 @@ _NEUTRAL = {
 }
 
 
+# OpenAI's completions API takes logprobs 0..5 (chat's top_logprobs: 0..validation.MAX_LOGPROBS).
+COMPLETIONS_MAX_LOGPROBS = 5
+
+
 @dataclass
 class ResponseOptions:
     stream: bool
@@ -58,6 +60,9 @@ class ResponseOptions:
     request_id: str
     created: int
     model: str
+    n: int = 1  # choices, each its own engine request (validation.derive_seed gives its seed)
+    logprobs: bool = False  # the response carries log-probabilities
+    echo: bool = False  # completions: the prompt (text, and log-probs with logprobs) comes first
 
 
 def _parse_int(digits: str) -> int:
@@ -148,10 +153,6 @@ def _sampling(body: dict, default_max_tokens: int) -> SamplingParams:
     elif not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
         raise invalid("'stop' must be a string or a list of strings", param="stop", code="invalid_type")
 
-    n = _opt(body, "n", _is_int, "an integer")
-    if n is not None and n != 1:
-        raise invalid(f"only n=1 is supported, got n={n}", param="n")
-
     def given(name: str, default: Any) -> Any:
         v = body.get(name)
         return default if v is None else v
@@ -232,34 +233,97 @@ def _messages(body: dict) -> list[dict[str, Any]]:
 
 def _options(body: dict, prefix: str, model_id: str) -> ResponseOptions:
     stream, include_usage = _stream_options(body)
+    n = body.get("n")
+    if n is not None:
+        try:
+            validation.check_choices(n)
+        except validation.InvalidRequestError as e:
+            raise invalid(str(e), param="n") from None
     return ResponseOptions(
         stream=stream,
         include_usage=include_usage,
         request_id=f"{prefix}-{uuid.uuid4().hex}",
         created=int(time.time()),
         model=model_id,
+        n=1 if n is None else n,
     )
 
 
+def _unsupported(body: dict, *names: str) -> None:
+    for name in names:
+        if body.get(name) not in (None, False):
+            raise invalid(f"'{name}' is not supported on this endpoint", param=name, code="unsupported_parameter")
+
+
 def parse_completion(body: dict, model_id: str) -> tuple[GenerateRequest, ResponseOptions]:
+    """OpenAI's completions: logprobs (0..5 alternatives), echo; echo with max_tokens 0 scores
+    the prompt alone (what lm-evaluation-harness sends for log-likelihoods)."""
     _check_model(body, model_id)
     _check_neutral(body)
+    _unsupported(body, "top_logprobs")
     prompt, ids = _prompt(body)
     params = _sampling(body, COMPLETIONS_DEFAULT_MAX_TOKENS)
+    logprobs = _opt(body, "logprobs", _is_int, "an integer")
+    if logprobs is not None and not 0 <= logprobs <= COMPLETIONS_MAX_LOGPROBS:
+        raise invalid(f"'logprobs' must be in [0, {COMPLETIONS_MAX_LOGPROBS}], got {logprobs}", param="logprobs")
+    echo = bool(_opt(body, "echo", lambda v: isinstance(v, bool), "a boolean"))
+    params.logprobs = logprobs
+    if echo and (logprobs is not None or params.max_tokens == 0):
+        params.prompt_logprobs = logprobs or 0  # scored by the prefill (a prompt alone with max_tokens 0)
     opts = _options(body, "cmpl", model_id)
+    opts.logprobs, opts.echo = logprobs is not None, echo
     req = GenerateRequest(prompt=prompt, prompt_token_ids=ids, params=params, request_id=opts.request_id,
                           mode=_mode(body))
     return checked(req), opts
 
 
 def parse_chat(body: dict, model_id: str, default_max_tokens: int) -> tuple[GenerateRequest, ResponseOptions]:
+    """OpenAI's chat completions: logprobs (a boolean) and top_logprobs (0..20 alternatives)."""
     _check_model(body, model_id)
     _check_neutral(body)
+    _unsupported(body, "echo")
     messages = _messages(body)
     params = _sampling(body, default_max_tokens)
+    logprobs = bool(_opt(body, "logprobs", lambda v: isinstance(v, bool), "a boolean"))
+    top = _opt(body, "top_logprobs", _is_int, "an integer")
+    if top is not None:
+        if not logprobs:
+            raise invalid("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+        if not 0 <= top <= validation.MAX_LOGPROBS:
+            raise invalid(f"'top_logprobs' must be in [0, {validation.MAX_LOGPROBS}], got {top}", param="top_logprobs")
+    params.logprobs = (top or 0) if logprobs else None
     opts = _options(body, "chatcmpl", model_id)
+    opts.logprobs = logprobs
     req = GenerateRequest(messages=messages, params=params, request_id=opts.request_id, mode=_mode(body))
     return checked(req), opts
+
+
+def parse_tokenize(body: dict, model_id: str) -> GenerateRequest:
+    """/tokenize (vLLM's): exactly one of prompt (str) or messages; add_special_tokens and
+    add_generation_prompt only at their defaults (true), the ones the engine serves with."""
+    _check_model(body, model_id)
+    for name in ("add_special_tokens", "add_generation_prompt"):
+        if body.get(name) not in (None, True):
+            raise invalid(f"'{name}' must be true (the engine tokenizes that way)", param=name,
+                          code="unsupported_parameter")
+    if ("prompt" in body) == ("messages" in body):
+        raise invalid("send exactly one of 'prompt' or 'messages'", param="prompt")
+    if "messages" in body:
+        return checked(GenerateRequest(messages=_messages(body)))
+    if not isinstance(body["prompt"], str):
+        raise invalid("'prompt' must be a string", param="prompt", code="invalid_type")
+    return checked(GenerateRequest(prompt=body["prompt"]))
+
+
+def parse_detokenize(body: dict, model_id: str) -> list[int]:
+    """/detokenize (vLLM's): {"tokens": [int, ...]}; the engine checks the vocabulary."""
+    _check_model(body, model_id)
+    tokens = body.get("tokens")
+    if not (isinstance(tokens, list) and all(_is_int(t) for t in tokens)):
+        raise invalid("'tokens' must be a list of token ids", param="tokens", code="invalid_type")
+    if len(tokens) > validation.MAX_TEXT_CHARS:
+        raise invalid(f"at most {validation.MAX_TEXT_CHARS} tokens", param="tokens")
+    return tokens
 
 
 # --------------------------------------------------------------------------- responses
@@ -274,32 +338,71 @@ def stats_dict(s: Optional[AcceptanceStats]) -> dict[str, Any]:
     return (s or AcceptanceStats()).to_dict()
 
 
-def completion_response(opts: ResponseOptions, text: str, finish_reason: str, usage: Usage,
+def _bytes(text: str) -> list[int]:
+    return list(text.encode("utf-8", errors="replace"))
+
+
+def chat_logprobs(lps: Optional[list[TokenLogprob]]) -> Optional[dict[str, Any]]:
+    """OpenAI's chat shape: {"content": [{token, logprob, bytes, top_logprobs}], "refusal": null}."""
+    if lps is None:
+        return None
+    return {"content": [{"token": t.token, "logprob": t.logprob, "bytes": _bytes(t.token),
+                         "top_logprobs": [{"token": a.token, "logprob": a.logprob, "bytes": _bytes(a.token)}
+                                          for a in t.top]} for t in lps],
+            "refusal": None}
+
+
+def completion_logprobs(lps: list[TokenLogprob], offset: int = 0) -> dict[str, Any]:
+    """OpenAI's completions shape: parallel lists; text_offset counts characters of the choice's
+    text from `offset` (token texts laid end to end); a prompt's first token has null entries.
+    top_logprobs maps each alternative's text to its log-prob (and holds the chosen token too,
+    as the OpenAI API and vLLM do)."""
+    tokens, values, tops, offsets = [], [], [], []
+    for t in lps:
+        tokens.append(t.token)
+        values.append(t.logprob)
+        if t.logprob is None:
+            tops.append(None)
+        else:
+            top = {a.token: a.logprob for a in t.top}
+            top.setdefault(t.token, t.logprob)
+            tops.append(top)
+        offsets.append(offset)
+        offset += len(t.token)
+    return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
+
+
+def completion_choice(index: int, text: str, finish_reason: Optional[str],
+                      logprobs: Optional[dict[str, Any]]) -> dict[str, Any]:
+    return {"index": index, "text": text, "finish_reason": finish_reason, "logprobs": logprobs}
+
+
+def chat_choice(index: int, text: str, finish_reason: Optional[str], lps: Optional[list[TokenLogprob]]) -> dict[str, Any]:
+    return {"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason,
+            "logprobs": chat_logprobs(lps)}
+
+
+def completion_response(opts: ResponseOptions, choices: list[dict[str, Any]], usage: Usage,
                         stats: AcceptanceStats) -> dict[str, Any]:
     return {
         "id": opts.request_id,
         "object": "text_completion",
         "created": opts.created,
         "model": opts.model,
-        "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}],
+        "choices": choices,
         "usage": usage_dict(usage),
         "orthrus": stats_dict(stats),
     }
 
 
-def chat_response(opts: ResponseOptions, text: str, finish_reason: str, usage: Usage,
+def chat_response(opts: ResponseOptions, choices: list[dict[str, Any]], usage: Usage,
                   stats: AcceptanceStats) -> dict[str, Any]:
     return {
         "id": opts.request_id,
         "object": "chat.completion",
         "created": opts.created,
         "model": opts.model,
-        "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "finish_reason": finish_reason,
-            "logprobs": None,
-        }],
+        "choices": choices,
         "usage": usage_dict(usage),
         "orthrus": stats_dict(stats),
     }
@@ -318,13 +421,15 @@ def _chunk(opts: ResponseOptions, obj: str, choice: Optional[dict]) -> dict[str,
     return c
 
 
-def completion_chunk(opts: ResponseOptions, text: str, finish_reason: Optional[str] = None) -> dict[str, Any]:
-    return _chunk(opts, "text_completion", {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None})
+def completion_chunk(opts: ResponseOptions, text: str, finish_reason: Optional[str] = None, index: int = 0,
+                     logprobs: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    return _chunk(opts, "text_completion", completion_choice(index, text, finish_reason, logprobs))
 
 
-def chat_chunk(opts: ResponseOptions, delta: dict[str, Any], finish_reason: Optional[str] = None) -> dict[str, Any]:
+def chat_chunk(opts: ResponseOptions, delta: dict[str, Any], finish_reason: Optional[str] = None, index: int = 0,
+               lps: Optional[list[TokenLogprob]] = None) -> dict[str, Any]:
     return _chunk(opts, "chat.completion.chunk",
-                  {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None})
+                  {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": chat_logprobs(lps)})
 
 
 def usage_chunk(opts: ResponseOptions, obj: str, usage: Usage) -> dict[str, Any]:

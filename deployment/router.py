@@ -24,6 +24,7 @@ engine's queue.
 # No `from __future__ import annotations` here: FastAPI reads the handlers'
 # annotations (Request) at route registration, through Serve's ingress wrapper.
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
@@ -40,7 +41,8 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
 from orthrus_runtime.defaults import DEFAULT_MAX_TOKENS
 from orthrus_runtime.proto import orthrus_pb2 as pb
-from orthrus_runtime.types import GenerateDelta, GenerateRequest, ModelInfo, Usage
+from orthrus_runtime import validation
+from orthrus_runtime.types import AcceptanceStats, GenerateDelta, GenerateRequest, ModelInfo, Usage, merge_deltas
 
 from . import grpc_protocol, openai_protocol as oa
 from .auth import ApiKeys, bearer_token
@@ -161,21 +163,23 @@ class EngineStream:
 
 
 class EngineStreamingResponse(StreamingResponse):
-    """A StreamingResponse that closes its engine stream however the response ends.
+    """A StreamingResponse that closes its engine streams (one per choice) however the
+    response ends.
 
     Starlette never starts the body iterator when the client is gone before
     the headers are sent, so the iterator's own cleanup would not run then.
     """
 
-    def __init__(self, content: AsyncIterator[bytes], stream: EngineStream, **kwargs: Any):
+    def __init__(self, content: AsyncIterator[bytes], streams: list[EngineStream], **kwargs: Any):
         super().__init__(content, **kwargs)
-        self._engine_stream = stream
+        self._engine_streams = streams
 
     async def __call__(self, scope, receive, send) -> None:
         try:
             await super().__call__(scope, receive, send)
         finally:
-            self._engine_stream.close()
+            for st in self._engine_streams:
+                st.close()
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -193,19 +197,65 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def _collect(deltas: AsyncIterator[GenerateDelta]) -> tuple[str, list[int], GenerateDelta]:
-    text: list[str] = []
-    ids: list[int] = []
-    last = None
+def choice_requests(req: GenerateRequest, n: int) -> list[GenerateRequest]:
+    """The engine requests of n choices: choice i gets id `<id>-<i>` and the seed
+    validation.derive_seed(seed, i) (n = 1: the request itself)."""
+    if n == 1:
+        return [req]
+    return [dataclasses.replace(req, request_id=f"{req.request_id}-{i}", params=dataclasses.replace(
+        req.params, seed=validation.derive_seed(req.params.seed, i), stop=list(req.params.stop),
+        stop_token_ids=list(req.params.stop_token_ids))) for i in range(n)]
+
+
+async def merged(streams: list[EngineStream]) -> AsyncIterator[tuple[int, GenerateDelta]]:
+    """(choice index, delta) as each choice's deltas arrive; an error in one ends all (each
+    stream's own cleanup cancels its engine request)."""
+    its = [st.deltas() for st in streams]
+    if len(its) == 1:  # the common case, without a task per delta
+        try:
+            async for d in its[0]:
+                yield 0, d
+        finally:
+            await its[0].aclose()
+        return
+    pending = {asyncio.ensure_future(it.__anext__()): i for i, it in enumerate(its)}
     try:
-        async for d in deltas:
-            text.append(d.text)
-            ids.extend(d.token_ids)
-            last = d
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for f in sorted(done, key=lambda f: pending[f]):
+                i = pending.pop(f)
+                try:
+                    d = f.result()
+                except StopAsyncIteration:
+                    continue
+                yield i, d
+                pending[asyncio.ensure_future(its[i].__anext__())] = i
     finally:
-        await deltas.aclose()
-    assert last is not None and last.finished
-    return "".join(text), ids, last
+        for f in pending:
+            f.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        for it in its:
+            await it.aclose()
+
+
+async def collect(streams: list[EngineStream]) -> list[GenerateDelta]:
+    """Each choice's output merged into one final delta, in choice order."""
+    out: list[Optional[GenerateDelta]] = [None] * len(streams)
+    async for i, d in merged(streams):
+        out[i] = merge_deltas(out[i], d)
+    assert all(d is not None and d.finished for d in out)
+    return out  # type: ignore[return-value]
+
+
+def total_usage(finals: list[GenerateDelta]) -> tuple[Usage, AcceptanceStats]:
+    """Usage of n choices (the prompt counted once, as OpenAI does; completions summed) and
+    their acceptance statistics summed."""
+    stats = AcceptanceStats()
+    for d in finals:
+        if d.stats is not None:
+            stats.add(d.stats)
+    prompt = finals[0].usage.prompt_tokens if finals and finals[0].usage else 0
+    return Usage(prompt, sum(d.usage.completion_tokens for d in finals if d.usage)), stats
 
 
 @serve.deployment(
@@ -279,6 +329,29 @@ class OrthrusRouter:
             stream.close()
             raise shutting_down()
         return stream
+
+    async def _open_choices(self, req: GenerateRequest, n: int) -> list[EngineStream]:
+        """Start n choices (see choice_requests); all or none: a refusal of one closes the rest."""
+        if n == 1:
+            return [await self._open(req)]
+        opened = await asyncio.gather(*(self._open(r) for r in choice_requests(req, n)), return_exceptions=True)
+        failed = [e for e in opened if isinstance(e, BaseException)]
+        if failed:
+            for st in opened:
+                if isinstance(st, EngineStream):
+                    st.close()
+            raise failed[0]
+        return list(opened)  # type: ignore[arg-type]
+
+    async def _detokenize(self, ids: list[int]) -> str:
+        try:
+            text = await self._engine.detokenize.remote(ids)
+        except (RayError, DeploymentUnavailableError) as e:
+            logger.warning("detokenize failed: %s", _short(e))
+            raise unavailable("no engine replica answered") from None
+        if isinstance(text, Rejection):
+            raise invalid(text.message, param=text.param)
+        return text
 
     def _track(self, stream: EngineStream) -> None:
         self._streams.add(stream)
@@ -372,54 +445,92 @@ class OrthrusRouter:
             else:
                 req, opts = oa.parse_completion(body, self._model_id)
             rid = req.request_id
-            stream = await self._open(req)
+            echo_text = ""
+            if opts.echo:  # the prompt as sent, or the text of its token ids
+                echo_text = req.prompt if req.prompt is not None else await self._detokenize(req.prompt_token_ids)
+            streams = await self._open_choices(req, opts.n)
         except ApiError as e:
             return self._http_error(e)
         except Exception:  # noqa: BLE001 - never a plain-text 500
             rid = rid or f"http-{uuid.uuid4().hex}"
             logger.exception("request %s failed", rid)
             return self._http_error(internal(rid))
+        self._metrics.on_choices(opts.n, "http")
         if opts.stream:
-            return EngineStreamingResponse(self._sse(stream, opts, chat), stream, media_type="text/event-stream",
+            return EngineStreamingResponse(self._sse(streams, opts, chat, echo_text), streams,
+                                           media_type="text/event-stream",
                                            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self._track(stream)
+        for st in streams:
+            self._track(st)
         try:
-            text, _, last = await _collect(stream.deltas())
+            finals = await collect(streams)
         except ApiError as e:
             return self._http_error(e)
         finally:
-            self._untrack(stream)
-        build = oa.chat_response if chat else oa.completion_response
-        return JSONResponse(build(opts, text, last.finish_reason, last.usage or Usage(), last.stats))
+            for st in streams:
+                self._untrack(st)
+        usage, stats = total_usage(finals)
+        if chat:
+            choices = [oa.chat_choice(i, d.text, d.finish_reason, (d.logprobs or []) if opts.logprobs else None)
+                       for i, d in enumerate(finals)]
+            return JSONResponse(oa.chat_response(opts, choices, usage, stats))
+        choices = []
+        for i, d in enumerate(finals):
+            lps = None
+            if opts.logprobs:
+                lps = (d.prompt_logprobs or []) + (d.logprobs or []) if opts.echo else (d.logprobs or [])
+                lps = oa.completion_logprobs(lps)
+                if opts.echo:
+                    self._metrics.on_echo_prompt_tokens(len(d.prompt_logprobs or []), "http")
+            choices.append(oa.completion_choice(i, echo_text + d.text, d.finish_reason, lps))
+        return JSONResponse(oa.completion_response(opts, choices, usage, stats))
 
-    async def _sse(self, stream: EngineStream, opts: oa.ResponseOptions, chat: bool):
+    async def _sse(self, streams: list[EngineStream], opts: oa.ResponseOptions, chat: bool, echo_text: str = ""):
         obj = "chat.completion.chunk" if chat else "text_completion"
-        self._track(stream)
-        deltas = stream.deltas()
+        for st in streams:
+            self._track(st)
+        deltas = merged(streams)
+        finals: list[GenerateDelta] = []
+        offsets = [len(echo_text)] * len(streams)  # text_offset of each choice's next token
+        started = [False] * len(streams)
         try:
             if chat:
-                yield oa.sse(oa.chat_chunk(opts, {"role": "assistant", "content": ""}))
-            async for d in deltas:
-                if not d.finished and not d.text:
+                for i in range(len(streams)):
+                    yield oa.sse(oa.chat_chunk(opts, {"role": "assistant", "content": ""}, index=i))
+            async for i, d in deltas:
+                if not chat and opts.echo and not started[i]:
+                    started[i] = True  # the prompt first, as its own chunk (with its log-probs)
+                    lps = None
+                    if opts.logprobs:
+                        lps = oa.completion_logprobs(d.prompt_logprobs or [])
+                        self._metrics.on_echo_prompt_tokens(len(d.prompt_logprobs or []), "http")
+                    yield oa.sse(oa.completion_chunk(opts, echo_text, None, i, lps))
+                if not d.finished and not d.text and not (opts.logprobs and d.logprobs):
                     continue  # text held back (partial character or possible stop string)
                 if chat:
-                    chunk = oa.chat_chunk(opts, {"content": d.text} if d.text else {}, d.finish_reason)
+                    chunk = oa.chat_chunk(opts, {"content": d.text} if d.text else {}, d.finish_reason, i,
+                                          (d.logprobs or []) if opts.logprobs else None)
                 else:
-                    chunk = oa.completion_chunk(opts, d.text, d.finish_reason)
+                    lps = None
+                    if opts.logprobs:
+                        lps = oa.completion_logprobs(d.logprobs or [], offsets[i])
+                        offsets[i] += sum(len(t.token) for t in d.logprobs or [])
+                    chunk = oa.completion_chunk(opts, d.text, d.finish_reason, i, lps)
                 if d.finished:
                     chunk["orthrus"] = oa.stats_dict(d.stats)
+                    finals.append(d)
                 yield oa.sse(chunk)
-                if d.finished:
-                    if opts.include_usage:
-                        yield oa.sse(oa.usage_chunk(opts, obj, d.usage or Usage()))
-                    yield oa.SSE_DONE
+            if opts.include_usage:
+                yield oa.sse(oa.usage_chunk(opts, obj, total_usage(finals)[0]))
+            yield oa.SSE_DONE
         except ApiError as e:
             # Headers are gone already: report in-band, as OpenAI does, then end the stream.
             self._metrics.on_request_error(str(e.status), "http")
             yield oa.sse(e.to_openai())
             yield oa.SSE_DONE
         finally:
-            self._untrack(stream)
+            for st in streams:
+                self._untrack(st)
             await deltas.aclose()
 
     @fastapi_app.post("/v1/completions")
@@ -430,16 +541,19 @@ class OrthrusRouter:
     async def chat_completions(self, request: Request) -> Response:
         return await self._http_generate(request, chat=True)
 
-    def _model_card(self) -> dict[str, Any]:
-        return {"id": self._model_id, "object": "model", "created": self._created, "owned_by": "orthrus"}
+    async def _model_card(self) -> dict[str, Any]:
+        info = await self._model_info()
+        return {"id": self._model_id, "object": "model", "created": self._created, "owned_by": "orthrus",
+                "max_model_len": info.max_model_len}
 
     @fastapi_app.get("/v1/models")
     async def models(self, request: Request) -> Response:
         try:
             self._http_auth(request)
+            card = await self._model_card()
         except ApiError as e:
             return self._http_error(e)
-        return JSONResponse({"object": "list", "data": [self._model_card()]})
+        return JSONResponse({"object": "list", "data": [card]})
 
     @fastapi_app.get("/v1/models/{model:path}")
     async def model(self, model: str, request: Request) -> Response:
@@ -448,9 +562,40 @@ class OrthrusRouter:
             if model != self._model_id:
                 raise ApiError(404, f"model '{model}' does not exist; this server serves '{self._model_id}'",
                                param="model", code="model_not_found")
+            card = await self._model_card()
         except ApiError as e:
             return self._http_error(e)
-        return JSONResponse(self._model_card())
+        return JSONResponse(card)
+
+    async def _http_body(self, request: Request) -> dict[str, Any]:
+        self._http_auth(request)
+        return oa.parse_json_body(await read_body(request, self._max_body))
+
+    @fastapi_app.post("/tokenize")
+    async def tokenize(self, request: Request) -> Response:
+        """vLLM's /tokenize: {"prompt": str} or {"messages": [...]} -> {count, max_model_len, tokens}."""
+        try:
+            req = oa.parse_tokenize(await self._http_body(request), self._model_id)
+            ids = await self._engine.tokenize.remote(req)
+            if isinstance(ids, Rejection):
+                raise invalid(ids.message, param=ids.param)
+            info = await self._model_info()
+        except ApiError as e:
+            return self._http_error(e)
+        except (RayError, DeploymentUnavailableError) as e:
+            logger.warning("tokenize failed: %s", _short(e))
+            return self._http_error(unavailable("no engine replica answered"))
+        return JSONResponse({"count": len(ids), "max_model_len": info.max_model_len, "tokens": ids})
+
+    @fastapi_app.post("/detokenize")
+    async def detokenize(self, request: Request) -> Response:
+        """vLLM's /detokenize: {"tokens": [int]} -> {"prompt": str}."""
+        try:
+            ids = oa.parse_detokenize(await self._http_body(request), self._model_id)
+            text = await self._detokenize(ids)
+        except ApiError as e:
+            return self._http_error(e)
+        return JSONResponse({"prompt": text})
 
     @fastapi_app.get("/health")
     async def health(self) -> Response:
@@ -491,47 +636,72 @@ class OrthrusRouter:
             raise ApiError(401, "missing or invalid API key (send metadata `authorization: Bearer <key>`)",
                            code="invalid_api_key")
 
-    def _grpc_request(self, request: Any, ctx: RayServegRPCContext) -> GenerateRequest:
+    def _grpc_request(self, request: Any, ctx: RayServegRPCContext) -> tuple[GenerateRequest, grpc_protocol.Choices]:
         self._grpc_auth(ctx)
         if isinstance(request, MalformedMessage):
             raise invalid(f"the request is not a valid {request.message_type} message: {request.reason}",
                           code="malformed_message")
         if self._draining:
             raise shutting_down()
-        return grpc_protocol.to_generate_request(request, self._default_max_tokens)
+        return grpc_protocol.parse_request(request, self._default_max_tokens)
+
+    async def _prompt_text(self, req: GenerateRequest) -> str:
+        """The prompt's text for echo: as sent, or the text of its token ids (chat messages:
+        with the chat template applied)."""
+        if req.prompt is not None:
+            return req.prompt
+        ids = req.prompt_token_ids
+        if ids is None:
+            ids = await self._engine.tokenize.remote(req)
+            if isinstance(ids, Rejection):
+                raise invalid(ids.message, param=ids.param)
+        return await self._detokenize(ids)
+
+    async def _grpc_open(self, request: Any, ctx: RayServegRPCContext):
+        req, choices = self._grpc_request(request, ctx)
+        echo_text = await self._prompt_text(req) if choices.echo else ""
+        streams = await self._open_choices(req, choices.n)
+        self._metrics.on_choices(choices.n, "grpc")
+        return req, choices, echo_text, streams
 
     async def Generate(self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext):
         rid = None
         try:
-            req = self._grpc_request(request, grpc_context)
+            req, choices, echo_text, streams = await self._grpc_open(request, grpc_context)
             rid = req.request_id
-            stream = await self._open(req)
         except ApiError as e:
             raise self._grpc_fail(grpc_context, e) from None
         except Exception:  # noqa: BLE001 - never an exception text for the client
             rid = rid or f"grpc-{uuid.uuid4().hex}"
             logger.exception("request %s failed", rid)
             raise self._grpc_fail(grpc_context, internal(rid)) from None
-        self._track(stream)
-        deltas = stream.deltas()
+        for st in streams:
+            self._track(st)
+        deltas = merged(streams)
+        started = [False] * len(streams)
         try:
-            async for d in deltas:
-                if d.finished or d.text or d.token_ids:
-                    yield grpc_protocol.delta_to_response(d)
+            async for i, d in deltas:
+                if d.finished or d.text or d.token_ids or d.prompt_logprobs:
+                    first = not started[i]
+                    started[i] = True
+                    if d.prompt_logprobs and choices.echo:
+                        self._metrics.on_echo_prompt_tokens(len(d.prompt_logprobs), "grpc")
+                    yield grpc_protocol.delta_to_response(d, i, echo_text=echo_text if first else "")
         except ApiError as e:
             raise self._grpc_fail(grpc_context, e) from None
         finally:
-            self._untrack(stream)
+            for st in streams:
+                self._untrack(st)
             await deltas.aclose()
 
     async def Complete(self, request: pb.GenerateRequest, grpc_context: RayServegRPCContext) -> pb.GenerateResponse:
-        rid, stream = None, None
+        rid, streams = None, []
         try:
-            req = self._grpc_request(request, grpc_context)
+            req, choices, echo_text, streams = await self._grpc_open(request, grpc_context)
             rid = req.request_id
-            stream = await self._open(req)
-            self._track(stream)
-            text, token_ids, last = await _collect(stream.deltas())
+            for st in streams:
+                self._track(st)
+            finals = await collect(streams)
         except ApiError as e:
             # A unary method returns: Serve applies the status set on the context,
             # and the client sees only that status (no exception logged for a 4xx).
@@ -543,9 +713,15 @@ class OrthrusRouter:
             self._grpc_status(grpc_context, internal(rid))
             return pb.GenerateResponse()
         finally:
-            if stream is not None:
-                self._untrack(stream)
-        return grpc_protocol.final_response(req.request_id, text, token_ids, last)
+            for st in streams:
+                self._untrack(st)
+        if choices.echo:
+            self._metrics.on_echo_prompt_tokens(sum(len(d.prompt_logprobs or []) for d in finals), "grpc")
+        return grpc_protocol.complete_response([
+            grpc_protocol.final_response(d.request_id if choices.n > 1 else req.request_id, d.text, d.token_ids, d,
+                                         index=i, echo_text=echo_text, logprobs=d.logprobs,
+                                         prompt_logprobs=d.prompt_logprobs)
+            for i, d in enumerate(finals)])
 
     async def ModelInfo(self, request: pb.ModelInfoRequest, grpc_context: RayServegRPCContext) -> pb.ModelInfoResponse:
         try:

@@ -16,17 +16,9 @@ cancelled), so fewer writes mean fewer missed cancels.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from typing import AsyncIterator, Optional
 
-from orthrus_runtime.types import GenerateDelta
-
-
-def merge(a: Optional[GenerateDelta], b: GenerateDelta) -> GenerateDelta:
-    """The delta that says what a then b say; accounting (finish, usage, stats) is b's."""
-    if a is None:
-        return b
-    return dataclasses.replace(b, token_ids=a.token_ids + b.token_ids, text=a.text + b.text)
+from orthrus_runtime.types import GenerateDelta, merge_deltas as merge
 
 
 async def coalesce(stream: AsyncIterator[GenerateDelta], interval_s: float) -> AsyncIterator[GenerateDelta]:

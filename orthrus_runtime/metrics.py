@@ -125,6 +125,12 @@ class OrthrusMetrics(StatLogger):
         self.request_errors = counter(
             "request_errors", "Requests refused or failed, by status code and protocol (http/grpc).",
             base + ["code", "protocol"])
+        # What clients ask for (router side).
+        self.request_choices = counter(
+            "request_choices", "Choices requested (n per request), by protocol.", base + ["protocol"])
+        self.echo_prompt_tokens = counter(
+            "echo_prompt_tokens", "Prompt tokens whose log-probabilities were returned (echo), by protocol.",
+            base + ["protocol"])
         # Scheduler state.
         self.num_requests_running = gauge("num_requests_running", "Number of requests in model execution batches.")
         self.num_requests_waiting = gauge("num_requests_waiting", "Number of requests waiting to be processed.")
@@ -213,6 +219,9 @@ class OrthrusMetrics(StatLogger):
             self.request_errors.labels(self.model, self.replica, code, "http")
         for code in GRPC_ERROR_CODES:
             self.request_errors.labels(self.model, self.replica, code, "grpc")
+        for protocol in ("http", "grpc"):
+            self.request_choices.labels(self.model, self.replica, protocol)
+            self.echo_prompt_tokens.labels(self.model, self.replica, protocol)
 
     def _pos_counter(self, mode: str, pos: int) -> Counter:
         key = (mode, pos)
@@ -316,6 +325,18 @@ class OrthrusMetrics(StatLogger):
         if tokens_after_first > 0:
             self.request_time_per_output_token_seconds.labels(m, rp, mode).observe(
                 max(0.0, prev - rec.first_token_time) / tokens_after_first)
+
+    def on_choices(self, n: int, protocol: str) -> None:
+        try:
+            self.request_choices.labels(self.model, self.replica, protocol).inc(n)
+        except Exception:
+            logger.exception("orthrus metrics: on_choices failed")
+
+    def on_echo_prompt_tokens(self, n: int, protocol: str) -> None:
+        try:
+            self.echo_prompt_tokens.labels(self.model, self.replica, protocol).inc(n)
+        except Exception:
+            logger.exception("orthrus metrics: on_echo_prompt_tokens failed")
 
     def on_request_error(self, code: str, protocol: str) -> None:
         try:

@@ -159,10 +159,11 @@ class TokenLogprob:
     """A token at one position and its log-probability there: the AR view's raw distribution
     (log-softmax of the logits, before temperature, top-k or top-p: vLLM's default), the same
     in both modes, since Orthrus emits only tokens the AR view verified. `top` holds the most
-    likely tokens at that position, best first (each with an empty `top`)."""
+    likely tokens at that position, best first (each with an empty `top`). logprob is None
+    only for a prompt's first token, which nothing predicts."""
 
     token_id: int
-    logprob: float
+    logprob: Optional[float]
     token: str = ""  # the token's text on its own (tokenizer.decode([token_id]))
     top: list["TokenLogprob"] = field(default_factory=list)
 
@@ -191,8 +192,19 @@ class GenerateDelta:
     # With params.logprobs: one per entry of token_ids.
     logprobs: Optional[list[TokenLogprob]] = None
     # With params.prompt_logprobs, on the request's first delta: one per prompt token (the
-    # first is None: nothing predicts it).
-    prompt_logprobs: Optional[list[Optional[TokenLogprob]]] = None
+    # first one's logprob is None: nothing predicts it).
+    prompt_logprobs: Optional[list[TokenLogprob]] = None
+
+
+def merge_deltas(a: Optional[GenerateDelta], b: GenerateDelta) -> GenerateDelta:
+    """The delta that says what a then b say (ids, text, log-probs; the prompt's log-probs
+    from whichever has them); accounting (finish, usage, stats) is b's."""
+    if a is None:
+        return b
+    lps = None if a.logprobs is None and b.logprobs is None else (a.logprobs or []) + (b.logprobs or [])
+    return dataclasses.replace(b, token_ids=a.token_ids + b.token_ids, text=a.text + b.text, logprobs=lps,
+                               prompt_logprobs=a.prompt_logprobs if a.prompt_logprobs is not None
+                               else b.prompt_logprobs)
 
 
 @dataclass

@@ -81,7 +81,8 @@ def test_required_views_present(dash):
     titles = " | ".join(p["title"].lower() for p in data_panels(dash))
     for needle in ("output tokens/s", "requests/s", "mean acceptance length", "acceptance rate",
                    "acceptance by draft position", "time to first token", "inter-token latency",
-                   "end-to-end latency", "running and waiting", "kv cache usage", "healthy", "errors"):
+                   "end-to-end latency", "running and waiting", "kv cache usage", "healthy", "errors",
+                   "choices/s", "scored by echo"):
         assert needle in titles, needle
     exprs = " ".join(e for _, e in expressions(dash))
     for q in ("0.5", "0.9", "0.99"):

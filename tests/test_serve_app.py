@@ -167,6 +167,23 @@ class Reference:
         return self._cache[key]
 
 
+    def scored(self, prompt=None, messages=None, ids=None, max_tokens=8, k=2, pk=None, mode="orthrus", **p):
+        """The engine's merged final delta with log-probabilities (greedy unless p says otherwise)."""
+        params = dict(max_tokens=max_tokens, temperature=0.0, logprobs=k, prompt_logprobs=pk)
+        params.update(p)
+        req = GenerateRequest(prompt=prompt, messages=messages, prompt_token_ids=ids, mode=mode,
+                              params=SamplingParams(**params))
+
+        async def go():
+            from orthrus_runtime.types import merge_deltas
+            m = None
+            async for d in self.engine.generate(req):
+                m = merge_deltas(m, d)
+            return m
+
+        return asyncio.run(go())
+
+
 @pytest.fixture(scope="module")
 def ref(stack):
     r = Reference(stack.ckpt)
@@ -314,6 +331,132 @@ def test_client_cli_streams_to_stdout(stack, ref, capsys):
     rc = client_mod.run(parser.parse_args(["--target", stack.grpc_target, "--application", "main",
                                            "--api-key", WRONG_KEY, "--prompt", "x"]))
     assert rc == 1 and "UNAUTHENTICATED" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- API parity (issue 19)
+
+
+def _close(a, b, tol=1e-4):
+    return all((x is None and y is None) or abs(x - y) < tol for x, y in zip(a, b)) and len(a) == len(b)
+
+
+def test_openai_logprobs_echo_and_n(stack, ref):
+    client = stack.openai()
+    # lm-evaluation-harness's log-likelihood call: echo, logprobs, max_tokens 0: the prompt scored.
+    want = ref.scored(prompt="hello world again", max_tokens=0, k=1, pk=1)
+    r = client.completions.create(model=MODEL_ID, prompt="hello world again", echo=True, logprobs=1, max_tokens=0)
+    c = r.choices[0]
+    assert c.text == "hello world again" and c.finish_reason == "length" and r.usage.completion_tokens == 0
+    assert c.logprobs.token_logprobs[0] is None and c.logprobs.top_logprobs[0] is None
+    assert _close(c.logprobs.token_logprobs[1:], [t.logprob for t in want.prompt_logprobs[1:]])
+    assert c.logprobs.tokens == [t.token for t in want.prompt_logprobs] and c.logprobs.text_offset[0] == 0
+    assert all(max(top.values()) >= lp - 1e-6 for top, lp in zip(c.logprobs.top_logprobs[1:],
+                                                                     c.logprobs.token_logprobs[1:]))
+    # Generated tokens: echo + logprobs, streamed and whole; the same numbers in ar mode.
+    want = ref.scored(prompt="hello world", max_tokens=8, k=2, pk=2)
+    whole = client.completions.create(model=MODEL_ID, prompt="hello world", echo=True, logprobs=2, max_tokens=8,
+                                      temperature=0).choices[0]
+    assert whole.text == "hello world" + ref.run(prompt="hello world", max_tokens=8)[0]
+    lps = whole.logprobs
+    assert _close(lps.token_logprobs[1:], [t.logprob for t in want.prompt_logprobs[1:] + want.logprobs])
+    assert len(lps.tokens) == len(want.prompt_logprobs) + 8 and lps.text_offset == sorted(lps.text_offset)
+    chunks = list(client.completions.create(model=MODEL_ID, prompt="hello world", echo=True, logprobs=2,
+                                            max_tokens=8, temperature=0, stream=True))
+    assert "".join(ch.choices[0].text for ch in chunks) == whole.text
+    assert [t for ch in chunks if ch.choices[0].logprobs for t in ch.choices[0].logprobs.tokens] == lps.tokens
+    ar = client.completions.create(model=MODEL_ID, prompt="hello world", logprobs=2, max_tokens=8, temperature=0,
+                                   extra_body={"mode": "ar"}).choices[0].logprobs
+    assert _close(ar.token_logprobs, lps.token_logprobs[-8:]) and ar.tokens == lps.tokens[-8:]
+
+    # n choices: each seeded from the request's seed (choice 0 with the seed itself), usage summed.
+    kw = dict(model=MODEL_ID, prompt="once upon a time", max_tokens=6, temperature=1.0, seed=11)
+    r3 = client.completions.create(n=3, **kw)
+    assert [ch.index for ch in r3.choices] == [0, 1, 2] and r3.usage.completion_tokens == 18
+    assert client.completions.create(**kw).choices[0].text == r3.choices[0].text
+    assert [ch.text for ch in client.completions.create(n=3, **kw).choices] == [ch.text for ch in r3.choices]
+    assert len({ch.text for ch in r3.choices}) > 1
+    streamed = {}
+    for ch in client.completions.create(n=3, stream=True, stream_options={"include_usage": True}, **kw):
+        for x in ch.choices:
+            streamed[x.index] = streamed.get(x.index, "") + x.text
+        if ch.usage:
+            assert ch.usage.completion_tokens == 18
+    assert streamed == {ch.index: ch.text for ch in r3.choices}
+
+    # Chat: logprobs with top alternatives, whole and streamed; n > 1.
+    msgs = [{"role": "user", "content": "say something"}]
+    want = ref.scored(messages=msgs, max_tokens=6, k=3)
+    r = client.chat.completions.create(model=MODEL_ID, messages=msgs, max_tokens=6, temperature=0, logprobs=True,
+                                       top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert [t.token for t in content] == [t.token for t in want.logprobs]
+    assert _close([t.logprob for t in content], [t.logprob for t in want.logprobs])
+    assert all(len(t.top_logprobs) == 3 and t.top_logprobs[0].logprob >= t.logprob - 1e-6 for t in content)
+    assert content[0].bytes == list(content[0].token.encode())
+    got = [t for ch in client.chat.completions.create(model=MODEL_ID, messages=msgs, max_tokens=6, temperature=0,
+                                                      logprobs=True, stream=True)
+           if ch.choices and ch.choices[0].logprobs for t in ch.choices[0].logprobs.content]
+    assert [t.token for t in got] == [t.token for t in content] and all(t.top_logprobs == [] for t in got)
+    rn = client.chat.completions.create(model=MODEL_ID, messages=msgs, max_tokens=4, n=2, temperature=0)
+    assert [c.index for c in rn.choices] == [0, 1] and rn.choices[0].message.content == rn.choices[1].message.content
+    assert rn.choices[0].logprobs is None
+
+    for bad in (dict(logprobs=6), dict(n=17), dict(max_tokens=0), dict(extra_body={"top_logprobs": 2})):
+        with pytest.raises(openai.BadRequestError):
+            client.completions.create(model=MODEL_ID, prompt="x", **bad)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=MODEL_ID, messages=msgs, logprobs=True, top_logprobs=21)
+    _wait_idle(stack)
+
+
+def test_tokenize_detokenize_and_max_model_len(stack, ref):
+    h = {"Authorization": f"Bearer {ENV_KEY}"}
+    r = httpx.post(f"{stack.http}/tokenize", json={"prompt": "hello world"}, headers=h, timeout=30)
+    assert r.status_code == 200, r.text
+    ids = ref.engine.tokenizer.encode("hello world")
+    assert r.json() == {"count": len(ids), "max_model_len": MAX_MODEL_LEN, "tokens": ids}
+    msgs = [{"role": "user", "content": "hi"}]
+    r = httpx.post(f"{stack.http}/tokenize", json={"messages": msgs}, headers=h, timeout=30)
+    assert r.json()["tokens"] == ref.engine.engine.tokenize(GenerateRequest(messages=msgs))
+    r = httpx.post(f"{stack.http}/detokenize", json={"tokens": ids}, headers=h, timeout=30)
+    assert r.status_code == 200 and r.json() == {"prompt": "hello world"}
+    for path, body in (("/detokenize", {"tokens": [10**9]}), ("/detokenize", {"tokens": "x"}),
+                       ("/tokenize", {"prompt": 3}), ("/tokenize", {}), ("/tokenize", {"prompt": "a", "messages": msgs})):
+        r = httpx.post(f"{stack.http}{path}", json=body, headers=h, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", (path, body, r.text)
+    assert httpx.post(f"{stack.http}/tokenize", json={"prompt": "a"}, timeout=30).status_code == 401
+    m = httpx.get(f"{stack.http}/v1/models", headers=h, timeout=30).json()
+    assert m["data"][0]["max_model_len"] == MAX_MODEL_LEN
+
+
+def test_grpc_logprobs_echo_and_n(stack, ref):
+    from orthrus_runtime.client import collect
+
+    want = ref.scored(prompt="hello world", max_tokens=6, k=2, pk=2)
+    with stack.grpc() as c:
+        whole = c.complete("hello world", max_tokens=6, temperature=0, logprobs=2, prompt_logprobs=2, echo=True)
+        assert whole.text == "hello world" + ref.run(prompt="hello world", max_tokens=6)[0]
+        assert _close([t.logprob for t in whole.logprobs], [t.logprob for t in want.logprobs])
+        assert [len(t.top) for t in whole.logprobs] == [2] * 6
+        assert not whole.prompt_logprobs[0].HasField("logprob")
+        assert _close([t.logprob for t in whole.prompt_logprobs[1:]], [t.logprob for t in want.prompt_logprobs[1:]])
+        scored = c.complete("hello world", max_tokens=0, prompt_logprobs=0)
+        assert scored.finished and list(scored.token_ids) == [] and len(scored.prompt_logprobs) == len(want.prompt_logprobs)
+        # n = 2 streamed: both choices' messages, by index; seeded choices reproducible.
+        kw = dict(max_tokens=5, temperature=1.0, seed=11, n=2)
+        a = collect(c.generate("once upon a time", **kw))
+        b = collect([c.complete("once upon a time", **kw)])
+        assert [x.index for x in a] == [0, 1] and [x.text for x in a] == [x.text for x in b]
+        assert [x.token_ids for x in a] == [x.token_ids for x in b]
+        with pytest.raises(grpc.RpcError) as e:
+            c.complete("x", n=17)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    router = serve.get_deployment_handle("OrthrusRouter", app_name="main")
+    text = _scrape(router.replica_info.remote().result(timeout_s=30)["metrics_port"])
+    assert float(re.search(r'orthrus_request_choices_total\{[^}]*protocol="grpc"[^}]*\} (\S+)', text).group(1)) >= 4
+    assert float(re.search(r'orthrus_echo_prompt_tokens_total\{[^}]*protocol="grpc"[^}]*\} (\S+)', text).group(1)) >= \
+        len(want.prompt_logprobs)
+    _wait_idle(stack)
 
 
 # ----------------------------------------------------------------------------- concurrency
@@ -477,6 +620,11 @@ BAD_GRPC = [
     dict(prompt_token_ids=[-1]),
     dict(messages=[{"role": "wizard", "content": "x"}]),
     dict(prompt="a", max_tokens=MAX_MODEL_LEN),
+    dict(prompt="a", logprobs=21),
+    dict(prompt="a", prompt_logprobs=-1),
+    dict(prompt="a", n=0),
+    dict(prompt="a", n=17),
+    dict(prompt="a", max_tokens=0, echo=True),  # scoring a prompt needs prompt_logprobs
 ]
 
 

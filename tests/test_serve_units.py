@@ -173,7 +173,14 @@ def test_parse_chat_fields():
     ({"prompt": "x", "max_tokens": True}, "max_tokens"),
     ({"prompt": "x", "temperature": float("nan")}, "temperature"),
     ({"prompt": "x", "max_tokens": 3, "max_completion_tokens": 4}, "max_completion_tokens"),
-    ({"prompt": "x", "echo": True}, "echo"),
+    ({"prompt": "x", "echo": "yes"}, "echo"),
+    ({"prompt": "x", "logprobs": 6}, "logprobs"),
+    ({"prompt": "x", "logprobs": True}, "logprobs"),
+    ({"prompt": "x", "top_logprobs": 2}, "top_logprobs"),
+    ({"prompt": "x", "n": 0}, "n"),
+    ({"prompt": "x", "n": 17}, "n"),
+    ({"prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ({"prompt": "x", "max_tokens": 0, "logprobs": 1}, "max_tokens"),
     ({"prompt": "x", "stream_options": "yes", "stream": True}, "stream_options"),
     ({"prompt": "x", "stream": True, "stream_options": {"include_usage": "y"}}, "stream_options"),
     ({"prompt": []}, "prompt"),
@@ -182,6 +189,37 @@ def test_parse_chat_fields():
 ])
 def test_parse_completion_rejects(body, param):
     assert _err(oa.parse_completion, body, "m").param == param
+
+
+def test_parse_logprobs_n_echo():
+    req, opts = oa.parse_completion({"prompt": "x", "echo": True, "logprobs": 1, "max_tokens": 0, "n": 3}, "m")
+    assert (req.params.logprobs, req.params.prompt_logprobs, req.params.max_tokens) == (1, 1, 0)
+    assert (opts.n, opts.echo, opts.logprobs) == (3, True, True)
+    req, opts = oa.parse_completion({"prompt": "x", "echo": True}, "m")  # echo alone: text only
+    assert (req.params.logprobs, req.params.prompt_logprobs, opts.logprobs) == (None, None, False)
+    req, opts = oa.parse_completion({"prompt": "x", "logprobs": 0}, "m")
+    assert (req.params.logprobs, req.params.prompt_logprobs, opts.echo) == (0, None, False)
+    chat = {"messages": [{"role": "user", "content": "x"}]}
+    req, opts = oa.parse_chat(dict(chat, logprobs=True, top_logprobs=20), "m", 8)
+    assert req.params.logprobs == 20 and opts.logprobs and req.params.prompt_logprobs is None
+    req, opts = oa.parse_chat(dict(chat, logprobs=False), "m", 8)
+    assert req.params.logprobs is None and not opts.logprobs
+    for body, param in ((dict(chat, top_logprobs=3), "top_logprobs"), (dict(chat, logprobs=True, top_logprobs=21),
+                        "top_logprobs"), (dict(chat, logprobs=1), "logprobs"), (dict(chat, echo=True), "echo"),
+                        (dict(chat, n=1.5), "n")):
+        assert _err(oa.parse_chat, body, "m", 8).param == param
+
+
+def test_logprob_shapes():
+    T = oa.TokenLogprob
+    lps = [T(5, None, "A"), T(6, -0.5, " b", [T(6, -0.5, " b"), T(7, -1.5, "c")]), T(8, -2.0, "é", [T(9, -0.1, "z")])]
+    c = oa.completion_logprobs(lps, offset=3)
+    assert c == {"tokens": ["A", " b", "é"], "token_logprobs": [None, -0.5, -2.0],
+                 "top_logprobs": [None, {" b": -0.5, "c": -1.5}, {"z": -0.1, "é": -2.0}], "text_offset": [3, 4, 6]}
+    ch = oa.chat_logprobs(lps[1:])
+    assert ch["content"][1] == {"token": "é", "logprob": -2.0, "bytes": [195, 169],
+                                "top_logprobs": [{"token": "z", "logprob": -0.1, "bytes": [122]}]}
+    assert oa.chat_logprobs(None) is None and ch["refusal"] is None
 
 
 def test_parse_json_body():

@@ -160,6 +160,18 @@ class AsyncOrthrusEngine:
     def validate(self, req: GenerateRequest) -> list[int]:
         return self.engine.validate(req)
 
+    async def tokenize(self, req: GenerateRequest) -> list[int]:
+        """The prompt ids `req` would be served with (its chat template applied), on the
+        tokenizer thread; InvalidRequestError for a bad input."""
+        if not isinstance(req, GenerateRequest):
+            raise InvalidRequestError("the request must be a GenerateRequest")
+        check_request(req, self._limits)
+        return await asyncio.get_running_loop().run_in_executor(self._prep, self.engine.tokenize, req)
+
+    async def detokenize(self, ids: list[int]) -> str:
+        """The text of token ids, on the tokenizer thread; InvalidRequestError for bad ids."""
+        return await asyncio.get_running_loop().run_in_executor(self._prep, self.engine.detokenize, ids)
+
     async def submit(self, req: GenerateRequest) -> RequestStream:
         """Check and tokenize req (in the worker thread) and queue it; returns its stream.
 

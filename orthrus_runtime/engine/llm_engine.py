@@ -46,6 +46,7 @@ from orthrus_runtime.defaults import CPU_KV_CACHE_BYTES
 from orthrus_runtime.engine.sequence import Sequence, SeqStatus
 from orthrus_runtime.model.dual_view import DualViewModel
 from orthrus_runtime.spec.cycle import Chain, LaunchedCycle, RejectionSampling, SamplingBatch, launch_cycle
+from orthrus_runtime.spec.logprobs import logprob_table, to_logprobs
 from orthrus_runtime.spec.planner import Planner, VerifyPlan, make_planner
 from orthrus_runtime.spec.sampling import sample_inverse_cdf
 from orthrus_runtime.worker.kv_cache import KVCache, bytes_per_block
@@ -62,7 +63,9 @@ from orthrus_runtime.types import (
     RequestRecord,
     StatLogger,
     StepRecord,
+    TokenLogprob,
     Usage,
+    merge_deltas,
 )
 from orthrus_runtime.validation import ModelLimits, check_request
 
@@ -178,6 +181,7 @@ class LLMEngine:
         self.finished_by_reason: dict[str, int] = {}
         self.spec = {m: AcceptanceStats(accepted_per_position=[0] * (cfg.block_size - 1)) for m in MODES}
         self.num_steps = 0
+        self._token_text: dict[int, str] = {}  # one token's text, for log-probabilities
 
     # -- requests -----------------------------------------------------------------
     def model_info(self) -> ModelInfo:
@@ -213,6 +217,18 @@ class LLMEngine:
         if req.prompt == "":
             raise InvalidRequestError("prompt must not be empty")
         return list(self.tokenizer.encode(req.prompt))
+
+    def detokenize(self, ids: list[int]) -> str:
+        """The text of token ids (special tokens kept: the inverse of tokenize)."""
+        V = self.model.cfg.vocab_size
+        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise InvalidRequestError("tokens must be a list of integers", param="tokens")
+        bad = [t for t in ids if not (0 <= t < V)]
+        if bad:
+            raise InvalidRequestError(f"unknown token id(s) {bad[:5]} (vocabulary size {V})", param="tokens")
+        if self.tokenizer is None:
+            raise InvalidRequestError("this engine has no tokenizer")
+        return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     def validate(self, req: GenerateRequest) -> list[int]:
         """Check a request; returns its prompt ids. Raises InvalidRequestError."""
@@ -389,27 +405,61 @@ class LLMEngine:
         seqs = [s for s, _ in chunks]
         tokens = [[s.token_at(i) for i in range(s.num_cached, s.num_cached + n)] for s, n in chunks]
         starts = [s.num_cached for s in seqs]
-        logits = self.runner.run_ar([s.block_table for s in seqs], tokens, starts, [[len(t) - 1] for t in tokens])
+        # Logits at the chunk's last row (the first output token), or at every row for a request
+        # that scores its prompt (row i predicts the token after it).
+        scored = [s.params.prompt_logprobs is not None and s.num_cached < len(s.prompt_token_ids) for s in seqs]
+        at = [list(range(len(t))) if sc else [len(t) - 1] for t, sc in zip(tokens, scored)]
+        logits = self.runner.run_ar([s.block_table for s in seqs], tokens, starts, at)
         new_prompt = 0
         done_rows, done_seqs = [], []
-        for (s, n), lg in zip(chunks, logits):
+        for (s, n), lg, sc in zip(chunks, logits, scored):
+            if sc:
+                self._score_prompt(s, s.num_cached, lg)
             s.num_cached += n
             if not s.prompt_counted and s.num_cached >= len(s.prompt_token_ids):
                 s.prompt_counted = True
                 new_prompt += len(s.prompt_token_ids)
             if not s.is_prefilling and not s.output_token_ids:
-                done_rows.append(lg[0])
+                if s.params.max_tokens == 0:  # scoring a prompt: nothing to generate
+                    s.finish_reason = "length"
+                    continue
+                done_rows.append(lg[-1])
                 done_seqs.append(s)
         if done_seqs:
-            probs = SamplingBatch([s.params for s in done_seqs], self.device).probs(torch.stack(done_rows), 1)
+            rows = torch.stack(done_rows)
+            probs = SamplingBatch([s.params for s in done_seqs], self.device).probs(rows, 1)
             u = torch.stack([s.uniforms(1)[0] for s in done_seqs]).to(probs.device)
-            first = sample_inverse_cdf(probs, u).tolist()
+            first_t = sample_inverse_cdf(probs, u)
+            first = first_t.tolist()
+            n_lp = max((s.params.logprobs for s in done_seqs if s.params.logprobs is not None), default=None)
+            tables = logprob_table(rows, first_t, n_lp).tolist() if n_lp is not None else None
             now = time.monotonic()
-            for s, t in zip(done_seqs, first):
+            for i, (s, t) in enumerate(zip(done_seqs, first)):
                 s.first_token_time = now
-                self._emit(s, [t])
+                self._emit(s, [t], [tables[i]] if tables is not None and s.params.logprobs is not None else None)
         self.prompt_tokens += new_prompt
         return new_prompt
+
+    def _score_prompt(self, s: Sequence, start: int, logits: torch.Tensor) -> None:
+        """Prompt log-probs from a prefill chunk at `start` (logits [n, V], row i predicting the
+        token at start + i + 1). A recompute after preemption writes the same values again."""
+        P = s.prompt_token_ids
+        n = min(logits.shape[0], len(P) - 1 - start)  # rows whose next token is a prompt token
+        if s.prompt_logprobs is None:
+            s.prompt_logprobs = [TokenLogprob(P[0], None, self._text_of(P[0]))] + [None] * (len(P) - 1)
+        if n <= 0:
+            return
+        nxt = torch.tensor(P[start + 1: start + 1 + n], device=logits.device)
+        tables = logprob_table(logits[:n], nxt, s.params.prompt_logprobs).tolist()
+        k = s.params.prompt_logprobs
+        s.prompt_logprobs[start + 1: start + 1 + n] = to_logprobs(tables, k, self._text_of, P[start + 1: start + 1 + n])
+
+    def _text_of(self, token_id: int) -> str:
+        t = self._token_text.get(token_id)
+        if t is None:
+            t = self.tokenizer.decode([token_id]) if self.tokenizer is not None else ""
+            self._token_text[token_id] = t
+        return t
 
     def _sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
         """The batch's sampling tensors, rebuilt only when its sequences change."""
@@ -461,11 +511,12 @@ class LLMEngine:
                 self.planner.observe(c.draft_len, [k - 1 for k in c.K], out.num_accepted)
         self._last_commit_t = t_done
         records = []
-        for s, a, f, k, d in zip(seqs, out.num_accepted, out.final, c.K, out.drafts):
+        for i, (s, a, f, k, d) in enumerate(zip(seqs, out.num_accepted, out.final, c.K, out.drafts)):
             if s.status is SeqStatus.FINISHED or s.finish_reason is not None:
                 continue  # aborted, or finished by the previous cycle, while this one ran
             L = s.num_cached
-            emitted = self._emit(s, d[:a] + [f])
+            lps = out.logprobs[i][: a + 1] if out.logprobs is not None and s.params.logprobs is not None else None
+            emitted = self._emit(s, d[:a] + [f], lps)
             # Roll back: keep the anchor and the accepted drafts; the rest of the verify block goes
             # (but not the room of a cycle already queued behind this one).
             s.num_cached = L + a + 1
@@ -476,13 +527,16 @@ class LLMEngine:
         return records
 
     # -- output -----------------------------------------------------------------------
-    def _emit(self, seq: Sequence, tokens: list[int]) -> int:
-        """Append tokens until a stop; returns how many were appended."""
+    def _emit(self, seq: Sequence, tokens: list[int], lp_rows: Optional[list[list[float]]] = None) -> int:
+        """Append tokens until a stop; returns how many were appended. lp_rows: the tokens'
+        logprobs.logprob_table rows (with params.logprobs)."""
         n = 0
         reason = None
-        for t in tokens:
+        for i, t in enumerate(tokens):
             seq.output_token_ids.append(t)
             seq.pending_ids.append(t)
+            if lp_rows is not None:
+                seq.pending_logprobs += to_logprobs([lp_rows[i]], seq.params.logprobs, self._text_of, [t])
             n += 1
             if t in seq.eos_token_ids:
                 reason = "stop"
@@ -519,8 +573,18 @@ class LLMEngine:
         if not seq.pending_ids:
             return None
         d = GenerateDelta(seq.request_id, token_ids=seq.pending_ids, text=seq.detok.take(False))
+        self._take_logprobs(seq, d)
         seq.pending_ids = []
         return d
+
+    @staticmethod
+    def _take_logprobs(seq: Sequence, d: GenerateDelta) -> None:
+        """Move the sequence's pending log-probs (and, once, its prompt's) onto a delta."""
+        if seq.params.logprobs is not None:
+            d.logprobs, seq.pending_logprobs = seq.pending_logprobs, []
+        if seq.prompt_logprobs is not None and not seq.prompt_logprobs_sent:
+            d.prompt_logprobs = seq.prompt_logprobs
+            seq.prompt_logprobs_sent = True
 
     def _finish(self, seq: Sequence, reason: str, now: float) -> GenerateDelta:
         self.scheduler.remove(seq)
@@ -541,6 +605,8 @@ class LLMEngine:
             usage=Usage(len(seq.prompt_token_ids), len(seq.output_token_ids)), stats=seq.stats,
             queue_time_s=(seq.first_scheduled_time - seq.arrival_time) if seq.first_scheduled_time else None,
         )
+        if reason != "error":
+            self._take_logprobs(seq, d)
         seq.pending_ids = []
         self.stat_logger.on_request_finished(RequestRecord(
             request_id=seq.request_id, mode=seq.mode, finish_reason=reason,
@@ -568,12 +634,8 @@ class LLMEngine:
     def generate(self, requests: list[GenerateRequest]) -> list[GenerateDelta]:
         """Run requests to completion; returns one merged final delta per request, in order."""
         ids = [self.add_request(r) for r in requests]
-        merged = {rid: GenerateDelta(rid) for rid in ids}
+        merged: dict[str, Optional[GenerateDelta]] = {rid: None for rid in ids}
         while self.has_work():
             for d in self.step():
-                m = merged[d.request_id]
-                m.token_ids += d.token_ids
-                m.text += d.text
-                if d.finished:
-                    m.finished, m.finish_reason, m.usage, m.stats = True, d.finish_reason, d.usage, d.stats
+                merged[d.request_id] = merge_deltas(merged[d.request_id], d)
         return [merged[r] for r in ids]

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 
 from orthrus_runtime.engine.detokenizer import IncrementalDetokenizer
-from orthrus_runtime.types import AcceptanceStats, SamplingParams
+from orthrus_runtime.types import AcceptanceStats, SamplingParams, TokenLogprob
 
 
 class SeqStatus(enum.Enum):
@@ -39,8 +39,13 @@ class Sequence:
     first_scheduled_time: Optional[float] = None
     first_token_time: Optional[float] = None
     emissions: list[tuple[float, int]] = field(default_factory=list)
-    # Output ids not yet handed out in a delta.
+    # Output ids not yet handed out in a delta (and, with params.logprobs, their log-probs).
     pending_ids: list[int] = field(default_factory=list)
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+    # With params.prompt_logprobs: one per prompt token (entry 0 without a logprob), filled by
+    # the prefill and handed out once, on the first delta.
+    prompt_logprobs: Optional[list[TokenLogprob]] = None
+    prompt_logprobs_sent: bool = False
 
     @property
     def num_tokens(self) -> int:

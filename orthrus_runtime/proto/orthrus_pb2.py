@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18orthrus/v1/orthrus.proto\x12\northrus.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xe2\x02\n\x0fGenerateRequest\x12\x13\n\x06prompt\x18\x01 \x01(\tH\x00\x88\x01\x01\x12)\n\x08messages\x18\x02 \x03(\x0b\x32\x17.orthrus.v1.ChatMessage\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x03\x12\x17\n\nmax_tokens\x18\x04 \x01(\x03H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\x03H\x03\x88\x01\x01\x12\x12\n\x05top_p\x18\x07 \x01(\x01H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x1e\n\x04mode\x18\n \x01(\x0e\x32\x10.orthrus.v1.Mode\x12\x12\n\nrequest_id\x18\x0b \x01(\tB\t\n\x07_promptB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x07\n\x05_seed\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x03\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x03\"\xb2\x01\n\x0f\x41\x63\x63\x65ptanceStats\x12\x12\n\nnum_cycles\x18\x01 \x01(\x03\x12\x18\n\x10num_draft_tokens\x18\x02 \x01(\x03\x12\x1b\n\x13num_accepted_tokens\x18\x03 \x01(\x03\x12\x1d\n\x15\x61\x63\x63\x65pted_per_position\x18\x04 \x03(\x03\x12\x1c\n\x14mean_accepted_length\x18\x05 \x01(\x01\x12\x17\n\x0f\x61\x63\x63\x65ptance_rate\x18\x06 \x01(\x01\"\xee\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x03\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12/\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x18.orthrus.v1.FinishReason\x12 \n\x05usage\x18\x06 \x01(\x0b\x32\x11.orthrus.v1.Usage\x12*\n\x05stats\x18\x07 \x01(\x0b\x32\x1b.orthrus.v1.AcceptanceStats\x12\x14\n\x0cqueue_time_s\x18\x08 \x01(\x01\"\x12\n\x10ModelInfoRequest\"\xb7\x01\n\x11ModelInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x12\n\nblock_size\x18\x03 \x01(\x03\x12\x15\n\rmax_model_len\x18\x04 \x01(\x03\x12\x12\n\nvocab_size\x18\x05 \x01(\x03\x12\r\n\x05modes\x18\x06 \x03(\t\x12\x15\n\rmask_token_id\x18\x07 \x01(\x03\x12\x15\n\reos_token_ids\x18\x08 \x03(\x03\"\x0f\n\rHealthRequest\"\xa2\x01\n\x0eHealthResponse\x12\x31\n\x06status\x18\x01 \x01(\x0e\x32!.orthrus.v1.HealthResponse.Status\x12\x0f\n\x07message\x18\x02 \x01(\t\"L\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x12\n\x0eSTATUS_SERVING\x10\x01\x12\x16\n\x12STATUS_NOT_SERVING\x10\x02*;\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x10\n\x0cMODE_ORTHRUS\x10\x01\x12\x0b\n\x07MODE_AR\x10\x02*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xa4\x02\n\x07Orthrus\x12G\n\x08Generate\x12\x1b.orthrus.v1.GenerateRequest\x1a\x1c.orthrus.v1.GenerateResponse0\x01\x12\x45\n\x08\x43omplete\x12\x1b.orthrus.v1.GenerateRequest\x1a\x1c.orthrus.v1.GenerateResponse\x12H\n\tModelInfo\x12\x1c.orthrus.v1.ModelInfoRequest\x1a\x1d.orthrus.v1.ModelInfoResponse\x12?\n\x06Health\x12\x19.orthrus.v1.HealthRequest\x1a\x1a.orthrus.v1.HealthResponseBO\n\rai.orthrus.v1P\x01Z<github.com/orthrus-serve/orthrus/gen/go/orthrus/v1;orthrusv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18orthrus/v1/orthrus.proto\x12\northrus.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xdc\x03\n\x0fGenerateRequest\x12\x13\n\x06prompt\x18\x01 \x01(\tH\x00\x88\x01\x01\x12)\n\x08messages\x18\x02 \x03(\x0b\x32\x17.orthrus.v1.ChatMessage\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x03\x12\x17\n\nmax_tokens\x18\x04 \x01(\x03H\x01\x88\x01\x01\x12\x18\n\x0btemperature\x18\x05 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x06 \x01(\x03H\x03\x88\x01\x01\x12\x12\n\x05top_p\x18\x07 \x01(\x01H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x1e\n\x04mode\x18\n \x01(\x0e\x32\x10.orthrus.v1.Mode\x12\x12\n\nrequest_id\x18\x0b \x01(\t\x12\x15\n\x08logprobs\x18\x0c \x01(\x05H\x06\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\r \x01(\x05H\x07\x88\x01\x01\x12\x0e\n\x01n\x18\x0e \x01(\x05H\x08\x88\x01\x01\x12\x0c\n\x04\x65\x63ho\x18\x0f \x01(\x08\x42\t\n\x07_promptB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x07\n\x05_seedB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobsB\x04\n\x02_n\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x01\"v\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x03\x12\r\n\x05token\x18\x02 \x01(\t\x12\x14\n\x07logprob\x18\x03 \x01(\x01H\x00\x88\x01\x01\x12#\n\x03top\x18\x04 \x03(\x0b\x32\x16.orthrus.v1.TopLogprobB\n\n\x08_logprob\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x03\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x03\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x03\"\xb2\x01\n\x0f\x41\x63\x63\x65ptanceStats\x12\x12\n\nnum_cycles\x18\x01 \x01(\x03\x12\x18\n\x10num_draft_tokens\x18\x02 \x01(\x03\x12\x1b\n\x13num_accepted_tokens\x18\x03 \x01(\x03\x12\x1d\n\x15\x61\x63\x63\x65pted_per_position\x18\x04 \x03(\x03\x12\x1c\n\x14mean_accepted_length\x18\x05 \x01(\x01\x12\x17\n\x0f\x61\x63\x63\x65ptance_rate\x18\x06 \x01(\x01\"\x8b\x03\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x03\x12\x10\n\x08\x66inished\x18\x04 \x01(\x08\x12/\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x18.orthrus.v1.FinishReason\x12 \n\x05usage\x18\x06 \x01(\x0b\x32\x11.orthrus.v1.Usage\x12*\n\x05stats\x18\x07 \x01(\x0b\x32\x1b.orthrus.v1.AcceptanceStats\x12\x14\n\x0cqueue_time_s\x18\x08 \x01(\x01\x12\r\n\x05index\x18\t \x01(\x05\x12*\n\x08logprobs\x18\n \x03(\x0b\x32\x18.orthrus.v1.TokenLogprob\x12\x31\n\x0fprompt_logprobs\x18\x0b \x03(\x0b\x32\x18.orthrus.v1.TokenLogprob\x12-\n\x07\x63hoices\x18\x0c \x03(\x0b\x32\x1c.orthrus.v1.GenerateResponse\"\x12\n\x10ModelInfoRequest\"\xb7\x01\n\x11ModelInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x12\n\nblock_size\x18\x03 \x01(\x03\x12\x15\n\rmax_model_len\x18\x04 \x01(\x03\x12\x12\n\nvocab_size\x18\x05 \x01(\x03\x12\r\n\x05modes\x18\x06 \x03(\t\x12\x15\n\rmask_token_id\x18\x07 \x01(\x03\x12\x15\n\reos_token_ids\x18\x08 \x03(\x03\"\x0f\n\rHealthRequest\"\xa2\x01\n\x0eHealthResponse\x12\x31\n\x06status\x18\x01 \x01(\x0e\x32!.orthrus.v1.HealthResponse.Status\x12\x0f\n\x07message\x18\x02 \x01(\t\"L\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x12\n\x0eSTATUS_SERVING\x10\x01\x12\x16\n\x12STATUS_NOT_SERVING\x10\x02*;\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x10\n\x0cMODE_ORTHRUS\x10\x01\x12\x0b\n\x07MODE_AR\x10\x02*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xa4\x02\n\x07Orthrus\x12G\n\x08Generate\x12\x1b.orthrus.v1.GenerateRequest\x1a\x1c.orthrus.v1.GenerateResponse0\x01\x12\x45\n\x08\x43omplete\x12\x1b.orthrus.v1.GenerateRequest\x1a\x1c.orthrus.v1.GenerateResponse\x12H\n\tModelInfo\x12\x1c.orthrus.v1.ModelInfoRequest\x1a\x1d.orthrus.v1.ModelInfoResponse\x12?\n\x06Health\x12\x19.orthrus.v1.HealthRequest\x1a\x1a.orthrus.v1.HealthResponseBO\n\rai.orthrus.v1P\x01Z<github.com/orthrus-serve/orthrus/gen/go/orthrus/v1;orthrusv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,30 +32,34 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, __name__, _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\rai.orthrus.v1P\001Z<github.com/orthrus-serve/orthrus/gen/go/orthrus/v1;orthrusv1'
-  _globals['_MODE']._serialized_start=1334
-  _globals['_MODE']._serialized_end=1393
-  _globals['_FINISHREASON']._serialized_start=1395
-  _globals['_FINISHREASON']._serialized_end=1515
+  _globals['_MODE']._serialized_start=1797
+  _globals['_MODE']._serialized_end=1856
+  _globals['_FINISHREASON']._serialized_start=1858
+  _globals['_FINISHREASON']._serialized_end=1978
   _globals['_CHATMESSAGE']._serialized_start=40
   _globals['_CHATMESSAGE']._serialized_end=84
   _globals['_GENERATEREQUEST']._serialized_start=87
-  _globals['_GENERATEREQUEST']._serialized_end=441
-  _globals['_USAGE']._serialized_start=443
-  _globals['_USAGE']._serialized_end=522
-  _globals['_ACCEPTANCESTATS']._serialized_start=525
-  _globals['_ACCEPTANCESTATS']._serialized_end=703
-  _globals['_GENERATERESPONSE']._serialized_start=706
-  _globals['_GENERATERESPONSE']._serialized_end=944
-  _globals['_MODELINFOREQUEST']._serialized_start=946
-  _globals['_MODELINFOREQUEST']._serialized_end=964
-  _globals['_MODELINFORESPONSE']._serialized_start=967
-  _globals['_MODELINFORESPONSE']._serialized_end=1150
-  _globals['_HEALTHREQUEST']._serialized_start=1152
-  _globals['_HEALTHREQUEST']._serialized_end=1167
-  _globals['_HEALTHRESPONSE']._serialized_start=1170
-  _globals['_HEALTHRESPONSE']._serialized_end=1332
-  _globals['_HEALTHRESPONSE_STATUS']._serialized_start=1256
-  _globals['_HEALTHRESPONSE_STATUS']._serialized_end=1332
-  _globals['_ORTHRUS']._serialized_start=1518
-  _globals['_ORTHRUS']._serialized_end=1810
+  _globals['_GENERATEREQUEST']._serialized_end=563
+  _globals['_TOPLOGPROB']._serialized_start=565
+  _globals['_TOPLOGPROB']._serialized_end=627
+  _globals['_TOKENLOGPROB']._serialized_start=629
+  _globals['_TOKENLOGPROB']._serialized_end=747
+  _globals['_USAGE']._serialized_start=749
+  _globals['_USAGE']._serialized_end=828
+  _globals['_ACCEPTANCESTATS']._serialized_start=831
+  _globals['_ACCEPTANCESTATS']._serialized_end=1009
+  _globals['_GENERATERESPONSE']._serialized_start=1012
+  _globals['_GENERATERESPONSE']._serialized_end=1407
+  _globals['_MODELINFOREQUEST']._serialized_start=1409
+  _globals['_MODELINFOREQUEST']._serialized_end=1427
+  _globals['_MODELINFORESPONSE']._serialized_start=1430
+  _globals['_MODELINFORESPONSE']._serialized_end=1613
+  _globals['_HEALTHREQUEST']._serialized_start=1615
+  _globals['_HEALTHREQUEST']._serialized_end=1630
+  _globals['_HEALTHRESPONSE']._serialized_start=1633
+  _globals['_HEALTHRESPONSE']._serialized_end=1795
+  _globals['_HEALTHRESPONSE_STATUS']._serialized_start=1719
+  _globals['_HEALTHRESPONSE_STATUS']._serialized_end=1795
+  _globals['_ORTHRUS']._serialized_start=1981
+  _globals['_ORTHRUS']._serialized_end=2273
 # @@protoc_insertion_point(module_scope)

@@ -61,14 +61,15 @@ class OrthrusServicer:
 
     def Generate(self, request, context):
         """Streams the output: one message per text/token increment; the last message
-        has finished = true with finish_reason, usage and acceptance statistics.
+        has finished = true with finish_reason, usage and acceptance statistics
+        (with n > 1: per choice, told apart by `index`).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def Complete(self, request, context):
-        """The same request, answered once with the whole output.
+        """The same request, answered once with the whole output (n > 1: `choices`).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -27,6 +27,7 @@ from typing import Optional, Sequence as Seq
 
 import torch
 
+from orthrus_runtime.spec.logprobs import logprob_table, verify_tokens
 from orthrus_runtime.spec.rejection_sampler import rejection_sample
 from orthrus_runtime.spec.sampling import processed_probs, sample_inverse_cdf
 from orthrus_runtime.types import SamplingParams
@@ -50,6 +51,8 @@ class SamplingBatch:
         self.any_greedy = any(p.greedy for p in ps)
         self.device = device
         self.ps = ps
+        # Alternatives per position for the rows that asked for log-probabilities (None: none did).
+        self.num_logprobs = max((p.logprobs for p in ps if p.logprobs is not None), default=None)
         self._t = None
 
     def _tensors(self):
@@ -108,6 +111,8 @@ class CycleOutcome:
     num_accepted: list[int]
     final: list[int]
     drafts: list[list[int]]  # the drafts of each sequence (Kmax - 1 of them; only a prefix is used)
+    # With SamplingBatch.num_logprobs: per sequence, per verify row, a logprobs.logprob_table row.
+    logprobs: Optional[list[list[list[float]]]] = None
 
 
 @dataclass
@@ -132,12 +137,14 @@ class LaunchedCycle:
     host: torch.Tensor   # [bs, 1 + Kmax] int64 (pinned on CUDA): num, final, drafts
     ready: Optional[torch.cuda.Event]
     t_launch: float
+    lp_host: Optional[torch.Tensor] = None  # [bs, Kmax, 1 + 2n] float32: logprobs.logprob_table
 
     def outcome(self) -> CycleOutcome:
         if self.ready is not None:
             self.ready.synchronize()  # the one host synchronisation of the cycle
         packed = self.host.tolist()
-        return CycleOutcome([r[0] for r in packed], [r[1] for r in packed], [r[2:] for r in packed])
+        return CycleOutcome([r[0] for r in packed], [r[1] for r in packed], [r[2:] for r in packed],
+                            self.lp_host.tolist() if self.lp_host is not None else None)
 
 
 def _chained(chain: Optional[Chain], host_starts: list[int], anchors: list[int], dev: torch.device):
@@ -195,12 +202,19 @@ def launch_cycle(runner, block_tables: list[list[int]], host_starts: list[int], 
     lg = runner.run_verify(block_tables, host_starts, ids, list(K), start_dev=start_d if dev_pos else None)
     num, final = acceptance.accept(drafts, q, lg, sb, u, max_acc, B)
     packed = torch.cat([num.unsqueeze(1), final.unsqueeze(1), drafts], dim=1)
+    lp = None
+    if sb.num_logprobs is not None:  # the raw AR log-probs of what each row emits
+        lp = logprob_table(lg, verify_tokens(drafts, num, final), sb.num_logprobs)
     ready = None
     if dev.type == "cuda":
         host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
         host.copy_(packed, non_blocking=True)
+        if lp is not None:
+            lp_host = torch.empty(lp.shape, dtype=lp.dtype, pin_memory=True)
+            lp_host.copy_(lp, non_blocking=True)
+            lp = lp_host
         ready = torch.cuda.Event()
         ready.record()
     else:
         host = packed
-    return LaunchedCycle(list(K), draft_len, start_d, num, final, host, ready, t_launch)
+    return LaunchedCycle(list(K), draft_len, start_d, num, final, host, ready, t_launch, lp)
