@@ -18,6 +18,7 @@ from pathlib import Path
 
 import openai
 import pytest
+import requests
 
 from orthrus_runtime.client import OrthrusClient
 from orthrus_runtime.proto import orthrus_pb2 as pb
@@ -127,6 +128,64 @@ def test_client_command_streams_to_stdout(server):
     assert out.returncode == 0, out.stderr
     assert "Paris" in out.stdout
     assert "tokens/cycle" in out.stderr
+
+
+def _lm_eval_parse_logprobs(out: dict, ctxlen: int) -> tuple[float, bool]:
+    """lm-eval 0.4.13's LocalCompletionsAPI.parse_logprobs for one prompt: the continuation is
+    token_logprobs[ctxlen:-1] (the last entry is the one generated token, max_tokens 1), and it is
+    greedy when each of its log-probs equals the best of that position's top_logprobs."""
+    choice = sorted(out["choices"], key=lambda c: c["index"])[0]
+    lps = choice["logprobs"]["token_logprobs"][ctxlen:-1]
+    tops = choice["logprobs"]["top_logprobs"][ctxlen:-1]
+    return sum(lps), all(lp == max(top.values()) for lp, top in zip(lps, tops))
+
+
+def test_lm_eval_local_completions_requests(server):
+    """The bodies lm-eval's `local-completions` sends (benchmarks/lm_eval_run.py runs lm-eval
+    itself): token-id prompts in a one-prompt batch, an empty bearer token, and for a
+    log-likelihood echo + logprobs 1 + max_tokens 1, read back through lm-eval's own slicing."""
+    base = f"http://127.0.0.1:{server['http']}"
+    http = requests.Session()  # lm-eval's own client (httpx refuses the empty bearer token)
+    http.headers["Authorization"] = "Bearer "
+
+    def ids(text: str) -> list[int]:
+        r = http.post(base + "/tokenize", json={"prompt": text}, timeout=300)  # SmolLM2 adds no BOS
+        assert r.status_code == 200, r.text
+        return r.json()["tokens"]
+
+    context = "Q: What is the capital of Italy?\nA: Rome\nQ: What is the capital of France?\nA:"
+    ctx = ids(context)
+    gen = http.post(base + "/v1/completions", timeout=300, json={"prompt": [ctx], "model": MODEL_ID, "max_tokens": 4, "temperature": 0,
+                                             "stop": ["\n", "<|im_end|>"], "seed": 1234})
+    assert gen.status_code == 200, gen.text
+    greedy_text = gen.json()["choices"][0]["text"]
+    assert greedy_text.strip(), greedy_text
+
+    def loglikelihood(continuation: str) -> tuple[float, bool, dict]:
+        whole = ids(context + continuation)
+        assert whole[:len(ctx)] == ctx
+        body = {"model": MODEL_ID, "prompt": [whole], "temperature": 0, "max_tokens": 1, "logprobs": 1,
+                "seed": 1234, "echo": True}
+        r = http.post(base + "/v1/completions", json=body, timeout=300)
+        assert r.status_code == 200, r.text
+        out = r.json()
+        lp = out["choices"][0]["logprobs"]
+        # every prompt token (the first without a log-prob), then the one generated token
+        assert len(lp["token_logprobs"]) == len(whole) + 1 and lp["token_logprobs"][0] is None
+        assert all(t is not None for t in lp["top_logprobs"][1:])
+        # the prompt scored alone (max_tokens 0) gives the same continuation log-prob
+        alone = http.post(base + "/v1/completions", json={**body, "max_tokens": 0}, timeout=300).json()["choices"][0]["logprobs"]
+        assert len(alone["token_logprobs"]) == len(whole)
+        ll, is_greedy = _lm_eval_parse_logprobs(out, len(ctx))
+        assert ll == pytest.approx(sum(alone["token_logprobs"][len(ctx):]), abs=1e-4)
+        return ll, is_greedy, lp
+
+    ll_greedy, is_greedy, lp = loglikelihood(greedy_text)
+    assert is_greedy and ll_greedy < 0
+    # the generated token at temperature 0 is the best of its position
+    assert lp["token_logprobs"][-1] == max(lp["top_logprobs"][-1].values())
+    ll_odd, is_greedy_odd, _ = loglikelihood(" zebra zebra zebra")
+    assert not is_greedy_odd and ll_odd < ll_greedy
 
 
 def test_ctrl_c_stops_cleanly(server):
