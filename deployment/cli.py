@@ -164,6 +164,10 @@ def run(args: argparse.Namespace) -> int:
         if args.ray_temp_dir:
             init_kwargs["_temp_dir"] = args.ray_temp_dir
     ray.init(**init_kwargs)
+    # Again: ray.init installs its core worker's own SIGTERM handler (it aborted the process
+    # without a drain); ours must be the last one set.
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     rc = 0
     names = [a.name for a in config.applications]
     serving = False

@@ -85,7 +85,9 @@ def test_orthrus_serve_binds_prints_and_drains_on_a_signal(tmp_path):
                 client = OrthrusClient(f"127.0.0.1:{grpc_port}", timeout=120)
                 call = client.generate("hello", max_tokens=1900, temperature=0)
                 next(call)
-                proc.send_signal(signal.SIGINT)  # inherited as ignored: our own handler runs
+                # SIGTERM (docker stop, kill, a script's stop) drains like Ctrl-C; SIGINT takes the same
+                # handler (inherited as ignored here: our own handler is installed over it).
+                proc.send_signal(signal.SIGTERM)
                 deadline = time.monotonic() + 60
                 while True:  # the drain starts: new requests are refused with a retry hint
                     refused = http.post(f"{base}/v1/completions", json={"prompt": "hi", "max_tokens": 2})
