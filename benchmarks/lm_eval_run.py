@@ -3,7 +3,7 @@
     pip install "lm-eval[api]==0.4.13"          # into the project's venv (no torch change)
     python benchmarks/lm_eval_run.py --out benchmarks/results
 
-What one run does (about N minutes on 2 CPU cores; the numbers in docs/lm-eval.md):
+What one run does (about 3 minutes on 2 CPU cores; the numbers are in docs/lm-eval.md):
 
 1. reads the embedded SmolLM2-135M-Instruct GGUF with transformers (float32) and saves its
    tokenizer to a temporary folder: lm-eval needs a tokenizer for loglikelihood requests
