@@ -28,6 +28,7 @@ import datetime
 import functools
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -349,6 +350,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         stopped = server.stop()
         _log(f"server stopped: {stopped}")
+        shutil.rmtree(tok_dir, ignore_errors=True)
+        if stopped["returncode"] == 0 and stopped["leftover_processes"] == 0:
+            shutil.rmtree(server.temp_dir, ignore_errors=True)  # kept (with serve.log) otherwise
 
     cross: dict[str, Any] = {}
     if not args.no_cross_check:
