@@ -342,7 +342,8 @@ def _close(a, b, tol=1e-4):
 
 def test_openai_logprobs_echo_and_n(stack, ref):
     client = stack.openai()
-    # lm-evaluation-harness's log-likelihood call: echo, logprobs, max_tokens 0: the prompt scored.
+    # A prompt scored alone: echo, logprobs, max_tokens 0 (lm-evaluation-harness sends max_tokens 1 and
+    # drops the one generated entry: tests/test_serve_smollm2.py sends its exact bodies).
     want = ref.scored(prompt="hello world again", max_tokens=0, k=1, pk=1)
     r = client.completions.create(model=MODEL_ID, prompt="hello world again", echo=True, logprobs=1, max_tokens=0)
     c = r.choices[0]
