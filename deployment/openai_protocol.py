@@ -299,20 +299,19 @@ def parse_chat(body: dict, model_id: str, default_max_tokens: int) -> tuple[Gene
 
 
 def parse_tokenize(body: dict, model_id: str) -> GenerateRequest:
-    """/tokenize (vLLM's): exactly one of prompt (str) or messages; add_special_tokens and
-    add_generation_prompt only at their defaults (true), the ones the engine serves with."""
+    """/tokenize (vLLM's): exactly one of prompt (str, with add_special_tokens) or messages (with
+    add_generation_prompt); both flags default to true, as the engine serves requests."""
     _check_model(body, model_id)
-    for name in ("add_special_tokens", "add_generation_prompt"):
-        if body.get(name) not in (None, True):
-            raise invalid(f"'{name}' must be true (the engine tokenizes that way)", param=name,
-                          code="unsupported_parameter")
+    flags = {name: _opt(body, name, lambda v: isinstance(v, bool), "a boolean")
+             for name in ("add_special_tokens", "add_generation_prompt")}
+    flags = {k: v for k, v in flags.items() if v is not None}
     if ("prompt" in body) == ("messages" in body):
         raise invalid("send exactly one of 'prompt' or 'messages'", param="prompt")
     if "messages" in body:
-        return checked(GenerateRequest(messages=_messages(body)))
+        return checked(GenerateRequest(messages=_messages(body), **flags))
     if not isinstance(body["prompt"], str):
         raise invalid("'prompt' must be a string", param="prompt", code="invalid_type")
-    return checked(GenerateRequest(prompt=body["prompt"]))
+    return checked(GenerateRequest(prompt=body["prompt"], **flags))
 
 
 def parse_detokenize(body: dict, model_id: str) -> list[int]:

@@ -90,6 +90,10 @@ class GenerateRequest:
     params: SamplingParams = field(default_factory=SamplingParams)
     mode: Optional[str] = None  # "orthrus" or "ar"; None: the engine's default_mode
     request_id: Optional[str] = None
+    # Tokenization (vLLM's fields): the tokenizer's special tokens around a prompt text, and the
+    # assistant turn's opening after chat messages.
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
 
 
 @dataclass

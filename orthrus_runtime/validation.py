@@ -212,6 +212,9 @@ def check_request(req: GenerateRequest, limits: ModelLimits = ModelLimits()) -> 
         raise _bad("the request must be a GenerateRequest", None)
     if not isinstance(req.params, SamplingParams):
         raise _bad("params must be SamplingParams", None)
+    for name in ("add_special_tokens", "add_generation_prompt"):
+        if not isinstance(getattr(req, name), bool):
+            raise _bad(f"'{name}' must be a boolean", name)
     given = [n for n, v in (("prompt", req.prompt), ("messages", req.messages),
                             ("prompt_token_ids", req.prompt_token_ids)) if v is not None]
     if len(given) != 1:

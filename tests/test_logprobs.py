@@ -109,3 +109,20 @@ def test_scoring_a_prompt_alone_and_requests_without_logprobs(model):
     (cut,) = eng.generate([GenerateRequest(prompt_token_ids=PROMPTS[1], params=SamplingParams(
         max_tokens=12, temperature=0, ignore_eos=True, logprobs=1, stop_token_ids=[stop]))])
     assert cut.finish_reason == "stop" and len(cut.logprobs) == len(cut.token_ids) <= 5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_cuda_graphs_and_pipelined_decoding(model):
+    # CUDA graphs and pipelined decoding (on by default there): the log-prob tables travel in
+    # their own pinned copy, ordered by the cycle's one event.
+    import copy
+
+    m = copy.deepcopy(model).to("cuda")
+    ar_eng, orth_eng = engine(m), engine(m)
+    assert orth_eng.pipelined and orth_eng.runner.graphs is not None
+    ar, orth = run(ar_eng, "ar"), run(orth_eng, "orthrus")
+    assert orth_eng.num_chained_steps > 0
+    for a, o, prompt in zip(ar, orth, PROMPTS):
+        assert a.token_ids == o.token_ids
+        assert max(abs(x.logprob - y.logprob) for x, y in zip(a.logprobs, o.logprobs)) < 1e-4
+        check_against_reference(m, o, prompt, 3, 2, atol=1e-3)

@@ -416,13 +416,20 @@ def test_tokenize_detokenize_and_max_model_len(stack, ref):
     assert r.status_code == 200, r.text
     ids = ref.engine.tokenizer.encode("hello world")
     assert r.json() == {"count": len(ids), "max_model_len": MAX_MODEL_LEN, "tokens": ids}
+    r = httpx.post(f"{stack.http}/tokenize", json={"prompt": "hello world", "add_special_tokens": False},
+                   headers=h, timeout=30)  # what lm-eval's remote tokenizer probe sends
+    assert r.json()["tokens"] == ref.engine.tokenizer.encode("hello world", add_special_tokens=False)
     msgs = [{"role": "user", "content": "hi"}]
     r = httpx.post(f"{stack.http}/tokenize", json={"messages": msgs}, headers=h, timeout=30)
     assert r.json()["tokens"] == ref.engine.engine.tokenize(GenerateRequest(messages=msgs))
+    r = httpx.post(f"{stack.http}/tokenize", json={"messages": msgs, "add_generation_prompt": False}, headers=h,
+                   timeout=30)
+    assert r.json()["tokens"] == ref.engine.engine.tokenize(GenerateRequest(messages=msgs, add_generation_prompt=False))
     r = httpx.post(f"{stack.http}/detokenize", json={"tokens": ids}, headers=h, timeout=30)
     assert r.status_code == 200 and r.json() == {"prompt": "hello world"}
     for path, body in (("/detokenize", {"tokens": [10**9]}), ("/detokenize", {"tokens": "x"}),
-                       ("/tokenize", {"prompt": 3}), ("/tokenize", {}), ("/tokenize", {"prompt": "a", "messages": msgs})):
+                       ("/tokenize", {"prompt": 3}), ("/tokenize", {}), ("/tokenize", {"prompt": "a", "messages": msgs}),
+                       ("/tokenize", {"prompt": "a", "add_special_tokens": "no"})):
         r = httpx.post(f"{stack.http}{path}", json=body, headers=h, timeout=30)
         assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", (path, body, r.text)
     assert httpx.post(f"{stack.http}/tokenize", json={"prompt": "a"}, timeout=30).status_code == 401

@@ -210,13 +210,14 @@ class LLMEngine:
                     raise InvalidRequestError("each message needs string fields 'role' and 'content'")
             if not getattr(self.tokenizer, "chat_template", None):
                 raise InvalidRequestError("this model has no chat template: send a prompt instead")
-            text = self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            text = self.tokenizer.apply_chat_template(msgs, tokenize=False,
+                                                      add_generation_prompt=req.add_generation_prompt)
             return list(self.tokenizer.encode(text, add_special_tokens=False))
         if not isinstance(req.prompt, str):
             raise InvalidRequestError("prompt must be a string")
         if req.prompt == "":
             raise InvalidRequestError("prompt must not be empty")
-        return list(self.tokenizer.encode(req.prompt))
+        return list(self.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens))
 
     def detokenize(self, ids: list[int]) -> str:
         """The text of token ids (special tokens kept: the inverse of tokenize)."""
