@@ -135,6 +135,9 @@ class OrthrusMetrics(StatLogger):
         self.num_requests_running = gauge("num_requests_running", "Number of requests in model execution batches.")
         self.num_requests_waiting = gauge("num_requests_waiting", "Number of requests waiting to be processed.")
         self.kv_cache_usage_perc = gauge("kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.")
+        self.kernel_compiles_after_ready = gauge(
+            "kernel_compiles_after_ready",
+            "Triton kernel specialisations built since the engine's warm-up ended (each one stalled a step).")
         # Per-request latencies.
         self.time_to_first_token_seconds = histogram(
             "time_to_first_token_seconds", "Histogram of time to first token in seconds.", moded, TTFT_BUCKETS)
@@ -177,6 +180,7 @@ class OrthrusMetrics(StatLogger):
         self.num_requests_running.labels(m, rp).set_function(lambda: stats().num_running)
         self.num_requests_waiting.labels(m, rp).set_function(lambda: stats().num_waiting)
         self.kv_cache_usage_perc.labels(m, rp).set_function(lambda: stats().kv_cache_usage)
+        self.kernel_compiles_after_ready.labels(m, rp).set_function(lambda: stats().num_kernel_compiles_after_ready)
         self._gauges_bound = True
 
     # -- helpers -----------------------------------------------------------------
@@ -193,7 +197,7 @@ class OrthrusMetrics(StatLogger):
         self._engine_series = True
         m, rp = self.model, self.replica
         for metric in (self.prompt_tokens, self.num_preemptions, self.num_requests_running,
-                       self.num_requests_waiting, self.kv_cache_usage_perc):
+                       self.num_requests_waiting, self.kv_cache_usage_perc, self.kernel_compiles_after_ready):
             metric.labels(m, rp)
         for mode in MODES:
             for metric in (self.spec_decode_num_drafts, self.spec_decode_num_draft_tokens,

@@ -241,6 +241,10 @@ class EngineStats:
     spec: dict[str, AcceptanceStats] = field(default_factory=dict)
     loop_alive: bool = True
     num_steps: int = 0
+    # Triton specialisations built in this process (worker/compile_watch.py), in all and since the
+    # engine's warm-up ended: each one after ready stalled a step.
+    num_kernel_compiles: int = 0
+    num_kernel_compiles_after_ready: int = 0
 
 
 # ---------------------------------------------------------------------------

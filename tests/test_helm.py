@@ -528,6 +528,23 @@ def test_model_sources(chart):
     assert _engine_args(rs)["dtype"] == "bfloat16" and _engine_args(rs)["block_size"] == 8
 
 
+def test_compile_cache_volume_and_engine_argument(chart):
+    # Default: an emptyDir on every worker, the engine's compile_cache_dir pointing into it.
+    rs = _one(_objects(chart, {}), "RayService")
+    worker = _pod_templates(rs)["worker"]["spec"]
+    assert _volume(worker, "compile-cache") == {"name": "compile-cache", "emptyDir": {"sizeLimit": "2Gi"}}
+    assert _mount(worker["containers"][0], "compile-cache") == {"name": "compile-cache",
+                                                                "mountPath": "/var/cache/orthrus/triton"}
+    assert _engine_args(rs)["compile_cache_dir"] == "/var/cache/orthrus/triton"
+    # A PVC outlives the pods; disabled, nothing is mounted and the engine keeps Triton's default.
+    rs = _one(_objects(chart, {"compileCache": {"pvc": {"claimName": "triton-cache"}}}), "RayService")
+    assert _volume(_pod_templates(rs)["worker"]["spec"], "compile-cache")["persistentVolumeClaim"] == {
+        "claimName": "triton-cache"}
+    rs = _one(_objects(chart, {"compileCache": {"enabled": False}}), "RayService")
+    assert all(v["name"] != "compile-cache" for v in _pod_templates(rs)["worker"]["spec"]["volumes"])
+    assert "compile_cache_dir" not in _engine_args(rs)
+
+
 def _env(container: dict, name: str) -> dict | None:
     return next((e for e in container.get("env", []) if e["name"] == name), None)
 

@@ -51,6 +51,10 @@ class EngineArgs:
     # card: bf16/fp16 on Hopper or Blackwell; else the Triton kernels), flash_attn, triton, torch.
     attention_backend: str = "auto"
     seed: int = 0
+    # Triton's cache of compiled kernels (TRITON_CACHE_DIR) for this process: on a volume that
+    # outlives the replica, a restarted one loads its kernels instead of compiling them (ready
+    # sooner). None: TRITON_CACHE_DIR as set, else Triton's default (~/.triton/cache).
+    compile_cache_dir: Optional[str] = None
 
     @classmethod
     def from_dict(cls, d: Optional[dict[str, Any]]) -> "EngineArgs":

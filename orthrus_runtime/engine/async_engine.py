@@ -149,7 +149,8 @@ class AsyncOrthrusEngine:
     def health(self) -> dict[str, Any]:
         """Liveness from the loop's heartbeat: answered at once, whatever the load."""
         return {"alive": self.is_alive(), "heartbeat_age_s": self.heartbeat_age_s(),
-                "draining": self._draining, "num_requests": len(self._streams)}
+                "draining": self._draining, "num_requests": len(self._streams),
+                "kernel_compiles_after_ready": len(self.engine.compiles_after_ready())}
 
     def stats(self) -> EngineStats:
         with self._lock:

@@ -49,6 +49,7 @@ from orthrus_runtime.spec.cycle import Chain, LaunchedCycle, RejectionSampling, 
 from orthrus_runtime.spec.logprobs import logprob_table, to_logprobs
 from orthrus_runtime.spec.planner import Planner, VerifyPlan, make_planner
 from orthrus_runtime.spec.sampling import sample_inverse_cdf
+from orthrus_runtime.worker.compile_watch import kernel_compiles
 from orthrus_runtime.worker.kv_cache import KVCache, bytes_per_block
 from orthrus_runtime.worker.runner import ModelRunner
 from orthrus_runtime.types import (
@@ -182,6 +183,17 @@ class LLMEngine:
         self.spec = {m: AcceptanceStats(accepted_per_position=[0] * (cfg.block_size - 1)) for m in MODES}
         self.num_steps = 0
         self._token_text: dict[int, str] = {}  # one token's text, for log-probabilities
+        self.compiles = kernel_compiles()  # process-wide: every engine of the process counts
+        self.mark_ready()
+
+    def mark_ready(self) -> None:
+        """Kernel compilations count as "after ready" from here (build_engine calls it once the
+        warm-up is done)."""
+        self._compiles_at_ready = self.compiles.count
+
+    def compiles_after_ready(self) -> list[str]:
+        """Triton's descriptions of the specialisations built since mark_ready."""
+        return self.compiles.since(self._compiles_at_ready)
 
     # -- requests -----------------------------------------------------------------
     def model_info(self) -> ModelInfo:
@@ -629,6 +641,8 @@ class LLMEngine:
             spec={m: dataclasses.replace(a, accepted_per_position=list(a.accepted_per_position))
                   for m, a in self.spec.items()},
             num_steps=self.num_steps,
+            num_kernel_compiles=self.compiles.count,
+            num_kernel_compiles_after_ready=self.compiles.count - self._compiles_at_ready,
         )
 
     # -- convenience: a whole static batch, run to completion --------------------------------

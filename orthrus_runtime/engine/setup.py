@@ -12,6 +12,7 @@ from orthrus_runtime.engine.args import EngineArgs
 from orthrus_runtime.engine.llm_engine import EngineConfig, LLMEngine
 from orthrus_runtime.model.loader import load_model
 from orthrus_runtime.types import StatLogger
+from orthrus_runtime.worker.compile_watch import kernel_compiles, use_cache_dir
 from orthrus_runtime.worker.cuda_graphs import BATCH_SIZES
 from orthrus_runtime.worker.kv_cache import bytes_per_block
 
@@ -69,9 +70,16 @@ def load(args: EngineArgs) -> Any:
 
 
 def build_engine(args: EngineArgs, stat_logger: Optional[StatLogger] = None) -> LLMEngine:
-    """Load and configure an engine, then warm it up (graphs captured before the first request)."""
+    """Load and configure an engine, then warm it up (graphs captured before the first request);
+    kernel compilations count as "after ready" from the end of the warm-up."""
+    cache = use_cache_dir(args.compile_cache_dir)  # before anything compiles
+    compiles = kernel_compiles()
+    before = compiles.count
     loaded = load(args)
     engine = LLMEngine(loaded.model, engine_config_from_args(args, loaded), loaded.tokenizer,
                        stat_logger=stat_logger)
     warm_up(engine)
+    engine.mark_ready()
+    log.info("engine ready: %d Triton kernel specialisation(s) built while loading and warming up "
+             "(cache %s)", compiles.count - before, cache)
     return engine

@@ -216,6 +216,18 @@ engine's model path filled in from model.source.
 {{- end }}
 {{- $_ := set $app.args.engine "model" $path }}
 {{- end }}
+{{- if .Values.compileCache.enabled }}
+{{- if not (hasKey $app "args") }}
+{{- $_ := set $app "args" dict }}
+{{- end }}
+{{- if not (hasKey $app.args "engine") }}
+{{- $_ := set $app.args "engine" dict }}
+{{- end }}
+{{- if and (hasKey $app.args.engine "compile_cache_dir") (not (kindIs "invalid" (get $app.args.engine "compile_cache_dir"))) }}
+{{- fail "compileCache.enabled: the chart sets the engine's compile_cache_dir to compileCache.mountPath itself: leave serve.applications[0].args.engine.compile_cache_dir null (or disable compileCache)" }}
+{{- end }}
+{{- $_ := set $app.args.engine "compile_cache_dir" .Values.compileCache.mountPath }}
+{{- end }}
 {{- toYaml $serve }}
 {{- end }}
 
