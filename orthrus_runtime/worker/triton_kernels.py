@@ -143,12 +143,15 @@ def _online_softmax_step(s, v, m_i, l_i, acc, PREC: tl.constexpr):
     return m_new, l_i, acc
 
 
-@triton.jit
+# SPLITS is a runtime argument, not a constexpr (only SPLIT, whether there are splits, is): the
+# split count follows the block table's width, which grows with the context in eager passes, and
+# as a constexpr each new count compiled a new kernel in the middle of serving.
+@triton.jit(do_not_specialize=["SPLITS"])
 def _attn_kernel(Q, KB, VB, KC, VC, BT, START, NVALID, O, PO, PL, LOCK,
                  sq_n, sq_h, skb_n, skb_h, svb_n, svb_h, sc_blk, sc_pg, sc_h, sbt_b, sbt_p, so_n, so_h,
-                 T, NTOK, scale,
+                 T, NTOK, scale, SPLITS,
                  G: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, SPLITS: tl.constexpr,
+                 BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr,
                  MIN_CHUNK: tl.constexpr):
     b = tl.program_id(0)
     kh = tl.program_id(1)
@@ -165,7 +168,7 @@ def _attn_kernel(Q, KB, VB, KC, VC, BT, START, NVALID, O, PO, PL, LOCK,
     q = tl.load(Q + tok[:, None] * sq_n + head[:, None] * sq_h + d[None, :], mask=row_ok[:, None], other=0.0)
     start = tl.load(START + b)
     nvalid = tl.load(NVALID + b)
-    if SPLITS > 1:
+    if SPLIT:
         # Split-KV: the prefix in `n_active` chunks of whole key tiles, at least MIN_CHUNK keys
         # each (a short prefix stays one chunk: no partials, no merge); split sp takes chunk sp
         # and the last active split also the pass's own keys. Splits past n_active do nothing.
@@ -197,7 +200,7 @@ def _attn_kernel(Q, KB, VB, KC, VC, BT, START, NVALID, O, PO, PL, LOCK,
     if CAUSAL:
         t_last = ((pm + 1) * BLOCK_M - 1) // G
         hi = tl.minimum(nvalid, t_last + 1)
-    if SPLITS > 1:
+    if SPLIT:
         hi = tl.where(last, hi, 0)
     for n0 in range(0, hi, BLOCK_N):
         j = n0 + tl.arange(0, BLOCK_N)
@@ -213,7 +216,7 @@ def _attn_kernel(Q, KB, VB, KC, VC, BT, START, NVALID, O, PO, PL, LOCK,
     # Rows that see no key at all (padding rows of a padded batch) come out as zeros.
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     o_ptr = O + tok[:, None] * so_n + head[:, None] * so_h + d[None, :]
-    if SPLITS == 1:
+    if not SPLIT:
         tl.store(o_ptr, out.to(O.dtype.element_ty), mask=row_ok[:, None])
     else:
         if n_active == 1:
@@ -315,8 +318,8 @@ def paged_attention(q, kb, vb, kc, vc, bt, start, nvalid, T: int, scale: float, 
         q, kb, vb, kc, vc, bt, start, nvalid, out, po, pl, lock,
         q.stride(0), q.stride(1), kb.stride(0), kb.stride(1), vb.stride(0), vb.stride(1),
         kc.stride(0), kc.stride(1), kc.stride(2), bt.stride(0), bt.stride(1), out.stride(0), out.stride(1),
-        T, n, scale, G=G, D=D, PAGE=kc.shape[1], BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, CAUSAL=causal, PREC=prec,
-        SPLITS=splits, MIN_CHUNK=SPLIT_MIN_KEYS, num_warps=4, num_stages=2)
+        T, n, scale, splits, G=G, D=D, PAGE=kc.shape[1], BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, CAUSAL=causal,
+        PREC=prec, SPLIT=splits > 1, MIN_CHUNK=SPLIT_MIN_KEYS, num_warps=4, num_stages=2)
     return out
 
 
