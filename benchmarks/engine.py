@@ -315,8 +315,10 @@ def section_shape(rep, shape: str, bw: float, budget: Budget, share: float, quic
     out["ar_weight_GB"] = wb / 1e9
     out["roofline_ms"] = 1e3 * wb / bw
     steps, warm = (4, 2) if quick else (10, 3)
-    sweep_steps = 40  # the most timed steps of one forced-acceptance round (small batches)
-    policy_warm = 40  # cycles a fresh adaptive policy gets to explore before a point is timed
+    # The most timed steps of one forced-acceptance round (small batches), and the cycles a fresh
+    # adaptive policy gets to explore before a point is timed; the CPU dry run only checks the paths.
+    sweep_steps = 40 if DEVICE == "cuda" else 6
+    policy_warm = 40 if DEVICE == "cuda" else 8
     gen_room = (warm + policy_warm + max(steps, sweep_steps) + 4) * B
     eng = make_engine(model, PROMPT + gen_room + B)
     out["backend"] = eng.runner.backend
@@ -363,7 +365,7 @@ def section_shape(rep, shape: str, bw: float, budget: Budget, share: float, quic
             # One such window moves a pooled ratio by several percent, the median not at all.)
             tie = bs >= TIE_BS and not quick
             st = min(sweep_steps, max(3 * steps, -(-256 // bs))) if not tie else TIE_STEPS
-            rounds = 1 if quick or tie else -(-256 // (bs * st))
+            rounds = 1 if quick or tie or DEVICE != "cuda" else -(-256 // (bs * st))
             reps = 5 if tie else 1
             # (AR warms as many steps as the adaptive run, so both run at the same context.)
             ar_runs, adap_runs = [], []
