@@ -27,6 +27,7 @@ config building, the metric parsing, the targets and the report without a GPU.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
 import json
@@ -484,6 +485,29 @@ def _commit() -> str:
         return ""
 
 
+@contextlib.contextmanager
+def local_ray(num_cpus: int, prefix: str, work: Optional[Path] = None):
+    """A local Ray in Serve's namespace with a temp dir of its own; on exit Serve and Ray shut
+    down and the temp dir (and `work`) go."""
+    import ray
+    from ray import serve
+    from ray.serve._private.constants import SERVE_NAMESPACE
+
+    temp_dir = tempfile.mkdtemp(prefix=prefix, dir="/tmp")  # short: Ray's socket paths have a length limit
+    ray.init(address="local", num_cpus=num_cpus, namespace=SERVE_NAMESPACE, include_dashboard=False,
+             _temp_dir=temp_dir)
+    try:
+        yield
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+            shutil.rmtree(temp_dir, ignore_errors=True)
+            if work is not None:
+                shutil.rmtree(work, ignore_errors=True)
+
+
 def _deploy(cfg: dict) -> None:
     from ray.serve.schema import ServeDeploySchema
 
@@ -643,25 +667,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         except Exception:  # noqa: BLE001
             rep["errors"]["chart"] = traceback.format_exc()[-2000:]
 
-    from ray import serve
-    from ray.serve._private.constants import SERVE_NAMESPACE
-
     os.environ.update(s.ray_env)
-    temp_dir = tempfile.mkdtemp(prefix="ormg", dir="/tmp")  # short: Ray's socket paths have a length limit
-    ray.init(address="local", num_cpus=s.ray_num_cpus, namespace=SERVE_NAMESPACE, include_dashboard=False,
-             _temp_dir=temp_dir)
-    try:
-        run_phases(rep, s, base, ports, work, save)
-    except Exception:  # noqa: BLE001 - report what was measured, and why the rest was not
-        rep["errors"]["run"] = traceback.format_exc()[-4000:]
-        log("FAILED\n", rep["errors"]["run"])
-    finally:
+    with local_ray(s.ray_num_cpus, "ormg", work):
         try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
-            shutil.rmtree(temp_dir, ignore_errors=True)
-            shutil.rmtree(work, ignore_errors=True)
+            run_phases(rep, s, base, ports, work, save)
+        except Exception:  # noqa: BLE001 - report what was measured, and why the rest was not
+            rep["errors"]["run"] = traceback.format_exc()[-4000:]
+            log("FAILED\n", rep["errors"]["run"])
     save()
     print(json.dumps(rep["targets"], indent=1))
     log("wrote", out / f"{stem}.json", "and .png")

@@ -637,24 +637,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         log("engine alone FAILED\n", rep["errors"]["engine_alone"])
     save()
 
-    from ray import serve
-    from ray.serve._private.constants import SERVE_NAMESPACE
-
-    temp_dir = tempfile.mkdtemp(prefix="orsv", dir="/tmp")  # short: Ray's socket paths have a length limit
-    ray.init(address="local", num_cpus=s.ray_num_cpus, namespace=SERVE_NAMESPACE, include_dashboard=False,
-             _temp_dir=temp_dir)
-    try:
-        run_serve(rep, s, base, ports, work, t_start, save)
-    except Exception:  # noqa: BLE001
-        rep["errors"]["serve"] = traceback.format_exc()[-4000:]
-        log("serve FAILED\n", rep["errors"]["serve"])
-    finally:
+    with mg.local_ray(s.ray_num_cpus, "orsv", work):
         try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
-            shutil.rmtree(temp_dir, ignore_errors=True)
-            shutil.rmtree(work, ignore_errors=True)
+            run_serve(rep, s, base, ports, work, t_start, save)
+        except Exception:  # noqa: BLE001
+            rep["errors"]["serve"] = traceback.format_exc()[-4000:]
+            log("serve FAILED\n", rep["errors"]["serve"])
     save()
     print(table(rep))
     log("wrote", out / f"{stem}.json", "and .png", f"in {rep['elapsed_s']} s")
