@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import functools
 import json
 import os
 import shutil
@@ -78,20 +77,11 @@ def _model_id(config: Path) -> str:
 
 def load_reference():
     """(transformers model, tokenizer) of the embedded GGUF, float32: what the server loads."""
-    import torch
-    import transformers.modeling_gguf_pytorch_utils as gguf_utils
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from orthrus_runtime.model.loader import default_gguf_path
+    from orthrus_runtime.model.loader import load_tokenizer, default_gguf_path, gguf_hf_model
 
     gguf = default_gguf_path()
-    bar = gguf_utils.tqdm
-    gguf_utils.tqdm = functools.partial(bar, disable=True)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    finally:
-        gguf_utils.tqdm = bar
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = gguf_hf_model(gguf)
+    tok = load_tokenizer(gguf.parent, gguf.name)
     model.eval()
     return model, tok, gguf
 

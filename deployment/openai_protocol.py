@@ -130,10 +130,13 @@ def _check_model(body: dict, model_id: str) -> None:
         raise invalid(f"model '{model}' does not exist; this server serves '{model_id}'", param="model", code="model_not_found")
 
 
-def _check_neutral(body: dict) -> None:
-    for name, neutral in _NEUTRAL.items():
+def _check_neutral(body: dict, endpoint_only: tuple[str, ...] = ()) -> None:
+    """Refuse the fields this server does not implement (unless at their neutral value), and the
+    `endpoint_only` fields, which belong to the other endpoint (neutral: null or false)."""
+    for name, neutral in [*_NEUTRAL.items(), *((n, (None, False)) for n in endpoint_only)]:
         if name in body and body[name] not in neutral:
-            raise invalid(f"'{name}' is not supported by this server", param=name, code="unsupported_parameter")
+            where = "on this endpoint" if name in endpoint_only else "by this server"
+            raise invalid(f"'{name}' is not supported {where}", param=name, code="unsupported_parameter")
 
 
 def _sampling(body: dict, default_max_tokens: int) -> SamplingParams:
@@ -249,18 +252,11 @@ def _options(body: dict, prefix: str, model_id: str) -> ResponseOptions:
     )
 
 
-def _unsupported(body: dict, *names: str) -> None:
-    for name in names:
-        if body.get(name) not in (None, False):
-            raise invalid(f"'{name}' is not supported on this endpoint", param=name, code="unsupported_parameter")
-
-
 def parse_completion(body: dict, model_id: str) -> tuple[GenerateRequest, ResponseOptions]:
     """OpenAI's completions: logprobs (0..5 alternatives), echo; echo with max_tokens 0 scores
     the prompt alone (what lm-evaluation-harness sends for log-likelihoods)."""
     _check_model(body, model_id)
-    _check_neutral(body)
-    _unsupported(body, "top_logprobs")
+    _check_neutral(body, endpoint_only=("top_logprobs",))
     prompt, ids = _prompt(body)
     params = _sampling(body, COMPLETIONS_DEFAULT_MAX_TOKENS)
     logprobs = _opt(body, "logprobs", _is_int, "an integer")
@@ -280,8 +276,7 @@ def parse_completion(body: dict, model_id: str) -> tuple[GenerateRequest, Respon
 def parse_chat(body: dict, model_id: str, default_max_tokens: int) -> tuple[GenerateRequest, ResponseOptions]:
     """OpenAI's chat completions: logprobs (a boolean) and top_logprobs (0..20 alternatives)."""
     _check_model(body, model_id)
-    _check_neutral(body)
-    _unsupported(body, "echo")
+    _check_neutral(body, endpoint_only=("echo",))
     messages = _messages(body)
     params = _sampling(body, default_max_tokens)
     logprobs = bool(_opt(body, "logprobs", lambda v: isinstance(v, bool), "a boolean"))

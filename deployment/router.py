@@ -718,7 +718,7 @@ class OrthrusRouter:
         if choices.echo:
             self._metrics.on_echo_prompt_tokens(sum(len(d.prompt_logprobs or []) for d in finals), "grpc")
         return grpc_protocol.complete_response([
-            grpc_protocol.final_response(d.request_id if choices.n > 1 else req.request_id, d.text, d.token_ids, d,
+            grpc_protocol.final_response(d.request_id, d.text, d.token_ids, d,
                                          index=i, echo_text=echo_text, logprobs=d.logprobs,
                                          prompt_logprobs=d.prompt_logprobs)
             for i, d in enumerate(finals)])

@@ -121,9 +121,8 @@ def check_sampling(p: SamplingParams) -> None:
     for name in ("logprobs", "prompt_logprobs"):
         if getattr(p, name) is not None:
             _check_int(getattr(p, name), name, 0, MAX_LOGPROBS, f"in [0, {MAX_LOGPROBS}]")
-    if p.max_tokens == 0 and p.prompt_logprobs is not None:  # scoring a prompt (echo), no output
-        pass
-    else:
+    scoring_only = p.max_tokens == 0 and p.prompt_logprobs is not None  # a prompt scored (echo), no output
+    if not scoring_only:
         _check_int(p.max_tokens, "max_tokens", 1, MAX_TOKENS_LIMIT, f"in [1, {MAX_TOKENS_LIMIT}]")
     t = _check_float(p.temperature, "temperature")
     if not (0.0 <= t <= TEMPERATURE_MAX):

@@ -150,7 +150,7 @@ class AsyncOrthrusEngine:
         """Liveness from the loop's heartbeat: answered at once, whatever the load."""
         return {"alive": self.is_alive(), "heartbeat_age_s": self.heartbeat_age_s(),
                 "draining": self._draining, "num_requests": len(self._streams),
-                "kernel_compiles_after_ready": len(self.engine.compiles_after_ready())}
+                "kernel_compiles_after_ready": self.engine.num_compiles_after_ready}
 
     def stats(self) -> EngineStats:
         with self._lock:

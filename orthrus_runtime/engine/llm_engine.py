@@ -191,6 +191,10 @@ class LLMEngine:
         warm-up is done)."""
         self._compiles_at_ready = self.compiles.count
 
+    @property
+    def num_compiles_after_ready(self) -> int:
+        return self.compiles.count - self._compiles_at_ready
+
     def compiles_after_ready(self) -> list[str]:
         """Triton's descriptions of the specialisations built since mark_ready."""
         return self.compiles.since(self._compiles_at_ready)
@@ -642,7 +646,7 @@ class LLMEngine:
                   for m, a in self.spec.items()},
             num_steps=self.num_steps,
             num_kernel_compiles=self.compiles.count,
-            num_kernel_compiles_after_ready=self.compiles.count - self._compiles_at_ready,
+            num_kernel_compiles_after_ready=self.num_compiles_after_ready,
         )
 
     # -- convenience: a whole static batch, run to completion --------------------------------

@@ -161,7 +161,7 @@ def read_safetensors_folder(folder: Path) -> dict[str, torch.Tensor]:
     raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json")
 
 
-def _load_tokenizer(folder: Path, gguf_file: Optional[str] = None) -> Any:
+def load_tokenizer(folder: Path, gguf_file: Optional[str] = None) -> Any:
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -175,8 +175,8 @@ def _load_tokenizer(folder: Path, gguf_file: Optional[str] = None) -> Any:
     return None
 
 
-def read_gguf(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], Any]:
-    """(HF config dict, float32 state dict, tokenizer) of a .gguf file, dequantized by transformers."""
+def gguf_hf_model(path: Path) -> Any:
+    """transformers' float32 model of a .gguf file (dequantized), quietly."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -192,12 +192,17 @@ def read_gguf(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], Any]
     bar = gguf_utils.tqdm
     gguf_utils.tqdm = functools.partial(bar, disable=True)
     try:
-        hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     finally:
         gguf_utils.tqdm = bar
+
+
+def read_gguf(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], Any]:
+    """(HF config dict, float32 state dict, tokenizer) of a .gguf file, dequantized by transformers."""
+    hf = gguf_hf_model(path)
     cfg = hf.config.to_dict()
     state = {k: v.detach().clone() for k, v in hf.state_dict().items()}
-    tok = _load_tokenizer(path.parent, path.name)
+    tok = load_tokenizer(path.parent, path.name)
     return cfg, state, tok
 
 
@@ -304,7 +309,7 @@ def load_model(path: Optional[str], dtype: str = "auto", device: str = "auto",
             except json.JSONDecodeError as e:
                 raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from e
             state = read_safetensors_folder(p)
-            tokenizer = _load_tokenizer(p)
+            tokenizer = load_tokenizer(p)
             source, model_id = str(p), p.name
     cfg_source = source if source.endswith(".gguf") else str(Path(source) / "config.json")
     cfg = ModelConfig.from_hf_dict(hf_cfg, cfg_source)
