@@ -19,7 +19,7 @@ the engine alone is built, measured and freed first):
 4. compilations after ready: the engine replica's health() and the Prometheus gauge
    orthrus_kernel_compiles_after_ready, read at the end;
 5. where a bound is missed: a short `py-spy record` of the engine and router replica
-   processes under gRPC load at c=64 (skipped with a note without py-spy).
+   processes and the engine core process under gRPC load at c=64 (skipped with a note without py-spy).
 
 Writes <out>/<date>-<gpu>-serving.json and .png; `targets` gives, for each target of
 issue 16 item 5, the measured value, the bound and whether it was met. Points that do
@@ -172,7 +172,7 @@ async def _arrivals(aeng, reqs, c: int) -> tuple[int, float, list[float]]:
 
 
 def engine_arrivals(aeng, s: Settings, c: int, mode: str) -> dict:
-    """(b) 2c requests, c in flight, through AsyncOrthrusEngine in this process."""
+    """(b) 2c requests, c in flight, through AsyncOrthrusEngine, its core loop in a thread of this process."""
     import numpy as np
 
     reqs = _requests(s, c, mode, _point_seed(c))
@@ -204,7 +204,7 @@ def run_engine_alone(rep: dict, s: Settings, base: dict, work: Path) -> None:
             r = engine_batch(eng, s, c, mode)
             out["batch"].setdefault(mode, {})[str(c)] = r
             log(f"engine alone batch {mode} c={c}: {r['output_throughput']:.1f} tok/s")
-    aeng = AsyncOrthrusEngine(eng)
+    aeng = AsyncOrthrusEngine.in_thread(eng)
     try:
         for mode in MODES:
             for c in s.concurrencies:
@@ -417,6 +417,8 @@ def run_serve(rep: dict, s: Settings, base: dict, ports: mg.Ports, work: Path, t
     srv["pids"] = replica_pids()
     if srv["health_end"].get("pid") and ENGINE not in srv["pids"]:
         srv["pids"][ENGINE] = [srv["health_end"]["pid"]]
+    if srv["health_end"].get("engine_core_pid"):  # the engine replica's step loop, its child process
+        srv["pids"]["EngineCore"] = [srv["health_end"]["engine_core_pid"]]
     rep["targets"] = targets(rep)
     missed = [k for k, t in rep["targets"].items() if not t["met"]]
     if missed and time.monotonic() - t_start > s.budget_s:

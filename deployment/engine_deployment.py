@@ -1,4 +1,5 @@
-"""The engine deployment: one AsyncOrthrusEngine per replica (one GPU each, or CPU).
+"""The engine deployment: one AsyncOrthrusEngine per replica (one GPU each, or CPU), its
+engine core in a child process of the replica.
 
 A thin shim in the Ray Serve LLM style: the engine already exposes an async
 generator per request, and this class forwards it over a DeploymentHandle
@@ -7,6 +8,7 @@ orthrus_runtime.types (picklable, no torch objects).
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from typing import Any, AsyncIterator, Optional, Union
@@ -66,6 +68,8 @@ class OrthrusEngine:
             if metrics_port is not None else None
         )
         args = EngineArgs.from_dict(engine_args)
+        # The engine core steps in a process of its own (on this replica's GPU), out of the way
+        # of this actor's event loop and Ray's streams.
         self._engine = AsyncOrthrusEngine.from_args(args, stat_logger=self._metrics, queue_timeout_s=queue_timeout_s)
         self._metrics.bind_engine_stats(self._engine.stats)
         info = self._engine.model_info()
@@ -124,8 +128,9 @@ class OrthrusEngine:
         except InvalidRequestError as e:
             return Rejection(str(e), e.param)
 
-    def stats(self) -> EngineStats:
-        return self._engine.stats()
+    async def stats(self) -> EngineStats:
+        # Answered by the engine core process: wait off this actor's event loop.
+        return await asyncio.to_thread(self._engine.stats)
 
     def health(self) -> dict[str, Any]:
         return {
@@ -149,7 +154,7 @@ class OrthrusEngine:
     async def __del__(self):
         # Serve calls this once in-flight requests finished or graceful_shutdown_timeout_s
         # passed: what is still running ends with an explicit "shutting down" error
-        # (delivered while this loop runs), then the step-loop thread stops.
+        # (delivered while this loop runs), then the engine core process stops.
         engine = getattr(self, "_engine", None)
         if engine is not None:
             ended = await engine.drain(0.0)

@@ -221,6 +221,7 @@ class ModelInfo:
     mask_token_id: int
     modes: list[str] = field(default_factory=lambda: list(MODES))
     eos_token_ids: list[int] = field(default_factory=list)
+    default_mode: str = "orthrus"  # the mode of a request that names none
 
 
 @dataclass
@@ -245,6 +246,10 @@ class EngineStats:
     # engine's warm-up ended: each one after ready stalled a step.
     num_kernel_compiles: int = 0
     num_kernel_compiles_after_ready: int = 0
+    # The step loop's own counters (engine/core.py): failed steps, requests refused after
+    # queue_timeout_s.
+    num_step_failures: int = 0
+    num_queue_timeouts: int = 0
 
 
 # ---------------------------------------------------------------------------

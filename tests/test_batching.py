@@ -19,7 +19,7 @@ MODEL = tiny_model("qwen3", seed=21, diffusion="ar-copy", eos_token_ids=[])
 def make_async(num_kv_blocks=400, max_num_seqs=16, block_size=4, tokenizer=None, **kw):
     cfg = EngineConfig(block_size=block_size, mask_token_id=300, max_model_len=160, num_kv_blocks=num_kv_blocks,
                        kv_page_size=4, max_num_seqs=max_num_seqs, max_num_batched_tokens=64, **kw)
-    return AsyncOrthrusEngine(LLMEngine(MODEL, cfg, tokenizer))
+    return AsyncOrthrusEngine.in_thread(LLMEngine(MODEL, cfg, tokenizer))
 
 
 def prompt(i, n):
@@ -40,7 +40,7 @@ def assert_clean(engine):
     st = engine.stats()
     assert st.num_running == 0 and st.num_waiting == 0
     assert st.num_kv_blocks_free == st.num_kv_blocks_total
-    assert not engine.engine.seqs and not engine._streams
+    assert not engine.core.engine.seqs and not engine._streams and not len(engine._outputs)
 
 
 # async_scheduling=True: pipelined decoding (on by default with CUDA graphs), here on the CPU.
@@ -173,7 +173,7 @@ async def test_200_random_requests_with_aborts_leave_nothing_behind(pipelined):
         assert not pending
     finally:
         eng.shutdown()
-    assert not eng._thread.is_alive()
+    assert not eng.core.is_running() and not eng._pump_thread.is_alive()
     assert threading.active_count() <= threads_before
 
 

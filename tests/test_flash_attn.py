@@ -52,18 +52,16 @@ def test_engine_refuses_a_backend_it_cannot_run():
 
 
 def test_engine_args_carry_the_backend(tmp_path):
-    from orthrus_runtime.engine.async_engine import AsyncOrthrusEngine
     from orthrus_runtime.engine.args import EngineArgs
+    from orthrus_runtime.engine.setup import build_engine
     from orthrus_runtime.model.testing import tiny_checkpoint
 
     folder = tiny_checkpoint(str(tmp_path / "m"), block_size=4)
     with pytest.raises(ValueError, match="flash-attn needs CUDA"):
-        AsyncOrthrusEngine.from_args(EngineArgs(model=str(folder), device="cpu", max_model_len=64,
-                                                async_scheduling=True, attention_backend="flash_attn"))
-    served = AsyncOrthrusEngine.from_args(EngineArgs(model=str(folder), device="cpu", max_model_len=64,
-                                                     attention_backend="torch"))
-    served.shutdown()
-    assert served.engine.runner.backend == "torch"
+        build_engine(EngineArgs(model=str(folder), device="cpu", max_model_len=64, async_scheduling=True,
+                                attention_backend="flash_attn"))
+    eng = build_engine(EngineArgs(model=str(folder), device="cpu", max_model_len=64, attention_backend="torch"))
+    assert eng.runner.backend == "torch"
 
 
 @needs_fa

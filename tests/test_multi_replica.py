@@ -8,7 +8,6 @@
 """
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import tempfile
@@ -112,6 +111,14 @@ def _replicas(want: int = 2, tries: int = 100) -> dict[str, dict]:
     raise AssertionError(f"only replicas {sorted(found)} answered {tries} health calls")
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def _served(port: int, replica: str) -> int:
     """Requests the replica finished (any finish reason), from its own metrics endpoint."""
     text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
@@ -166,6 +173,7 @@ def test_killed_replica_leaves_the_other_serving(stack):
     replicas = _replicas()
     victim_id, survivor_id = sorted(replicas)
     victim = ray.get_actor(replicas[victim_id]["actor_name"], namespace=SERVE_NAMESPACE)
+    victim_core = replicas[victim_id]["engine_core_pid"]
     survivor_port = replicas[survivor_id]["metrics_port"]
 
     stop = threading.Event()
@@ -220,5 +228,10 @@ def test_killed_replica_leaves_the_other_serving(stack):
     assert _served(survivor_port, survivor_id) > survivor_before
     # Serve replaces the killed replica; the deployment is back to two.
     _wait_two_running(timeout=180)
+    # The killed actor's engine core process went with it (no orphan holding the GPU).
+    deadline = time.monotonic() + 30
+    while _pid_alive(victim_core):
+        assert time.monotonic() < deadline, "the killed replica's engine core process was left running"
+        time.sleep(0.2)
     with OrthrusClient(stack.grpc_target, application=APP, timeout=60) as c:
         assert c.complete("hi", max_tokens=4, temperature=0).usage.completion_tokens == 4

@@ -117,17 +117,15 @@ def test_new_request_mid_pipeline_is_admitted_and_exact():
 def test_engine_args_switch_pipelining(tmp_path):
     """`async_scheduling` in EngineArgs (YAML, Helm values): None keeps it for CUDA graphs only;
     True turns it on, here on the CPU, with the same greedy output."""
-    from orthrus_runtime.engine.async_engine import AsyncOrthrusEngine
     from orthrus_runtime.engine.args import EngineArgs
+    from orthrus_runtime.engine.setup import build_engine
     from orthrus_runtime.model.testing import tiny_checkpoint
 
     folder = tiny_checkpoint(str(tmp_path / "m"), block_size=4, diffusion="ar-copy", seed=3)
     outs = {}
     for flag in (None, True):
-        served = AsyncOrthrusEngine.from_args(EngineArgs(model=str(folder), device="cpu", dtype="float32",
-                                                         max_model_len=128, async_scheduling=flag))
-        served.shutdown()  # its step loop stops: the engine below is driven from this thread alone
-        eng = served.engine
+        eng = build_engine(EngineArgs(model=str(folder), device="cpu", dtype="float32", max_model_len=128,
+                                      async_scheduling=flag))
         assert eng.pipelined is bool(flag)
         req = [GenerateRequest(prompt_token_ids=prompt(i, 9), params=SamplingParams(max_tokens=24, temperature=0))
                for i in range(3)]

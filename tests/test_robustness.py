@@ -70,7 +70,7 @@ def make(tokenizer=None, stat_logger=None, max_num_seqs=16, pipelined=False, max
     cfg = EngineConfig(block_size=4, mask_token_id=300, max_model_len=max_model_len,
                        num_kv_blocks=max(400, max_model_len), kv_page_size=4,
                        max_num_seqs=max_num_seqs, max_num_batched_tokens=64, async_scheduling=pipelined)
-    return AsyncOrthrusEngine(LLMEngine(MODEL, cfg, tokenizer, stat_logger=stat_logger), **kw)
+    return AsyncOrthrusEngine.in_thread(LLMEngine(MODEL, cfg, tokenizer, stat_logger=stat_logger), **kw)
 
 
 def prompt(i, n):
@@ -90,7 +90,7 @@ def assert_clean(engine):
     st = engine.stats()
     assert st.num_running == 0 and st.num_waiting == 0
     assert st.num_kv_blocks_free == st.num_kv_blocks_total
-    assert not engine.engine.seqs and not engine._streams
+    assert not engine.core.engine.seqs and not engine._streams and not len(engine._outputs)
 
 
 def batch():

@@ -18,6 +18,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import tempfile
 import threading
@@ -806,6 +807,15 @@ def test_keys_never_appear_in_logs(stack):
 # ----------------------------------------------------------------------------- the "small" app
 
 
+def _pid_alive(pid: int) -> bool:
+    """Whether a process of this machine still runs (a zombie does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def _running_replicas(app="small", deployment="OrthrusEngine") -> int:
     d = serve.status().applications[app].deployments[deployment]
     return d.replica_states.get("RUNNING", 0)
@@ -919,12 +929,17 @@ def test_autoscaling_up_under_load_and_down_after(stack):
         time.sleep(0.5)
 
 
-def test_killed_engine_replica(stack):
+def test_killed_engine_process(stack):
+    """The engine core process of a replica dies (killed, as the OOM killer would): its
+    streams end with an error, the replica turns unhealthy, Serve replaces it, and nothing
+    of the old one is left."""
     deadline = time.monotonic() + 120
     while _running_replicas() != 1:
         assert time.monotonic() < deadline
         time.sleep(0.5)
-    actor_name = stack.engine_handle("small").health.remote().result(timeout_s=30)["actor_name"]
+    health = stack.engine_handle("small").health.remote().result(timeout_s=30)
+    actor_name, core_pid = health["actor_name"], health["engine_core_pid"]
+    assert core_pid and core_pid != health["pid"]
 
     # One stream per protocol in flight on the replica (it has two slots).
     http_stream = stack.openai(prefix="/small").completions.create(
@@ -934,7 +949,7 @@ def test_killed_engine_replica(stack):
     grpc_client = stack.grpc(key=None, app="small")
     grpc_call = grpc_client.generate("hello", max_tokens=1500, temperature=0)
     next(grpc_call)
-    ray.kill(ray.get_actor(actor_name, namespace=SERVE_NAMESPACE), no_restart=True)
+    os.kill(core_pid, signal.SIGKILL)
 
     with pytest.raises(openai.APIError):
         for _ in http_iter:
@@ -957,8 +972,12 @@ def test_killed_engine_replica(stack):
             pass
         assert time.monotonic() < deadline, "requests did not succeed after the replica was replaced"
         time.sleep(1.0)
-    new_name = stack.engine_handle("small").health.remote().result(timeout_s=30)["actor_name"]
-    assert new_name != actor_name
+    new = stack.engine_handle("small").health.remote().result(timeout_s=30)
+    assert new["actor_name"] != actor_name and new["engine_core_pid"] != core_pid
+    deadline = time.monotonic() + 60
+    while _pid_alive(health["pid"]):
+        assert time.monotonic() < deadline, "the unhealthy replica's actor process was left running"
+        time.sleep(0.5)
     with stack.grpc(key=None, app="small") as c:
         assert c.complete("hi", max_tokens=4, temperature=0).usage.completion_tokens == 4
 

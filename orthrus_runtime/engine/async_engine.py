@@ -1,38 +1,44 @@
 """AsyncOrthrusEngine: the engine behind an async-generator interface.
 
-The step loop runs in its own thread and is the only code that touches the
-LLMEngine's state; callers talk to it through a command queue, and deltas travel
-back to each caller's own asyncio loop with call_soon_threadsafe. So `submit`,
-`generate`, `abort` and `stats` are safe from any event loop (a Ray Serve
-replica's, a FastAPI app's, a test's).
+The front (this class) and the engine core (engine/core.py) are apart: the core's step loop
+runs in a process of its own (`from_args`, a Serve replica's way: core_client.ProcessCore)
+or in a thread (`in_thread`, over an LLMEngine the caller built: core_client.InprocCore),
+and the two talk through commands one way and one CoreOutputs message per loop iteration
+the other, carrying every request's new token ids at once. On this side:
 
-Fault isolation: nothing one request carries may stop the loop for the others.
-  * Requests are checked (orthrus_runtime.validation) and tokenized in one worker
-    thread, never on the caller's event loop, so a long prompt does not stall the
-    other streams of a replica.
-  * A request that fails inside a step ends alone with finish_reason "error" (the
-    LLMEngine guards its per-request work); a request whose admission fails ends
-    alone the same way. The client is told only the request id; the log has the rest.
-  * A step that fails as a whole ends the requests that were running in it, with
-    "error", and the loop goes on; only max_step_failures failed steps in a row (a
-    broken device, say) stop it, and then Serve's health check replaces the replica.
-The loop beats a heartbeat every iteration; liveness reads it instead of queueing
-behind requests (`health`).
+  * requests are checked and tokenized (engine/input_processor.py) on one tokenizer
+    thread, never on a caller's event loop, so a long prompt stalls no other stream;
+  * one output thread receives the core's messages, makes text and checks stop strings
+    (engine/output_processor.py; a request that hits one is finished in the core), hands
+    the engine's statistics records to the stat logger, and delivers each message's deltas
+    with one call_soon_threadsafe per caller event loop, not one per request;
+  * statistics are read on demand (`stats`: one command, answered by the core), never
+    copied per step; liveness is the age of the last message (`health`), which an idle
+    core still sends every IDLE_WAIT_S, so the check never queues behind requests.
+
+Fault isolation: a request failing in the core ends alone ("error"; the client is told only
+its request id, the log has the rest); a failing step ends the requests it ran; a core
+that dies (max_step_failures failed steps in a row, its process killed) ends every stream
+with EngineDeadError and makes the engine not alive, so that Serve's health check replaces
+the replica. Every method is safe from any event loop and any thread.
 """
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
+import itertools
 import logging
-import queue
 import threading
 import time
 import uuid
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, Optional, Union
 
 from orthrus_runtime.engine.args import EngineArgs
-from orthrus_runtime.engine.llm_engine import LLMEngine
-from orthrus_runtime.engine.setup import build_engine
+from orthrus_runtime.engine.core import CoreOutputs
+from orthrus_runtime.engine.core_client import InprocCore, ProcessCore
+from orthrus_runtime.engine.input_processor import InputProcessor
+from orthrus_runtime.engine.output_processor import OutputProcessor
 from orthrus_runtime.types import (
     EngineDeadError,
     EngineStats,
@@ -42,14 +48,13 @@ from orthrus_runtime.types import (
     ModelInfo,
     RequestRefusedError,
     StatLogger,
-    Usage,
 )
 from orthrus_runtime.validation import ModelLimits, check_request
 
 log = logging.getLogger(__name__)
 
-# A loop iteration waits at most this long for work, so an idle loop still beats.
-_IDLE_WAIT_S = 0.5
+# How long `stats` waits for the core's answer before it returns the last one it has.
+_STATS_TIMEOUT_S = 5.0
 
 
 def error_message(request_id: str) -> str:
@@ -63,6 +68,11 @@ class _Mailbox:
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
         self.queue: asyncio.Queue = asyncio.Queue()
+
+
+def _deliver_all(items: list[tuple[asyncio.Queue, Any]]) -> None:
+    for q, item in items:
+        q.put_nowait(item)
 
 
 class RequestStream:
@@ -100,40 +110,51 @@ class RequestStream:
 
 
 class AsyncOrthrusEngine:
-    def __init__(self, engine: LLMEngine, *, queue_timeout_s: Optional[float] = None,
-                 max_step_failures: int = 3, stall_timeout_s: float = 300.0):
-        """queue_timeout_s: a request still waiting for its first schedule after this long
-        is refused (RequestRefusedError "queue_timeout"); None: no deadline.
-        max_step_failures: failed steps in a row after which the loop stops.
-        stall_timeout_s: a heartbeat older than this makes the engine not alive (hung)."""
-        self.engine = engine
-        self.tokenizer = engine.tokenizer
-        self.queue_timeout_s = queue_timeout_s
-        self.max_step_failures = max_step_failures
+    def __init__(self, core: Union[InprocCore, ProcessCore], *, stat_logger: Optional[StatLogger] = None,
+                 stall_timeout_s: float = 300.0):
+        """core: a started core client (core_client.py). stat_logger: gets the records a core
+        process sends (an in-thread core's engine reports to its own logger).
+        stall_timeout_s: a core silent for this long is not alive (hung)."""
+        self._core = core
+        self.stat_logger = stat_logger or StatLogger()
         self.stall_timeout_s = stall_timeout_s
-        self._cmds: "queue.Queue[tuple]" = queue.Queue()
+        self.tokenizer = core.tokenizer
+        self._info: ModelInfo = core.info
+        self._limits = ModelLimits(self._info.vocab_size, self._info.max_model_len)
+        self._inputs = InputProcessor(core.tokenizer, self._info.vocab_size, self._info.max_model_len,
+                                      self._info.default_mode)
+        self._outputs = OutputProcessor(core.tokenizer)
         self._streams: dict[str, _Mailbox] = {}
         self._lock = threading.Lock()
-        self._wake = threading.Event()
-        self._stop = threading.Event()
         self._draining = False
-        self._error: Optional[BaseException] = None
-        self._stats = engine.stats()
-        self._info = engine.model_info()
-        self._limits = ModelLimits(self._info.vocab_size, self._info.max_model_len)
-        self.num_step_failures = 0  # cumulative
-        self.num_queue_timeouts = 0
+        self._dead: Optional[str] = None
         self._heartbeat = time.monotonic()
+        self._compiles_after_ready = 0
+        self._stats = EngineStats()
+        self._stat_tokens = itertools.count()
+        self._stat_waits: dict[int, list] = {}  # token -> [Event, EngineStats | None]
         # One thread: HF tokenizers are not safe to call concurrently, and one thread
-        # bounds the CPU that tokenization takes from the step loop.
+        # bounds the CPU that tokenization takes from the rest of the replica.
         self._prep = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="orthrus-tokenize")
-        self._thread = threading.Thread(target=self._loop, name="orthrus-engine-loop", daemon=True)
-        self._thread.start()
+        self._pump_thread = threading.Thread(target=self._pump, name="orthrus-engine-outputs", daemon=True)
+        self._pump_thread.start()
 
     @classmethod
-    def from_args(cls, args: EngineArgs, stat_logger: Optional[StatLogger] = None,
-                  **kwargs: Any) -> "AsyncOrthrusEngine":
-        return cls(build_engine(args, stat_logger=stat_logger), **kwargs)
+    def from_args(cls, args: EngineArgs, stat_logger: Optional[StatLogger] = None, *,
+                  stall_timeout_s: float = 300.0, **policy: Any) -> "AsyncOrthrusEngine":
+        """The engine core in a process of its own, built from args (this returns once it is
+        warmed up); policy: EngineCore's queue_timeout_s, max_step_failures."""
+        return cls(ProcessCore(args, **policy), stat_logger=stat_logger, stall_timeout_s=stall_timeout_s)
+
+    @classmethod
+    def in_thread(cls, engine, *, stall_timeout_s: float = 300.0, **policy: Any) -> "AsyncOrthrusEngine":
+        """The engine core's loop in a thread of this process, over `engine` (an LLMEngine,
+        reporting to its own stat logger); policy as in from_args."""
+        return cls(InprocCore(engine, **policy), stall_timeout_s=stall_timeout_s)
+
+    @property
+    def core(self) -> Union[InprocCore, ProcessCore]:
+        return self._core
 
     # -- public API ---------------------------------------------------------------------
     def model_info(self) -> ModelInfo:
@@ -143,23 +164,40 @@ class AsyncOrthrusEngine:
         return max(0.0, time.monotonic() - self._heartbeat)
 
     def is_alive(self) -> bool:
-        return (self._thread.is_alive() and self._error is None and not self._stop.is_set()
-                and self.heartbeat_age_s() < self.stall_timeout_s)
+        return self._dead is None and self.heartbeat_age_s() < self.stall_timeout_s
 
     def health(self) -> dict[str, Any]:
-        """Liveness from the loop's heartbeat: answered at once, whatever the load."""
+        """Liveness from the core's last message: answered at once, whatever the load."""
         return {"alive": self.is_alive(), "heartbeat_age_s": self.heartbeat_age_s(),
                 "draining": self._draining, "num_requests": len(self._streams),
-                "kernel_compiles_after_ready": self.engine.num_compiles_after_ready}
+                "kernel_compiles_after_ready": self._compiles_after_ready,
+                "engine_core_pid": getattr(self._core, "pid", None)}
 
     def stats(self) -> EngineStats:
-        with self._lock:
-            s = self._stats
+        """The core's statistics now (one command; counters it keeps in place). A dead or
+        unanswering core: the last answer, loop_alive False."""
+        if self.is_alive():
+            token = next(self._stat_tokens)
+            wait = [threading.Event(), None]
+            self._stat_waits[token] = wait
+            self._core.put(("stats", token))
+            if wait[0].wait(_STATS_TIMEOUT_S) and wait[1] is not None:
+                self._stats = wait[1]
+            self._stat_waits.pop(token, None)
+        s = dataclasses.replace(self._stats)
         s.loop_alive = self.is_alive()
         return s
 
+    @property
+    def num_step_failures(self) -> int:
+        return self.stats().num_step_failures
+
+    @property
+    def num_queue_timeouts(self) -> int:
+        return self.stats().num_queue_timeouts
+
     def validate(self, req: GenerateRequest) -> list[int]:
-        return self.engine.validate(req)
+        return self._inputs.validate(req)
 
     async def tokenize(self, req: GenerateRequest) -> list[int]:
         """The prompt ids `req` would be served with (its chat template applied), on the
@@ -167,11 +205,11 @@ class AsyncOrthrusEngine:
         if not isinstance(req, GenerateRequest):
             raise InvalidRequestError("the request must be a GenerateRequest")
         check_request(req, self._limits)
-        return await asyncio.get_running_loop().run_in_executor(self._prep, self.engine.tokenize, req)
+        return await asyncio.get_running_loop().run_in_executor(self._prep, self._inputs.tokenize, req)
 
     async def detokenize(self, ids: list[int]) -> str:
         """The text of token ids, on the tokenizer thread; InvalidRequestError for bad ids."""
-        return await asyncio.get_running_loop().run_in_executor(self._prep, self.engine.detokenize, ids)
+        return await asyncio.get_running_loop().run_in_executor(self._prep, self._inputs.detokenize, ids)
 
     async def submit(self, req: GenerateRequest) -> RequestStream:
         """Check and tokenize req (in the worker thread) and queue it; returns its stream.
@@ -186,9 +224,8 @@ class AsyncOrthrusEngine:
             raise InvalidRequestError("the request must be a GenerateRequest")
         check_request(req, self._limits)  # cheap checks first, on the caller's loop
         rid = req.request_id or f"req-{uuid.uuid4().hex}"
-        req.request_id = None  # uniqueness is checked here, against live streams
         loop = asyncio.get_running_loop()
-        ids = await loop.run_in_executor(self._prep, self.engine.validate, req)
+        ids = await loop.run_in_executor(self._prep, self._inputs.validate, req)
         box = _Mailbox(loop)
         with self._lock:
             if rid in self._streams:
@@ -196,9 +233,10 @@ class AsyncOrthrusEngine:
             if self._draining:
                 raise RequestRefusedError("the server is shutting down", "shutting_down")
             self._streams[rid] = box
-        req.request_id = rid
-        self._cmds.put(("add", req, ids, time.monotonic()))
-        self._wake.set()
+        self._outputs.add(rid, ids, req.params)
+        # The core needs the ids, not the text: nothing else of the prompt crosses.
+        lean = dataclasses.replace(req, prompt=None, messages=None, prompt_token_ids=None, request_id=rid)
+        self._core.put(("add", lean, ids, time.monotonic()))
         return RequestStream(self, rid, box)
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateDelta]:
@@ -211,8 +249,7 @@ class AsyncOrthrusEngine:
             await stream.aclose()
 
     async def abort(self, request_id: str) -> None:
-        self._cmds.put(("abort", request_id))
-        self._wake.set()
+        self._core.put(("abort", request_id))
 
     async def drain(self, timeout_s: float, end_wait_s: float = 5.0) -> int:
         """Stop admitting, let in-flight requests finish for up to timeout_s, then end the
@@ -224,8 +261,7 @@ class AsyncOrthrusEngine:
             await asyncio.sleep(0.05)
         n = len(self._streams)
         if n:
-            self._cmds.put(("end_all",))
-            self._wake.set()
+            self._core.put(("end_all",))
             t_end = time.monotonic() + end_wait_s
             while self._streams and time.monotonic() < t_end and self.is_alive():
                 await asyncio.sleep(0.02)
@@ -233,21 +269,21 @@ class AsyncOrthrusEngine:
 
     def shutdown(self, drain_timeout_s: float = 0.0) -> None:
         """From outside the callers' loops: let in-flight requests finish for up to
-        drain_timeout_s, end the rest (RequestRefusedError), stop the loop."""
+        drain_timeout_s, end the rest (RequestRefusedError), stop the core (its process
+        exits, or is killed)."""
         self._draining = True
         deadline = time.monotonic() + drain_timeout_s
         while time.monotonic() < deadline and self.is_alive() and self._streams:
             time.sleep(0.05)
-        self._cmds.put(("end_all",))
-        self._wake.set()
-        # Give the loop a moment to deliver the final items before it stops.
+        self._core.put(("end_all",))
+        # Give the core a moment to answer before it stops.
         t_end = time.monotonic() + 5.0
         while time.monotonic() < t_end and self.is_alive() and self._streams:
             time.sleep(0.01)
-        self._stop.set()
-        self._wake.set()
-        if threading.current_thread() is not self._thread:
-            self._thread.join(timeout=10)
+        self._dead = self._dead or "shut down"
+        self._core.close()
+        if threading.current_thread() is not self._pump_thread:
+            self._pump_thread.join(timeout=10)
         self._prep.shutdown(wait=False, cancel_futures=True)
 
     # -- stream bookkeeping (callers' side) ---------------------------------------------
@@ -257,126 +293,78 @@ class AsyncOrthrusEngine:
 
     def _cancel(self, rid: str) -> None:
         self._release(rid)
-        self._cmds.put(("abort", rid))
-        self._wake.set()
+        self._core.put(("abort", rid))
 
-    # -- the loop thread ----------------------------------------------------------------
-    def _send(self, rid: str, item: Any) -> None:
-        with self._lock:
-            box = self._streams.get(rid)
-        if box is not None:
+    # -- the output thread --------------------------------------------------------------
+    def _pump(self) -> None:
+        while True:
+            out = self._core.recv()
+            if out is None:
+                break
+            self._heartbeat = time.monotonic()
             try:
-                box.loop.call_soon_threadsafe(box.queue.put_nowait, item)
+                self._take(out)
+            except Exception:  # noqa: BLE001 - a bug here must not silence every stream
+                log.exception("the engine output thread failed on a message")
+            if out.dead is not None:
+                self._dead = out.dead
+                break
+        if self._dead is None:
+            self._dead = "the engine core stopped"
+            log.error("the engine core stopped unexpectedly (its process exited or was killed)")
+        for wait in list(self._stat_waits.values()):
+            wait[0].set()
+        err = EngineDeadError("the engine loop died")
+        with self._lock:
+            rids = list(self._streams)
+        batches: dict[asyncio.AbstractEventLoop, list] = {}
+        for rid in rids:
+            self._outputs.drop(rid)
+            self._route(rid, err, batches)
+        self._send(batches)
+
+    def _take(self, out: CoreOutputs) -> None:
+        self._compiles_after_ready = out.compiles_after_ready
+        for r in out.steps:
+            self._log(self.stat_logger.on_step, r)
+        for r in out.finished:
+            self._log(self.stat_logger.on_request_finished, r)
+        for token, st in out.stats:
+            wait = self._stat_waits.get(token)
+            if wait is not None:
+                wait[1] = st
+                wait[0].set()
+        batches: dict[asyncio.AbstractEventLoop, list] = {}
+        for d in out.deltas:
+            c = self._outputs.process(d)
+            if c is None:
+                continue
+            if c.finish_reason == "error" and c.error is None:
+                c.error = error_message(c.request_id)
+            self._route(c.request_id, c, batches)
+        for rid, reason, n in self._outputs.take_finishing():
+            self._core.put(("finish", rid, reason, n))
+        for rid, err in out.ended:
+            self._outputs.drop(rid)
+            self._route(rid, err, batches)
+        self._send(batches)
+
+    @staticmethod
+    def _log(fn, record) -> None:
+        try:
+            fn(record)
+        except Exception:  # noqa: BLE001 - metrics must not stop the outputs
+            log.exception("stat logger failed")
+
+    def _route(self, rid: str, item: Any, batches: dict) -> None:
+        box = self._streams.get(rid)
+        if box is not None:
+            batches.setdefault(box.loop, []).append((box.queue, item))
+
+    @staticmethod
+    def _send(batches: dict) -> None:
+        for loop, items in batches.items():
+            try:
+                loop.call_soon_threadsafe(_deliver_all, items)
             except RuntimeError:  # the caller's loop is closed: nobody is listening
                 pass
-
-    def _deliver(self, d: GenerateDelta) -> None:
-        if d.finish_reason == "error" and d.error is None:
-            d.error = error_message(d.request_id)
-        self._send(d.request_id, d)
-
-    def _add(self, req: GenerateRequest, ids: list[int], arrival: float) -> None:
-        rid = req.request_id
-        with self._lock:
-            live = rid in self._streams
-        if not live:
-            return  # cancelled while queued
-        try:
-            self.engine.add_request(req, prompt_ids=ids, arrival_time=arrival)
-        except Exception:
-            log.exception("request %s failed on admission; ending it alone", rid)
-            d = self.engine.fail(rid) or GenerateDelta(rid, finished=True, finish_reason="error",
-                                                       usage=Usage(len(ids), 0))
-            self._publish_stats()
-            self._deliver(d)
-
-    def _end(self, rids: list[str], error: BaseException) -> None:
-        """Abort rids in the engine and hand their callers `error` instead of a final delta."""
-        for rid in rids:
-            self.engine.abort(rid)
-        self._publish_stats()
-        for rid in rids:
-            self._send(rid, error)
-
-    def _run_commands(self) -> None:
-        while True:
-            try:
-                cmd = self._cmds.get_nowait()
-            except queue.Empty:
-                return
-            if cmd[0] == "add":
-                self._add(*cmd[1:])
-            elif cmd[0] == "abort":
-                d = self.engine.abort(cmd[1])
-                self._publish_stats()
-                if d is not None:
-                    self._deliver(d)
-            elif cmd[0] == "end_all":
-                self._end(list(self.engine.seqs), RequestRefusedError("the server is shutting down", "shutting_down"))
-
-    def _expire_waiting(self, now: float) -> None:
-        """Refuse requests that have waited past queue_timeout_s without being scheduled
-        (a preempted request was scheduled once and keeps its place)."""
-        limit = self.queue_timeout_s
-        expired = [s.request_id for s in self.engine.scheduler.waiting
-                   if s.first_scheduled_time is None and now - s.arrival_time > limit]
-        if expired:
-            self.num_queue_timeouts += len(expired)
-            self._end(expired, RequestRefusedError(
-                f"the request waited more than {limit:g}s in the engine's queue", "queue_timeout"))
-
-    def _fail_step(self) -> None:
-        """A step raised: end the requests it ran (their state may be half-updated), keep
-        the waiting ones."""
-        rids = [s.request_id for s in self.engine.scheduler.running]
-        log.exception("engine step failed (%d in a row); ending its %d request(s): %s",
-                      self._failures_in_row, len(rids), ", ".join(rids))
-        deltas = [d for d in map(self.engine.fail, rids) if d is not None]
-        self._publish_stats()
-        for d in deltas:
-            self._deliver(d)
-
-    def _loop(self) -> None:
-        self._failures_in_row = 0
-        next_expiry = 0.0
-        try:
-            while not self._stop.is_set():
-                now = time.monotonic()
-                self._heartbeat = now
-                self._run_commands()
-                if self.queue_timeout_s is not None and now >= next_expiry:
-                    self._expire_waiting(now)
-                    next_expiry = now + min(0.1, self.queue_timeout_s / 4)
-                if not self.engine.has_work():
-                    self._publish_stats()
-                    self._wake.wait(timeout=_IDLE_WAIT_S)
-                    self._wake.clear()
-                    continue
-                try:
-                    deltas = self.engine.step()
-                except Exception:
-                    self._failures_in_row += 1
-                    self.num_step_failures += 1
-                    if self._failures_in_row >= self.max_step_failures:
-                        raise
-                    self._fail_step()
-                    continue
-                self._failures_in_row = 0
-                # Publish first, so that a caller who sees its final delta also sees its blocks freed.
-                self._publish_stats()
-                for d in deltas:
-                    self._deliver(d)
-        except BaseException as e:  # noqa: BLE001 - the loop must report any death to its callers
-            log.exception("orthrus engine loop died")
-            self._error = e
-            err = EngineDeadError("the engine loop died")
-            with self._lock:
-                rids = list(self._streams)
-            for rid in rids:
-                self._send(rid, err)
-            self._publish_stats()
-
-    def _publish_stats(self) -> None:
-        s = self.engine.stats()
-        with self._lock:
-            self._stats = s

@@ -20,7 +20,7 @@ Pipelined decoding (`EngineConfig.async_scheduling`, on with CUDA graphs): a ste
 queues the next cycle before it waits for the current one. The next cycle's start
 positions and anchors are the current one's device outputs (start + accepted + 1,
 the final token), so the GPU runs cycle after cycle while the host commits the
-previous one (emission, rollback, detokenisation, stop checks). It needs K/V room for
+previous one (emission, rollback, token-level stop checks). It needs K/V room for
 two cycles, and it stops for a step whenever the batch changes (admission, prefill,
 preemption) or the next cycle's verify length is not yet known (a sequence within
 one cycle of max_tokens sits that cycle out). Output is the same token for token:
@@ -40,7 +40,8 @@ from typing import Any, Optional
 import torch
 
 from orthrus_runtime.engine.block_manager import BlockManager
-from orthrus_runtime.engine.detokenizer import IncrementalDetokenizer
+from orthrus_runtime.engine.input_processor import InputProcessor
+from orthrus_runtime.engine.output_processor import OutputProcessor
 from orthrus_runtime.engine.scheduler import Scheduler
 from orthrus_runtime.defaults import CPU_KV_CACHE_BYTES
 from orthrus_runtime.engine.sequence import Sequence, SeqStatus
@@ -68,7 +69,6 @@ from orthrus_runtime.types import (
     Usage,
     merge_deltas,
 )
-from orthrus_runtime.validation import ModelLimits, check_request
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +172,7 @@ class LLMEngine:
         self.seqs: dict[str, Sequence] = {}
         self._ids = itertools.count()
         self._rng = torch.Generator().manual_seed(cfg.seed)
+        self.inputs = InputProcessor(tokenizer, mcfg.vocab_size, cfg.max_model_len, cfg.default_mode)
         self.eos_ids = frozenset(mcfg.eos_token_ids)
         if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
             self.eos_ids = self.eos_ids | {int(tokenizer.eos_token_id)}
@@ -204,74 +205,19 @@ class LLMEngine:
         m = self.model.cfg
         return ModelInfo(model_id=self.cfg.model_id, architecture=m.arch, block_size=self.cfg.block_size,
                          max_model_len=self.cfg.max_model_len, vocab_size=m.vocab_size,
-                         mask_token_id=self.cfg.mask_token_id, eos_token_ids=sorted(self.eos_ids))
+                         mask_token_id=self.cfg.mask_token_id, eos_token_ids=sorted(self.eos_ids),
+                         default_mode=self.cfg.default_mode)
 
     def tokenize(self, req: GenerateRequest) -> list[int]:
-        given = [x is not None for x in (req.prompt, req.messages, req.prompt_token_ids)]
-        if sum(given) != 1:
-            raise InvalidRequestError("exactly one of prompt, messages or prompt_token_ids must be given")
-        if req.prompt_token_ids is not None:
-            ids = req.prompt_token_ids
-            if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-                raise InvalidRequestError("prompt_token_ids must be a list of integers")
-            return list(ids)
-        if self.tokenizer is None:
-            raise InvalidRequestError("this engine has no tokenizer: send prompt_token_ids")
-        if req.messages is not None:
-            msgs = req.messages
-            if not isinstance(msgs, list) or not msgs:
-                raise InvalidRequestError("messages must be a non-empty list")
-            for m in msgs:
-                if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                    raise InvalidRequestError("each message needs string fields 'role' and 'content'")
-            if not getattr(self.tokenizer, "chat_template", None):
-                raise InvalidRequestError("this model has no chat template: send a prompt instead")
-            text = self.tokenizer.apply_chat_template(msgs, tokenize=False,
-                                                      add_generation_prompt=req.add_generation_prompt)
-            return list(self.tokenizer.encode(text, add_special_tokens=False))
-        if not isinstance(req.prompt, str):
-            raise InvalidRequestError("prompt must be a string")
-        if req.prompt == "":
-            raise InvalidRequestError("prompt must not be empty")
-        return list(self.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens))
+        return self.inputs.tokenize(req)
 
     def detokenize(self, ids: list[int]) -> str:
-        """The text of token ids (special tokens kept: the inverse of tokenize)."""
-        V = self.model.cfg.vocab_size
-        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-            raise InvalidRequestError("tokens must be a list of integers", param="tokens")
-        bad = [t for t in ids if not (0 <= t < V)]
-        if bad:
-            raise InvalidRequestError(f"unknown token id(s) {bad[:5]} (vocabulary size {V})", param="tokens")
-        if self.tokenizer is None:
-            raise InvalidRequestError("this engine has no tokenizer")
-        return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        return self.inputs.detokenize(ids)
 
     def validate(self, req: GenerateRequest) -> list[int]:
-        """Check a request; returns its prompt ids. Raises InvalidRequestError."""
-        check_request(req, ModelLimits(self.model.cfg.vocab_size, self.cfg.max_model_len))
-        if req.mode is None:
-            req.mode = self.cfg.default_mode
-        if req.mode not in MODES:
-            raise InvalidRequestError(f"mode must be one of {', '.join(MODES)}, got {req.mode!r}")
-        ids = self.tokenize(req)
-        if not ids:
-            raise InvalidRequestError("the prompt is empty")
-        V = self.model.cfg.vocab_size
-        bad = [t for t in ids if not (0 <= t < V)]
-        if bad:
-            raise InvalidRequestError(f"unknown token id(s) {bad[:5]} (vocabulary size {V})")
-        bad = [t for t in req.params.stop_token_ids if not (0 <= t < V)]
-        if bad:
-            raise InvalidRequestError(f"unknown stop token id(s) {bad[:5]} (vocabulary size {V})")
-        if req.params.max_tokens_defaulted and len(ids) < self.cfg.max_model_len:
-            req.params.max_tokens = min(req.params.max_tokens, self.cfg.max_model_len - len(ids))
-        total = len(ids) + req.params.max_tokens
-        if total > self.cfg.max_model_len:
-            raise InvalidRequestError(
-                f"prompt ({len(ids)} tokens) plus max_tokens ({req.params.max_tokens}) = {total} exceeds "
-                f"max_model_len {self.cfg.max_model_len}"
-            )
+        """Check a request (engine/input_processor.py); returns its prompt ids. Raises
+        InvalidRequestError."""
+        ids = self.inputs.validate(req)
         if req.request_id is not None and (not isinstance(req.request_id, str) or req.request_id in self.seqs):
             raise InvalidRequestError(f"request_id {req.request_id!r} is invalid or already in use")
         return ids
@@ -289,8 +235,7 @@ class LLMEngine:
         seq = Sequence(
             request_id=rid, prompt_token_ids=ids, params=p, mode=req.mode,
             arrival_time=arrival_time if arrival_time is not None else time.monotonic(),
-            eos_token_ids=eos | frozenset(p.stop_token_ids),
-            detok=IncrementalDetokenizer(self.tokenizer, ids, p.stop), generator=gen,
+            eos_token_ids=eos | frozenset(p.stop_token_ids), generator=gen,
         )
         seq.stats.accepted_per_position = [0] * (self.cfg.block_size - 1)
         self.seqs[rid] = seq
@@ -302,6 +247,19 @@ class LLMEngine:
         if seq is None:
             return None
         return self._finish(seq, "abort", time.monotonic())
+
+    def finish(self, request_id: str, reason: str, num_tokens: int) -> Optional[GenerateDelta]:
+        """End a request that its output processor ended (a stop string, or text the tokenizer
+        failed on) after num_tokens output tokens: the ones past that are dropped from its
+        output and the counters. Returns its final delta (None: not running any more)."""
+        seq = self.seqs.get(request_id)
+        if seq is None:
+            return None
+        extra = len(seq.output_token_ids) - num_tokens
+        if extra > 0:
+            del seq.output_token_ids[num_tokens:]
+            self.generation_tokens -= extra
+        return self._finish(seq, reason, time.monotonic())
 
     def fail(self, request_id: str) -> Optional[GenerateDelta]:
         """End a request with finish_reason "error", returning its KV blocks (the caller
@@ -557,8 +515,6 @@ class LLMEngine:
             n += 1
             if t in seq.eos_token_ids:
                 reason = "stop"
-            elif (stopped := self._detok_add(seq, t)) is not None:
-                reason = stopped
             elif seq.remaining <= 0:
                 reason = "length"
             if reason:
@@ -570,15 +526,6 @@ class LLMEngine:
             seq.finish_reason = reason
         return n
 
-    def _detok_add(self, seq: Sequence, token_id: int) -> Optional[str]:
-        """detok.add -> "stop" (a stop string), None, or "error": a failure (the tokenizer
-        raising on this request's text) ends this request alone, not the whole batch's step."""
-        try:
-            return "stop" if seq.detok.add(token_id) else None
-        except Exception:
-            log.exception("request %s failed in the detokenizer; ending it alone", seq.request_id)
-            return "error"
-
     def _collect_running(self) -> list[GenerateDelta]:
         """The deltas of every running sequence (finishing those that stopped)."""
         now = time.monotonic()
@@ -589,7 +536,7 @@ class LLMEngine:
             return self._finish(seq, seq.finish_reason, now)
         if not seq.pending_ids:
             return None
-        d = GenerateDelta(seq.request_id, token_ids=seq.pending_ids, text=seq.detok.take(False))
+        d = GenerateDelta(seq.request_id, token_ids=seq.pending_ids)
         self._take_logprobs(seq, d)
         seq.pending_ids = []
         return d
@@ -606,18 +553,11 @@ class LLMEngine:
     def _finish(self, seq: Sequence, reason: str, now: float) -> GenerateDelta:
         self.scheduler.remove(seq)
         self.seqs.pop(seq.request_id, None)
-        if reason != "error":
-            try:
-                seq.detok.flush()
-            except Exception:
-                log.exception("request %s failed in the detokenizer; ending it alone", seq.request_id)
-                reason = "error"
         seq.finish_reason = reason
         self.num_finished += 1
         self.finished_by_reason[reason] = self.finished_by_reason.get(reason, 0) + 1
         d = GenerateDelta(
-            seq.request_id, token_ids=seq.pending_ids, text="" if reason == "error" else seq.detok.take(True),
-            finished=True,
+            seq.request_id, token_ids=seq.pending_ids, finished=True,
             finish_reason=reason,
             usage=Usage(len(seq.prompt_token_ids), len(seq.output_token_ids)), stats=seq.stats,
             queue_time_s=(seq.first_scheduled_time - seq.arrival_time) if seq.first_scheduled_time else None,
@@ -649,12 +589,28 @@ class LLMEngine:
             num_kernel_compiles_after_ready=self.num_compiles_after_ready,
         )
 
-    # -- convenience: a whole static batch, run to completion --------------------------------
+    # -- synchronous use, with text --------------------------------------------------------
+    def step_outputs(self, outputs: OutputProcessor) -> list[GenerateDelta]:
+        """One step, its deltas through `outputs` (text, stop strings), finishing here the
+        requests that it ended: what the async front does across its process boundary, in
+        line. Requests must be added to `outputs` as they are added here."""
+        res = [c for c in map(outputs.process, self.step()) if c is not None]
+        for rid, reason, n in outputs.take_finishing():
+            d = self.finish(rid, reason, n)
+            if d is not None and (c := outputs.process(d)) is not None:
+                res.append(c)
+        return res
+
     def generate(self, requests: list[GenerateRequest]) -> list[GenerateDelta]:
         """Run requests to completion; returns one merged final delta per request, in order."""
-        ids = [self.add_request(r) for r in requests]
+        outputs = OutputProcessor(self.tokenizer)
+        ids = []
+        for r in requests:
+            rid = self.add_request(r)
+            outputs.add(rid, self.seqs[rid].prompt_token_ids, r.params)
+            ids.append(rid)
         merged: dict[str, Optional[GenerateDelta]] = {rid: None for rid in ids}
         while self.has_work():
-            for d in self.step():
+            for d in self.step_outputs(outputs):
                 merged[d.request_id] = merge_deltas(merged[d.request_id], d)
         return [merged[r] for r in ids]

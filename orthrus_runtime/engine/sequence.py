@@ -7,7 +7,6 @@ from typing import Optional
 
 import torch
 
-from orthrus_runtime.engine.detokenizer import IncrementalDetokenizer
 from orthrus_runtime.types import AcceptanceStats, SamplingParams, TokenLogprob
 
 
@@ -25,7 +24,6 @@ class Sequence:
     mode: str  # "orthrus" or "ar"
     arrival_time: float
     eos_token_ids: frozenset[int]
-    detok: IncrementalDetokenizer
     generator: Optional[torch.Generator] = None  # None for greedy
     output_token_ids: list[int] = field(default_factory=list)
     # Tokens whose K/V are in the cache, all at positions [0, num_cached).

@@ -30,6 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from orthrus_runtime.engine.args import EngineArgs
     from orthrus_runtime.engine.llm_engine import LLMEngine
+    from orthrus_runtime.engine.output_processor import OutputProcessor
     from orthrus_runtime.engine.setup import engine_config_from_args, load
 
     dw = None if args.diffusion_weights == "none" else args.diffusion_weights
@@ -44,17 +45,19 @@ def run(args: argparse.Namespace) -> int:
         req = GenerateRequest(messages=[{"role": "user", "content": args.prompt}], params=params, mode=args.mode)
     else:
         req = GenerateRequest(prompt=args.prompt, params=params, mode=args.mode)
+    outputs = OutputProcessor(tok)
     try:
-        engine.add_request(req)
+        rid = engine.add_request(req)
     except InvalidRequestError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    outputs.add(rid, engine.seqs[rid].prompt_token_ids, params)
     t0 = time.perf_counter()
     ids: list[int] = []
     text = ""
     final = None
     while engine.has_work():
-        for d in engine.step():
+        for d in engine.step_outputs(outputs):
             ids += d.token_ids
             text += d.text
             if not args.json and d.text:
