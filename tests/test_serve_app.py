@@ -422,10 +422,10 @@ def test_tokenize_detokenize_and_max_model_len(stack, ref):
     assert r.json()["tokens"] == ref.engine.tokenizer.encode("hello world", add_special_tokens=False)
     msgs = [{"role": "user", "content": "hi"}]
     r = httpx.post(f"{stack.http}/tokenize", json={"messages": msgs}, headers=h, timeout=30)
-    assert r.json()["tokens"] == ref.engine.engine.tokenize(GenerateRequest(messages=msgs))
+    assert r.json()["tokens"] == asyncio.run(ref.engine.tokenize(GenerateRequest(messages=msgs)))
     r = httpx.post(f"{stack.http}/tokenize", json={"messages": msgs, "add_generation_prompt": False}, headers=h,
                    timeout=30)
-    assert r.json()["tokens"] == ref.engine.engine.tokenize(GenerateRequest(messages=msgs, add_generation_prompt=False))
+    assert r.json()["tokens"] == asyncio.run(ref.engine.tokenize(GenerateRequest(messages=msgs, add_generation_prompt=False)))
     r = httpx.post(f"{stack.http}/detokenize", json={"tokens": ids}, headers=h, timeout=30)
     assert r.status_code == 200 and r.json() == {"prompt": "hello world"}
     for path, body in (("/detokenize", {"tokens": [10**9]}), ("/detokenize", {"tokens": "x"}),
