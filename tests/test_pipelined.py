@@ -73,6 +73,32 @@ def test_pipelined_adaptive_policy_is_exact():
     assert eng.num_chained_steps > 0
 
 
+@pytest.mark.parametrize("mode", ["orthrus", "ar"])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_arrivals_ride_along_the_pipeline_and_stay_exact(mode, temperature):
+    """Requests arriving while a cycle is in flight are prefilled in the same pipelined step
+    (the pipeline does not stop for them) and join the next cycle; output is the synchronous
+    engine's, token for token, whatever the arrival times."""
+    reqs = requests(mode, temperature, [])
+    expected = [(r.token_ids, r.finish_reason) for r in engine(False).generate(requests(mode, temperature, []))]
+    eng = engine(True)
+    got: dict[str, list[int]] = {}
+    reasons: dict[str, str] = {}
+    ids, step = [], 0
+    while len(ids) < len(reqs) or eng.has_work():
+        if len(ids) < len(reqs) and step % 3 == 0:  # one arrival every third step
+            ids.append(eng.add_request(reqs[len(ids)]))
+            got[ids[-1]] = []
+        for d in eng.step():
+            got[d.request_id] += d.token_ids
+            if d.finished:
+                reasons[d.request_id] = d.finish_reason
+        step += 1
+    assert [(got[i], reasons[i]) for i in ids] == expected
+    assert eng.num_pipelined_prefills >= len(reqs) - 2  # admissions rode along (the first starts it)
+    assert eng.blocks.num_free == eng.blocks.num_blocks and eng._inflight is None
+
+
 def test_abort_with_a_cycle_in_flight_returns_every_block():
     eng = engine(True)
     ids = [eng.add_request(GenerateRequest(prompt_token_ids=prompt(i, 10), params=SamplingParams(

@@ -21,9 +21,12 @@ queues the next cycle before it waits for the current one. The next cycle's star
 positions and anchors are the current one's device outputs (start + accepted + 1,
 the final token), so the GPU runs cycle after cycle while the host commits the
 previous one (emission, rollback, token-level stop checks). It needs K/V room for
-two cycles, and it stops for a step whenever the batch changes (admission, prefill,
-preemption) or the next cycle's verify length is not yet known (a sequence within
-one cycle of max_tokens sits that cycle out). Output is the same token for token:
+two cycles. Admissions and prefill chunks ride along: a pipelined step queues the next
+cycle, commits the current one, then runs its prefill chunks in the pages left, behind the
+queued cycle on the device; a sequence whose prompt is done joins the following cycle. It
+stops for a step only when two modes decode at once, when the next cycle needs a
+preemption, or when its verify length is not yet known (a sequence within one cycle of
+max_tokens sits that cycle out). Output is the same token for token:
 the next cycle is exactly the one the synchronous engine would run, and the work of a
 sequence that turns out to have finished is dropped. Blocks freed while a cycle is in
 flight are safe to hand out: all device work is ordered on one stream.
@@ -165,7 +168,9 @@ class LLMEngine:
         self.acceptance = acceptance if acceptance is not None else RejectionSampling()
         self._inflight: Optional[_InFlight] = None
         self._last_commit_t = 0.0
+        self._last_prefill_t = 0.0
         self.num_chained_steps = 0  # steps that queued a cycle behind the one in flight
+        self.num_pipelined_prefills = 0  # of those, steps that ran prefill chunks too
         self.num_batch_cycles = 0  # decode cycles committed (one per batch and mode a step)
         self._sampling: tuple[tuple[str, ...], Optional[SamplingBatch]] = ((), None)
         self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_num_batched_tokens)
@@ -290,8 +295,8 @@ class LLMEngine:
         if self._inflight is not None:
             chained = self._step_chained(plan)
             if chained is not None:
-                deltas, cycles = chained
-                self._log_step(t0, time.monotonic() - t0, 0, 0, cycles, gen_before)
+                deltas, cycles, prompt_tokens = chained
+                self._log_step(t0, time.monotonic() - t0, prompt_tokens, 0, cycles, gen_before)
                 return deltas
             # The batch changes (or the pipeline cannot go on): commit first, then a plain step.
             cycles += self._commit(self._inflight)
@@ -301,13 +306,7 @@ class LLMEngine:
                 if seq.finish_reason is not None:
                     deltas.append(self._finish(seq, seq.finish_reason, now))
         sched = self.scheduler.schedule(plan.num_verify)
-        now = time.monotonic()
-        prompt_tokens = 0
-        for seq, _ in sched.prefills:
-            if seq.first_scheduled_time is None:
-                seq.first_scheduled_time = now
-        if sched.prefills:
-            prompt_tokens = self._run_prefill(sched.prefills)
+        prompt_tokens = self._prefill(sched.prefills) if sched.prefills else 0
         t_dec = time.monotonic()
         groups = [g for g in ([s for s in sched.decodes if s.mode == m] for m in MODES) if g]
         for group in groups:
@@ -332,14 +331,17 @@ class LLMEngine:
             cycles=cycles,
         ))
 
-    def _step_chained(self, plan: VerifyPlan) -> Optional[tuple[list[GenerateDelta], list[CycleRecord]]]:
-        """A pipelined step: queue the next cycle of the running batch from the in-flight one's
-        device outputs, then commit the in-flight one. None (nothing done) when the batch is
-        about to change or the next cycle needs host state that is not there yet."""
+    def _step_chained(self, plan: VerifyPlan) -> Optional[tuple[list[GenerateDelta], list[CycleRecord], int]]:
+        """A pipelined step: queue the next cycle of the decoding batch from the in-flight one's
+        device outputs, commit the in-flight one, then run this step's prefill chunks
+        (admissions included) in what the pool has left, behind the queued cycle on the
+        device: the pipeline does not stop for a new request. A sequence whose prompt is done
+        joins the next step's cycle (a row from host state). Returns (deltas, cycles, prompt
+        tokens); None (nothing done) when the batch needs the plain step: two modes decoding,
+        no room for the cycle without preempting, or host state not there yet."""
         prev = self._inflight
-        sch = self.scheduler
-        running = sch.running
-        if not running or sch.can_admit(plan.num_verify) or any(s.is_prefilling for s in running):
+        running = [s for s in self.scheduler.running if not s.is_prefilling]
+        if not running:
             return None
         mode = running[0].mode
         if any(s.mode != mode for s in running):
@@ -374,7 +376,23 @@ class LLMEngine:
         cycles = self._commit(prev, ahead={s: k for s, k, r in zip(seqs, K, rows) if r >= 0})
         self._inflight = launched
         self.num_chained_steps += 1
-        return self._collect_running(), cycles
+        sched = self.scheduler.schedule_prefills(plan.num_verify)
+        prompt_tokens = 0
+        if sched.prefills:
+            prompt_tokens = self._prefill(sched.prefills)
+            self.num_pipelined_prefills += 1
+        return self._collect_running(), cycles, prompt_tokens
+
+    def _prefill(self, chunks: list[tuple[Sequence, int]]) -> int:
+        """Run a step's prefill chunks; returns the prompt tokens counted for the first time."""
+        now = time.monotonic()
+        for seq, _ in chunks:
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = now
+        n = self._run_prefill(chunks)
+        # A cycle whose interval held this prefill does not show its own cost (see _commit).
+        self._last_prefill_t = time.perf_counter()
+        return n
 
     def _run_prefill(self, chunks: list[tuple[Sequence, int]]) -> int:
         seqs = [s for s, _ in chunks]
@@ -478,8 +496,10 @@ class LLMEngine:
             # before the previous commit shows it: one launched after it (the pipeline restarting
             # after a prefill) adds launch time the pipeline otherwise hides, and would make the
             # AR step look slower than it is.
+            # Nor does one whose interval held a prefill (admissions ride along pipelined steps).
             chained = c.t_launch < self._last_commit_t
-            if chained or not self.pipelined:
+            clean = self._last_prefill_t < max(c.t_launch, self._last_commit_t)
+            if clean and (chained or not self.pipelined):
                 self.planner.observe_time(len(seqs), Kmax, c.draft_len if Kmax > 1 else 0,
                                           t_done - max(c.t_launch, self._last_commit_t))
             if Kmax > 1:

@@ -74,6 +74,43 @@ class Scheduler:
     def _newest_running(self) -> Sequence:
         return max(self.running, key=lambda s: s.admit_order)
 
+    def schedule_prefills(self, plan_k: int) -> SchedulerOutput:
+        """Prefill chunks and admissions alone, in the pages the pool has left, preempting
+        nobody: a pipelined step's, beside the decode cycle it already queued (a chunk that
+        does not fit waits for a later step)."""
+        out = SchedulerOutput()
+        self._prefills(plan_k, out, preempt=False)
+        return out
+
+    def _prefills(self, plan_k: int, out: SchedulerOutput, preempt: bool) -> None:
+        # Prefill chunks of admitted sequences, oldest first.
+        budget = self.max_num_batched_tokens
+        for seq in sorted((s for s in self.running if s.is_prefilling), key=lambda s: s.admit_order):
+            if budget <= 0:
+                break
+            n = min(seq.prefill_target - seq.num_cached, budget)
+            if not self.blocks.can_allocate(seq, seq.num_cached + n):
+                if not preempt:
+                    return  # no room now: it goes on first, before anyone is admitted
+                self._preempt(seq)
+                continue
+            self.blocks.allocate(seq, seq.num_cached + n)
+            out.prefills.append((seq, n))
+            budget -= n
+
+        # Admit waiting sequences in arrival order while the whole prompt plus one cycle's
+        # lookahead fits (no skipping ahead: first come, first served).
+        while budget > 0 and self.can_admit(plan_k):
+            seq = self.waiting.popleft()
+            seq.status = SeqStatus.RUNNING
+            seq.admit_order = self._admit_counter
+            self._admit_counter += 1
+            self.running.append(seq)
+            n = min(seq.prefill_target - seq.num_cached, budget)
+            self.blocks.allocate(seq, seq.num_cached + n)
+            out.prefills.append((seq, n))
+            budget -= n
+
     def schedule(self, plan_k: int) -> SchedulerOutput:
         """One step's batch; plan_k: the step's verify plan K, whose K/V room each decode reserves."""
         out = SchedulerOutput()
@@ -95,31 +132,6 @@ class Scheduler:
         # Drop decodes of sequences preempted after they were scheduled.
         out.decodes = [s for s in out.decodes if s.status is SeqStatus.RUNNING]
 
-        # 2. Prefill chunks of admitted sequences, oldest first.
-        budget = self.max_num_batched_tokens
-        for seq in sorted((s for s in self.running if s.is_prefilling), key=lambda s: s.admit_order):
-            if budget <= 0:
-                break
-            n = min(seq.prefill_target - seq.num_cached, budget)
-            if not self.blocks.can_allocate(seq, seq.num_cached + n):
-                self._preempt(seq)
-                continue
-            self.blocks.allocate(seq, seq.num_cached + n)
-            out.prefills.append((seq, n))
-            budget -= n
-
-        # 3. Admit waiting sequences in arrival order while the whole prompt plus one
-        #    cycle's lookahead fits (no skipping ahead: first come, first served).
-        while budget > 0 and self.can_admit(plan_k):
-            seq = self.waiting.popleft()
-            seq.status = SeqStatus.RUNNING
-            seq.admit_order = self._admit_counter
-            self._admit_counter += 1
-            self.running.append(seq)
-            n = min(seq.prefill_target - seq.num_cached, budget)
-            self.blocks.allocate(seq, seq.num_cached + n)
-            out.prefills.append((seq, n))
-            budget -= n
-
+        self._prefills(plan_k, out, preempt=True)
         out.num_preempted = self.num_preemptions - before
         return out
