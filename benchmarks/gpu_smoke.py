@@ -31,11 +31,11 @@ async def main() -> int:
         return await asyncio.gather(*(one(p) for p in prompts))
 
     ar, orth = await run("ar"), await run("orthrus")
-    st = eng.stats()
+    st, health = eng.stats(), eng.health()
     eng.shutdown()
     ok = ar == orth and st.num_kv_blocks_free == st.num_kv_blocks_total
-    print(json.dumps({"ok": ok, "backend": eng.engine.runner.backend, "graphs": len(eng.engine.runner.graphs.graphs)
-                      if eng.engine.runner.graphs else 0, "startup_s": round(start_s, 2),
+    print(json.dumps({"ok": ok, "engine_core_pid": health["engine_core_pid"], "startup_s": round(start_s, 2),
+                      "kernel_compiles_after_ready": health["kernel_compiles_after_ready"],
                       "tokens_per_cycle": st.spec["orthrus"].mean_accepted_length}))
     return 0 if ok else 1
 

@@ -10,7 +10,7 @@ the engine alone is built, measured and freed first):
    verify_policy adaptive), per mode and concurrency c, on the prompts `orthrus bench`
    sends at that point: (a) `LLMEngine.generate` with c requests admitted at once (2c
    requests in two batches) and (b) continuous arrivals, 2c requests with c in flight,
-   through AsyncOrthrusEngine in-process; output tok/s;
+   through AsyncOrthrusEngine (its engine core in a child process, no Ray); output tok/s;
 2. Serve from deployment/configs/gpu.yaml (free ports, one pinned engine replica,
    compile_cache_dir a fresh folder): ready time (deploy call to RUNNING) cold, then the
    application deleted and redeployed on the warm folder;
@@ -172,7 +172,7 @@ async def _arrivals(aeng, reqs, c: int) -> tuple[int, float, list[float]]:
 
 
 def engine_arrivals(aeng, s: Settings, c: int, mode: str) -> dict:
-    """(b) 2c requests, c in flight, through AsyncOrthrusEngine, its core loop in a thread of this process."""
+    """(b) 2c requests, c in flight, through AsyncOrthrusEngine (its core in a child process)."""
     import numpy as np
 
     reqs = _requests(s, c, mode, _point_seed(c))
@@ -204,20 +204,27 @@ def run_engine_alone(rep: dict, s: Settings, base: dict, work: Path) -> None:
             r = engine_batch(eng, s, c, mode)
             out["batch"].setdefault(mode, {})[str(c)] = r
             log(f"engine alone batch {mode} c={c}: {r['output_throughput']:.1f} tok/s")
-    aeng = AsyncOrthrusEngine.in_thread(eng)
+    out["compiles_after_ready_batch"] = eng.compiles_after_ready()
+    # Arrivals go through the engine as a replica hosts it: AsyncOrthrusEngine with its core in a
+    # process of its own (on the same compile cache, so it starts warm), no Ray. The batch
+    # engine's memory goes first: each takes gpu_memory_utilization of the card.
+    del eng
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    t0 = time.perf_counter()
+    aeng = AsyncOrthrusEngine.from_args(EngineArgs.from_dict(args_d))
+    out["process_core_build_s"] = round(time.perf_counter() - t0, 2)
     try:
         for mode in MODES:
             for c in s.concurrencies:
                 r = engine_arrivals(aeng, s, c, mode)
                 out["arrivals"].setdefault(mode, {})[str(c)] = r
                 log(f"engine alone arrivals {mode} c={c}: {r['output_throughput']:.1f} tok/s")
-        out["compiles_after_ready"] = len(eng.compiles_after_ready())
+        out["compiles_after_ready"] = (len(out["compiles_after_ready_batch"])
+                                       + aeng.health()["kernel_compiles_after_ready"])
     finally:
         aeng.shutdown()
-        del aeng, eng
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
 
 
 def _engine_alone_child(s: Settings, base: dict, work: str, out: str) -> None:

@@ -143,10 +143,14 @@ def _online_softmax_step(s, v, m_i, l_i, acc, PREC: tl.constexpr):
     return m_new, l_i, acc
 
 
-# SPLITS is a runtime argument, not a constexpr (only SPLIT, whether there are splits, is): the
-# split count follows the block table's width, which grows with the context in eager passes, and
-# as a constexpr each new count compiled a new kernel in the middle of serving.
-@triton.jit(do_not_specialize=["SPLITS"])
+# Nothing that follows the batch's lengths may select a specialisation, or each new value class
+# compiles a kernel in the middle of serving (issue 16: a stall of every running request). SPLITS
+# is a runtime argument, not a constexpr (only SPLIT, whether there are splits, is): the split
+# count follows the block table's width. T (tokens a sequence), NTOK (tokens in all) and sbt_b
+# (the block table's width) are not specialised either: Triton otherwise builds one kernel for
+# a value of 1, one for multiples of 16 and one for the rest (the H200 serving run built three
+# after ready, from prefill passes of new lengths).
+@triton.jit(do_not_specialize=["SPLITS", "T", "NTOK", "sbt_b"])
 def _attn_kernel(Q, KB, VB, KC, VC, BT, START, NVALID, O, PO, PL, LOCK,
                  sq_n, sq_h, skb_n, skb_h, svb_n, svb_h, sc_blk, sc_pg, sc_h, sbt_b, sbt_p, so_n, so_h,
                  T, NTOK, scale, SPLITS,
