@@ -22,7 +22,7 @@ def test_the_hook_counts_and_keeps_a_hook_installed_before(monkeypatch):
     # What Triton's JITFunction._call_hook passes after building a specialisation.
     knobs.runtime.jit_post_compile_hook(key=("k",), repr="_attn_kernel[num_warps=4](Q: *fp32)", fn=None,
                                         compile={}, is_manual_warmup=False, already_compiled=False)
-    assert c.count == mark + 1 and c.since(mark) == ["_attn_kernel[num_warps=4](Q: *fp32)"]
+    assert c.count == mark + 1 and c.since(mark) == ["_attn_kernel[num_warps=4](Q: *fp32) key=('k',)"]
     assert seen == ["_attn_kernel[num_warps=4](Q: *fp32)"]
 
 
@@ -48,7 +48,7 @@ def test_engine_counts_from_its_ready_mark(tmp_path, monkeypatch):
     assert eng.stats().num_kernel_compiles_after_ready == 0
     knobs.runtime.jit_post_compile_hook(key=("k",), repr="late_kernel")  # one built after ready
     st = eng.stats()
-    assert st.num_kernel_compiles_after_ready == 1 and eng.compiles_after_ready() == ["late_kernel"]
+    assert st.num_kernel_compiles_after_ready == 1 and eng.compiles_after_ready() == ["late_kernel key=('k',)"]
     assert st.num_kernel_compiles >= 1
     eng.mark_ready()
     assert eng.stats().num_kernel_compiles_after_ready == 0

@@ -47,13 +47,44 @@ def engine_config_from_args(args: EngineArgs, loaded: Any) -> EngineConfig:
     )
 
 
+# Prefill chunk lengths the warm-up runs: with T x G query rows (G query heads a KV head) they
+# reach every row-tile size of the attention kernel (16, 32, 64) for any G up to 16.
+_WARM_CHUNKS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def warm_prefill(engine: LLMEngine) -> int:
+    """On CUDA, run one eager prefill pass per attention specialisation that serving can reach
+    (row tile from the chunk length, with and without prefix splits: from position 0 and from
+    2 x SPLIT_MIN_KEYS), so that no user's first prompt of a new length compiles a kernel.
+    They write K/V into free pages, which a sequence overwrites before it reads them. Returns
+    the passes run (0 on the CPU)."""
+    from orthrus_runtime.worker.triton_kernels import SPLIT_MIN_KEYS
+
+    runner, cfg = engine.runner, engine.cfg
+    if runner.device.type != "cuda":
+        return 0
+    page, n = engine.kv.page_size, 0
+    for T in _WARM_CHUNKS:
+        if T > cfg.max_num_batched_tokens:
+            break
+        for start in (0, 2 * SPLIT_MIN_KEYS):
+            pages = -(-(start + T) // page)
+            if start + T > cfg.max_model_len or pages > engine.kv.num_blocks:
+                continue
+            runner.run_ar([list(range(pages))], [[0] * T], [start], [[T - 1]])
+            n += 1
+    torch.cuda.synchronize(runner.device)
+    return n
+
+
 def warm_up(engine: LLMEngine) -> int:
-    """Capture the CUDA graphs of the decode passes before serving (not on a user's first
-    request): every padded batch size up to max_num_seqs, one-token (AR) and full-block
+    """Build the prefill kernels (warm_prefill) and capture the CUDA graphs of the decode
+    passes before serving (not on a user's first request): every padded batch size up to max_num_seqs, one-token (AR) and full-block
     passes, and every pass length the planner may choose (a capture in the
     middle of serving stalls every running request). Returns the number of graphs held (0 on
     the CPU)."""
     runner = engine.runner
+    warm_prefill(engine)
     if runner.graphs is None:
         return 0
     sizes = [b for b in BATCH_SIZES if b <= max(1, engine.cfg.max_num_seqs)]

@@ -51,7 +51,9 @@ class KernelCompiles:
         prev = knobs.runtime.jit_post_compile_hook
 
         def hook(*args: Any, **kwargs: Any) -> Any:
-            self.record(str(kwargs.get("repr") or kwargs.get("key") or "?"))
+            # repr names the kernel and its options; key is the whole specialisation (argument
+            # types, value classes, constexprs): what tells two builds of one kernel apart.
+            self.record(f"{kwargs.get('repr') or '?'} key={kwargs.get('key')}")
             return prev(*args, **kwargs) if prev is not None else None
 
         knobs.runtime.jit_post_compile_hook = hook

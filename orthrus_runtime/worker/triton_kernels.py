@@ -146,11 +146,13 @@ def _online_softmax_step(s, v, m_i, l_i, acc, PREC: tl.constexpr):
 # Nothing that follows the batch's lengths may select a specialisation, or each new value class
 # compiles a kernel in the middle of serving (issue 16: a stall of every running request). SPLITS
 # is a runtime argument, not a constexpr (only SPLIT, whether there are splits, is): the split
-# count follows the block table's width. T (tokens a sequence), NTOK (tokens in all) and sbt_b
-# (the block table's width) are not specialised either: Triton otherwise builds one kernel for
-# a value of 1, one for multiples of 16 and one for the rest (the H200 serving run built three
-# after ready, from prefill passes of new lengths).
-@triton.jit(do_not_specialize=["SPLITS", "T", "NTOK", "sbt_b"])
+# count follows the block table's width. T (tokens a sequence), NTOK (tokens in all) and the
+# block table's strides are not specialised either: Triton otherwise builds one kernel for a
+# value of 1, one for multiples of 16 and one for the rest (the H200 serving run built three
+# after ready, from prefill passes of new lengths). The split buffers always have the same
+# types (paged_attention), so what is left to specialise is BLOCK_M (from T x G), CAUSAL and
+# SPLIT: setup.warm_up runs every combination a configuration can reach.
+@triton.jit(do_not_specialize=["SPLITS", "T", "NTOK", "sbt_b", "sbt_p"])
 def _attn_kernel(Q, KB, VB, KC, VC, BT, START, NVALID, O, PO, PL, LOCK,
                  sq_n, sq_h, skb_n, skb_h, svb_n, svb_h, sc_blk, sc_pg, sc_h, sbt_b, sbt_p, so_n, so_h,
                  T, NTOK, scale, SPLITS,
@@ -294,6 +296,18 @@ def _lock_buffer(device: torch.device, n: int) -> torch.Tensor:
     return lock
 
 
+_unused: dict = {}
+
+
+def _unused_f32(device: torch.device) -> torch.Tensor:
+    """A float32 placeholder for the split buffers of a pass without splits (kept: CUDA graphs
+    hold its address)."""
+    t = _unused.get(device)
+    if t is None:
+        t = _unused[device] = torch.zeros(1, dtype=torch.float32, device=device)
+    return t
+
+
 def paged_attention(q, kb, vb, kc, vc, bt, start, nvalid, T: int, scale: float, causal: bool,
                     splits: int | None = None):
     """q [bs*T, H, D]; kb/vb [bs*T, HKV, D] (any row/head strides, unit last stride);
@@ -311,12 +325,13 @@ def paged_attention(q, kb, vb, kc, vc, bt, start, nvalid, T: int, scale: float, 
     qb = triton.cdiv(M, BLOCK_M)
     if splits is None:
         splits = num_splits(bs, HKV, qb, bt.shape[1] * kc.shape[1], q.device)
+    # Unused without splits, but of the same types either way (one specialisation fewer).
+    lock = _lock_buffer(q.device, bs * HKV * qb)
     if splits > 1:
         po = torch.empty(splits, n, H, D, dtype=torch.float32, device=q.device)
         pl = torch.empty(splits, n, H, dtype=torch.float32, device=q.device)
-        lock = _lock_buffer(q.device, bs * HKV * qb)
     else:
-        po = pl = lock = out  # unused
+        po = pl = _unused_f32(q.device)
     grid = (bs, HKV, qb * splits)
     _attn_kernel[grid](
         q, kb, vb, kc, vc, bt, start, nvalid, out, po, pl, lock,
