@@ -193,3 +193,40 @@ def test_the_core_process_exits_when_its_parent_is_killed(args, tmp_path):
     finally:
         parent.kill()
         parent.wait()
+
+
+def test_a_request_id_is_free_again_only_after_its_request_ended(served):
+    """A client that cancels and retries under the same id gets the new request's output alone,
+    never the old one's tail."""
+    def req():
+        return GenerateRequest(prompt="hello", request_id="same-id",
+                               params=SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
+
+    async def go():
+        gen = served.generate(req())
+        await gen.__anext__()
+        await gen.aclose()
+        while True:
+            try:
+                stream = await served.submit(req())
+                break
+            except Exception as e:  # noqa: BLE001 - in use until the core's abort lands
+                assert "already in use" in str(e)
+                await asyncio.sleep(0.01)
+        m = None
+        async for d in stream:
+            m = merge_deltas(m, d)
+        return m
+    (expected,) = reference_run(served)
+    got = asyncio.run(go())
+    assert (got.token_ids, got.finish_reason) == (expected.token_ids, "length")
+
+
+def reference_run(served):
+    async def one():
+        m = None
+        async for d in served.generate(GenerateRequest(prompt="hello", params=SamplingParams(
+                max_tokens=40, temperature=0, ignore_eos=True))):
+            m = merge_deltas(m, d)
+        return m
+    return [asyncio.run(one())]

@@ -63,11 +63,15 @@ def error_message(request_id: str) -> str:
 
 
 class _Mailbox:
-    __slots__ = ("loop", "queue")
+    __slots__ = ("loop", "queue", "cancelled")
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
         self.queue: asyncio.Queue = asyncio.Queue()
+        # Closed by its caller before the end: nothing more is delivered, and the request id
+        # stays taken until the core's last word on it arrives (so that a retry under the same
+        # id cannot receive the old request's output).
+        self.cancelled = False
 
 
 def _deliver_all(items: list[tuple[asyncio.Queue, Any]]) -> None:
@@ -227,7 +231,9 @@ class AsyncOrthrusEngine:
         loop = asyncio.get_running_loop()
         ids = await loop.run_in_executor(self._prep, self._inputs.validate, req)
         box = _Mailbox(loop)
-        with self._lock:
+        with self._lock:  # the output thread marks the core dead under this lock
+            if self._dead is not None:
+                raise EngineDeadError("the engine loop is not running")
             if rid in self._streams:
                 raise InvalidRequestError(f"request_id {rid!r} is already in use", param="request_id")
             if self._draining:
@@ -292,7 +298,10 @@ class AsyncOrthrusEngine:
             self._streams.pop(rid, None)
 
     def _cancel(self, rid: str) -> None:
-        self._release(rid)
+        with self._lock:
+            box = self._streams.get(rid)
+            if box is not None:
+                box.cancelled = True
         self._core.put(("abort", rid))
 
     # -- the output thread --------------------------------------------------------------
@@ -309,14 +318,14 @@ class AsyncOrthrusEngine:
             if out.dead is not None:
                 self._dead = out.dead
                 break
-        if self._dead is None:
-            self._dead = "the engine core stopped"
-            log.error("the engine core stopped unexpectedly (its process exited or was killed)")
+        with self._lock:
+            if self._dead is None:
+                self._dead = "the engine core stopped"
+                log.error("the engine core stopped unexpectedly (its process exited or was killed)")
+            rids = list(self._streams)
         for wait in list(self._stat_waits.values()):
             wait[0].set()
         err = EngineDeadError("the engine loop died")
-        with self._lock:
-            rids = list(self._streams)
         batches: dict[asyncio.AbstractEventLoop, list] = {}
         for rid in rids:
             self._outputs.drop(rid)
@@ -358,8 +367,15 @@ class AsyncOrthrusEngine:
 
     def _route(self, rid: str, item: Any, batches: dict) -> None:
         box = self._streams.get(rid)
-        if box is not None:
-            batches.setdefault(box.loop, []).append((box.queue, item))
+        if box is None:
+            return
+        if box.cancelled:  # nobody listens: the id is free once the request has ended
+            if isinstance(item, BaseException) or item.finished:
+                with self._lock:
+                    if self._streams.get(rid) is box:
+                        del self._streams[rid]
+            return
+        batches.setdefault(box.loop, []).append((box.queue, item))
 
     @staticmethod
     def _send(batches: dict) -> None:

@@ -107,6 +107,7 @@ class EngineCore:
                 busy = self.engine.has_work()
                 for cmd in recv(0.0 if busy else IDLE_WAIT_S):
                     if cmd[0] == "stop":
+                        send(out)  # what the commands before it produced (end_all's refusals)
                         return
                     self._handle(cmd, out)
                 now = time.monotonic()

@@ -103,7 +103,6 @@ class ProcessCore:
         self.pid = self.proc.pid
         self._finalizer = weakref.finalize(self, _kill, self.proc)
         self._conn = Connection(mine.detach())
-        self._send_lock = threading.Lock()
         self._closed = False
         try:
             self._conn.send((args, policy))
@@ -120,14 +119,23 @@ class ProcessCore:
             self._finalizer()
             raise CoreStartError(f"the engine core process could not build the engine:\n{msg[1]}")
         _, self.info, self.tokenizer = msg
+        # Commands leave through one sender thread: `put` never blocks its caller (an event
+        # loop) on a full socket while the core is inside a step, and the output thread, which
+        # sends "finish" commands, keeps reading the core's messages whatever the socket holds.
+        self._outbox: "queue.SimpleQueue[Optional[tuple]]" = queue.SimpleQueue()
+        self._sender = threading.Thread(target=self._send_loop, name="orthrus-core-commands", daemon=True)
+        self._sender.start()
         log.info("engine core process %d ready", self.pid)
 
-    def put(self, cmd: tuple) -> None:
-        try:
-            with self._send_lock:
+    def _send_loop(self) -> None:
+        while (cmd := self._outbox.get()) is not None:
+            try:
                 self._conn.send(cmd)
-        except (OSError, ValueError):  # the process is gone: recv reports it
-            pass
+            except (OSError, ValueError):  # the process is gone: recv reports it
+                return
+
+    def put(self, cmd: tuple) -> None:
+        self._outbox.put(cmd)
 
     def recv(self) -> Optional[CoreOutputs]:
         try:
@@ -143,6 +151,8 @@ class ProcessCore:
             return
         self._closed = True
         self.put(("stop",))
+        self._outbox.put(None)
+        self._sender.join(timeout=timeout_s)
         try:
             self.proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:

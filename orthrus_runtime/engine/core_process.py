@@ -41,10 +41,10 @@ def main(fd: int) -> int:
     records = RecordBuffer()
     try:
         engine = build_engine(args, stat_logger=records)
+        conn.send(("ready", engine.model_info(), engine.tokenizer))
     except BaseException:  # noqa: BLE001 - the parent shows it
         conn.send(("failed", traceback.format_exc()))
         return 1
-    conn.send(("ready", engine.model_info(), engine.tokenizer))
 
     def recv(timeout: float) -> list[tuple]:
         try:
