@@ -19,6 +19,7 @@ from orthrus_runtime.engine.core_client import CoreStartError
 from orthrus_runtime.engine.setup import build_engine
 from orthrus_runtime.model.testing import tiny_checkpoint
 from orthrus_runtime.types import EngineDeadError, GenerateRequest, SamplingParams, StatLogger, merge_deltas
+from processes import pid_alive
 
 
 @pytest.fixture(scope="module")
@@ -45,19 +46,6 @@ def served(args):
     eng.records = rec
     yield eng
     eng.shutdown()
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie still answers kill(0): it is gone when its state says so.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def requests(stop: str = "") -> list[GenerateRequest]:
@@ -152,15 +140,15 @@ def test_a_killed_engine_process_ends_every_stream_and_the_engine(args):
             asyncio.run(eng.submit(GenerateRequest(prompt="hi")))
     finally:
         eng.shutdown()
-    assert not alive(pid)
+    assert not pid_alive(pid)
 
 
 def test_shutdown_ends_the_process_and_its_threads(args):
     eng = AsyncOrthrusEngine.from_args(args)
     pid = eng.core.pid
-    assert alive(pid)
+    assert pid_alive(pid)
     eng.shutdown()
-    assert not alive(pid) and eng.core.proc.returncode == 0
+    assert not pid_alive(pid) and eng.core.proc.returncode == 0
     assert not eng._pump_thread.is_alive()
 
 
@@ -183,11 +171,11 @@ def test_the_core_process_exits_when_its_parent_is_killed(args, tmp_path):
                               env={**os.environ, "PYTHONPATH": os.getcwd()})
     try:
         child = int(parent.stdout.readline())
-        assert alive(child)
+        assert pid_alive(child)
         parent.kill()
         parent.wait()
         deadline = time.monotonic() + 15
-        while alive(child):
+        while pid_alive(child):
             assert time.monotonic() < deadline, "the engine core process outlived its parent"
             time.sleep(0.1)
     finally:
@@ -217,16 +205,7 @@ def test_a_request_id_is_free_again_only_after_its_request_ended(served):
         async for d in stream:
             m = merge_deltas(m, d)
         return m
-    (expected,) = reference_run(served)
+    expected = asyncio.run(run_all(served, [GenerateRequest(prompt="hello", params=SamplingParams(
+        max_tokens=40, temperature=0, ignore_eos=True))]))[0]
     got = asyncio.run(go())
     assert (got.token_ids, got.finish_reason) == (expected.token_ids, "length")
-
-
-def reference_run(served):
-    async def one():
-        m = None
-        async for d in served.generate(GenerateRequest(prompt="hello", params=SamplingParams(
-                max_tokens=40, temperature=0, ignore_eos=True))):
-            m = merge_deltas(m, d)
-        return m
-    return [asyncio.run(one())]

@@ -29,6 +29,7 @@ from ray.serve.schema import ServeDeploySchema  # noqa: E402
 from deployment.cli import deploy, wait_running  # noqa: E402
 from orthrus_runtime.client import OrthrusClient  # noqa: E402
 from orthrus_runtime.model.testing import tiny_checkpoint  # noqa: E402
+from processes import pid_alive  # noqa: E402
 
 APP = "multi"
 MODEL_ID = "tiny-orthrus-multi"
@@ -110,14 +111,6 @@ def _replicas(want: int = 2, tries: int = 100) -> dict[str, dict]:
         if len(found) >= want:
             return found
     raise AssertionError(f"only replicas {sorted(found)} answered {tries} health calls")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def _served(port: int, replica: str) -> int:
@@ -231,7 +224,7 @@ def test_killed_replica_leaves_the_other_serving(stack):
     _wait_two_running(timeout=180)
     # The killed actor's engine core process went with it (no orphan holding the GPU).
     deadline = time.monotonic() + 30
-    while _pid_alive(victim_core):
+    while pid_alive(victim_core):
         assert time.monotonic() < deadline, "the killed replica's engine core process was left running"
         time.sleep(0.2)
     with OrthrusClient(stack.grpc_target, application=APP, timeout=60) as c:

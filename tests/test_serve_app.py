@@ -43,6 +43,7 @@ from orthrus_runtime.engine.args import EngineArgs  # noqa: E402
 from orthrus_runtime.proto import orthrus_pb2 as pb  # noqa: E402
 from orthrus_runtime.model.testing import tiny_checkpoint  # noqa: E402
 from orthrus_runtime.types import GenerateRequest, SamplingParams  # noqa: E402
+from processes import pid_alive  # noqa: E402
 
 MODEL_ID = "tiny-orthrus"
 KEY_ENV_VAR = "ORTHRUS_TEST_API_KEYS"
@@ -807,15 +808,6 @@ def test_keys_never_appear_in_logs(stack):
 # ----------------------------------------------------------------------------- the "small" app
 
 
-def _pid_alive(pid: int) -> bool:
-    """Whether a process of this machine still runs (a zombie does not)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 def _running_replicas(app="small", deployment="OrthrusEngine") -> int:
     d = serve.status().applications[app].deployments[deployment]
     return d.replica_states.get("RUNNING", 0)
@@ -975,7 +967,7 @@ def test_killed_engine_process(stack):
     new = stack.engine_handle("small").health.remote().result(timeout_s=30)
     assert new["actor_name"] != actor_name and new["engine_core_pid"] != core_pid
     deadline = time.monotonic() + 60
-    while _pid_alive(health["pid"]):
+    while pid_alive(health["pid"]):
         assert time.monotonic() < deadline, "the unhealthy replica's actor process was left running"
         time.sleep(0.5)
     with stack.grpc(key=None, app="small") as c:

@@ -49,7 +49,7 @@ from orthrus_runtime.types import (
     RequestRefusedError,
     StatLogger,
 )
-from orthrus_runtime.validation import ModelLimits, check_request
+from orthrus_runtime.validation import check_request
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,6 @@ class AsyncOrthrusEngine:
         self.stall_timeout_s = stall_timeout_s
         self.tokenizer = core.tokenizer
         self._info: ModelInfo = core.info
-        self._limits = ModelLimits(self._info.vocab_size, self._info.max_model_len)
         self._inputs = InputProcessor(core.tokenizer, self._info.vocab_size, self._info.max_model_len,
                                       self._info.default_mode)
         self._outputs = OutputProcessor(core.tokenizer)
@@ -208,7 +207,7 @@ class AsyncOrthrusEngine:
         tokenizer thread; InvalidRequestError for a bad input."""
         if not isinstance(req, GenerateRequest):
             raise InvalidRequestError("the request must be a GenerateRequest")
-        check_request(req, self._limits)
+        check_request(req, self._inputs.limits)
         return await asyncio.get_running_loop().run_in_executor(self._prep, self._inputs.tokenize, req)
 
     async def detokenize(self, ids: list[int]) -> str:
@@ -226,7 +225,7 @@ class AsyncOrthrusEngine:
             raise RequestRefusedError("the server is shutting down", "shutting_down")
         if not isinstance(req, GenerateRequest):
             raise InvalidRequestError("the request must be a GenerateRequest")
-        check_request(req, self._limits)  # cheap checks first, on the caller's loop
+        check_request(req, self._inputs.limits)  # cheap checks first, on the caller's loop
         rid = req.request_id or f"req-{uuid.uuid4().hex}"
         loop = asyncio.get_running_loop()
         ids = await loop.run_in_executor(self._prep, self._inputs.validate, req)
