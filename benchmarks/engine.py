@@ -32,7 +32,6 @@ import dataclasses
 import datetime
 import gc
 import glob
-import hashlib
 import json
 import os
 import subprocess
@@ -66,7 +65,6 @@ BLOCKS = [8, 16, 32]
 B = 32  # the engine's block size; blocks 8 and 16 are fixed plans (K = D = b) of the same engine
 PROMPT = 64
 TIE_BS, TIE_STEPS = 64, 150  # the sweep's compute-bound batches (see section_shape)
-SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 DEVICE = "cuda"  # --cpu-dry-run: "cpu" with tiny shapes, to check this script without a GPU
 
 
@@ -639,18 +637,13 @@ def find_smollm2() -> Path | None:
     except Exception:  # noqa: BLE001
         pass
 
-    def ok(p: Path) -> bool:
-        h = hashlib.sha256()
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 24), b""):
-                h.update(chunk)
-        return h.hexdigest() == SMOLLM2_SHA256
+    from orthrus_runtime.model.loader import DEFAULT_GGUF_BYTES, is_default_gguf as ok
 
     for f in files:
-        if f.suffix == ".gguf" and f.stat().st_size == 98362432 and ok(f):
+        if f.suffix == ".gguf" and ok(f):
             return f
     parts = sorted((f for f in files if "part" in f.name or f.name.startswith("SmolLM2")), key=lambda f: f.name)
-    if parts and sum(f.stat().st_size for f in parts) == 98362432:
+    if parts and sum(f.stat().st_size for f in parts) == DEFAULT_GGUF_BYTES:
         dst = Path("/tmp/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
         dst.parent.mkdir(parents=True, exist_ok=True)
         with open(dst, "wb") as w:

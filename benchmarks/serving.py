@@ -41,6 +41,7 @@ import sys
 import tempfile
 import time
 import traceback
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -142,43 +143,64 @@ def engine_batch(eng, s: Settings, c: int, mode: str) -> dict:
     """(a) c requests admitted at once, run to completion, twice over the 2c prompts."""
     reqs = _requests(s, c, mode, _point_seed(c))
     t0 = time.perf_counter()
-    toks = 0
+    toks, finals = 0, []
     for i in range(0, len(reqs), c):
         for d in eng.generate(reqs[i:i + c]):
             toks += d.usage.completion_tokens if d is not None and d.usage else 0
+            finals.append(d)
     dt = time.perf_counter() - t0
-    return {"requests": len(reqs), "output_tokens": toks, "duration_s": dt, "output_throughput": toks / dt}
+    return {"requests": len(reqs), "output_tokens": toks, "duration_s": dt, "output_throughput": toks / dt,
+            "tokens_per_cycle": tokens_per_cycle(finals)}
 
 
-async def _arrivals(aeng, reqs, c: int) -> tuple[int, float, list[float]]:
+def tokens_per_cycle(finals: list) -> Optional[float]:
+    """Tokens the decode cycles emitted per cycle, over the requests' final deltas (AR steps of
+    the adaptive policy count as cycles of one token)."""
+    cyc = sum(d.stats.num_cycles for d in finals if d is not None and d.stats)
+    acc = sum(d.stats.num_accepted_tokens for d in finals if d is not None and d.stats)
+    return round((acc + cyc) / cyc, 3) if cyc else None
+
+
+async def _arrivals(stream_of, reqs, c: int) -> dict:
+    """2c requests with c in flight; stream_of(request) is an async iterator of its deltas
+    (items that are not deltas, such as the engine deployment's Accepted, are skipped)."""
+    import numpy as np
+
+    from orthrus_runtime.types import GenerateDelta
+
     sem = asyncio.Semaphore(c)
     ttft: list[float] = []
+    finals: list = []
 
     async def one(r) -> int:
         async with sem:
             t0 = time.perf_counter()
             n, first = 0, True
-            async for d in aeng.generate(r):
+            async for d in stream_of(r):
+                if not isinstance(d, GenerateDelta):
+                    continue
                 if first and (d.token_ids or d.text):
                     ttft.append(time.perf_counter() - t0)
                     first = False
                 if d.finished:
                     n = d.usage.completion_tokens if d.usage else 0
+                    finals.append(d)
+                    if d.finish_reason == "error":
+                        raise RuntimeError(f"request {d.request_id} failed: {d.error}")
             return n
 
     t0 = time.perf_counter()
     toks = sum(await asyncio.gather(*(one(r) for r in reqs)))
-    return toks, time.perf_counter() - t0, ttft
+    dt = time.perf_counter() - t0
+    return {"requests": len(reqs), "output_tokens": toks, "duration_s": dt, "output_throughput": toks / dt,
+            "ttft_ms_p50": float(np.percentile(ttft, 50) * 1000) if ttft else None,
+            "ttft_ms_p99": float(np.percentile(ttft, 99) * 1000) if ttft else None,
+            "tokens_per_cycle": tokens_per_cycle(finals)}
 
 
 def engine_arrivals(aeng, s: Settings, c: int, mode: str) -> dict:
     """(b) 2c requests, c in flight, through AsyncOrthrusEngine (its core in a child process)."""
-    import numpy as np
-
-    reqs = _requests(s, c, mode, _point_seed(c))
-    toks, dt, ttft = asyncio.run(_arrivals(aeng, reqs, c))
-    return {"requests": len(reqs), "output_tokens": toks, "duration_s": dt, "output_throughput": toks / dt,
-            "ttft_ms_p50": float(np.percentile(ttft, 50) * 1000) if ttft else None}
+    return asyncio.run(_arrivals(aeng.generate, _requests(s, c, mode, _point_seed(c)), c))
 
 
 def run_engine_alone(rep: dict, s: Settings, base: dict, work: Path) -> None:
@@ -194,6 +216,7 @@ def run_engine_alone(rep: dict, s: Settings, base: dict, work: Path) -> None:
     t0 = time.perf_counter()
     eng = build_engine(EngineArgs.from_dict(args_d))
     out["build_s"] = round(time.perf_counter() - t0, 2)
+    out["diffusion_view"] = eng.model_info().diffusion_view
     log(f"engine alone built in {out['build_s']} s")
     # One untimed batch per mode first (the first passes of a mode pay one-off costs).
     for mode in MODES:
@@ -203,7 +226,8 @@ def run_engine_alone(rep: dict, s: Settings, base: dict, work: Path) -> None:
         for c in s.concurrencies:
             r = engine_batch(eng, s, c, mode)
             out["batch"].setdefault(mode, {})[str(c)] = r
-            log(f"engine alone batch {mode} c={c}: {r['output_throughput']:.1f} tok/s")
+            log(f"engine alone batch {mode} c={c}: {r['output_throughput']:.1f} tok/s, "
+                f"{r['tokens_per_cycle']} tokens/cycle")
     out["compiles_after_ready_batch"] = eng.compiles_after_ready()
     # Arrivals go through the engine as a replica hosts it: AsyncOrthrusEngine with its core in a
     # process of its own (on the same compile cache, so it starts warm), no Ray. The batch
@@ -220,7 +244,8 @@ def run_engine_alone(rep: dict, s: Settings, base: dict, work: Path) -> None:
             for c in s.concurrencies:
                 r = engine_arrivals(aeng, s, c, mode)
                 out["arrivals"].setdefault(mode, {})[str(c)] = r
-                log(f"engine alone arrivals {mode} c={c}: {r['output_throughput']:.1f} tok/s")
+                log(f"engine alone arrivals {mode} c={c}: {r['output_throughput']:.1f} tok/s, "
+                    f"{r['tokens_per_cycle']} tokens/cycle")
         out["compiles_after_ready"] = (len(out["compiles_after_ready_batch"])
                                        + aeng.health()["kernel_compiles_after_ready"])
     finally:
@@ -332,7 +357,34 @@ def replica_pids() -> dict[str, list[int]]:
         for name in (ENGINE, ROUTER):
             if f"ServeReplica:{APP}:{name}" in cmd:
                 out.setdefault(name, []).append(int(d.name))
+        if cmd.startswith("ray::ProxyActor"):
+            out.setdefault("Proxy", []).append(int(d.name))
     return out
+
+
+def top_stacks(raw: Path, pid: int, rc: int, spy_log: str, top: int = 20) -> dict:
+    """py-spy's raw output (one "frame;frame;... count" line per stack) as the top stacks' shares.
+    Also each stack's leaf function summed over stacks ("self" time by function), top ones."""
+    entry: dict[str, Any] = {"pid": pid, "rc": rc}
+    if not raw.is_file():
+        entry["error"] = spy_log[-1500:]
+        return entry
+    rows = []
+    for line in raw.read_text().splitlines():
+        stack, _, cnt = line.rpartition(" ")
+        if cnt.isdigit():
+            rows.append((int(cnt), stack))
+    total = sum(r[0] for r in rows) or 1
+    rows.sort(reverse=True)
+    leaf: dict[str, int] = {}
+    for n, st in rows:
+        f = st.split(";")[-1]
+        leaf[f] = leaf.get(f, 0) + n
+    entry["samples"] = total
+    entry["top_stacks"] = [{"share": round(n / total, 4), "stack": st.split(";")[-6:]} for n, st in rows[:top]]
+    entry["top_leaves"] = [{"share": round(n / total, 4), "frame": f}
+                           for f, n in sorted(leaf.items(), key=lambda kv: -kv[1])[:top]]
+    return entry
 
 
 def profile(s: Settings, ports: mg.Ports, pids: dict[str, list[int]], work: Path, c: int) -> dict:
@@ -345,27 +397,20 @@ def profile(s: Settings, ports: mg.Ports, pids: dict[str, list[int]], work: Path
                       n=max(8 * c, s.min_requests), seed=7, wait=False)
     try:
         time.sleep(min(3.0, s.profile_s))
-        for name, plist in pids.items():
-            for pid in plist:
-                raw = work / f"pyspy-{pid}.txt"
-                p = subprocess.run([exe, "record", "--pid", str(pid), "--duration", str(int(max(1, s.profile_s))),
-                                    "--format", "raw", "--nonblocking", "--output", str(raw)],
-                                   capture_output=True, text=True, timeout=s.profile_s + 60)
-                entry: dict[str, Any] = {"pid": pid, "rc": p.returncode}
-                if raw.is_file():
-                    rows = []
-                    for line in raw.read_text().splitlines():
-                        stack, _, cnt = line.rpartition(" ")
-                        if cnt.isdigit():
-                            rows.append((int(cnt), stack))
-                    total = sum(r[0] for r in rows) or 1
-                    rows.sort(reverse=True)
-                    entry["samples"] = total
-                    entry["top_stacks"] = [{"share": round(n / total, 4), "stack": st.split(";")[-6:]}
-                                           for n, st in rows[:20]]
-                else:
-                    entry["error"] = (p.stderr or p.stdout)[-1500:]
-                res["processes"].setdefault(name, []).append(entry)
+        # Every process at once, over the same seconds of load.
+        spies = {pid: (name, subprocess.Popen(
+            [exe, "record", "--pid", str(pid), "--duration", str(int(max(1, s.profile_s))), "--format", "raw",
+             "--nonblocking", "--output", str(work / f"pyspy-{pid}.txt")],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+            for name, plist in {**pids, "BenchClient": [bench.pid]}.items() for pid in plist}
+        for pid, (name, sp) in spies.items():
+            try:
+                spy_log, _ = sp.communicate(timeout=s.profile_s + 60)
+            except subprocess.TimeoutExpired:
+                sp.kill()
+                spy_log, _ = sp.communicate()
+            res["processes"].setdefault(name, []).append(
+                top_stacks(work / f"pyspy-{pid}.txt", pid, sp.returncode, spy_log or ""))
     finally:
         try:
             bench.wait(timeout=s.bench_timeout_s)
@@ -374,28 +419,65 @@ def profile(s: Settings, ports: mg.Ports, pids: dict[str, list[int]], work: Path
     return res
 
 
-def run_serve(rep: dict, s: Settings, base: dict, ports: mg.Ports, work: Path, t_start: float, save) -> None:
+def handle_point(s: Settings, c: int, mode: str) -> dict:
+    """The engine replica called straight over a DeploymentHandle from this process: one Ray
+    streaming hop, no proxy, no router. Against the gRPC point of the same c and prompts it
+    measures what the proxy and router hops cost; against the engine alone (no Ray), what the
+    replica hop costs."""
+    import uuid
+
     from ray import serve
 
-    cache = work / "compile-cache"
-    cache.mkdir()
+    h = serve.get_deployment_handle(ENGINE, APP).options(stream=True)
+
+    def stream_of(r):
+        return h.generate.remote(dataclasses.replace(r, request_id=f"hop-{uuid.uuid4().hex[:12]}"))
+
+    async def run() -> dict:
+        return await _arrivals(stream_of, _requests(s, c, mode, _point_seed(c)), c)
+
+    return asyncio.run(run())
+
+
+def run_serve(rep: dict, s: Settings, base: dict, ports: mg.Ports, work: Path, t_start: float, save,
+              cold: bool) -> None:
+    from ray import serve
+
+    # Without --cold the replica starts on the engine-alone run's compile cache (warm); with it,
+    # on a fresh folder, then once more on that folder once warm.
+    cache = work / ("compile-cache" if cold else "engine-alone-cache")
+    cache.mkdir(exist_ok=True)
     cfg = serve_config(base, s, ports, str(cache))
     srv = rep["serve"] = {"engine_deployment": mg._deployment(cfg["applications"][0], ENGINE),
-                          "engine_args": cfg["applications"][0]["args"]["engine"], "points": [], "skipped": []}
-    log("deploying (cold compile cache)")
-    srv["ready_cold_s"] = deploy_timed(cfg)
-    srv["health_cold"] = engine_health()
-    log(f"RUNNING after {srv['ready_cold_s']} s; deleting and redeploying on the warm cache")
-    serve.delete(APP)
+                          "engine_args": cfg["applications"][0]["args"]["engine"], "points": [], "skipped": [],
+                          "hops": {}}
+    if cold:
+        log("deploying (cold compile cache)")
+        srv["ready_cold_s"] = deploy_timed(cfg)
+        srv["health_cold"] = engine_health()
+        log(f"RUNNING after {srv['ready_cold_s']} s; deleting and redeploying on the warm cache")
+        serve.delete(APP)
+    else:
+        srv["ready_cold_s"] = None
+        srv["ready_cold_note"] = "not measured in this run (--cold); the cache came from the engine-alone run"
     srv["ready_warm_s"] = deploy_timed(cfg)
     srv["health_ready"] = engine_health()
-    log(f"RUNNING after {srv['ready_warm_s']} s (warm cache)")
+    srv["model_info"] = asdict(serve.get_deployment_handle(ENGINE, APP).model_info.remote().result(timeout_s=60))
+    log(f"RUNNING after {srv['ready_warm_s']} s (warm cache); diffusion view {srv['model_info']['diffusion_view']}")
+    srv["pids"] = replica_pids()
+    if srv["health_ready"].get("engine_core_pid"):  # the engine replica's step loop, its child process
+        srv["pids"]["EngineCore"] = [srv["health_ready"]["engine_core_pid"]]
     save()
+
+    def over_budget(key: dict) -> bool:
+        if time.monotonic() - t_start > s.budget_s:
+            srv["skipped"].append(key)
+            return True
+        return False
 
     def point(protocol: str, mode: str, c: Optional[int], rate: Optional[float], n: int, seed: int) -> None:
         key = {"protocol": protocol, "mode": mode, "concurrency": c, "request_rate": rate, "requests": n}
-        if time.monotonic() - t_start > s.budget_s:
-            srv["skipped"].append(key)
+        if find_point(rep, protocol, mode, c) is not None and rate is None or over_budget(key):
             return
         summ = run_bench(s, protocol, ports, mode, work / f"b-{protocol}-{mode}-{c}-{rate}.json", c=c, rate=rate,
                          n=n, seed=seed)
@@ -404,13 +486,38 @@ def run_serve(rep: dict, s: Settings, base: dict, ports: mg.Ports, work: Path, t
             f"ttft p50 {summ['ttft_ms']['p50']}")
         save()
 
+    def hop(c: int, mode: str) -> None:
+        if over_budget({"handle": mode, "concurrency": c}):
+            return
+        r = srv["hops"].setdefault(mode, {})[str(c)] = handle_point(s, c, mode)
+        log(f"handle {mode} c={c}: {r['output_throughput']:.1f} tok/s, ttft p50 {r['ttft_ms_p50']}")
+        save()
+
     log("warm-up round")
     run_bench(s, "grpc", ports, "orthrus", work / "warmup.json", c=s.concurrencies[-1], rate=None,
               n=n_requests(s, s.concurrencies[-1]), seed=99)
-    # Orthrus first over gRPC (the targets' points), then AR, then HTTP.
+    cs = s.concurrencies
+    t1, t16, t64 = (s.target_c[k] for k in (1, 16, 64))
+    # The targets' points first, so that a short budget still measures them: gRPC Orthrus, the
+    # profile at c=64, gRPC AR, the hops, HTTP c=64; then every other point.
+    for c in (t1, t16, t64):
+        point("grpc", "orthrus", c, None, n_requests(s, c), _point_seed(c))
+    rep["profile"] = {"skipped": "budget spent"}
+    if time.monotonic() - t_start <= s.budget_s:
+        log("profiling the processes under gRPC load")
+        try:
+            rep["profile"] = profile(s, ports, srv["pids"], work, t64)
+        except Exception:  # noqa: BLE001
+            rep["profile"] = {"error": traceback.format_exc()[-2000:]}
+        save()
+    for c in (t1, t16, t64):
+        point("grpc", "ar", c, None, n_requests(s, c), _point_seed(c))
+    for c in dict.fromkeys((t64, t16)):
+        hop(c, "orthrus")
+    point("http", "orthrus", t64, None, n_requests(s, t64), _point_seed(t64))
     for protocol in PROTOCOLS:
         for mode in MODES:
-            for c in s.concurrencies:
+            for c in cs:
                 point(protocol, mode, c, None, n_requests(s, c), _point_seed(c))
     for mode in MODES:
         ref = find_point(rep, "grpc", mode, s.rate_ref_c)
@@ -421,23 +528,7 @@ def run_serve(rep: dict, s: Settings, base: dict, ports: mg.Ports, work: Path, t
             point("grpc", mode, None, round(f * ref["request_throughput"], 4), s.poisson_requests, 1000)
     srv["health_end"] = engine_health()
     srv["compiles_gauge_end"] = scrape_compiles(ports.metrics)
-    srv["pids"] = replica_pids()
-    if srv["health_end"].get("pid") and ENGINE not in srv["pids"]:
-        srv["pids"][ENGINE] = [srv["health_end"]["pid"]]
-    if srv["health_end"].get("engine_core_pid"):  # the engine replica's step loop, its child process
-        srv["pids"]["EngineCore"] = [srv["health_end"]["engine_core_pid"]]
     rep["targets"] = targets(rep)
-    missed = [k for k, t in rep["targets"].items() if not t["met"]]
-    if missed and time.monotonic() - t_start > s.budget_s:
-        rep["profile"] = {"skipped": f"bounds missed ({', '.join(missed)}) but the budget is spent"}
-    elif missed:
-        log(f"missed {missed}: profiling the replicas")
-        try:
-            rep["profile"] = profile(s, ports, srv["pids"], work, s.target_c[64])
-        except Exception:  # noqa: BLE001
-            rep["profile"] = {"error": traceback.format_exc()[-2000:]}
-    else:
-        rep["profile"] = {"skipped": "every bound met"}
 
 
 # --------------------------------------------------------------------------- targets, chart, table
@@ -556,13 +647,18 @@ def table(rep: dict) -> str:
     for kind in ("batch", "arrivals"):
         for mode, row in eng.get(kind, {}).items():
             for c, r in row.items():
-                lines.append(f"{'engine ' + kind + ' ' + mode + ' c=' + c:<28} {f(r['output_throughput']):>9}")
+                lines.append(f"{'engine ' + kind + ' ' + mode + ' c=' + c:<28} {f(r['output_throughput']):>9} "
+                             f"{f(r.get('ttft_ms_p50')):>9}   tokens/cycle {r.get('tokens_per_cycle')}")
+    for mode, row in rep.get("serve", {}).get("hops", {}).items():
+        for c, r in row.items():
+            lines.append(f"{'handle ' + mode + ' c=' + c:<28} {f(r['output_throughput']):>9} {f(r['ttft_ms_p50']):>9} "
+                         f"{f(r['ttft_ms_p99']):>9}")
     for p in rep.get("serve", {}).get("points", []):
         name = f"{p['protocol']} {p['mode']} " + (f"c={p['concurrency']}" if p["request_rate"] is None
                                                   else f"r={p['request_rate']:.3g}/s")
         lines.append(f"{name:<28} {f(p['output_throughput']):>9} {f(p['ttft_ms']['p50']):>9} "
                      f"{f(p['ttft_ms']['p99']):>9} {f(p['tpot_ms']['p50']):>9} {f(p['itl_ms']['p50']):>8} "
-                     f"{f(p['itl_ms']['p99']):>8}")
+                     f"{f(p['itl_ms']['p99']):>8}   acc {p.get('mean_acceptance_length')}")
     lines.append("")
     for k, t in rep.get("targets", {}).items():
         lines.append(f"{k:<28} measured {t['measured']!s:>10}  bound {t['bound']!s:>6}  {'met' if t['met'] else 'MISSED'}")
@@ -582,6 +678,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--min-requests", type=int, default=8, help="requests per point: max(2c, this)")
     ap.add_argument("--poisson-requests", type=int, default=128)
     ap.add_argument("--tag", default="")
+    ap.add_argument("--cold", action="store_true", help="measure the replica's ready time on a fresh compile "
+                    "cache too (a deploy more); without it the replica starts on the engine-alone run's cache")
     ap.add_argument("--cpu-dry-run", action="store_true", help="a tiny random checkpoint on the CPU, c in (1, 2)")
     args = ap.parse_args(argv)
 
@@ -648,7 +746,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     with mg.local_ray(s.ray_num_cpus, "orsv", work):
         try:
-            run_serve(rep, s, base, ports, work, t_start, save)
+            run_serve(rep, s, base, ports, work, t_start, save, cold=args.cold or args.cpu_dry_run)
         except Exception:  # noqa: BLE001
             rep["errors"]["serve"] = traceback.format_exc()[-4000:]
             log("serve FAILED\n", rep["errors"]["serve"])

@@ -39,6 +39,10 @@ class AppArgs:
     # Minimum time between two stream messages of one request; deltas arriving
     # sooner are merged (deployment/streaming.py). 0: one message per delta.
     stream_interval_s: float = 0.05
+    # With this set, the interval follows the load: an engine replica's stream messages per
+    # second are spread over its streams in flight, min(stream_interval_s, streams / this), so
+    # that a lone stream gets every cycle's tokens as they come. null: the fixed interval.
+    stream_messages_per_s: Optional[float] = None
     # Request bodies above this many bytes are refused with HTTP 413.
     max_request_bytes: int = 1 << 20
     # A request waiting longer than this for the engine (Serve's queue, then the engine's
@@ -59,6 +63,10 @@ class AppArgs:
             raise ValueError("args.default_max_tokens must be a positive integer")
         if not (isinstance(a.stream_interval_s, (int, float)) and 0 <= a.stream_interval_s <= 1):
             raise ValueError("args.stream_interval_s must be a number of seconds in [0, 1]")
+        if a.stream_messages_per_s is not None and not (
+                isinstance(a.stream_messages_per_s, (int, float)) and not isinstance(a.stream_messages_per_s, bool)
+                and a.stream_messages_per_s > 0):
+            raise ValueError("args.stream_messages_per_s must be a positive number of messages a second or null")
         if not (isinstance(a.metrics_host, str) and a.metrics_host):
             raise ValueError("args.metrics_host must be an address to bind, e.g. 127.0.0.1 or 0.0.0.0")
         if not (isinstance(a.max_request_bytes, int) and not isinstance(a.max_request_bytes, bool)
@@ -78,7 +86,8 @@ def build_app(args: Optional[dict[str, Any]] = None) -> serve.Application:
         engine = engine.options(ray_actor_options={"num_gpus": 0})
     queue_timeout_s = float(a.queue_timeout_s) if a.queue_timeout_s is not None else None
     engine_app = engine.bind(a.engine, a.model_id, a.metrics_port, float(a.stream_interval_s), queue_timeout_s,
-                             a.metrics_host)
+                             a.metrics_host,
+                             float(a.stream_messages_per_s) if a.stream_messages_per_s is not None else None)
     settings = {
         "model_id": a.model_id,
         "api_keys_env": a.api_keys_env,

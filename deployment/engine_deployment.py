@@ -27,7 +27,7 @@ from orthrus_runtime.types import (
 )
 
 from .errors import Accepted, Refusal, Rejection
-from .streaming import coalesce
+from .streaming import StreamPacer
 
 logger = logging.getLogger("ray.serve")
 
@@ -52,13 +52,13 @@ ENGINE_DEPLOYMENT_NAME = "OrthrusEngine"
 class OrthrusEngine:
     def __init__(self, engine_args: dict[str, Any], model_id: str, metrics_port: Optional[int] = None,
                  stream_interval_s: float = 0.0, queue_timeout_s: Optional[float] = None,
-                 metrics_host: str = "127.0.0.1"):
+                 metrics_host: str = "127.0.0.1", stream_messages_per_s: Optional[float] = None):
         # Imported here so that building the application (in Serve's controller)
         # never imports torch; only replicas load the model stack.
         from orthrus_runtime.engine.async_engine import AsyncOrthrusEngine
         from orthrus_runtime.metrics import OrthrusMetrics, start_metrics_server
 
-        self._stream_interval_s = stream_interval_s
+        self._pacer = StreamPacer(stream_interval_s, stream_messages_per_s)
         ctx = serve.get_replica_context()
         self._replica = ctx.replica_id.unique_id
         self._actor_name = ctx.replica_id.to_full_id_str()  # the Ray actor's name (namespace "serve")
@@ -84,8 +84,9 @@ class OrthrusEngine:
         """Accepted, then the request's deltas; or one Rejection / Refusal instead.
 
         Refusals are values, not exceptions, so that the reason crosses the Ray
-        boundary intact. Deltas are merged so that messages leave at most every
-        stream_interval_s (see deployment/streaming.py). Closing this generator (the
+        boundary intact. Deltas are merged so that one stream's messages leave
+        at most every stream_interval_s, closer together while few streams share the replica's
+        stream_messages_per_s (see deployment/streaming.py). Closing this generator (the
         caller cancelled: client disconnect, gRPC cancel) closes the engine's
         stream, which aborts the request and frees its KV blocks.
         """
@@ -100,7 +101,7 @@ class OrthrusEngine:
         except EngineDeadError:
             yield Refusal("the engine loop is not running", "unavailable")
             return
-        stream = coalesce(engine_stream, self._stream_interval_s)
+        stream = self._pacer.relay(engine_stream)
         try:
             yield Accepted()
             async for delta in stream:

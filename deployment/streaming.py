@@ -8,6 +8,12 @@ that much time has passed. So the first token is never delayed, a stream sends
 at most 1/interval_s messages a second, and the text reaches the client no more
 than interval_s late.
 
+The interval may follow the load (`StreamPacer`): what costs the proxy, the router and
+the replica CPU is the replica's total message rate, not one stream's. A pacer spreads a
+budget of messages per second over the streams in flight, interval = min(max_interval_s,
+streams / messages_per_s): one stream alone gets every cycle's delta as it comes, many share
+the budget, and no stream's text is ever more than max_interval_s late.
+
 It also narrows a race in Ray Serve 2.60's gRPC proxy: a client cancel that
 lands while the proxy is writing a message is not passed on to the replica
 (the proxy's generator is closed with GeneratorExit instead of being
@@ -16,18 +22,48 @@ cancelled), so fewer writes mean fewer missed cancels.
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator, Optional
+from typing import AsyncIterator, Callable, Optional, Union
 
 from orthrus_runtime.types import GenerateDelta, merge_deltas as merge
 
 
-async def coalesce(stream: AsyncIterator[GenerateDelta], interval_s: float) -> AsyncIterator[GenerateDelta]:
-    """Relay `stream`, merging deltas so that messages are at least interval_s apart.
+class StreamPacer:
+    """The merge interval of each stream from the replica's load (module docstring). One per
+    replica; `relay` wraps each stream and counts it while it runs. messages_per_s None: the
+    fixed interval max_interval_s whatever the load."""
+
+    def __init__(self, max_interval_s: float, messages_per_s: Optional[float] = None):
+        self.max_interval_s = max_interval_s
+        self.messages_per_s = messages_per_s
+        self.active = 0
+
+    def interval(self) -> float:
+        if self.messages_per_s is None:
+            return self.max_interval_s
+        return min(self.max_interval_s, self.active / self.messages_per_s)
+
+    async def relay(self, stream: AsyncIterator[GenerateDelta]) -> AsyncIterator[GenerateDelta]:
+        """`stream` coalesced at this pacer's interval, counted as in flight until it ends."""
+        self.active += 1
+        inner = coalesce(stream, self.interval)
+        try:
+            async for d in inner:
+                yield d
+        finally:
+            self.active -= 1
+            await inner.aclose()  # closes `stream` too (for the engine's, that aborts the request)
+
+
+async def coalesce(stream: AsyncIterator[GenerateDelta],
+                   interval_s: Union[float, Callable[[], float]]) -> AsyncIterator[GenerateDelta]:
+    """Relay `stream`, merging deltas so that messages are at least interval_s apart
+    (a callable: read again at each decision, so that the interval follows the load).
 
     Closing or cancelling this generator cancels the pending read of `stream`
     and closes it (for the engine's stream, that aborts the request).
     """
-    if interval_s <= 0:
+    interval = interval_s if callable(interval_s) else (lambda: interval_s)
+    if not callable(interval_s) and interval_s <= 0:
         try:
             async for d in stream:
                 yield d
@@ -44,7 +80,7 @@ async def coalesce(stream: AsyncIterator[GenerateDelta], interval_s: float) -> A
             if nxt is None:
                 nxt = asyncio.ensure_future(stream.__anext__())
             if pending is not None:
-                wait = last_sent + interval_s - loop.time()
+                wait = last_sent + interval() - loop.time()
                 if wait > 0:
                     await asyncio.wait({nxt}, timeout=wait)
                 if not nxt.done():  # the interval is over: send what has accumulated
@@ -61,7 +97,7 @@ async def coalesce(stream: AsyncIterator[GenerateDelta], interval_s: float) -> A
                 if nxt.done():
                     nxt = None
             pending = merge(pending, d)
-            if pending.finished or loop.time() - last_sent >= interval_s:
+            if pending.finished or loop.time() - last_sent >= interval():
                 out, pending = pending, None
                 last_sent = loop.time()
                 yield out

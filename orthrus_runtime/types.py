@@ -222,6 +222,7 @@ class ModelInfo:
     modes: list[str] = field(default_factory=lambda: list(MODES))
     eos_token_ids: list[int] = field(default_factory=list)
     default_mode: str = "orthrus"  # the mode of a request that names none
+    diffusion_view: str = ""  # where the diffusion view came from (EngineConfig.diffusion_view)
 
 
 @dataclass

