@@ -22,7 +22,7 @@ cancelled), so fewer writes mean fewer missed cancels.
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator, Callable, Optional, Union
+from typing import AsyncIterator, Awaitable, Callable, Optional, Protocol, Union
 
 from orthrus_runtime.types import GenerateDelta, merge_deltas as merge
 
@@ -54,10 +54,27 @@ class StreamPacer:
             await inner.aclose()  # closes `stream` too (for the engine's, that aborts the request)
 
 
+class MergingStream(Protocol):
+    """A stream that merges what arrives while nobody reads it (the engine's RequestStream): a
+    reader may sleep between messages instead of waking for every delta."""
+
+    def __anext__(self) -> Awaitable[GenerateDelta]: ...
+
+    async def wait_final(self, timeout_s: float) -> None:
+        """Sleep timeout_s, or less if the last delta arrives meanwhile."""
+
+    async def aclose(self) -> None: ...
+
+
 async def coalesce(stream: AsyncIterator[GenerateDelta],
                    interval_s: Union[float, Callable[[], float]]) -> AsyncIterator[GenerateDelta]:
     """Relay `stream`, merging deltas so that messages are at least interval_s apart
     (a callable: read again at each decision, so that the interval follows the load).
+
+    A MergingStream is read once a message: after each message the relay sleeps out the
+    interval (cut short by the final delta) and then takes everything merged meanwhile, so
+    it wakes once a message, not once a delta. Any other stream is read ahead, and what
+    arrives within the interval is merged here.
 
     Closing or cancelling this generator cancels the pending read of `stream`
     and closes it (for the engine's stream, that aborts the request).
@@ -70,7 +87,23 @@ async def coalesce(stream: AsyncIterator[GenerateDelta],
         finally:
             await stream.aclose()
         return
-
+    wait_final = getattr(stream, "wait_final", None)
+    if wait_final is not None:
+        try:
+            while True:
+                try:
+                    d = await stream.__anext__()
+                except StopAsyncIteration:
+                    return
+                yield d
+                if d.finished:
+                    return
+                gap = interval()
+                if gap > 0:
+                    await wait_final(gap)
+        finally:
+            await stream.aclose()
+        return
     loop = asyncio.get_running_loop()
     last_sent = float("-inf")
     pending: Optional[GenerateDelta] = None

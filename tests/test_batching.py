@@ -212,3 +212,38 @@ async def test_invalid_requests_get_errors_and_engine_keeps_serving():
         assert_clean(eng)
     finally:
         eng.shutdown()
+
+
+async def test_a_paced_reader_gets_merged_deltas_and_an_unheld_end():
+    """The engine's stream merges what arrives while its reader sleeps (deployment/streaming.py
+    reads it once a message): the same ids as a delta-by-delta read, fewer messages, each at
+    least the interval after the last, and the final one as soon as the request ends, not at the
+    end of an interval."""
+    from deployment.streaming import coalesce
+
+    eng = make_async()
+    try:
+        req = GenerateRequest(prompt_token_ids=prompt(1, 12), mode="ar",
+                              params=SamplingParams(max_tokens=120, temperature=0))
+        ref, _ = await collect(eng, req)
+        loop = asyncio.get_running_loop()
+        stream = await eng.submit(req)
+        msgs, times = [], []
+        async for d in coalesce(stream, 0.05):
+            msgs.append(d)
+            times.append(loop.time())
+        assert [t for d in msgs for t in d.token_ids] == ref == greedy_ar(MODEL, prompt(1, 12), 120)
+        assert msgs[-1].finished and all(not d.finished for d in msgs[:-1])
+        deltas = eng.stats().spec["ar"].num_cycles // 2  # this request's steps (the reference ran as many)
+        assert 2 <= len(msgs) < deltas, (len(msgs), deltas)
+        gaps = [b - a for a, b in zip(times[:-1], times[1:])]
+        assert all(g >= 0.045 for g in gaps[:-1]), gaps
+        # A 2-token request under a 0.5 s interval: its end cuts the reader's sleep short.
+        short = GenerateRequest(prompt_token_ids=prompt(2, 5), mode="ar",
+                                params=SamplingParams(max_tokens=2, temperature=0))
+        t0 = loop.time()
+        out = [d async for d in coalesce(await eng.submit(short), 0.5)]
+        assert out[-1].finished and loop.time() - t0 < 0.4
+        assert_clean(eng)
+    finally:
+        eng.shutdown()

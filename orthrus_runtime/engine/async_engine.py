@@ -32,6 +32,7 @@ import logging
 import threading
 import time
 import uuid
+from collections import deque
 from typing import Any, AsyncIterator, Optional, Union
 
 from orthrus_runtime.engine.args import EngineArgs
@@ -48,6 +49,7 @@ from orthrus_runtime.types import (
     ModelInfo,
     RequestRefusedError,
     StatLogger,
+    merge_deltas,
 )
 from orthrus_runtime.validation import check_request
 
@@ -63,20 +65,62 @@ def error_message(request_id: str) -> str:
 
 
 class _Mailbox:
-    __slots__ = ("loop", "queue", "cancelled")
+    """One request's undelivered outputs, on its caller's event loop (touched only there).
+
+    Deltas that arrive while an unfinished one waits are merged into it: a consumer that reads
+    less often than the core steps (a stream paced to a message interval) gets one delta with
+    everything since its last read, and is woken once, not once per step."""
+
+    __slots__ = ("loop", "items", "waiter", "final", "cancelled")
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
-        self.queue: asyncio.Queue = asyncio.Queue()
+        self.items: deque = deque()  # GenerateDelta, or the exception that ends the stream
+        self.waiter: Optional[asyncio.Future] = None  # a reader waiting for the next item
+        self.final: Optional[asyncio.Future] = None  # done once the last item is here (wait_final)
         # Closed by its caller before the end: nothing more is delivered, and the request id
         # stays taken until the core's last word on it arrives (so that a retry under the same
         # id cannot receive the old request's output).
         self.cancelled = False
 
+    def put(self, item: Any) -> None:
+        items = self.items
+        last = items[-1] if items else None
+        if isinstance(item, GenerateDelta) and isinstance(last, GenerateDelta) and not last.finished:
+            items[-1] = merge_deltas(last, item)
+        else:
+            items.append(item)
+        if isinstance(item, BaseException) or item.finished:
+            if self.final is not None and not self.final.done():
+                self.final.set_result(None)
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
 
-def _deliver_all(items: list[tuple[asyncio.Queue, Any]]) -> None:
-    for q, item in items:
-        q.put_nowait(item)
+    async def get(self) -> Any:
+        while not self.items:
+            self.waiter = self.loop.create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+        return self.items.popleft()
+
+    async def wait_final(self, timeout_s: float) -> None:
+        """Return after timeout_s, or as soon as the last item is here (sooner)."""
+        if self.items and (isinstance(self.items[-1], BaseException) or self.items[-1].finished):
+            return
+        fut = self.final = self.loop.create_future()
+        timer = self.loop.call_later(timeout_s, lambda: fut.done() or fut.set_result(None))
+        try:
+            await fut
+        finally:
+            timer.cancel()
+            self.final = None
+
+
+def _deliver_all(items: list[tuple[_Mailbox, Any]]) -> None:
+    for box, item in items:
+        box.put(item)
 
 
 class RequestStream:
@@ -97,7 +141,7 @@ class RequestStream:
     async def __anext__(self) -> GenerateDelta:
         if self._done:
             raise StopAsyncIteration
-        item = await self._box.queue.get()
+        item = await self._box.get()
         if isinstance(item, BaseException):
             self._done = True
             self._owner._release(self.request_id)
@@ -106,6 +150,12 @@ class RequestStream:
             self._done = True
             self._owner._release(self.request_id)
         return item
+
+    async def wait_final(self, timeout_s: float) -> None:
+        """Sleep timeout_s, or less if the request's last delta arrives meanwhile (what a paced
+        reader waits on between two messages: the end is never held back)."""
+        if not self._done:
+            await self._box.wait_final(timeout_s)
 
     async def aclose(self) -> None:
         if not self._done:
@@ -374,7 +424,7 @@ class AsyncOrthrusEngine:
                     if self._streams.get(rid) is box:
                         del self._streams[rid]
             return
-        batches.setdefault(box.loop, []).append((box.queue, item))
+        batches.setdefault(box.loop, []).append((box, item))
 
     @staticmethod
     def _send(batches: dict) -> None:
