@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from typing import Any, AsyncIterator, Optional, Union
 
 from ray import serve
@@ -34,6 +35,16 @@ logger = logging.getLogger("ray.serve")
 ENGINE_DEPLOYMENT_NAME = "OrthrusEngine"
 
 
+def process_start_time() -> Optional[float]:
+    """This process's start as a Unix time, from /proc (Linux); None elsewhere."""
+    try:
+        fields = open("/proc/self/stat").read().rsplit(")", 1)[1].split()
+        btime = next(int(line.split()[1]) for line in open("/proc/stat") if line.startswith("btime"))
+        return btime + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, StopIteration, IndexError):
+        return None
+
+
 @serve.deployment(
     name=ENGINE_DEPLOYMENT_NAME,
     ray_actor_options={"num_gpus": 1},
@@ -53,6 +64,7 @@ class OrthrusEngine:
     def __init__(self, engine_args: dict[str, Any], model_id: str, metrics_port: Optional[int] = None,
                  stream_interval_s: float = 0.0, queue_timeout_s: Optional[float] = None,
                  metrics_host: str = "127.0.0.1", stream_messages_per_s: Optional[float] = None):
+        t_init = time.time()
         # Imported here so that building the application (in Serve's controller)
         # never imports torch; only replicas load the model stack.
         from orthrus_runtime.engine.async_engine import AsyncOrthrusEngine
@@ -74,6 +86,11 @@ class OrthrusEngine:
         self._metrics.bind_engine_stats(self._engine.stats)
         info = self._engine.model_info()
         self._metrics.precreate_positions(info.block_size - 1)
+        # Where the replica's start-up went: the actor process's start to this __init__ (Ray and
+        # Serve), then __init__ itself (imports, the engine core process: health's startup_s).
+        started = process_start_time()
+        self._startup_s = {"actor_start_to_init": round(t_init - started, 2) if started else None,
+                           "replica_init": round(time.time() - t_init, 2)}
         logger.info(
             "engine replica %s ready: %s (%s, block size %d, max_model_len %d), metrics on port %s",
             self._replica, model_id, info.architecture, info.block_size, info.max_model_len, self.metrics_port,
@@ -140,6 +157,7 @@ class OrthrusEngine:
             "pid": os.getpid(),
             "actor_name": self._actor_name,
             "metrics_port": self.metrics_port,
+            "replica_startup_s": self._startup_s,
         }
 
     async def abort(self, request_id: str) -> None:

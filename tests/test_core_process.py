@@ -117,6 +117,11 @@ def test_health_answers_from_the_last_message(served):
     h = served.health()
     assert h["alive"] and h["engine_core_pid"] == served.core.pid and h["heartbeat_age_s"] < 2
     assert h["kernel_compiles_after_ready"] == 0
+    # Where the start-up went, per phase (seconds): the child's imports, build_engine's phases.
+    s = h["startup_s"]
+    assert {"process_imports", "load_model", "kv_cache_and_runner", "warm_prefill", "total",
+            "process_start_to_ready"} <= set(s), s
+    assert 0 < s["total"] <= s["process_start_to_ready"] and all(v >= 0 for v in s.values())
 
 
 def test_a_killed_engine_process_ends_every_stream_and_the_engine(args):

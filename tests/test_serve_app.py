@@ -931,6 +931,8 @@ def test_killed_engine_process(stack):
         time.sleep(0.5)
     health = stack.engine_handle("small").health.remote().result(timeout_s=30)
     actor_name, core_pid = health["actor_name"], health["engine_core_pid"]
+    boot = health["replica_startup_s"]
+    assert boot["actor_start_to_init"] >= 0 and boot["replica_init"] >= health["startup_s"]["total"] > 0
     assert core_pid and core_pid != health["pid"]
 
     # One stream per protocol in flight on the replica (it has two slots).

@@ -224,7 +224,7 @@ class AsyncOrthrusEngine:
         return {"alive": self.is_alive(), "heartbeat_age_s": self.heartbeat_age_s(),
                 "draining": self._draining, "num_requests": len(self._streams),
                 "kernel_compiles_after_ready": self._compiles_after_ready,
-                "engine_core_pid": getattr(self._core, "pid", None)}
+                "engine_core_pid": getattr(self._core, "pid", None), "startup_s": self._core.startup_s}
 
     def stats(self) -> EngineStats:
         """The core's statistics now (one command; counters it keeps in place). A dead or

@@ -47,6 +47,7 @@ class InprocCore:
         self.engine = engine
         self.info: ModelInfo = engine.model_info()
         self.tokenizer = engine.tokenizer
+        self.startup_s = dict(engine.startup_s)
         self.core = EngineCore(engine, **policy)
         self._cmds: "queue.SimpleQueue[tuple]" = queue.SimpleQueue()
         self._outs: "queue.SimpleQueue[Optional[CoreOutputs]]" = queue.SimpleQueue()
@@ -95,6 +96,7 @@ class ProcessCore:
     def __init__(self, args: EngineArgs, *, start_timeout_s: float = 1800.0, **policy: Any):
         """Start the core process and wait until its engine is built and warmed up (the
         replica is not ready before). CoreStartError when it cannot build the engine."""
+        t_spawn = time.monotonic()
         mine, theirs = socket.socketpair()
         with theirs:
             self.proc = subprocess.Popen(
@@ -118,7 +120,9 @@ class ProcessCore:
         if msg[0] != "ready":
             self._finalizer()
             raise CoreStartError(f"the engine core process could not build the engine:\n{msg[1]}")
-        _, self.info, self.tokenizer = msg
+        _, self.info, self.tokenizer, startup = msg
+        # Seconds per phase: the child's imports, then build_engine's (setup.py).
+        self.startup_s = {**startup, "process_start_to_ready": round(time.monotonic() - t_spawn, 2)}
         # Commands leave through one sender thread: `put` never blocks its caller (an event
         # loop) on a full socket while the core is inside a step, and the output thread, which
         # sends "finish" commands, keeps reading the core's messages whatever the socket holds.

@@ -2,7 +2,7 @@
 
 Started by core_client.ProcessCore, talking over the socket FD (pickled messages): it
 receives (EngineArgs, loop policy), builds and warms up the engine, answers ("ready",
-ModelInfo, tokenizer) or ("failed", traceback), then runs EngineCore's loop until told to
+ModelInfo, tokenizer, seconds per start-up phase) or ("failed", traceback), then runs EngineCore's loop until told to
 stop or until its parent goes away.
 """
 from __future__ import annotations
@@ -28,6 +28,7 @@ def _exit_with_parent(parent: int) -> None:
 
 
 def main(fd: int) -> int:
+    t_start = time.monotonic()
     # Ctrl-C in a terminal reaches the whole process group: the parent decides when to stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
@@ -38,10 +39,12 @@ def main(fd: int) -> int:
     from orthrus_runtime.engine.core import EngineCore, RecordBuffer
     from orthrus_runtime.engine.setup import build_engine
 
+    t_imports = time.monotonic()
     records = RecordBuffer()
     try:
         engine = build_engine(args, stat_logger=records)
-        conn.send(("ready", engine.model_info(), engine.tokenizer))
+        startup = {"process_imports": round(t_imports - t_start, 2), **engine.startup_s}
+        conn.send(("ready", engine.model_info(), engine.tokenizer, startup))
     except BaseException:  # noqa: BLE001 - the parent shows it
         conn.send(("failed", traceback.format_exc()))
         return 1

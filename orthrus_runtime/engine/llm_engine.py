@@ -193,6 +193,8 @@ class LLMEngine:
         self.num_steps = 0
         self._token_text: dict[int, str] = {}  # one token's text, for log-probabilities
         self.compiles = kernel_compiles()  # process-wide: every engine of the process counts
+        # Seconds per start-up phase, set by setup.build_engine (empty for an engine built otherwise).
+        self.startup_s: dict[str, float] = {}
         self.mark_ready()
 
     def mark_ready(self) -> None:

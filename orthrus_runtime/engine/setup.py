@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Optional
 
 import torch
@@ -78,19 +79,25 @@ def warm_prefill(engine: LLMEngine) -> int:
     return n
 
 
-def warm_up(engine: LLMEngine) -> int:
+def warm_up(engine: LLMEngine, timings: Optional[dict] = None) -> int:
     """Build the prefill kernels (warm_prefill) and capture the CUDA graphs of the decode
     passes before serving (not on a user's first request): every padded batch size up to max_num_seqs, one-token (AR) and full-block
     passes, and every pass length the planner may choose (a capture in the
     middle of serving stalls every running request). Returns the number of graphs held (0 on
     the CPU)."""
     runner = engine.runner
+    t0 = time.perf_counter()
     warm_prefill(engine)
+    if timings is not None:
+        timings["warm_prefill"] = round(time.perf_counter() - t0, 2)
     if runner.graphs is None:
         return 0
     sizes = [b for b in BATCH_SIZES if b <= max(1, engine.cfg.max_num_seqs)]
     lengths = sorted({1, engine.cfg.block_size} | engine.planner.pass_lengths())
+    t0 = time.perf_counter()
     n = runner.capture_graphs(sizes, lengths, engine.cfg.mask_token_id)
+    if timings is not None:
+        timings["capture_graphs"] = round(time.perf_counter() - t0, 2)
     log.info("captured %d CUDA graphs (batch sizes %s, pass lengths %s)", n, sizes, lengths)
     return n
 
@@ -104,14 +111,21 @@ def load(args: EngineArgs) -> Any:
 def build_engine(args: EngineArgs, stat_logger: Optional[StatLogger] = None) -> LLMEngine:
     """Load and configure an engine, then warm it up (graphs captured before the first request);
     kernel compilations count as "after ready" from the end of the warm-up."""
+    t0 = time.perf_counter()
     cache = use_cache_dir(args.compile_cache_dir)  # before anything compiles
     compiles = kernel_compiles()
     before = compiles.count
     loaded = load(args)
+    t_load = time.perf_counter()
     engine = LLMEngine(loaded.model, engine_config_from_args(args, loaded), loaded.tokenizer,
                        stat_logger=stat_logger)
-    warm_up(engine)
+    t_engine = time.perf_counter()
+    timings: dict[str, float] = {}
+    warm_up(engine, timings)
     engine.mark_ready()
+    # Where a replica's start-up time goes (health() reports it): seconds per phase.
+    engine.startup_s = {"load_model": round(t_load - t0, 2), "kv_cache_and_runner": round(t_engine - t_load, 2),
+                        **timings, "total": round(time.perf_counter() - t0, 2)}
     log.info("engine ready: %d Triton kernel specialisation(s) built while loading and warming up "
-             "(cache %s)", compiles.count - before, cache)
+             "(cache %s); seconds: %s", compiles.count - before, cache, engine.startup_s)
     return engine
