@@ -239,7 +239,13 @@ def run_engine_alone(rep: dict, s: Settings, base: dict, work: Path) -> None:
     t0 = time.perf_counter()
     aeng = AsyncOrthrusEngine.from_args(EngineArgs.from_dict(args_d))
     out["process_core_build_s"] = round(time.perf_counter() - t0, 2)
+    out["process_core_startup_s"] = aeng.health()["startup_s"]
     try:
+        # As for the batch engine (and the served warm-up round): one untimed round per mode, so
+        # that the adaptive policy has learned the acceptance before the first timed point.
+        for mode in MODES:
+            c = max(s.concurrencies)
+            asyncio.run(_arrivals(aeng.generate, _requests(s, c, mode, 12345)[:c], c))
         for mode in MODES:
             for c in s.concurrencies:
                 r = engine_arrivals(aeng, s, c, mode)
@@ -659,6 +665,9 @@ def table(rep: dict) -> str:
         lines.append(f"{name:<28} {f(p['output_throughput']):>9} {f(p['ttft_ms']['p50']):>9} "
                      f"{f(p['ttft_ms']['p99']):>9} {f(p['tpot_ms']['p50']):>9} {f(p['itl_ms']['p50']):>8} "
                      f"{f(p['itl_ms']['p99']):>8}   acc {p.get('mean_acceptance_length')}")
+    boot = rep.get("serve", {}).get("health_ready") or {}
+    if boot.get("startup_s"):
+        lines.append(f"replica start-up (s): {boot.get('replica_startup_s')}; engine core: {boot['startup_s']}")
     lines.append("")
     for k, t in rep.get("targets", {}).items():
         lines.append(f"{k:<28} measured {t['measured']!s:>10}  bound {t['bound']!s:>6}  {'met' if t['met'] else 'MISSED'}")
