@@ -58,3 +58,24 @@ def test_dry_run_report_and_context_matched_rounds(tmp_path):
             assert a0 <= b0 < a0 + 1 and a1 <= b1 < a1 + 1
         assert a1 - a0 >= 6  # the dry run's window: 6 tokens a sequence
     assert set(rep["targets"]) >= {"ar_step_bs1_vs_roofline_8b", "orthrus_vs_ar_tokens_per_s_mean8_bs1"}
+
+
+def test_policy_real_dry_run_reports_every_policy(tmp_path):
+    """benchmarks/policy_real.py on a tiny checkpoint: two engine variants, AR / full / adaptive
+    at two batch sizes, the adaptive trace, the JSON and the table."""
+    from orthrus_runtime.model.testing import tiny_checkpoint
+
+    ckpt = tiny_checkpoint(tmp_path / "ckpt")
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "policy_real.py"), "--cpu-dry-run",
+                        "--model", str(ckpt), "--prompts", "2", "--max-tokens", "6", "--batches", "1,2",
+                        "--set", "max_model_len=256", "--set", "max_model_len=256,max_num_seqs=4",
+                        "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads((tmp_path / "out" / "policy_real.json").read_text())
+    assert [v["engine_args"]["max_num_seqs"] for v in rep["variants"]] == [64, 4]
+    for v in rep["variants"]:
+        for key in ("ar/bs1", "full/bs1", "adaptive/bs1", "ar/bs2", "full/bs2", "adaptive/bs2"):
+            assert v[key]["tokens"] > 0 and v[key]["tokens_per_s"] > 0, (key, v[key])
+        assert v["ar/bs1"]["tokens_per_cycle"] == 1.0 and v["full/bs1"]["tokens_per_cycle"] >= 1.0
+        assert v["adaptive/bs1"]["plans"] and "fed_ms_median" in v["adaptive/bs1"]
+    assert "adaptive bs1 plans" in r.stdout
