@@ -169,3 +169,31 @@ def test_the_shipped_view_follows_the_default_ggufs_bytes(tmp_path):
     assert resolve(None, "default") == view and resolve(str(copy), "default") == view
     assert resolve(str(other), "default") is None and resolve(str(tmp_path), "default") is None
     assert resolve(str(copy), None) is None and resolve(str(copy), "my.safetensors") == "my.safetensors"
+
+
+@pytest.mark.slow
+def test_a_gguf_conversion_is_kept_and_read_back(tmp_path):
+    """With cache_dir, the first load keeps the dequantized weights and the tokenizer; the second
+    reads them (not the GGUF) and gets the same weights, config and tokenization."""
+    import time
+
+    from orthrus_runtime.model.loader import default_gguf_path, read_gguf
+
+    gguf = default_gguf_path()
+    cfg1, state1, tok1 = read_gguf(gguf, str(tmp_path))
+    (entry,) = (tmp_path / "gguf").iterdir()
+    assert (entry / "complete").exists() and not [p for p in (tmp_path / "gguf").iterdir() if p != entry]
+    t0 = time.perf_counter()
+    cfg2, state2, tok2 = read_gguf(gguf, str(tmp_path))
+    assert time.perf_counter() - t0 < 20
+    assert cfg2 == json.loads(json.dumps(cfg1, default=str)) and state1.keys() == state2.keys()
+    assert all(torch.equal(state1[k], state2[k]) for k in state1)
+    text = "Hello, world! Überprüfung 123 <|im_start|>user\n"
+    assert tok1.encode(text) == tok2.encode(text) and tok2.chat_template == tok1.chat_template
+    # An entry without its completion mark is not trusted.
+    (entry / "complete").unlink()
+    (entry / "model.safetensors").write_bytes(b"broken")
+    cfg3, state3, _ = read_gguf(gguf, str(tmp_path))
+    assert torch.equal(state3[next(iter(state1))], state1[next(iter(state1))])
+    assert (entry / "complete").exists()  # rewritten whole
+    assert torch.equal(read_gguf(gguf, str(tmp_path))[1][next(iter(state1))], state1[next(iter(state1))])

@@ -51,9 +51,10 @@ class EngineArgs:
     # card: bf16/fp16 on Hopper or Blackwell; else the Triton kernels), flash_attn, triton, torch.
     attention_backend: str = "auto"
     seed: int = 0
-    # Triton's cache of compiled kernels (TRITON_CACHE_DIR) for this process: on a volume that
-    # outlives the replica, a restarted one loads its kernels instead of compiling them (ready
-    # sooner). None: TRITON_CACHE_DIR as set, else Triton's default (~/.triton/cache).
+    # The start-up cache: Triton's compiled kernels (TRITON_CACHE_DIR for this process) and a
+    # .gguf model's dequantized weights and tokenizer (gguf/). On a volume that outlives the
+    # replica, a restarted one loads them instead of compiling and converting (ready sooner).
+    # None: TRITON_CACHE_DIR as set, else Triton's default (~/.triton/cache); no model copy.
     compile_cache_dir: Optional[str] = None
 
     @classmethod

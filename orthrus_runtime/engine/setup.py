@@ -105,7 +105,8 @@ def warm_up(engine: LLMEngine, timings: Optional[dict] = None) -> int:
 def load(args: EngineArgs) -> Any:
     """The model, tokenizer and block settings that args name (orthrus_runtime.model.loader)."""
     return load_model(args.model, dtype=args.dtype, device=args.device, block_size=args.block_size,
-                      mask_token_id=args.mask_token_id, diffusion_weights=args.diffusion_weights)
+                      mask_token_id=args.mask_token_id, diffusion_weights=args.diffusion_weights,
+                      cache_dir=args.compile_cache_dir)
 
 
 def build_engine(args: EngineArgs, stat_logger: Optional[StatLogger] = None) -> LLMEngine:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,8 @@ import torch
 from orthrus_runtime.model.config import CheckpointError, ModelConfig
 from orthrus_runtime.model.dual_view import DualViewModel
 from orthrus_runtime.defaults import DATA_DIR
+
+log = logging.getLogger(__name__)
 
 DIFF_SUFFIXES = ("q_proj_diff", "k_proj_diff", "v_proj_diff", "o_proj_diff", "q_norm_diff", "k_norm_diff")
 DEFAULT_BLOCK_SIZE = 16
@@ -202,12 +205,67 @@ def gguf_hf_model(path: Path) -> Any:
         gguf_utils.tqdm = bar
 
 
-def read_gguf(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], Any]:
-    """(HF config dict, float32 state dict, tokenizer) of a .gguf file, dequantized by transformers."""
+def read_gguf(path: Path, cache_dir: Optional[str] = None) -> tuple[dict[str, Any], dict[str, torch.Tensor], Any]:
+    """(HF config dict, float32 state dict, tokenizer) of a .gguf file, dequantized by transformers.
+
+    Dequantizing and building the tokenizer take most of a small model's start-up (SmolLM2: about
+    45 s on two CPU cores). With cache_dir, the result is kept in cache_dir/gguf/<name>-<size>-<mtime>
+    (safetensors, config, tokenizer files) and read back by the next start; a copy that cannot be
+    read or written is only logged: the file itself is the truth."""
+    entry = None
+    if cache_dir:
+        st = path.stat()
+        entry = Path(cache_dir) / "gguf" / f"{path.stem}-{st.st_size}-{st.st_mtime_ns}"
+        if (entry / "complete").exists():
+            try:
+                return _read_converted(entry)
+            except Exception as e:  # noqa: BLE001 - fall back to the file
+                log.warning("%s: cached conversion unreadable (%s); reading the GGUF", entry, e)
     hf = gguf_hf_model(path)
     cfg = hf.config.to_dict()
     state = {k: v.detach().clone() for k, v in hf.state_dict().items()}
     tok = load_tokenizer(path.parent, path.name)
+    if entry is not None:
+        try:
+            _write_converted(entry, cfg, state, tok)
+        except Exception as e:  # noqa: BLE001
+            log.warning("%s: could not keep the conversion (%s)", entry, e)
+    return cfg, state, tok
+
+
+def _write_converted(entry: Path, cfg: dict[str, Any], state: dict[str, torch.Tensor], tok: Any) -> None:
+    """Written under a temporary name and renamed whole: a reader never sees half an entry, and two
+    replicas converting at once both succeed (the second rename finds the entry there)."""
+    import shutil
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    if entry.exists():  # not readable (the caller tried): replaced
+        shutil.rmtree(entry, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=entry.name + ".", dir=entry.parent))
+    try:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "model.safetensors"))
+        (tmp / "hf_config.json").write_text(json.dumps(cfg, default=str))
+        if tok is not None:
+            tok.save_pretrained(str(tmp / "tokenizer"))
+        (tmp / "complete").touch()
+        try:
+            os.rename(tmp, entry)
+        except OSError:
+            if not (entry / "complete").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _read_converted(entry: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], Any]:
+    from safetensors.torch import load_file
+
+    cfg = json.loads((entry / "hf_config.json").read_text())
+    state = load_file(str(entry / "model.safetensors"))
+    tok = load_tokenizer(entry / "tokenizer") if (entry / "tokenizer").is_dir() else None
     return cfg, state, tok
 
 
@@ -313,19 +371,20 @@ def resolve_diffusion_weights(path: Optional[str], diffusion_weights: Optional[s
 
 def load_model(path: Optional[str], dtype: str = "auto", device: str = "auto",
                block_size: Optional[int] = None, mask_token_id: Optional[int] = None,
-               diffusion_weights: Optional[str] = "default") -> LoadedModel:
+               diffusion_weights: Optional[str] = "default", cache_dir: Optional[str] = None) -> LoadedModel:
+    """cache_dir: where a .gguf model's conversion is kept for the next start (read_gguf)."""
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     diffusion_weights = resolve_diffusion_weights(path, diffusion_weights)
     tokenizer = None
     if path is None:
         gguf = default_gguf_path()
-        hf_cfg, state, tokenizer = read_gguf(gguf)
+        hf_cfg, state, tokenizer = read_gguf(gguf, cache_dir)
         source, model_id = str(gguf), "smollm2-135m-instruct"
     else:
         p = Path(path)
         if p.suffix == ".gguf":
-            hf_cfg, state, tokenizer = read_gguf(p)
+            hf_cfg, state, tokenizer = read_gguf(p, cache_dir)
             source, model_id = str(p), p.stem
         else:
             cfg_file = p / "config.json"
