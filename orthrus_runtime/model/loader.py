@@ -29,6 +29,9 @@ from orthrus_runtime.defaults import DATA_DIR
 
 log = logging.getLogger(__name__)
 
+# The largest float32 conversion of a .gguf model that read_gguf keeps in a start-up cache.
+GGUF_CACHE_MAX_BYTES = 1 << 30
+
 DIFF_SUFFIXES = ("q_proj_diff", "k_proj_diff", "v_proj_diff", "o_proj_diff", "q_norm_diff", "k_norm_diff")
 DEFAULT_BLOCK_SIZE = 16
 DIFFUSION_VIEW_FORMAT = "orthrus-diffusion-view-v1"
@@ -211,7 +214,9 @@ def read_gguf(path: Path, cache_dir: Optional[str] = None) -> tuple[dict[str, An
     Dequantizing and building the tokenizer take most of a small model's start-up (SmolLM2: about
     45 s on two CPU cores). With cache_dir, the result is kept in cache_dir/gguf/<name>-<size>-<mtime>
     (safetensors, config, tokenizer files) and read back by the next start; a copy that cannot be
-    read or written is only logged: the file itself is the truth."""
+    read or written is only logged: the file itself is the truth. Only conversions up to
+    GGUF_CACHE_MAX_BYTES are kept: the float32 copy of a large model would fill the volume a
+    start-up cache lives on (the chart's is sized for kernels and a small model)."""
     entry = None
     if cache_dir:
         st = path.stat()
@@ -225,7 +230,10 @@ def read_gguf(path: Path, cache_dir: Optional[str] = None) -> tuple[dict[str, An
     cfg = hf.config.to_dict()
     state = {k: v.detach().clone() for k, v in hf.state_dict().items()}
     tok = load_tokenizer(path.parent, path.name)
-    if entry is not None:
+    size = sum(v.numel() * v.element_size() for v in state.values())
+    if entry is not None and size > GGUF_CACHE_MAX_BYTES:
+        log.info("%s: conversion of %.1f GiB not kept (limit %.1f GiB)", path, size / 2**30, GGUF_CACHE_MAX_BYTES / 2**30)
+    elif entry is not None:
         try:
             _write_converted(entry, cfg, state, tok)
         except Exception as e:  # noqa: BLE001
