@@ -400,9 +400,11 @@ class OrthrusRouter:
         self._draining = True
         return self.replica_info()
 
-    async def end_streams(self, wait_s: float = 2.0) -> dict[str, Any]:
+    async def end_streams(self, wait_s: float = 5.0) -> dict[str, Any]:
         """End every request still in flight with an explicit "shutting down" error (an
-        SSE error event and [DONE]; a gRPC UNAVAILABLE status) and wait for them to go."""
+        SSE error event and [DONE]; a gRPC UNAVAILABLE status) and wait for them to go (up to
+        wait_s: on a loaded machine the last writes take a while, and shutting down before them
+        cuts the responses instead)."""
         self._draining = True
         for st in list(self._streams):
             st.interrupt(shutting_down())
