@@ -214,3 +214,27 @@ def test_a_request_id_is_free_again_only_after_its_request_ended(served):
         max_tokens=40, temperature=0, ignore_eos=True))]))[0]
     got = asyncio.run(go())
     assert (got.token_ids, got.finish_reason) == (expected.token_ids, "length")
+
+
+def test_the_replicas_front_does_not_import_torch(args):
+    """Only the core process loads the model stack: the front (tokenizer, streams, outputs), as a
+    Serve replica runs it, serves a request without torch in its interpreter (a second copy
+    would cost the replica seconds of start-up and hundreds of MB)."""
+    code = textwrap.dedent(f"""
+        import asyncio, sys
+        from orthrus_runtime.engine.args import EngineArgs
+        from orthrus_runtime.engine.async_engine import AsyncOrthrusEngine
+        from orthrus_runtime.types import GenerateRequest, SamplingParams
+        eng = AsyncOrthrusEngine.from_args(EngineArgs(**{args.to_dict()!r}))
+        async def go():
+            return [d async for d in eng.generate(GenerateRequest(prompt="hello", params=SamplingParams(
+                max_tokens=4, temperature=0)))]
+        out = asyncio.run(go())
+        eng.shutdown()
+        assert out[-1].finished and out[-1].usage.completion_tokens == 4, out
+        print("torch" in sys.modules)
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.strip().splitlines()[-1] == "False", r.stdout

@@ -26,9 +26,8 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
-from orthrus_runtime.engine.llm_engine import LLMEngine
 from orthrus_runtime.types import (
     EngineStats,
     GenerateDelta,
@@ -38,6 +37,10 @@ from orthrus_runtime.types import (
     StepRecord,
     Usage,
 )
+
+if TYPE_CHECKING:  # the loop only calls its engine: the replica's front, which imports this module
+    # for CoreOutputs, must not import torch (a second copy beside the core process's)
+    from orthrus_runtime.engine.llm_engine import LLMEngine
 
 log = logging.getLogger(__name__)
 
