@@ -109,26 +109,36 @@ class EngineStream:
         self._gen = gen
         self._first = first
         self._done = first.finished
-        # Set by interrupt(): the next read raises it instead (a drain ending the stream).
-        self._interrupt: asyncio.Future = asyncio.get_running_loop().create_future()
+        # Set by interrupt(): the read in progress, or else the next one, raises it instead (a
+        # drain ending the stream).
+        self._interrupt: Optional[ApiError] = None
+        self._reader: Optional[asyncio.Task] = None  # the task inside _next, while it waits
+        self._cancelled_by_interrupt = False
 
     def interrupt(self, error: ApiError) -> None:
-        if not self._interrupt.done():
-            self._interrupt.set_result(error)
+        if self._interrupt is None:
+            self._interrupt = error
+            if self._reader is not None:  # waiting for the engine: cut the wait short
+                self._cancelled_by_interrupt = True
+                self._reader.cancel()
 
     async def _next(self) -> Any:
-        nxt = asyncio.ensure_future(self._gen.__anext__())
+        """The engine's next item, awaited in the caller's own task: a message costs no task
+        and no asyncio.wait (the router relays every message of every stream); an interrupt
+        cancels the wait instead, and the cancel becomes its error."""
+        if self._interrupt is not None:
+            raise self._interrupt
+        self._reader = asyncio.current_task()
         try:
-            await asyncio.wait({nxt, self._interrupt}, return_when=asyncio.FIRST_COMPLETED)
-        except BaseException:  # cancelled (the client left): no read may outlive us
-            nxt.cancel()
-            nxt.add_done_callback(lambda f: f.cancelled() or f.exception())  # its outcome is nobody's
-            raise
-        if not nxt.done():
-            nxt.cancel()
-            await asyncio.gather(nxt, return_exceptions=True)
-            raise self._interrupt.result()
-        return nxt.result()
+            return await self._gen.__anext__()
+        except asyncio.CancelledError:
+            if self._cancelled_by_interrupt:
+                self._cancelled_by_interrupt = False
+                if self._reader is not None and self._reader.uncancel() == 0:  # ours alone
+                    raise self._interrupt from None
+            raise  # cancelled from outside too (the client left)
+        finally:
+            self._reader = None
 
     async def deltas(self) -> AsyncIterator[GenerateDelta]:
         try:
