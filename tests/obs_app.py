@@ -18,6 +18,8 @@ from typing import Iterator
 
 import yaml
 
+from processes import free_port  # noqa: F401 (re-exported: the observability tests import it from here)
+
 MODEL_ID = "tiny-orthrus"
 # Engine and router replicas bind metrics_port or the next free ports after it.
 METRICS_PORT_SPAN = 4
@@ -30,12 +32,6 @@ def _free(port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def free_port_run(n: int) -> int:

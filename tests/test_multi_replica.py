@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import tempfile
 import threading
 import time
@@ -29,17 +28,12 @@ from ray.serve.schema import ServeDeploySchema  # noqa: E402
 from deployment.cli import deploy, wait_running  # noqa: E402
 from orthrus_runtime.client import OrthrusClient  # noqa: E402
 from orthrus_runtime.model.testing import tiny_checkpoint  # noqa: E402
-from processes import pid_alive  # noqa: E402
+from processes import free_port, pid_alive  # noqa: E402
 
 APP = "multi"
 MODEL_ID = "tiny-orthrus-multi"
 SERVICER = "deployment.grpc_service.add_OrthrusServicer_to_server"
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -54,7 +48,7 @@ def stack(tmp_path_factory):
     temp_dir = tempfile.mkdtemp(prefix="ormr", dir="/tmp")
     saved = os.environ.get("RAY_AUTH_MODE")
     os.environ["RAY_AUTH_MODE"] = "disabled"
-    http_port, grpc_port = _free_port(), _free_port()
+    http_port, grpc_port = free_port(), free_port()
     config = {
         "http_options": {"host": "127.0.0.1", "port": http_port},
         "grpc_options": {"port": grpc_port, "grpc_servicer_functions": [SERVICER]},

@@ -8,7 +8,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,19 +24,15 @@ pytest.importorskip("ray")
 
 from orthrus_runtime.client import OrthrusClient  # noqa: E402
 from orthrus_runtime.model.testing import tiny_checkpoint  # noqa: E402
+from processes import free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_orthrus_serve_binds_prints_and_drains_on_a_signal(tmp_path):
     ckpt = tiny_checkpoint(tmp_path / "ckpt")
-    http_port, grpc_port = _free_port(), _free_port()
+    http_port, grpc_port = free_port(), free_port()
     config = yaml.safe_load((ROOT / "deployment/configs/serve_config.yaml").read_text())
     config["http_options"]["port"] = http_port
     config["grpc_options"]["port"] = grpc_port

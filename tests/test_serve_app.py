@@ -19,7 +19,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import tempfile
 import threading
 import time
@@ -43,7 +42,7 @@ from orthrus_runtime.engine.args import EngineArgs  # noqa: E402
 from orthrus_runtime.proto import orthrus_pb2 as pb  # noqa: E402
 from orthrus_runtime.model.testing import tiny_checkpoint  # noqa: E402
 from orthrus_runtime.types import GenerateRequest, SamplingParams  # noqa: E402
-from processes import pid_alive  # noqa: E402
+from processes import free_port, pid_alive  # noqa: E402
 
 MODEL_ID = "tiny-orthrus"
 KEY_ENV_VAR = "ORTHRUS_TEST_API_KEYS"
@@ -53,11 +52,6 @@ WRONG_KEY = "sk-wrongkey-55aa01be93"
 MAX_MODEL_LEN = 2048
 SERVICER = "deployment.grpc_service.add_OrthrusServicer_to_server"
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -106,7 +100,7 @@ def stack(tmp_path_factory):
     }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    http_port, grpc_port = _free_port(), _free_port()
+    http_port, grpc_port = free_port(), free_port()
     config = {
         "http_options": {"host": "127.0.0.1", "port": http_port},
         "grpc_options": {"port": grpc_port, "grpc_servicer_functions": [SERVICER]},

@@ -22,16 +22,12 @@ import requests
 
 from orthrus_runtime.client import OrthrusClient
 from orthrus_runtime.proto import orthrus_pb2 as pb
+from processes import free_port  # noqa: E402
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 MODEL_ID = "smollm2-135m-orthrus"  # the name in deployment/configs/serve_config.yaml
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _port_open(port: int) -> bool:
@@ -42,7 +38,7 @@ def _port_open(port: int) -> bool:
 
 @pytest.fixture(scope="module")
 def server():
-    http_port, grpc_port = _free_port(), _free_port()
+    http_port, grpc_port = free_port(), free_port()
     temp_dir = tempfile.mkdtemp(prefix="orsm", dir="/tmp")
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
     env.pop("ORTHRUS_API_KEYS", None)

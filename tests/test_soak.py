@@ -11,7 +11,6 @@ import json
 import os
 import random
 import shutil
-import socket
 import tempfile
 import threading
 import time
@@ -31,6 +30,7 @@ from deployment.cli import deploy, wait_running  # noqa: E402
 from orthrus_runtime.client import OrthrusClient  # noqa: E402
 from orthrus_runtime.model.testing import tiny_checkpoint  # noqa: E402
 from orthrus_runtime.proto import orthrus_pb2 as pb  # noqa: E402
+from processes import free_port  # noqa: E402
 
 MODEL_ID = "tiny-soak"
 N_REQUESTS = int(os.environ.get("SOAK_REQUESTS", "5000"))
@@ -38,11 +38,6 @@ CONCURRENCY = 16
 SERVICER = "deployment.grpc_service.add_OrthrusServicer_to_server"
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "Orthrus", "drafts", "blocks", "ünï", "🙂"]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rss_mb(pid: int) -> float:
@@ -57,7 +52,7 @@ def app(tmp_path_factory):
     ckpt = tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
     temp_dir = tempfile.mkdtemp(prefix="orsk", dir="/tmp")
     os.environ["RAY_AUTH_MODE"] = "disabled"
-    http_port, grpc_port = _free_port(), _free_port()
+    http_port, grpc_port = free_port(), free_port()
     config = {
         "http_options": {"host": "127.0.0.1", "port": http_port},
         "grpc_options": {"port": grpc_port, "grpc_servicer_functions": [SERVICER]},
