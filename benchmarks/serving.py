@@ -486,7 +486,8 @@ def run_serve(rep: dict, s: Settings, base: dict, ports: mg.Ports, work: Path, t
 
     def point(protocol: str, mode: str, c: Optional[int], rate: Optional[float], n: int, seed: int) -> None:
         key = {"protocol": protocol, "mode": mode, "concurrency": c, "request_rate": rate, "requests": n}
-        if find_point(rep, protocol, mode, c) is not None and rate is None or over_budget(key):
+        already = rate is None and find_point(rep, protocol, mode, c) is not None  # a target point run first
+        if already or over_budget(key):
             return
         summ = run_bench(s, protocol, ports, mode, work / f"b-{protocol}-{mode}-{c}-{rate}.json", c=c, rate=rate,
                          n=n, seed=seed)
