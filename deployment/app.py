@@ -16,10 +16,18 @@ from orthrus_runtime.engine.args import EngineArgs, from_known_fields
 
 from .engine_deployment import OrthrusEngine
 from .router import OrthrusRouter
+from .server import OrthrusServer
+
+TOPOLOGIES = ("split", "colocated")
 
 
 @dataclass
 class AppArgs:
+    # "split": an OrthrusRouter deployment (the ingress, CPU) in front of an OrthrusEngine
+    # deployment (one engine per GPU), two Ray hops a stream message. "colocated": one
+    # OrthrusServer deployment, the ingress and the engine in each GPU replica, one hop.
+    # The config's `deployments:` section names the deployments of the topology chosen.
+    topology: str = "split"
     # EngineArgs fields (orthrus_runtime/engine/args.py); unknown keys are refused.
     engine: dict[str, Any] = field(default_factory=dict)
     # The name served in /v1/models, checked against each request's `model`.
@@ -55,6 +63,8 @@ class AppArgs:
         if not isinstance(a.engine, dict):
             raise ValueError("args.engine must be a mapping of EngineArgs fields")
         EngineArgs.from_dict(a.engine)  # fail at deploy time, not in every replica
+        if a.topology not in TOPOLOGIES:
+            raise ValueError(f"args.topology must be one of {', '.join(TOPOLOGIES)}, got {a.topology!r}")
         if not isinstance(a.model_id, str) or not a.model_id:
             raise ValueError("args.model_id must be a non-empty string")
         if a.metrics_port is not None and not (isinstance(a.metrics_port, int) and 0 <= a.metrics_port < 65536):
@@ -80,14 +90,10 @@ class AppArgs:
 
 def build_app(args: Optional[dict[str, Any]] = None) -> serve.Application:
     a = AppArgs.from_dict(args)
-    engine = OrthrusEngine
-    if EngineArgs.from_dict(a.engine).device == "cpu":
-        # A CPU engine must not wait for a GPU; the config's ray_actor_options still win.
-        engine = engine.options(ray_actor_options={"num_gpus": 0})
+    cpu = EngineArgs.from_dict(a.engine).device == "cpu"
     queue_timeout_s = float(a.queue_timeout_s) if a.queue_timeout_s is not None else None
-    engine_app = engine.bind(a.engine, a.model_id, a.metrics_port, float(a.stream_interval_s), queue_timeout_s,
-                             a.metrics_host,
-                             float(a.stream_messages_per_s) if a.stream_messages_per_s is not None else None)
+    stream_interval_s = float(a.stream_interval_s)
+    messages_per_s = float(a.stream_messages_per_s) if a.stream_messages_per_s is not None else None
     settings = {
         "model_id": a.model_id,
         "api_keys_env": a.api_keys_env,
@@ -98,4 +104,11 @@ def build_app(args: Optional[dict[str, Any]] = None) -> serve.Application:
         "max_request_bytes": a.max_request_bytes,
         "queue_timeout_s": queue_timeout_s,
     }
+    # A CPU engine must not wait for a GPU; the config's ray_actor_options still win.
+    if a.topology == "colocated":
+        server = OrthrusServer.options(ray_actor_options={"num_gpus": 0}) if cpu else OrthrusServer
+        return server.bind(a.engine, settings, stream_interval_s, messages_per_s)
+    engine = OrthrusEngine.options(ray_actor_options={"num_gpus": 0}) if cpu else OrthrusEngine
+    engine_app = engine.bind(a.engine, a.model_id, a.metrics_port, stream_interval_s, queue_timeout_s,
+                             a.metrics_host, messages_per_s)
     return OrthrusRouter.bind(engine_app, settings)

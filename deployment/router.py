@@ -1,10 +1,13 @@
-"""The ingress deployment: OpenAI-compatible HTTP (FastAPI) and the orthrus.v1 gRPC service.
+"""The ingress: OpenAI-compatible HTTP (FastAPI) and the orthrus.v1 gRPC service.
 
 HTTP arrives through Ray Serve's HTTP proxy as an ASGI app; gRPC arrives through
 Serve's gRPC proxy, which calls the methods named like the proto's RPCs
 (Generate, Complete, ModelInfo, Health) with the decoded request message.
+RouterFront holds it all, over an EngineClient: this module's OrthrusRouter deployment
+reaches the OrthrusEngine deployment over a handle (split topology), server.py's
+OrthrusServer hosts the engine in the same replica (colocated).
 Both front ends share one path to the engine: `_open` starts an engine stream
-over the DeploymentHandle and waits for its first item, so a refused request
+and waits for its first item, so a refused request
 (bad input, full queue, a passed queue deadline) is answered before any response
 byte is sent, and an EngineStream relays the rest. Whenever consumption stops
 early (client disconnect, gRPC cancel, error, drain) the engine stream is
@@ -17,9 +20,9 @@ under which the log holds the traceback, never the exception itself.
 
 Health: /health (liveness) answers from this replica itself; /ready (readiness) and
 the gRPC Health method say whether the application can serve: not draining, and
-its engine deployment has a healthy replica according to Serve's controller (the
-engines' own heartbeat checks), cached for a second, never a request through an
-engine's queue.
+its engine can take requests (EngineClient.ready: split, Serve's controller counts a
+healthy engine replica, cached for a second; colocated, this replica's engine loop is
+alive), never a request through an engine's queue.
 """
 # No `from __future__ import annotations` here: FastAPI reads the handlers'
 # annotations (Request) at route registration, through Serve's ingress wrapper.
@@ -37,7 +40,7 @@ from ray import serve
 from ray.exceptions import RayError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.grpc_util import RayServegRPCContext
-from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+from ray.serve.handle import DeploymentHandle
 
 from orthrus_runtime.defaults import DEFAULT_MAX_TOKENS
 from orthrus_runtime.proto import orthrus_pb2 as pb
@@ -46,6 +49,8 @@ from orthrus_runtime.types import AcceptanceStats, GenerateDelta, GenerateReques
 
 from . import grpc_protocol, openai_protocol as oa
 from .auth import ApiKeys, bearer_token
+from .engine_deployment import ENGINE_DEPLOYMENT_NAME
+from .engine_client import EngineCall, EngineClient, HandleEngineClient
 from .errors import (
     RETRY_AFTER_S,
     RETRYABLE_CODES,
@@ -64,20 +69,30 @@ from .grpc_service import MalformedMessage
 logger = logging.getLogger("ray.serve")
 
 ROUTER_DEPLOYMENT_NAME = "OrthrusRouter"
-ENGINE_DEPLOYMENT_NAME = "OrthrusEngine"
-# Readiness asks Serve's controller at most this often, and waits this long for it.
-READY_CACHE_S = 1.0
-READY_TIMEOUT_S = 5.0
-
-fastapi_app = FastAPI(title="Orthrus Serve", docs_url=None, redoc_url=None, openapi_url=None)
 
 
-@fastapi_app.exception_handler(StarletteHTTPException)
 async def _route_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     # Unknown paths and methods: OpenAI's error shape instead of FastAPI's {"detail": ...}.
     status = exc.status_code if exc.status_code in (404, 405) else 400
     e = ApiError(status, f"{request.method} {request.url.path}: {exc.detail}", code="invalid_route")
     return JSONResponse(e.to_openai(), status_code=status)
+
+
+def http_app(front: "RouterFront") -> FastAPI:
+    """The OpenAI-compatible HTTP API of one ingress replica, its routes bound to `front`.
+    Built per replica (Serve's __serve_build_asgi_app__), so that each ingress class (split
+    router, colocated server) serves the same routes without sharing a module-level app."""
+    app = FastAPI(title="Orthrus Serve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_exception_handler(StarletteHTTPException, _route_error)
+    app.add_api_route("/v1/completions", front.completions, methods=["POST"])
+    app.add_api_route("/v1/chat/completions", front.chat_completions, methods=["POST"])
+    app.add_api_route("/v1/models", front.models, methods=["GET"])
+    app.add_api_route("/v1/models/{model:path}", front.model, methods=["GET"])
+    app.add_api_route("/tokenize", front.tokenize, methods=["POST"])
+    app.add_api_route("/detokenize", front.detokenize, methods=["POST"])
+    app.add_api_route("/health", front.http_health, methods=["GET"])
+    app.add_api_route("/ready", front.http_ready, methods=["GET"])
+    return app
 
 
 class GrpcRequestFailed(Exception):
@@ -88,9 +103,6 @@ class GrpcRequestFailed(Exception):
     """
 
 
-# Module-level helpers are defined above the deployment class: @serve.ingress
-# builds a new class at decoration time, which Ray pickles by value together
-# with only the globals that existed then.
 def _short(e: BaseException) -> str:
     cause = e.cause if isinstance(e, RayTaskError) and e.cause is not None else e
     text = str(cause).strip().splitlines()
@@ -105,7 +117,7 @@ class EngineStream:
     disconnect, gRPC cancel, an error while relaying).
     """
 
-    def __init__(self, gen: DeploymentResponseGenerator, first: GenerateDelta):
+    def __init__(self, gen: EngineCall, first: GenerateDelta):
         self._gen = gen
         self._first = first
         self._done = first.finished
@@ -268,15 +280,14 @@ def total_usage(finals: list[GenerateDelta]) -> tuple[Usage, AcceptanceStats]:
     return Usage(prompt, sum(d.usage.completion_tokens for d in finals if d.usage)), stats
 
 
-@serve.deployment(
-    name=ROUTER_DEPLOYMENT_NAME,
-    ray_actor_options={"num_cpus": 0},
-    max_ongoing_requests=1024,
-    max_queued_requests=2048,
-)
-@serve.ingress(fastapi_app)
-class OrthrusRouter:
-    def __init__(self, engine: DeploymentHandle, settings: dict[str, Any]):
+class RouterFront:
+    """The ingress: both protocols, auth, validation, streams and errors, over an
+    EngineClient (deployment/engine_client.py). Serve hosts it as OrthrusRouter (split: the
+    engine in its own deployment) or as OrthrusServer (colocated: the engine in this replica);
+    `metrics` is the replica's registry when the replica already has one (colocated)."""
+
+    def __init__(self, engine: EngineClient, settings: dict[str, Any], metrics: Any = None,
+                 metrics_port: Optional[int] = None):
         from orthrus_runtime.metrics import OrthrusMetrics, start_metrics_server
 
         self._engine = engine
@@ -290,15 +301,20 @@ class OrthrusRouter:
         ctx = serve.get_replica_context()
         self._app_name = ctx.app_name
         self.replica = ctx.replica_id.unique_id
-        self._metrics = OrthrusMetrics(self._model_id, self.replica)
-        self._metrics.precreate_router_series()
-        port = settings.get("metrics_port")
         self._metrics_host = settings.get("metrics_host", "127.0.0.1")
-        self.metrics_port = (start_metrics_server(self._metrics.registry, port, host=self._metrics_host)
-                             if port is not None else None)
+        if metrics is None:
+            metrics = OrthrusMetrics(self._model_id, self.replica)
+            port = settings.get("metrics_port")
+            metrics_port = (start_metrics_server(metrics.registry, port, host=self._metrics_host)
+                            if port is not None else None)
+        self._metrics = metrics
+        self._metrics.precreate_router_series()
+        self.metrics_port = metrics_port
         self._draining = False
         self._streams: set[EngineStream] = set()
-        self._ready: tuple[float, bool, str] = (0.0, False, "not checked yet")
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return http_app(self)
 
     # ------------------------------------------------------------------ engine access
 
@@ -309,7 +325,7 @@ class OrthrusRouter:
         the engine's checks); the engine applies it again to its own queue."""
         if self._draining:
             raise shutting_down()
-        gen = self._engine.options(stream=True).generate.remote(req)
+        gen = self._engine.generate(req)
         try:
             first = await asyncio.wait_for(gen.__anext__(), self._queue_timeout_s)
             if isinstance(first, Accepted):
@@ -355,7 +371,7 @@ class OrthrusRouter:
 
     async def _detokenize(self, ids: list[int]) -> str:
         try:
-            text = await self._engine.detokenize.remote(ids)
+            text = await self._engine.detokenize(ids)
         except (RayError, DeploymentUnavailableError) as e:
             logger.warning("detokenize failed: %s", _short(e))
             raise unavailable("no engine replica answered") from None
@@ -372,30 +388,18 @@ class OrthrusRouter:
     async def _model_info(self) -> ModelInfo:
         if self._info is None:
             try:
-                self._info = await self._engine.model_info.remote()
+                self._info = await self._engine.model_info()
             except (RayError, DeploymentUnavailableError) as e:
                 logger.warning("model_info failed: %s", _short(e))
                 raise unavailable("no engine replica answered") from None
         return self._info
 
     async def _readiness(self) -> tuple[bool, str]:
-        """Whether this application can serve: not draining, and Serve's controller counts a
-        healthy engine replica (whose check reads the engine loop's heartbeat)."""
+        """Whether this application can serve: not draining, and its engine can take requests
+        (EngineClient.ready: never a request through an engine's queue)."""
         if self._draining:
             return False, "draining"
-        t, ok, msg = self._ready
-        if time.monotonic() - t < READY_CACHE_S:
-            return ok, msg
-        try:
-            status = await asyncio.wait_for(asyncio.to_thread(serve.status), READY_TIMEOUT_S)
-            app = status.applications.get(self._app_name)
-            dep = app.deployments.get(ENGINE_DEPLOYMENT_NAME) if app is not None else None
-            running = dep.replica_states.get("RUNNING", 0) if dep is not None else 0
-            ok, msg = (running > 0, f"{running} engine replica(s) running" if running else "no engine replica running")
-        except Exception as e:  # noqa: BLE001 - the controller being unreachable means not ready
-            ok, msg = False, f"Serve's controller did not answer ({type(e).__name__})"
-        self._ready = (time.monotonic(), ok, msg)
-        return ok, msg
+        return await self._engine.ready()
 
     def replica_info(self) -> dict[str, Any]:
         """For operators and tests, over a DeploymentHandle (not routed over HTTP)."""
@@ -545,11 +549,9 @@ class OrthrusRouter:
                 self._untrack(st)
             await deltas.aclose()
 
-    @fastapi_app.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
         return await self._http_generate(request, chat=False)
 
-    @fastapi_app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
         return await self._http_generate(request, chat=True)
 
@@ -558,7 +560,6 @@ class OrthrusRouter:
         return {"id": self._model_id, "object": "model", "created": self._created, "owned_by": "orthrus",
                 "max_model_len": info.max_model_len}
 
-    @fastapi_app.get("/v1/models")
     async def models(self, request: Request) -> Response:
         try:
             self._http_auth(request)
@@ -567,7 +568,6 @@ class OrthrusRouter:
             return self._http_error(e)
         return JSONResponse({"object": "list", "data": [card]})
 
-    @fastapi_app.get("/v1/models/{model:path}")
     async def model(self, model: str, request: Request) -> Response:
         try:
             self._http_auth(request)
@@ -583,12 +583,11 @@ class OrthrusRouter:
         self._http_auth(request)
         return oa.parse_json_body(await read_body(request, self._max_body))
 
-    @fastapi_app.post("/tokenize")
     async def tokenize(self, request: Request) -> Response:
         """vLLM's /tokenize: {"prompt": str} or {"messages": [...]} -> {count, max_model_len, tokens}."""
         try:
             req = oa.parse_tokenize(await self._http_body(request), self._model_id)
-            ids = await self._engine.tokenize.remote(req)
+            ids = await self._engine.tokenize(req)
             if isinstance(ids, Rejection):
                 raise invalid(ids.message, param=ids.param)
             info = await self._model_info()
@@ -599,7 +598,6 @@ class OrthrusRouter:
             return self._http_error(unavailable("no engine replica answered"))
         return JSONResponse({"count": len(ids), "max_model_len": info.max_model_len, "tokens": ids})
 
-    @fastapi_app.post("/detokenize")
     async def detokenize(self, request: Request) -> Response:
         """vLLM's /detokenize: {"tokens": [int]} -> {"prompt": str}."""
         try:
@@ -609,13 +607,11 @@ class OrthrusRouter:
             return self._http_error(e)
         return JSONResponse({"prompt": text})
 
-    @fastapi_app.get("/health")
-    async def health(self) -> Response:
+    async def http_health(self) -> Response:
         # Liveness, open without a key: answered by this replica alone, whatever the load.
         return JSONResponse({"status": "ok", "replica": self.replica, "draining": self._draining})
 
-    @fastapi_app.get("/ready")
-    async def ready(self) -> Response:
+    async def http_ready(self) -> Response:
         # Readiness, open without a key: whether requests sent here can be served now.
         ok, message = await self._readiness()
         return JSONResponse({"status": "ok" if ok else "unavailable", "message": message},
@@ -664,7 +660,7 @@ class OrthrusRouter:
             return req.prompt
         ids = req.prompt_token_ids
         if ids is None:
-            ids = await self._engine.tokenize.remote(req)
+            ids = await self._engine.tokenize(req)
             if isinstance(ids, Rejection):
                 raise invalid(ids.message, param=ids.param)
         return await self._detokenize(ids)
@@ -749,3 +745,19 @@ class OrthrusRouter:
         ok, message = await self._readiness()
         status = pb.HealthResponse.STATUS_SERVING if ok else pb.HealthResponse.STATUS_NOT_SERVING
         return pb.HealthResponse(status=status, message=message)
+
+
+class _SplitRouter(RouterFront):
+    """The split topology's ingress: the engine is the OrthrusEngine deployment, over a handle."""
+
+    def __init__(self, engine: DeploymentHandle, settings: dict[str, Any]):
+        super().__init__(HandleEngineClient(engine, serve.get_replica_context().app_name, ENGINE_DEPLOYMENT_NAME),
+                         settings)
+
+
+OrthrusRouter = serve.deployment(
+    name=ROUTER_DEPLOYMENT_NAME,
+    ray_actor_options={"num_cpus": 0},
+    max_ongoing_requests=1024,
+    max_queued_requests=2048,
+)(serve.ingress()(_SplitRouter))
