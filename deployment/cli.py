@@ -90,18 +90,22 @@ def _interrupt(signum, frame):
 
 
 def _routers(app_names: list[str], call: str, *args: Any, tries: int = 64) -> list[dict[str, Any]]:
-    """Call `call` on every router replica of the applications: a handle picks a replica
+    """Call `call` on every ingress replica of the applications: a handle picks a replica
     per call, so call until every running replica has answered (at most `tries` calls)."""
     from ray import serve
 
     from .router import ROUTER_DEPLOYMENT_NAME
+    from .server import SERVER_DEPLOYMENT_NAME
 
     out = []
     for name in app_names:
         app = serve.status().applications.get(name)
-        dep = app.deployments.get(ROUTER_DEPLOYMENT_NAME) if app is not None else None
+        # The ingress of the application's topology: the router (split) or the server (colocated).
+        ingress = next((d for d in (ROUTER_DEPLOYMENT_NAME, SERVER_DEPLOYMENT_NAME)
+                        if app is not None and d in app.deployments), ROUTER_DEPLOYMENT_NAME)
+        dep = app.deployments.get(ingress) if app is not None else None
         want = dep.replica_states.get("RUNNING", 0) if dep is not None else 0
-        handle = serve.get_deployment_handle(ROUTER_DEPLOYMENT_NAME, app_name=name)
+        handle = serve.get_deployment_handle(ingress, app_name=name)
         seen: dict[str, dict[str, Any]] = {}
         for _ in range(tries):
             if len(seen) >= want:

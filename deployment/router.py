@@ -31,7 +31,7 @@ import dataclasses
 import logging
 import time
 import uuid
-from typing import Any, AsyncIterator, Optional
+from typing import Any, AsyncIterator, Callable, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -117,10 +117,11 @@ class EngineStream:
     disconnect, gRPC cancel, an error while relaying).
     """
 
-    def __init__(self, gen: EngineCall, first: GenerateDelta):
+    def __init__(self, gen: EngineCall, first: GenerateDelta, release: Optional[Callable[[], None]] = None):
         self._gen = gen
         self._first = first
         self._done = first.finished
+        self._release = release  # called once, at close: the request leaves its admission slot
         # Set by interrupt(): the read in progress, or else the next one, raises it instead (a
         # drain ending the stream).
         self._interrupt: Optional[ApiError] = None
@@ -182,6 +183,9 @@ class EngineStream:
         if not self._done:
             self._done = True
             self._gen.cancel()
+        if self._release is not None:
+            release, self._release = self._release, None
+            release()
 
 
 class EngineStreamingResponse(StreamingResponse):
@@ -312,6 +316,11 @@ class RouterFront:
         self.metrics_port = metrics_port
         self._draining = False
         self._streams: set[EngineStream] = set()
+        # Admission (colocated): at most this many requests in this replica at once, running or
+        # in the engine's queue; one more is refused at once (503 / RESOURCE_EXHAUSTED, in the
+        # API's own error shape). None: Serve's queue limits alone (split: the engine deployment's).
+        self._max_pending: Optional[int] = settings.get("max_pending_requests")
+        self._pending = 0
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return http_app(self)
@@ -325,6 +334,27 @@ class RouterFront:
         the engine's checks); the engine applies it again to its own queue."""
         if self._draining:
             raise shutting_down()
+        release = None
+        if self._max_pending is not None:
+            if self._pending >= self._max_pending:
+                raise overloaded(f"{self._pending} requests are running or queued on this replica, its limit")
+            self._pending += 1
+            release = self._release_slot
+        try:
+            stream = await self._start(req, release)
+        except BaseException:
+            if release is not None:
+                release()
+            raise
+        if self._draining:  # drained while this one was queued
+            stream.close()
+            raise shutting_down()
+        return stream
+
+    def _release_slot(self) -> None:
+        self._pending -= 1
+
+    async def _start(self, req: GenerateRequest, release: Optional[Callable[[], None]]) -> EngineStream:
         gen = self._engine.generate(req)
         try:
             first = await asyncio.wait_for(gen.__anext__(), self._queue_timeout_s)
@@ -350,11 +380,7 @@ class RouterFront:
             raise first.to_api_error()
         if isinstance(first, GenerateDelta) and first.finish_reason == "error":  # failed before any output
             raise ApiError(500, first.error or "the request failed inside the engine", code="engine_error")
-        stream = EngineStream(gen, first)
-        if self._draining:  # drained while this one was queued
-            stream.close()
-            raise shutting_down()
-        return stream
+        return EngineStream(gen, first, release)
 
     async def _open_choices(self, req: GenerateRequest, n: int) -> list[EngineStream]:
         """Start n choices (see choice_requests); all or none: a refusal of one closes the rest."""
@@ -405,7 +431,7 @@ class RouterFront:
         """For operators and tests, over a DeploymentHandle (not routed over HTTP)."""
         return {"replica": self.replica, "metrics_port": self.metrics_port, "metrics_host": self._metrics_host,
                 "auth": self._keys.enabled,
-                "draining": self._draining, "in_flight": len(self._streams)}
+                "draining": self._draining, "in_flight": len(self._streams), "pending": self._pending}
 
     # ------------------------------------------------------------------ drain
 

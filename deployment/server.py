@@ -43,6 +43,9 @@ class _ColocatedServer(RouterFront):
     def health(self) -> dict[str, Any]:
         return self._host.health()
 
+    def model_info(self):
+        return self._host.model_info()
+
     async def stats(self):
         return await self._host.stats()
 
@@ -64,9 +67,11 @@ class _ColocatedServer(RouterFront):
 OrthrusServer = serve.deployment(
     name=SERVER_DEPLOYMENT_NAME,
     ray_actor_options={"num_gpus": 1},
-    # Above the engine's max_num_seqs: the engine's own queue admits a request the moment a
-    # sequence finishes, where Serve's queue retries with a backoff of up to 0.5 s.
-    max_ongoing_requests=128,
+    # The replica admits (RouterFront's max_pending_requests, 2 x max_num_seqs unless set) and
+    # refuses in the API's error shape; Serve's limits sit above it. The engine's own queue then
+    # starts a request the moment a sequence finishes, where Serve's queue would retry with a
+    # backoff of up to 0.5 s, and a full replica answers 503 JSON, not the proxy's plain text.
+    max_ongoing_requests=1024,
     max_queued_requests=256,
     health_check_period_s=5,
     health_check_timeout_s=30,

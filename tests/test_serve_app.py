@@ -10,6 +10,10 @@ same path as `orthrus serve` / `serve deploy`):
 - "small" (route /small): two-slot engine replicas with a one-request queue and
   autoscaling between 1 and 2 replicas: backpressure, scale up and down under
   load, and a killed replica being replaced.
+- "colo" (route /colo): the colocated topology, one OrthrusServer replica that is both
+  the ingress and the engine host (admitting 3 requests at once, API keys on): the same
+  outputs over both protocols, cancellation, bad input, keys, one metrics endpoint,
+  backpressure, a killed engine process, drain.
 """
 from __future__ import annotations
 
@@ -68,7 +72,8 @@ class Stack:
         return OrthrusClient(self.grpc_target, api_key=key, application=app, timeout=120)
 
     def engine_handle(self, app: str = "main"):
-        return serve.get_deployment_handle("OrthrusEngine", app_name=app)
+        """The deployment that hosts the engine: OrthrusEngine, or OrthrusServer in "colo"."""
+        return serve.get_deployment_handle("OrthrusServer" if app == "colo" else "OrthrusEngine", app_name=app)
 
 
 def _app(name: str, prefix: str, ckpt: Path, args: dict, engine: dict) -> dict:
@@ -81,6 +86,21 @@ def _app(name: str, prefix: str, ckpt: Path, args: dict, engine: dict) -> dict:
         "deployments": [
             {"name": "OrthrusEngine", "ray_actor_options": {"num_cpus": 0}, "health_check_period_s": 1, **engine},
             {"name": "OrthrusRouter", "ray_actor_options": {"num_cpus": 0}},
+        ],
+    }
+
+
+def _colocated_app(name: str, prefix: str, ckpt: Path) -> dict:
+    return {
+        "name": name,
+        "route_prefix": prefix,
+        "import_path": "deployment.app:build_app",
+        "args": {"topology": "colocated",
+                 "engine": {"model": str(ckpt), "device": "cpu", "dtype": "float32", "max_model_len": MAX_MODEL_LEN},
+                 "model_id": MODEL_ID, "metrics_port": 0, "api_keys_env": KEY_ENV_VAR, "max_pending_requests": 3},
+        "deployments": [
+            {"name": "OrthrusServer", "ray_actor_options": {"num_cpus": 0}, "health_check_period_s": 1,
+             "num_replicas": 1, "graceful_shutdown_timeout_s": 5},
         ],
     }
 
@@ -105,6 +125,7 @@ def stack(tmp_path_factory):
         "http_options": {"host": "127.0.0.1", "port": http_port},
         "grpc_options": {"port": grpc_port, "grpc_servicer_functions": [SERVICER]},
         "applications": [
+            _colocated_app("colo", "/colo", ckpt),
             _app("main", "/", ckpt, {"api_keys_env": KEY_ENV_VAR, "api_keys_file": str(key_file)},
                  {"num_replicas": 1, "max_ongoing_requests": 64, "max_queued_requests": 256}),
             _app("small", "/small", ckpt, {"api_keys_env": None},
@@ -118,7 +139,7 @@ def stack(tmp_path_factory):
     ray.init(num_cpus=4, namespace=SERVE_NAMESPACE, include_dashboard=False, _temp_dir=temp_dir)
     try:
         deploy(ServeDeploySchema.model_validate(config))
-        err = wait_running(["main", "small"], timeout=300)
+        err = wait_running(["main", "small", "colo"], timeout=300)
         assert err is None, err
         yield Stack(http=f"http://127.0.0.1:{http_port}", grpc_target=f"127.0.0.1:{grpc_port}", ckpt=ckpt,
                     temp_dir=temp_dir)
@@ -882,7 +903,11 @@ def test_health_answers_at_once_while_the_queue_is_full(stack):
 
 
 def test_autoscaling_up_under_load_and_down_after(stack):
-    assert _running_replicas() == 1
+    # The tests before loaded this app too: its second replica may still be on its way down.
+    deadline = time.monotonic() + 120
+    while _running_replicas() != 1:
+        assert time.monotonic() < deadline, "the app did not settle at one replica"
+        time.sleep(0.5)
     stop = threading.Event()
     outcomes: list[int] = []
 
@@ -1017,3 +1042,174 @@ def test_drain_over_both_protocols(stack):
     assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in e.value.details()
     grpc_client.close()
     _wait_idle(stack, "small")
+
+
+# ----------------------------------------------------------------------------- the "colo" app (colocated)
+
+COLO = "colo"
+
+
+def _colo_http(stack, path: str, body: dict, key: str | None = ENV_KEY, **kw) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return httpx.post(f"{stack.http}/colo{path}", json=body, headers=headers, timeout=kw.pop("timeout", 60), **kw)
+
+
+def test_colocated_serves_the_engines_output_over_both_protocols(stack, ref):
+    assert set(serve.status().applications[COLO].deployments) == {"OrthrusServer"}
+    client = stack.openai(prefix="/colo")
+    text, ids, reason = ref.run(prompt="hello world", max_tokens=12)
+    r = client.completions.create(model=MODEL_ID, prompt="hello world", max_tokens=12, temperature=0)
+    assert r.choices[0].text == text and r.choices[0].finish_reason == reason
+    assert r.model_extra["orthrus"]["num_cycles"] >= 1
+    chunks = list(client.completions.create(model=MODEL_ID, prompt="hello world", max_tokens=12, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == text
+    assert chunks[-1].usage.completion_tokens == 12
+    msgs = [{"role": "user", "content": "say something"}]
+    mtext, mids, _ = ref.run(messages=msgs, max_tokens=8)
+    chat = client.chat.completions.create(model=MODEL_ID, messages=msgs, max_tokens=8, temperature=0)
+    assert chat.choices[0].message.content == mtext
+    assert [m.id for m in client.models.list().data] == [MODEL_ID]
+    tok = _colo_http(stack, "/tokenize", {"model": MODEL_ID, "prompt": "hello world"})
+    assert tok.status_code == 200 and tok.json()["tokens"] == ref.engine.tokenizer.encode("hello world")
+    for path in ("/health", "/ready"):
+        h = httpx.get(f"{stack.http}/colo{path}", timeout=30)
+        assert h.status_code == 200 and h.json()["status"] == "ok", (path, h.text)
+
+    with stack.grpc(app=COLO) as c:
+        parts = list(c.generate("hello world", max_tokens=12, temperature=0))
+        assert "".join(p.text for p in parts) == text and [t for p in parts for t in p.token_ids] == ids
+        assert parts[-1].finished and parts[-1].stats.num_cycles >= 1
+        m = c.complete(messages=msgs, max_tokens=8, temperature=0, mode="ar")
+        assert m.text == mtext and list(m.token_ids) == mids
+        assert c.model_info().max_model_len == MAX_MODEL_LEN
+        assert c.health().status == pb.HealthResponse.STATUS_SERVING
+    _wait_idle(stack, COLO)
+
+
+def test_colocated_cancelled_streams_return_their_kv_blocks(stack):
+    before = _wait_idle(stack, COLO)
+    aborted = before.finished_by_reason.get("abort", 0)
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", f"{stack.http}/colo/v1/completions", headers={"Authorization": f"Bearer {ENV_KEY}"},
+                         json={"model": MODEL_ID, "prompt": "hello", "max_tokens": 1500, "temperature": 0,
+                               "stream": True}) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            assert any(next(lines).startswith("data: ") for _ in range(6))
+            busy = _engine_stats(stack, COLO)
+            assert busy.num_running == 1 and busy.num_kv_blocks_free < busy.num_kv_blocks_total
+    after = _wait_idle(stack, COLO)
+    assert after.finished_by_reason.get("abort", 0) == aborted + 1
+    assert after.generation_tokens - before.generation_tokens < 1500
+    # gRPC streaming cancel (up to 3 tries: see test_cancelled_streams_return_their_kv_blocks).
+    aborted += 1
+    for _ in range(3):
+        with stack.grpc(app=COLO) as c:
+            call = c.generate("hello", max_tokens=1500, temperature=0)
+            next(call), next(call)
+            call.cancel()
+            with pytest.raises(grpc.RpcError) as e:
+                list(call)
+            assert e.value.code() == grpc.StatusCode.CANCELLED
+        s = _wait_idle(stack, COLO, timeout=60)
+        if s.finished_by_reason.get("abort", 0) == aborted + 1:
+            break
+        aborted = s.finished_by_reason.get("abort", 0)
+    else:
+        pytest.fail("three cancelled gRPC streams all ran to their end")
+
+
+def test_colocated_bad_input_keys_backpressure_and_one_metrics_endpoint(stack):
+    for path, body, param in BAD_HTTP[::3]:
+        if isinstance(body, bytes):
+            r = httpx.post(f"{stack.http}/colo{path}", content=body, timeout=60,
+                           headers={"Authorization": f"Bearer {ENV_KEY}", "Content-Type": "application/json"})
+        else:
+            r = _colo_http(stack, path, body)
+        assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", (path, r.text)
+    for key in (None, WRONG_KEY):
+        r = _colo_http(stack, "/v1/completions", {"model": MODEL_ID, "prompt": "hi", "max_tokens": 2}, key=key)
+        assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    with stack.grpc(app=COLO) as c:
+        with pytest.raises(grpc.RpcError) as e:
+            c.complete("hi", max_tokens=2, top_p=0)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with stack.grpc(key=WRONG_KEY, app=COLO) as c:
+        with pytest.raises(grpc.RpcError) as e:
+            c.complete("hi", max_tokens=2)
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+    # Three requests admitted at once: of a burst of 6 long ones the surplus is refused at once,
+    # in the API's error shape (the replica's admission, not Serve's plain-text queue limit).
+    def post(_):
+        t = time.monotonic()
+        r = _colo_http(stack, "/v1/completions", {"model": MODEL_ID, "prompt": "hello", "max_tokens": 300,
+                                                  "temperature": 0}, timeout=120)
+        return r.status_code, r.json(), time.monotonic() - t
+
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        results = list(pool.map(post, range(6)))
+    codes = [c for c, _, _ in results]
+    assert codes.count(200) >= 1 and codes.count(503) >= 2, codes
+    assert all(b["error"]["code"] == "overloaded" and took < 2.0 for c, b, took in results if c == 503), results
+    assert stack.engine_handle(COLO).replica_info.remote().result(timeout_s=30)["pending"] == 0
+
+    # The replica's one metrics endpoint carries the ingress's series and the engine's.
+    port = stack.engine_handle(COLO).health.remote().result(timeout_s=30)["metrics_port"]
+    text = _scrape(port)
+    assert re.search(r'orthrus_request_errors_total\{[^}]*code="400"[^}]*protocol="http"[^}]*\} [1-9]', text)
+    assert re.search(r'orthrus_request_errors_total\{[^}]*code="INVALID_ARGUMENT"[^}]*protocol="grpc"[^}]*\} [1-9]',
+                     text)
+    assert re.search(r'orthrus_generation_tokens_total\{[^}]*model="tiny-orthrus"[^}]*\} [1-9]', text)
+    _wait_idle(stack, COLO, timeout=60)
+
+
+def test_colocated_killed_engine_process_replaces_the_replica(stack):
+    health = stack.engine_handle(COLO).health.remote().result(timeout_s=30)
+    actor_name, core_pid = health["actor_name"], health["engine_core_pid"]
+    with stack.grpc(app=COLO) as c:
+        call = c.generate("hello", max_tokens=1500, temperature=0)
+        next(call)
+        os.kill(core_pid, signal.SIGKILL)
+        with pytest.raises(grpc.RpcError) as e:
+            for _ in call:
+                pass
+        assert e.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL), e.value
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            r = _colo_http(stack, "/v1/completions", {"model": MODEL_ID, "prompt": "hi", "max_tokens": 4,
+                                                      "temperature": 0}, timeout=30)
+            if r.status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "requests did not succeed after the replica was replaced"
+        time.sleep(1.0)
+    new = stack.engine_handle(COLO).health.remote().result(timeout_s=30)
+    assert new["actor_name"] != actor_name and new["engine_core_pid"] != core_pid
+    deadline = time.monotonic() + 60
+    while pid_alive(health["pid"]) or pid_alive(core_pid):
+        assert time.monotonic() < deadline, "the unhealthy replica's processes were left running"
+        time.sleep(0.5)
+
+
+def test_colocated_drain(stack):
+    # Last for "colo": `orthrus serve`'s drain finds the application's ingress, the server.
+    from deployment.cli import drain
+
+    server = stack.engine_handle(COLO)
+    with stack.grpc(app=COLO) as c:
+        call = c.generate("hello", max_tokens=1500, temperature=0)
+        next(call)
+        assert server.replica_info.remote().result(timeout_s=30)["in_flight"] == 1
+        drain([COLO], 2.0)
+        with pytest.raises(grpc.RpcError) as e:
+            for _ in call:
+                pass
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in e.value.details()
+    r = _colo_http(stack, "/v1/completions", {"model": MODEL_ID, "prompt": "hi", "max_tokens": 2})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
+    assert httpx.get(f"{stack.http}/colo/ready", timeout=30).status_code == 503
+    _wait_idle(stack, COLO)

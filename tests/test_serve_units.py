@@ -337,16 +337,19 @@ def test_shipped_configs_validate_and_build_args():
     from deployment.app import AppArgs
     from deployment.config import CONFIG_DIR, SERVICER_FUNCTION, load_config
 
-    for name in ("serve_config.yaml", "gpu.yaml"):
+    for name in ("serve_config.yaml", "gpu.yaml", "gpu-colocated.yaml"):
         cfg = load_config(CONFIG_DIR / name)
         assert cfg.http_options.port == 8000 and cfg.grpc_options.port == 9000
         assert cfg.grpc_options.grpc_servicer_functions == [SERVICER_FUNCTION]
         app = cfg.applications[0]
         assert app.import_path == "deployment.app:build_app"
-        AppArgs.from_dict(app.args)
+        args = AppArgs.from_dict(app.args)
         deps = {d.name: d for d in app.deployments}
-        assert set(deps) == {"OrthrusEngine", "OrthrusRouter"}
-        asc = deps["OrthrusEngine"].autoscaling_config
+        # Each topology's config names the deployments that topology builds.
+        gpu_host = "OrthrusServer" if args.topology == "colocated" else "OrthrusEngine"
+        assert set(deps) == ({"OrthrusServer"} if args.topology == "colocated" else {"OrthrusEngine", "OrthrusRouter"})
+        assert deps[gpu_host].ray_actor_options.num_gpus == (0 if name == "serve_config.yaml" else 1)
+        asc = deps[gpu_host].autoscaling_config
         assert asc["min_replicas"] >= 1 and asc["max_replicas"] >= asc["min_replicas"]
     cpu_engine = load_config(CONFIG_DIR / "serve_config.yaml").applications[0].deployments[0]
     assert cpu_engine.ray_actor_options.num_gpus == 0  # `make serve` must run without a GPU
@@ -369,9 +372,27 @@ def test_app_args_are_checked():
         with pytest.raises(ValueError, match="stream_messages_per_s"):
             AppArgs.from_dict({"stream_messages_per_s": bad})
     assert AppArgs.from_dict({"stream_messages_per_s": 1000}).stream_messages_per_s == 1000
-    for bad in ({"metrics_host": ""}, {"max_request_bytes": 10}, {"queue_timeout_s": 0}, {"queue_timeout_s": "x"}):
+    for bad in ({"metrics_host": ""}, {"max_request_bytes": 10}, {"queue_timeout_s": 0}, {"queue_timeout_s": "x"},
+                {"topology": "mesh"}, {"topology": None}, {"max_pending_requests": 0},
+                {"max_pending_requests": True}, {"max_pending_requests": 2.5}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             AppArgs.from_dict(bad)
+
+
+def test_each_topology_builds_its_deployments():
+    from deployment.app import build_app
+
+    def names(app) -> set:  # the application's deployments, through their bound arguments
+        d = app._bound_deployment
+        return {d.name}.union(*(names(a) for a in d._replica_config.init_args if hasattr(a, "_bound_deployment")))
+
+    cpu = {"device": "cpu"}
+    assert names(build_app({"engine": cpu})) == {"OrthrusRouter", "OrthrusEngine"}
+    colo = build_app({"engine": {**cpu, "max_num_seqs": 8}, "topology": "colocated"})
+    assert names(colo) == {"OrthrusServer"}
+    _, settings, *_ = colo._bound_deployment._replica_config.init_args
+    assert settings["max_pending_requests"] == 16  # 2 x max_num_seqs unless set
+    assert colo._bound_deployment._replica_config.ray_actor_options["num_gpus"] == 0
 
 
 def test_binding_defaults_and_the_generated_servicer_is_replaced(tmp_path):
