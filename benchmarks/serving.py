@@ -698,8 +698,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--budget-s", type=float, default=480.0, help="no bench point starts after this many seconds")
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--min-requests", type=int, default=16, help="requests per point: max(4c, this)")
-    ap.add_argument("--config", default=str(CONFIG), help="the Serve config to measure (default gpu.yaml; "
-                    "deployment/configs/gpu-colocated.yaml for the colocated topology)")
+    ap.add_argument("--config", default=str(CONFIG), help="the Serve config to measure (default gpu.yaml, colocated; "
+                    "deployment/configs/gpu-split.yaml for the split topology)")
     ap.add_argument("--poisson-requests", type=int, default=128)
     ap.add_argument("--tag", default="")
     ap.add_argument("--profile-native", action="store_true", help="py-spy --native (C frames too)")

@@ -59,6 +59,10 @@ def _deployment(serve: dict, name: str) -> dict:
     return next(d for d in serve["applications"][0]["deployments"] if d["name"] == name)
 
 
+# The deployment that hosts the engines in the chart's default (gpu.yaml, colocated).
+GPU_HOST = "OrthrusServer"
+
+
 def _cpu_only_values() -> dict:
     # The project's own CPU config file, as a user would paste it in.
     return {
@@ -73,7 +77,7 @@ def _cpu_only_values() -> dict:
 
 def _gpu_autoscaling_values() -> dict:
     def mutate(serve):
-        eng = _deployment(serve, "OrthrusEngine")
+        eng = _deployment(serve, GPU_HOST)
         eng["autoscaling_config"].update(min_replicas=2, initial_replicas=3, max_replicas=8)
         eng["ray_actor_options"]["num_gpus"] = 2
         serve["applications"][0]["args"]["engine"].update(dtype="bfloat16", block_size=8)
@@ -103,7 +107,7 @@ def _gpu_autoscaling_values() -> dict:
 
 def _quiet_values() -> dict:
     def mutate(serve):
-        eng = _deployment(serve, "OrthrusEngine")
+        eng = _deployment(serve, GPU_HOST)
         del eng["autoscaling_config"]
         eng["num_replicas"] = 3
         serve["applications"][0]["args"]["api_keys_file"] = "/etc/orthrus/keys/api-keys"
@@ -729,7 +733,15 @@ def test_dockerfile_matches_the_chart():
 
 
 def _engine_autoscaling(**kw):
-    return {"serve": _serve_with(lambda s: _deployment(s, "OrthrusEngine")["autoscaling_config"].update(kw))}
+    return {"serve": _serve_with(lambda s: _deployment(s, GPU_HOST)["autoscaling_config"].update(kw))}
+
+
+def _fixed_replicas(n: int):
+    def mutate(serve):
+        dep = _deployment(serve, GPU_HOST)
+        del dep["autoscaling_config"]
+        dep["num_replicas"] = n
+    return {"serve": _serve_with(mutate)}
 
 
 BAD_VALUES = {
@@ -737,8 +749,8 @@ BAD_VALUES = {
         _engine_autoscaling(min_replicas=-1),
         "at '/serve/applications/0/deployments/0/autoscaling_config/min_replicas': minimum: got -1, want 0"),
     "negative num_replicas": (
-        {"serve": _serve_with(lambda s: _deployment(s, "OrthrusRouter").update(num_replicas=-2))},
-        "at '/serve/applications/0/deployments/1/num_replicas': minimum: got -2, want 0"),
+        _fixed_replicas(-2),
+        "at '/serve/applications/0/deployments/0/num_replicas': minimum: got -2, want 0"),
     "negative gpusPerPod": (
         {"workers": {"gpusPerPod": -1}}, "at '/workers/gpusPerPod': minimum: got -1, want 0"),
     "unknown top-level key": (
@@ -756,7 +768,7 @@ BAD_VALUES = {
         {"serve": _serve_with(lambda s: s["applications"][0]["args"]["engine"].update(dtype="fp8"))},
         "at '/serve/applications/0/args/engine/dtype'"),
     "num_replicas beside autoscaling_config": (
-        {"serve": _serve_with(lambda s: _deployment(s, "OrthrusEngine").update(num_replicas=2))},
+        {"serve": _serve_with(lambda s: _deployment(s, GPU_HOST).update(num_replicas=2))},
         "at '/serve/applications/0/deployments/0/num_replicas': value must be 'left out: autoscaling_config sets"),
     "unknown model source": (
         {"model": {"source": "s3"}}, "at '/model/source': value must be one of 'embedded', 'image', 'pvc', 'hub'"),
@@ -768,16 +780,16 @@ BAD_VALUES = {
 BAD_COMBINATIONS = {
     "max_replicas below min_replicas": (
         _engine_autoscaling(min_replicas=5, max_replicas=2),
-        "OrthrusEngine autoscaling_config: max_replicas (2) must be >= min_replicas (5)"),
+        "OrthrusServer autoscaling_config: max_replicas (2) must be >= min_replicas (5)"),
     "initial_replicas outside the bounds": (
         _engine_autoscaling(min_replicas=1, max_replicas=4, initial_replicas=6),
         "initial_replicas (6) must lie between min_replicas (1) and max_replicas (4)"),
     "GPUs per pod differ from the engine's": (
         {"workers": {"gpusPerPod": 2}},
-        "workers.gpusPerPod (2) must equal OrthrusEngine ray_actor_options.num_gpus (1)"),
+        "workers.gpusPerPod (2) must equal OrthrusServer ray_actor_options.num_gpus (1)"),
     "CPU-only pods with a GPU engine": (
         {"workers": {"gpusPerPod": 0}},
-        "workers.gpusPerPod is 0 (CPU-only) but OrthrusEngine ray_actor_options.num_gpus is 1"),
+        "workers.gpusPerPod is 0 (CPU-only) but OrthrusServer ray_actor_options.num_gpus is 1"),
     "engine that would fit the head": (
         {**_cpu_only_values(), "head": {"rayStartParams": {"num-cpus": "4"}}},
         "OrthrusEngine needs 1 CPUs and no GPU, which fits the head"),

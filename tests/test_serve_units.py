@@ -337,7 +337,7 @@ def test_shipped_configs_validate_and_build_args():
     from deployment.app import AppArgs
     from deployment.config import CONFIG_DIR, SERVICER_FUNCTION, load_config
 
-    for name in ("serve_config.yaml", "gpu.yaml", "gpu-colocated.yaml"):
+    for name in ("serve_config.yaml", "gpu.yaml", "gpu-split.yaml"):
         cfg = load_config(CONFIG_DIR / name)
         assert cfg.http_options.port == 8000 and cfg.grpc_options.port == 9000
         assert cfg.grpc_options.grpc_servicer_functions == [SERVICER_FUNCTION]

@@ -55,18 +55,21 @@ The one Orthrus application of the Serve config (the schema allows exactly one).
 {{- end }}
 
 {{/*
-The OrthrusEngine deployment of that application, as JSON.
+The deployment of that application whose replicas host an engine (one per GPU), as JSON:
+OrthrusServer (args.topology colocated, as gpu.yaml) or OrthrusEngine (split, the default).
 */}}
 {{- define "orthrus.engineDeployment" -}}
 {{- $app := include "orthrus.app" . | fromJson }}
+{{- $args := default dict $app.args }}
+{{- $name := ternary "OrthrusServer" "OrthrusEngine" (eq (toString (default "split" $args.topology)) "colocated") }}
 {{- $found := dict }}
 {{- range $app.deployments }}
-{{- if eq .name "OrthrusEngine" }}
+{{- if eq .name $name }}
 {{- $found = . }}
 {{- end }}
 {{- end }}
 {{- if not $found }}
-{{- fail "serve.applications[0].deployments has no deployment named OrthrusEngine: the chart sizes the GPU worker group from it" }}
+{{- fail (printf "serve.applications[0].deployments has no deployment named %s (args.topology %s): the chart sizes the GPU worker group from it" $name (toString (default "split" $args.topology))) }}
 {{- end }}
 {{- $found | toJson }}
 {{- end }}
@@ -93,10 +96,10 @@ to missing keys (min_replicas 1, max_replicas 1, num_replicas 1).
 {{- $initial = int $as.initial_replicas }}
 {{- end }}
 {{- if lt $max $min }}
-{{- fail (printf "OrthrusEngine autoscaling_config: max_replicas (%d) must be >= min_replicas (%d)" $max $min) }}
+{{- fail (printf "%s autoscaling_config: max_replicas (%d) must be >= min_replicas (%d)" $dep.name $max $min) }}
 {{- end }}
 {{- if or (lt $initial $min) (gt $initial $max) }}
-{{- fail (printf "OrthrusEngine autoscaling_config: initial_replicas (%d) must lie between min_replicas (%d) and max_replicas (%d)" $initial $min $max) }}
+{{- fail (printf "%s autoscaling_config: initial_replicas (%d) must lie between min_replicas (%d) and max_replicas (%d)" $dep.name $initial $min $max) }}
 {{- end }}
 {{- else }}
 {{- $n := 1 }}
@@ -245,18 +248,18 @@ anything is rendered: each failure names the setting to change.
 {{- $perPod := int .Values.workers.gpusPerPod }}
 {{- if gt $perPod 0 }}
 {{- if ne $gpus (float64 $perPod) }}
-{{- fail (printf "workers.gpusPerPod (%d) must equal OrthrusEngine ray_actor_options.num_gpus (%v): the chart runs one engine replica per worker pod" $perPod $gpus) }}
+{{- fail (printf "workers.gpusPerPod (%d) must equal %s ray_actor_options.num_gpus (%v): the chart runs one engine replica per worker pod" $perPod $dep.name $gpus) }}
 {{- end }}
 {{- else }}
 {{- if gt $gpus 0.0 }}
-{{- fail (printf "workers.gpusPerPod is 0 (CPU-only) but OrthrusEngine ray_actor_options.num_gpus is %v: set num_gpus to 0" $gpus) }}
+{{- fail (printf "workers.gpusPerPod is 0 (CPU-only) but %s ray_actor_options.num_gpus is %v: set num_gpus to 0" $dep.name $gpus) }}
 {{- end }}
 {{- if hasPrefix "cuda" $device }}
 {{- fail (printf "workers.gpusPerPod is 0 (CPU-only) but the engine's device is %q: use cpu or auto" $device) }}
 {{- end }}
 {{- $headCpus := get .Values.head.rayStartParams "num-cpus" }}
 {{- if and $headCpus (le $cpus (float64 $headCpus)) }}
-{{- fail (printf "OrthrusEngine needs %v CPUs and no GPU, which fits the head (head.rayStartParams.num-cpus %s), where the model is not mounted: give the engine more num_cpus than the head offers" $cpus $headCpus) }}
+{{- fail (printf "%s needs %v CPUs and no GPU, which fits the head (head.rayStartParams.num-cpus %s), where the model is not mounted: give the engine more num_cpus than the head offers" $dep.name $cpus $headCpus) }}
 {{- end }}
 {{- end }}
 {{- if and .Values.apiKeys.enabled (not (include "orthrus.apiKeysMode" .)) }}
