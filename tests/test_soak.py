@@ -1,7 +1,8 @@
 """Soak: thousands of requests of random lengths through the real Serve application, over
 both protocols, a fifth of them aborted at random points and a tenth hostile. At the end
-the engine holds no KV block and no request, its replica was never replaced, and its
-memory did not grow. The figures are printed (docs/reliability.md quotes a run).
+the engine holds no KV block and no request, its replica was never replaced, its
+admission slots are all free again and its memory did not grow. It runs the colocated topology of
+gpu.yaml (one OrthrusServer replica). The figures are printed (docs/reliability.md quotes a run).
 
 A tiny random checkpoint keeps it to a few minutes on two cores; SOAK_REQUESTS scales it.
 """
@@ -58,13 +59,14 @@ def app(tmp_path_factory):
         "grpc_options": {"port": grpc_port, "grpc_servicer_functions": [SERVICER]},
         "applications": [{
             "name": "soak", "route_prefix": "/", "import_path": "deployment.app:build_app",
-            "args": {"engine": {"model": str(ckpt), "device": "cpu", "dtype": "float32", "max_model_len": 1024,
+            # The shipped GPU topology (gpu.yaml): colocated, one replica both ingress and engine.
+            "args": {"topology": "colocated",
+                     "engine": {"model": str(ckpt), "device": "cpu", "dtype": "float32", "max_model_len": 1024,
                                 "max_num_seqs": 32},
-                     "model_id": MODEL_ID, "metrics_port": None, "api_keys_env": None, "stream_interval_s": 0.02},
+                     "model_id": MODEL_ID, "metrics_port": None, "api_keys_env": None, "stream_interval_s": 0.02,
+                     "max_pending_requests": 64},
             "deployments": [
-                {"name": "OrthrusEngine", "num_replicas": 1, "max_ongoing_requests": 32,
-                 "max_queued_requests": 512, "ray_actor_options": {"num_cpus": 0}},
-                {"name": "OrthrusRouter", "ray_actor_options": {"num_cpus": 0}},
+                {"name": "OrthrusServer", "num_replicas": 1, "ray_actor_options": {"num_cpus": 0}},
             ],
         }],
     }
@@ -205,7 +207,7 @@ def one(i: int, base: str, clients: Clients) -> str:
 
 def test_soak(app):
     base, target = app
-    engine = serve.get_deployment_handle("OrthrusEngine", app_name="soak")
+    engine = serve.get_deployment_handle("OrthrusServer", app_name="soak")
     health = engine.health.remote().result(timeout_s=30)
     pid, actor = health["pid"], health["actor_name"]
     t0 = time.monotonic()
@@ -241,3 +243,6 @@ def test_soak(app):
     assert s.finished_by_reason.get("error", 0) == 0
     assert after["actor_name"] == actor and after["pid"] == pid and after["alive"]  # never restarted
     assert rss_end - rss_start <= 50, figures
+    # The ingress side holds nothing either: no stream tracked, no admission slot taken.
+    info = engine.replica_info.remote().result(timeout_s=30)
+    assert info["in_flight"] == 0 and info["pending"] == 0, info
