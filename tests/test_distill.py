@@ -378,7 +378,7 @@ def test_generation_writes_shards_and_continues_where_it_stopped(tmp_path):
 
 
 @pytest.mark.slow
-def test_shipped_view_is_the_default_lossless_and_better_than_the_ar_copy():
+def test_shipped_view_is_the_default_lossless_and_better_than_the_ar_copy(startup_cache_dir):
     """The committed int8 view loads by default for SmolLM2, keeps greedy output identical
     to AR decoding, and drafts better than the untrained AR copy."""
     from orthrus_runtime.engine.llm_engine import EngineConfig, LLMEngine
@@ -386,7 +386,7 @@ def test_shipped_view_is_the_default_lossless_and_better_than_the_ar_copy():
     from orthrus_runtime.types import GenerateRequest, SamplingParams
 
     assert DEFAULT_DIFFUSION_VIEW.exists() and DEFAULT_DIFFUSION_VIEW.stat().st_size <= 30_000_000
-    lm = load_model(None, dtype="float32", device="cpu")
+    lm = load_model(None, dtype="float32", device="cpu", cache_dir=startup_cache_dir)
     assert lm.diffusion_source == str(DEFAULT_DIFFUSION_VIEW) and lm.block_size == 16
     eng = LLMEngine(lm.model, EngineConfig(block_size=16, mask_token_id=lm.mask_token_id, max_model_len=512,
                                            num_kv_blocks=200), lm.tokenizer)

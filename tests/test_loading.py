@@ -132,11 +132,11 @@ def test_bad_checkpoints_raise_clear_errors(tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm2_gguf_greedy_same_text_in_both_modes():
+def test_smollm2_gguf_greedy_same_text_in_both_modes(startup_cache_dir):
     from orthrus_runtime.engine.llm_engine import EngineConfig, LLMEngine
     from orthrus_runtime.types import GenerateRequest, SamplingParams
 
-    lm = load_model(None, dtype="float32", device="cpu", diffusion_weights=None)
+    lm = load_model(None, dtype="float32", device="cpu", diffusion_weights=None, cache_dir=startup_cache_dir)
     assert lm.model.cfg.arch == "llama" and lm.model.cfg.vocab_size == 49152
     # Every id of SmolLM2's vocabulary is taken: the mask is one extra row of the diffusion view.
     assert lm.mask_token_id == 49152 and lm.model.model.mask_embedding is not None
@@ -172,13 +172,16 @@ def test_the_shipped_view_follows_the_default_ggufs_bytes(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_gguf_conversion_is_kept_and_read_back(tmp_path):
+def test_a_gguf_conversion_is_kept_and_read_back(startup_cache_dir):
     """With cache_dir, the first load keeps the dequantized weights and the tokenizer; the second
-    reads them (not the GGUF) and gets the same weights, config and tokenization."""
+    reads them (not the GGUF) and gets the same weights, config and tokenization. The session's
+    cache: the first load of the suite converted (this test's, when it runs first or alone)."""
     import time
+    from pathlib import Path
 
     from orthrus_runtime.model.loader import default_gguf_path, read_gguf
 
+    tmp_path = Path(startup_cache_dir)
     gguf = default_gguf_path()
     cfg1, state1, tok1 = read_gguf(gguf, str(tmp_path))
     (entry,) = (tmp_path / "gguf").iterdir()
@@ -195,6 +198,8 @@ def test_a_gguf_conversion_is_kept_and_read_back(tmp_path):
     from orthrus_runtime.model.loader import _write_converted
 
     (entry / "complete").unlink()
+    # A new file, not the old one truncated: models loaded earlier in the session map that one.
+    (entry / "model.safetensors").unlink()
     (entry / "model.safetensors").write_bytes(b"broken")
     _write_converted(entry, cfg1, state1, tok1)
     assert (entry / "complete").exists()
