@@ -34,7 +34,7 @@ from orthrus_runtime.proto import orthrus_pb2 as pb  # noqa: E402
 from processes import free_port  # noqa: E402
 
 MODEL_ID = "tiny-soak"
-N_REQUESTS = int(os.environ.get("SOAK_REQUESTS", "5000"))
+N_REQUESTS = int(os.environ.get("SOAK_REQUESTS", "2500"))
 CONCURRENCY = 16
 SERVICER = "deployment.grpc_service.add_OrthrusServicer_to_server"
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "Orthrus", "drafts", "blocks", "ünï", "🙂"]
