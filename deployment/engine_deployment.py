@@ -14,27 +14,14 @@ from ray import serve
 
 from orthrus_runtime.types import EngineStats, GenerateDelta, GenerateRequest, ModelInfo
 
-from .engine_host import EngineHost
+from .engine_host import ENGINE_HOST_OPTIONS, EngineHost
 from .errors import Accepted, Refusal, Rejection
 
 ENGINE_DEPLOYMENT_NAME = "OrthrusEngine"
 
 
-@serve.deployment(
-    name=ENGINE_DEPLOYMENT_NAME,
-    ray_actor_options={"num_gpus": 1},
-    max_ongoing_requests=64,
-    max_queued_requests=256,
-    # Loading a model takes a while; a replica is only killed after a few
-    # consecutive failed checks of a dead or hung step loop (its heartbeat), never
-    # for being slow to start. The check reads the heartbeat: it does not queue.
-    health_check_period_s=5,
-    health_check_timeout_s=30,
-    # On scale-down or redeploy, in-flight requests get this long to finish
-    # before __del__ ends what is left with an explicit error.
-    graceful_shutdown_timeout_s=30,
-    graceful_shutdown_wait_loop_s=1,
-)
+@serve.deployment(name=ENGINE_DEPLOYMENT_NAME, max_ongoing_requests=64, max_queued_requests=256,
+                  **ENGINE_HOST_OPTIONS)
 class OrthrusEngine:
     def __init__(self, engine_args: dict[str, Any], model_id: str, metrics_port: Optional[int] = None,
                  stream_interval_s: float = 0.0, queue_timeout_s: Optional[float] = None,

@@ -31,6 +31,13 @@ from .streaming import StreamPacer
 
 logger = logging.getLogger("ray.serve")
 
+# Serve options of every deployment whose replicas host an engine (OrthrusEngine, OrthrusServer).
+# Loading a model takes a while; a replica is only killed after a few consecutive failed checks
+# of a dead or hung step loop (its heartbeat), never for being slow to start. On scale-down or
+# redeploy, in-flight requests get graceful_shutdown_timeout_s before __del__ ends the rest.
+ENGINE_HOST_OPTIONS = dict(ray_actor_options={"num_gpus": 1}, health_check_period_s=5, health_check_timeout_s=30,
+                           graceful_shutdown_timeout_s=30, graceful_shutdown_wait_loop_s=1)
+
 
 def process_start_time() -> Optional[float]:
     """This process's start as a Unix time, from /proc (Linux); None elsewhere."""

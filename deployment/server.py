@@ -17,7 +17,7 @@ from typing import Any, Optional
 from ray import serve
 
 from .engine_client import LocalEngineClient
-from .engine_host import EngineHost
+from .engine_host import ENGINE_HOST_OPTIONS, EngineHost
 from .router import RouterFront
 
 
@@ -66,15 +66,11 @@ class _ColocatedServer(RouterFront):
 
 OrthrusServer = serve.deployment(
     name=SERVER_DEPLOYMENT_NAME,
-    ray_actor_options={"num_gpus": 1},
     # The replica admits (RouterFront's max_pending_requests, 2 x max_num_seqs unless set) and
     # refuses in the API's error shape; Serve's limits sit above it. The engine's own queue then
     # starts a request the moment a sequence finishes, where Serve's queue would retry with a
     # backoff of up to 0.5 s, and a full replica answers 503 JSON, not the proxy's plain text.
     max_ongoing_requests=1024,
     max_queued_requests=256,
-    health_check_period_s=5,
-    health_check_timeout_s=30,
-    graceful_shutdown_timeout_s=30,
-    graceful_shutdown_wait_loop_s=1,
+    **ENGINE_HOST_OPTIONS,
 )(serve.ingress()(_ColocatedServer))
