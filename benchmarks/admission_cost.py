@@ -7,7 +7,9 @@ For each running batch c and prompt length L: the mean step time over `--steady`
 admission, then the mean over steps that admit one request of L tokens (one old request is
 aborted at each admission, so the batch stays at c). The difference is what one admission
 costs every running sequence: continuous arrivals pay it once a request, a batch admitted at
-once pays one prefill pass for all. Writes <date>-<gpu>-admission-cost.json.
+once pays one prefill pass for all. First the graphed prefill is checked against the eager
+pass (logits at every row); then every point runs twice on the same engine, prefill passes
+eager and then graphed (ModelRunner.prefill_graph_lengths). Writes <date>-<gpu>-admission-cost.json.
 """
 from __future__ import annotations
 
@@ -75,6 +77,35 @@ def measure(eng, c: int, prompt: int, steady: int, admissions: int, seed: int) -
             "extra_ms_per_admission": round(1e3 * (statistics.mean(window) - 5 * statistics.mean(base)), 3)}
 
 
+def check_graphed_prefill(eng, lengths=(5, 16, 48, 64, 100, 300, 1000), batches=(1, 3, 16)) -> list[dict]:
+    """The graphed prefill (verify graphs, chunk by chunk) against the eager pass on the same
+    tokens, into two disjoint sets of fresh KV blocks, logits at every row: the largest
+    difference and how often the argmax differs. Run before any request holds a block."""
+    runner = eng.runner
+    page = runner.page
+    g = torch.Generator().manual_seed(7)
+    out = []
+    for bs in batches:
+        for n in lengths:
+            if bs * n > 4096:
+                continue
+            nb = -(-n // page)
+            toks = [torch.randint(0, 49000, (n - (i % 3),), generator=g).tolist() for i in range(bs)]
+            rows = [list(range(len(t))) for t in toks]
+            tab_a = [list(range(i * nb, (i + 1) * nb)) for i in range(bs)]
+            tab_b = [list(range((bs + i) * nb, (bs + i + 1) * nb)) for i in range(bs)]
+            graphed = runner.prefill_graph_lengths(bs, n)
+            a = runner._run_ar_eager(tab_a, toks, [0] * bs, rows)
+            b = runner.run_ar(tab_b, toks, [0] * bs, rows)
+            la, lb = torch.cat(a), torch.cat(b)
+            out.append({"bs": bs, "T": n, "graph_lengths": graphed,
+                        "max_abs_diff": round(float((la - lb).abs().max()), 5),
+                        "argmax_differs": round(float((la.argmax(-1) != lb.argmax(-1)).float().mean()), 5)})
+            print(json.dumps(out[-1]), flush=True)
+    torch.cuda.synchronize()
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -88,24 +119,32 @@ def main() -> int:
     eng = bench.make_engine(model, max_len=2048, max_seqs=64, policy="adaptive", mask_id=49151)
     t0 = time.perf_counter()
     warm_up(eng)
+    check = check_graphed_prefill(eng)
     rows = []
-    for c in [int(x) for x in args.batches.split(",")]:
-        for p in [int(x) for x in args.prompts.split(",")]:
-            rows.append(measure(eng, c, p, args.steady, args.admissions, seed=len(rows)))
-            print(json.dumps(rows[-1]), flush=True)
+    graphed_tokens = eng.runner.graphed_prefill_tokens
+    # The same engine, prefill passes eager (graphed_prefill_tokens 0) and then graphed.
+    for prefill, limit in (("eager", 0), ("graphed", graphed_tokens)):
+        eng.runner.graphed_prefill_tokens = limit
+        for c in [int(x) for x in args.batches.split(",")]:
+            for p in [int(x) for x in args.prompts.split(",")]:
+                rows.append({"prefill": prefill, **measure(eng, c, p, args.steady, args.admissions, seed=len(rows))})
+                print(json.dumps(rows[-1]), flush=True)
     rep = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "gpu": torch.cuda.get_device_name(0),
            "torch": torch.__version__, "warm_up_s": round(time.perf_counter() - t0, 1),
            "engine": {"block_size": eng.cfg.block_size, "max_num_seqs": eng.cfg.max_num_seqs,
                       "verify_policy": eng.cfg.verify_policy, "runner": eng.runner.backend},
-           "rows": rows}
+           "graphed_prefill_check": check, "rows": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     slug = torch.cuda.get_device_name(0).split()[-1].lower()
     path = out / f"{datetime.date.today().isoformat()}-{slug}-admission-cost.json"
     path.write_text(json.dumps(rep, indent=1) + "\n")
-    print(f"{'c':>4} {'prompt':>6} {'steady ms':>10} {'adm step':>9} {'extra/adm ms':>12}")
+    worst = max(r["max_abs_diff"] for r in check)
+    print(f"graphed prefill against eager: max |logit diff| {worst}, "
+          f"argmax differs at most {max(r['argmax_differs'] for r in check)}")
+    print(f"{'prefill':>8} {'c':>4} {'prompt':>6} {'steady ms':>10} {'adm step':>9} {'extra/adm ms':>12}")
     for r in rows:
-        print(f"{r['c']:>4} {r['prompt']:>6} {r['steady_ms']:>10} {r['admission_step_ms']:>9} "
+        print(f"{r['prefill']:>8} {r['c']:>4} {r['prompt']:>6} {r['steady_ms']:>10} {r['admission_step_ms']:>9} "
               f"{r['extra_ms_per_admission']:>12}")
     return 0
 

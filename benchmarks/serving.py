@@ -369,6 +369,64 @@ def scrape_compiles(base_port: int, host: str = "127.0.0.1", n: int = mg.METRICS
     return found
 
 
+# The replicas' own latency histograms, read around each served point: time to first token
+# from the replica's receipt of the request (tokenization included) and queue time in the engine.
+# The client's TTFT minus the replica's is what the proxy and the stream hop cost.
+SERVER_HISTOGRAMS = {"ttft": "orthrus_time_to_first_token_seconds", "queue": "orthrus_request_queue_time_seconds"}
+
+
+def scrape_histograms(base_port: int, host: str = "127.0.0.1", n: int = mg.METRICS_SCAN) -> dict[str, dict]:
+    """{key: {"buckets": {le: cumulative count}, "sum": s, "count": n}} of SERVER_HISTOGRAMS, added
+    over every replica and mode."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    names = {v: k for k, v in SERVER_HISTOGRAMS.items()}
+    out = {k: {"buckets": {}, "sum": 0.0, "count": 0.0} for k in SERVER_HISTOGRAMS}
+    for port in range(base_port, base_port + n):
+        try:
+            r = httpx.get(f"http://{host}:{port}/metrics", timeout=2.0)
+        except httpx.HTTPError:
+            continue
+        if r.status_code != 200:
+            continue
+        for fam in text_string_to_metric_families(r.text):
+            key = names.get(fam.name) or names.get(fam.name + "_seconds")
+            if key is None:
+                continue
+            h = out[key]
+            for smp in fam.samples:
+                if smp.name.endswith("_bucket"):
+                    le = float(smp.labels["le"])
+                    h["buckets"][le] = h["buckets"].get(le, 0.0) + smp.value
+                elif smp.name.endswith("_sum"):
+                    h["sum"] += smp.value
+                elif smp.name.endswith("_count"):
+                    h["count"] += smp.value
+    return out
+
+
+def histogram_delta(before: dict, after: dict) -> dict[str, Optional[float]]:
+    """Mean and p50 (ms, interpolated in its bucket as Prometheus' histogram_quantile does) of
+    what was observed between two scrapes."""
+    n = after["count"] - before["count"]
+    if n <= 0:
+        return {"mean_ms": None, "p50_ms": None, "count": 0}
+    les = sorted(after["buckets"])
+    cum = [after["buckets"][le] - before["buckets"].get(le, 0.0) for le in les]
+    rank, lo, prev = 0.5 * n, 0.0, 0.0
+    p50 = None
+    for le, c in zip(les, cum):
+        if c >= rank:
+            p50 = le if le == float("inf") else lo + (le - lo) * (rank - prev) / max(c - prev, 1e-9)
+            break
+        lo, prev = le, c
+    if p50 == float("inf"):
+        p50 = lo
+    return {"mean_ms": round(1e3 * (after["sum"] - before["sum"]) / n, 2),
+            "p50_ms": round(1e3 * p50, 2) if p50 is not None else None, "count": int(n)}
+
+
 def replica_pids() -> dict[str, list[int]]:
     """Pids of this host's Serve replica processes, by deployment (Ray names them
     ray::ServeReplica:<app>:<deployment>)."""
@@ -508,11 +566,15 @@ def run_serve(rep: dict, s: Settings, base: dict, ports: mg.Ports, work: Path, t
         already = rate is None and find_point(rep, protocol, mode, c) is not None  # a target point run first
         if already or over_budget(key):
             return
+        before = scrape_histograms(ports.metrics)
         summ = median_of(s.repeats, lambda: run_bench(s, protocol, ports, mode, work / f"b-{protocol}-{mode}-{c}-{rate}.json",
                                                       c=c, rate=rate, n=n, seed=seed))
-        srv["points"].append({**key, **_slim(summ), "runs_output_throughput": summ.get("runs_output_throughput")})
+        after = scrape_histograms(ports.metrics)
+        server = {k: histogram_delta(before[k], after[k]) for k in SERVER_HISTOGRAMS}
+        srv["points"].append({**key, **_slim(summ), "runs_output_throughput": summ.get("runs_output_throughput"),
+                              "replica_ttft_ms": server["ttft"], "replica_queue_ms": server["queue"]})
         log(f"{protocol} {mode} c={c} rate={rate}: {summ['output_throughput']:.1f} tok/s, "
-            f"ttft p50 {summ['ttft_ms']['p50']}")
+            f"ttft p50 {summ['ttft_ms']['p50']} (replica {server['ttft']['p50_ms']})")
         save()
 
     def hop(c: int, mode: str) -> None:
@@ -690,7 +752,8 @@ def table(rep: dict) -> str:
                                                   else f"r={p['request_rate']:.3g}/s")
         lines.append(f"{name:<28} {f(p['output_throughput']):>9} {f(p['ttft_ms']['p50']):>9} "
                      f"{f(p['ttft_ms']['p99']):>9} {f(p['tpot_ms']['p50']):>9} {f(p['itl_ms']['p50']):>8} "
-                     f"{f(p['itl_ms']['p99']):>8}   acc {p.get('mean_acceptance_length')}")
+                     f"{f(p['itl_ms']['p99']):>8}   acc {p.get('mean_acceptance_length')}"
+                     f"  replica TTFT p50 {f((p.get('replica_ttft_ms') or {}).get('p50_ms'))}")
     boot = rep.get("serve", {}).get("health_ready") or {}
     if boot.get("startup_s"):
         lines.append(f"replica start-up (s): {boot.get('replica_startup_s')}; engine core: {boot['startup_s']}")

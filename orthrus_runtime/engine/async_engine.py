@@ -268,7 +268,10 @@ class AsyncOrthrusEngine:
         """Check and tokenize req (in the worker thread) and queue it; returns its stream.
 
         Raises InvalidRequestError (bad input), RequestRefusedError (draining) or
-        EngineDeadError, all before anything is queued."""
+        EngineDeadError, all before anything is queued. The request's arrival (what TTFT,
+        queue time and the queue deadline count from) is its receipt here, before tokenization,
+        as vLLM's front counts it."""
+        arrival = time.monotonic()
         if not self.is_alive():
             raise EngineDeadError("the engine loop is not running")
         if self._draining:
@@ -291,7 +294,7 @@ class AsyncOrthrusEngine:
         self._outputs.add(rid, ids, req.params)
         # The core needs the ids, not the text: nothing else of the prompt crosses.
         lean = dataclasses.replace(req, prompt=None, messages=None, prompt_token_ids=None, request_id=rid)
-        self._core.put(("add", lean, ids, time.monotonic()))
+        self._core.put(("add", lean, ids, arrival))
         return RequestStream(self, rid, box)
 
     async def generate(self, req: GenerateRequest) -> AsyncIterator[GenerateDelta]:

@@ -14,7 +14,7 @@ from orthrus_runtime.engine.llm_engine import EngineConfig, LLMEngine
 from orthrus_runtime.model.loader import load_model
 from orthrus_runtime.types import StatLogger
 from orthrus_runtime.worker.compile_watch import kernel_compiles, use_cache_dir
-from orthrus_runtime.worker.cuda_graphs import BATCH_SIZES
+from orthrus_runtime.worker.cuda_graphs import BATCH_SIZES, TOKEN_SIZES
 from orthrus_runtime.worker.kv_cache import bytes_per_block
 
 log = logging.getLogger(__name__)
@@ -96,6 +96,11 @@ def warm_up(engine: LLMEngine, timings: Optional[dict] = None) -> int:
     lengths = sorted({1, engine.cfg.block_size} | engine.planner.pass_lengths())
     t0 = time.perf_counter()
     n = runner.capture_graphs(sizes, lengths, engine.cfg.mask_token_id)
+    # Prefill chunks (ModelRunner.prefill_graph_lengths): verify graphs of the longest pass length
+    # at the batch sizes whose prefill replays them; larger batches chunk at the decode's lengths.
+    longest = TOKEN_SIZES[-1]
+    n = runner.capture_graphs([b for b in sizes if b * longest <= runner.graphed_prefill_tokens], [longest],
+                              engine.cfg.mask_token_id, kinds=("verify",))
     if timings is not None:
         timings["capture_graphs"] = round(time.perf_counter() - t0, 2)
     log.info("captured %d CUDA graphs (batch sizes %s, pass lengths %s)", n, sizes, lengths)

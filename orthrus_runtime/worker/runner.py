@@ -23,20 +23,35 @@ from typing import Optional, Sequence as Seq
 import torch
 
 from orthrus_runtime.model.dual_view import DualViewModel
+from orthrus_runtime.worker.cuda_graphs import bucket
 from orthrus_runtime.worker.fast_forward import FastForward, make_ops
 from orthrus_runtime.worker.kv_cache import KVCache
 from orthrus_runtime.worker.pass_costs import PassCosts
+
+# An AR pass of at most this many tokens (batch x length) replays verify graphs chunk by chunk
+# instead of running eager (ModelRunner.prefill_graph_lengths).
+GRAPHED_PREFILL_TOKENS = 1024
+
+
+def _to(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """A fresh host tensor on dev without waiting for the device: a pageable copy is staged at
+    once, while a blocking one would first wait for every pass queued ahead on the stream (a
+    pipelined decode cycle), stalling the host that should be preparing the next. The host
+    tensor must not be written afterwards (callers build a new one per pass)."""
+    return t.to(dev, non_blocking=True)
 
 
 class ModelRunner:
     def __init__(self, model: DualViewModel, kv: KVCache, device: torch.device,
                  cuda_graphs: Optional[bool] = None, max_model_len: Optional[int] = None, ops=None,
-                 attention_backend: str = "auto"):
+                 attention_backend: str = "auto", graphed_prefill_tokens: int = GRAPHED_PREFILL_TOKENS):
         """cuda_graphs: None = on for CUDA. ops: the op set (default:
-        `fast_forward.make_ops(attention_backend)`)."""
+        `fast_forward.make_ops(attention_backend)`). graphed_prefill_tokens: the largest AR pass
+        (batch x length) that replays captured verify graphs (prefill_graph_lengths); 0: never."""
         self.model = model
         self.kv = kv
         self.device = device
+        self.graphed_prefill_tokens = graphed_prefill_tokens
         self.page = kv.page_size
         self.costs = PassCosts()
         self.graphs = None
@@ -81,8 +96,10 @@ class ModelRunner:
             row = t[:w]
             bt[i, : len(row)] = torch.tensor(row, dtype=torch.int32)
         dev = self.device
-        start = start_dev if start_dev is not None else torch.tensor(starts, dtype=torch.int32).to(dev)
-        return start, torch.tensor(nvalid, dtype=torch.int32).to(dev), bt.to(dev)
+        # non_blocking: host tensors are staged at once; a blocking copy would wait for the passes
+        # queued ahead on the stream (a pipelined decode cycle) before this one is even launched.
+        start = start_dev if start_dev is not None else _to(torch.tensor(starts, dtype=torch.int32), dev)
+        return start, _to(torch.tensor(nvalid, dtype=torch.int32), dev), _to(bt, dev)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [bs, n, h] (any strides) -> float32 logits [bs, n, V]. Flattened to one matrix
@@ -107,16 +124,80 @@ class ModelRunner:
         (K/V written there). Returns, per sequence, float32 logits [len(logits_at[i]), V] at
         those row offsets."""
         bs, T = len(tables), max(len(t) for t in tokens)
+        lengths = self.prefill_graph_lengths(bs, T)
+        if lengths:
+            return self._run_ar_graphed(tables, tokens, starts, logits_at, lengths)
+        return self._run_ar_eager(tables, tokens, starts, logits_at)
+
+    @torch.inference_mode()
+    def _run_ar_eager(self, tables: Seq[list[int]], tokens: list[list[int]], starts: list[int],
+                      logits_at: list[list[int]]) -> list[torch.Tensor]:
+        """One eager pass over the whole batch (the reference the graphed prefill is tested against)."""
+        bs, T = len(tables), max(len(t) for t in tokens)
         ids = torch.zeros(bs, T, dtype=torch.long)
         for i, t in enumerate(tokens):
             ids[i, : len(t)] = torch.tensor(t)
         dev = self.device
         start, nvalid, bt = self._meta(tables, starts, [len(t) for t in tokens], T)
-        hidden = self.fast.forward(ids.to(dev), start, nvalid, bt, diff=False).view(bs, T, -1)
-        rows = [torch.as_tensor(r, dtype=torch.long, device=dev) for r in logits_at]
+        hidden = self.fast.forward(_to(ids, dev), start, nvalid, bt, diff=False).view(bs, T, -1)
+        rows = [_to(torch.as_tensor(r, dtype=torch.long), dev) for r in logits_at]
         flat = torch.cat([hidden[i, r] for i, r in enumerate(rows)], dim=0)
         logits = self._head(flat)
         return list(logits.split([len(r) for r in logits_at]))
+
+    def prefill_graph_lengths(self, bs: int, T: int) -> list[int]:
+        """The pass lengths, ascending, of the verify graphs captured at warm-up for bs sequences'
+        padded batch, through which an AR pass of bs sequences and T tokens at most runs chunk
+        by chunk; empty: it runs as one eager pass.
+
+        Rule: graphed only while the pass is launch-bound (bs * T <= graphed_prefill_tokens). An
+        eager pass of a small model costs about 10 ms of host launches whatever its length
+        (benchmarks/results/2026-12-02-h200-admission-cost-eager-prefill.json), and every running
+        sequence waits for it at each admission; a replay costs one launch. The verify graph is
+        the same AR pass, writing K/V for the valid tokens alone. Only graphs captured at warm-up
+        are used: a capture while serving would stall every running request."""
+        g = self.graphs
+        if g is None or bs * T > self.graphed_prefill_tokens:
+            return []
+        bsp = bucket(bs, g.batch_sizes)
+        if bsp is None:
+            return []
+        return sorted({k[2] for k in g.graphs if k[0] == "verify" and k[1] == bsp})
+
+    @torch.inference_mode()
+    def _run_ar_graphed(self, tables: Seq[list[int]], tokens: list[list[int]], starts: list[int],
+                        logits_at: list[list[int]], lengths: list[int]) -> list[torch.Tensor]:
+        """run_ar through captured verify graphs: chunks of the longest captured length, the last
+        one at the shortest captured length that holds it. Same results as _run_ar_eager."""
+        bs, T = len(tables), max(len(t) for t in tokens)
+        dev = self.device
+        ids = torch.zeros(bs, T, dtype=torch.long)
+        for i, t in enumerate(tokens):
+            ids[i, : len(t)] = torch.tensor(t)
+        ids = _to(ids, dev)
+        lens = [len(t) for t in tokens]
+        want = [sorted(set(r)) for r in logits_at]
+        got: list[dict[int, torch.Tensor]] = [{} for _ in range(bs)]
+        longest = lengths[-1]
+        for off in range(0, T, longest):
+            w = min(longest, T - off)
+            Tc = next(n for n in lengths if n >= w)  # a captured length: padding rows are invalid
+            nvalid = [max(0, min(n - off, w)) for n in lens]
+            # A sequence whose tokens ended in an earlier chunk takes no token (reads its prefix,
+            # writes nothing); its start stays inside its block table.
+            st = [s + min(off, n) for s, n in zip(starts, lens)]
+            hidden = self.graphs.run("verify", st, nvalid, list(tables), Tc, ids=ids[:, off: off + w])
+            sel = [(i, r) for i, rows in enumerate(want) for r in rows if off <= r < off + w]
+            if sel:
+                # Taken out of the shared output buffer before the next chunk's replay overwrites it.
+                ii = _to(torch.tensor([i for i, _ in sel]), dev)
+                rr = _to(torch.tensor([r - off for _, r in sel]), dev)
+                logits = self._head(hidden[ii, rr])
+                for k, (i, r) in enumerate(sel):
+                    got[i][r] = logits[k]
+        vocab = self.model.cfg.vocab_size
+        return [torch.stack([got[i][r] for r in rows]) if rows else torch.empty(0, vocab, device=dev)
+                for i, rows in enumerate(logits_at)]
 
     @torch.inference_mode()
     def run_draft(self, tables: Seq[list[int]], starts: list[int], anchors: list[int], block_size: int,
@@ -135,7 +216,7 @@ class ModelRunner:
                                      anchors=anchors, mask_id=mask_id, start_dev=start_dev, anchor_dev=anchor_dev)
         else:
             ids = torch.full((bs, B), mask_id, dtype=torch.long, device=dev)
-            ids[:, 0] = anchor_dev if anchor_dev is not None else torch.tensor(anchors, device=dev)
+            ids[:, 0] = anchor_dev if anchor_dev is not None else _to(torch.tensor(anchors), dev)
             start, nvalid, bt = self._meta(tables, ctx_l, [B] * bs, B, start_dev)
             hidden = self.fast.forward(ids, start, nvalid, bt, diff=True).view(bs, B, -1)
         out = self._logits(hidden[:, :num_logits])
