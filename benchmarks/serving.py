@@ -50,6 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import multi_gpu as mg  # noqa: E402
+from deployment.ingress import INGRESS_MODES, HandleCaller, ingress_mode, use_ingress  # noqa: E402
 
 CONFIG = ROOT / "deployment" / "configs" / "gpu.yaml"
 APP, ROUTER, SERVER = mg.APP, mg.ROUTER, mg.SERVER
@@ -343,10 +344,8 @@ def deploy_timed(cfg: dict) -> float:
     return round(time.monotonic() - t0, 2)
 
 
-def engine_health() -> dict:
-    from ray import serve
-
-    return serve.get_deployment_handle(ENGINE, APP).health.remote().result(timeout_s=60)
+def engine_health(caller) -> dict:
+    return caller.call(APP, ENGINE, "health", timeout_s=60)
 
 
 def scrape_compiles(base_port: int, host: str = "127.0.0.1", n: int = mg.METRICS_SCAN) -> dict[str, float]:
@@ -526,7 +525,7 @@ def handle_point(s: Settings, c: int, mode: str) -> dict:
 
 
 def run_serve(rep: dict, s: Settings, base: dict, ports: mg.Ports, work: Path, t_start: float, save,
-              cold: bool) -> None:
+              cold: bool, caller) -> None:
     from ray import serve
 
     # Without --cold the replica starts on the engine-alone run's compile cache (warm); with it,
@@ -540,15 +539,15 @@ def run_serve(rep: dict, s: Settings, base: dict, ports: mg.Ports, work: Path, t
     if cold:
         log("deploying (cold compile cache)")
         srv["ready_cold_s"] = deploy_timed(cfg)
-        srv["health_cold"] = engine_health()
+        srv["health_cold"] = engine_health(caller)
         log(f"RUNNING after {srv['ready_cold_s']} s; deleting and redeploying on the warm cache")
         serve.delete(APP)
     else:
         srv["ready_cold_s"] = None
         srv["ready_cold_note"] = "not measured in this run (--cold); the cache came from the engine-alone run"
     srv["ready_warm_s"] = deploy_timed(cfg)
-    srv["health_ready"] = engine_health()
-    srv["model_info"] = asdict(serve.get_deployment_handle(ENGINE, APP).model_info.remote().result(timeout_s=60))
+    srv["health_ready"] = engine_health(caller)
+    srv["model_info"] = asdict(caller.call(APP, ENGINE, "model_info", timeout_s=60))
     log(f"RUNNING after {srv['ready_warm_s']} s (warm cache); diffusion view {srv['model_info']['diffusion_view']}")
     srv["pids"] = replica_pids()
     if srv["health_ready"].get("engine_core_pid"):  # the engine replica's step loop, its child process
@@ -580,6 +579,9 @@ def run_serve(rep: dict, s: Settings, base: dict, ports: mg.Ports, work: Path, t
     def hop(c: int, mode: str) -> None:
         if ENGINE == SERVER:  # colocated: the ingress is the engine's replica, no engine handle to call
             srv["hops_note"] = "colocated topology: the proxy's hop is the only one, no engine handle to call"
+            return
+        if ingress_mode() == "haproxy":  # a streaming handle from this driver needs Serve's own loop
+            srv["hops_note"] = "haproxy ingress: the handle points are measured with --ingress proxy"
             return
         if over_budget({"handle": mode, "concurrency": c}):
             return
@@ -620,7 +622,7 @@ def run_serve(rep: dict, s: Settings, base: dict, ports: mg.Ports, work: Path, t
             continue
         for f in s.rate_fractions:
             point("grpc", mode, None, round(f * ref["request_throughput"], 4), s.poisson_requests, 1000)
-    srv["health_end"] = engine_health()
+    srv["health_end"] = engine_health(caller)
     srv["compiles_gauge_end"] = scrape_compiles(ports.metrics)
     rep["targets"] = targets(rep)
 
@@ -783,7 +785,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--cold", action="store_true", help="measure the replica's ready time on a fresh compile "
                     "cache too (a deploy more); without it the replica starts on the engine-alone run's cache")
     ap.add_argument("--cpu-dry-run", action="store_true", help="a tiny random checkpoint on the CPU, c in (1, 2)")
+    ap.add_argument("--ingress", choices=INGRESS_MODES, default="proxy",
+                    help="how the bench reaches the replicas (deployment/ingress.py): Ray Serve's proxy, or "
+                    "HAProxy straight to each replica (throughput-optimized Serve)")
+    ap.add_argument("--engine-alone-from", default=None,
+                    help="take the engine-alone section from this earlier report (same machine and commit) "
+                    "instead of measuring it again")
     args = ap.parse_args(argv)
+    use_ingress(args.ingress)  # before Ray starts: its processes inherit it
 
     t_start = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="orthrus-serving-"))
@@ -845,16 +854,21 @@ def main(argv: Optional[list[str]] = None) -> int:
         except Exception:  # noqa: BLE001
             rep["errors"]["chart"] = traceback.format_exc()[-2000:]
 
+    rep["ingress"] = args.ingress
     try:
-        rep["engine_alone"] = engine_alone_in_child(s, base, work)
+        if args.engine_alone_from:
+            rep["engine_alone"] = json.loads(Path(args.engine_alone_from).read_text())["engine_alone"]
+            rep["engine_alone"]["from_report"] = args.engine_alone_from
+        else:
+            rep["engine_alone"] = engine_alone_in_child(s, base, work)
     except Exception:  # noqa: BLE001
         rep["errors"]["engine_alone"] = traceback.format_exc()[-4000:]
         log("engine alone FAILED\n", rep["errors"]["engine_alone"])
     save()
 
-    with mg.local_ray(s.ray_num_cpus, "orsv", work):
+    with mg.local_ray(s.ray_num_cpus, "orsv", work), HandleCaller() as caller:
         try:
-            run_serve(rep, s, base, ports, work, t_start, save, cold=args.cold or args.cpu_dry_run)
+            run_serve(rep, s, base, ports, work, t_start, save, cold=args.cold or args.cpu_dry_run, caller=caller)
         except Exception:  # noqa: BLE001
             rep["errors"]["serve"] = traceback.format_exc()[-4000:]
             log("serve FAILED\n", rep["errors"]["serve"])

@@ -17,6 +17,9 @@ import time
 from typing import Any, Optional
 
 from .config import DEFAULT_CONFIG, load_config
+from .ingress import INGRESS_MODES, HandleCaller, use_ingress
+
+DEFAULT_INGRESS = "proxy"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,6 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="give up when the applications are not running after this many seconds (0: wait)")
     parser.add_argument("--drain-timeout", type=float, default=30.0,
                         help="on SIGINT/SIGTERM, seconds in-flight requests get to finish (default %(default)s)")
+    parser.add_argument("--ingress", choices=INGRESS_MODES, default=DEFAULT_INGRESS,
+                        help="how traffic reaches the replicas: haproxy (Ray Serve's throughput-optimized "
+                        "mode, HAProxy straight to each replica's own servers) or proxy (Ray Serve's proxy "
+                        "actor); a local Ray only, a cluster's is set where it starts (default %(default)s)")
 
 
 # gRPC messages above this are refused by grpcio in the proxy (RESOURCE_EXHAUSTED); Ray
@@ -89,7 +96,8 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def _routers(app_names: list[str], call: str, *args: Any, tries: int = 64) -> list[dict[str, Any]]:
+def _routers(caller: HandleCaller, app_names: list[str], call: str, *args: Any,
+             tries: int = 64) -> list[dict[str, Any]]:
     """Call `call` on every ingress replica of the applications: a handle picks a replica
     per call, so call until every running replica has answered (at most `tries` calls)."""
     from ray import serve
@@ -105,13 +113,12 @@ def _routers(app_names: list[str], call: str, *args: Any, tries: int = 64) -> li
                         if app is not None and d in app.deployments), ROUTER_DEPLOYMENT_NAME)
         dep = app.deployments.get(ingress) if app is not None else None
         want = dep.replica_states.get("RUNNING", 0) if dep is not None else 0
-        handle = serve.get_deployment_handle(ingress, app_name=name)
         seen: dict[str, dict[str, Any]] = {}
         for _ in range(tries):
             if len(seen) >= want:
                 break
             try:
-                info = getattr(handle, call).remote(*args).result(timeout_s=30)
+                info = caller.call(name, ingress, call, *args, timeout_s=30)
             except Exception as e:  # noqa: BLE001 - a replica going away must not stop the drain
                 _err(f"drain: {name}: {call} failed ({type(e).__name__})")
                 break
@@ -120,18 +127,18 @@ def _routers(app_names: list[str], call: str, *args: Any, tries: int = 64) -> li
     return out
 
 
-def drain(app_names: list[str], timeout_s: float, log=None) -> None:
+def drain(caller: HandleCaller, app_names: list[str], timeout_s: float, log=None) -> None:
     """Stop admitting, wait up to timeout_s for in-flight requests, end the rest explicitly."""
     log = log or _err
-    _routers(app_names, "begin_drain")
+    _routers(caller, app_names, "begin_drain")
     deadline = time.monotonic() + timeout_s
     while True:
-        in_flight = sum(r["in_flight"] for r in _routers(app_names, "replica_info"))
+        in_flight = sum(r["in_flight"] for r in _routers(caller, app_names, "replica_info"))
         if in_flight == 0:
             break
         if time.monotonic() >= deadline:
             log(f"drain: ending {in_flight} request(s) still in flight after {timeout_s:g}s")
-            _routers(app_names, "end_streams")
+            _routers(caller, app_names, "end_streams")
             break
         time.sleep(0.2)
 
@@ -145,6 +152,8 @@ def _err(msg: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if not args.address:
+        use_ingress(args.ingress)  # before anything imports Ray Serve, which reads it once
     try:
         config = load_config(args.config, http_port=args.http_port, grpc_port=args.grpc_port)
     except Exception as e:  # a missing file or a schema error: say what, without a traceback
@@ -175,6 +184,7 @@ def run(args: argparse.Namespace) -> int:
     rc = 0
     names = [a.name for a in config.applications]
     serving = False
+    caller = HandleCaller()
     try:
         deploy(config)
         error = wait_running(names, args.timeout, log=_err)
@@ -194,7 +204,7 @@ def run(args: argparse.Namespace) -> int:
                   flush=True)
             if len(names) > 1:
                 print("several applications: gRPC clients send the metadata `application: <name>`", flush=True)
-            for r in _routers(names, "replica_info"):
+            for r in _routers(caller, names, "replica_info"):
                 if r["metrics_port"] is not None:
                     print(f"metrics (router {r['replica']}): http://{r['metrics_host']}:{r['metrics_port']}/metrics "
                           "(each engine replica serves its own, from the next port)", flush=True)
@@ -207,11 +217,12 @@ def run(args: argparse.Namespace) -> int:
             try:
                 signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second signal must not cut the drain
                 signal.signal(signal.SIGTERM, signal.SIG_IGN)
-                drain(names, args.drain_timeout)
+                drain(caller, names, args.drain_timeout)
             except Exception as e:  # noqa: BLE001 - shut down anyway
                 _err(f"drain failed ({type(e).__name__}: {e}); stopping")
         _err("stopping...")
     finally:
+        caller.close()
         try:
             serve.shutdown()
         finally:

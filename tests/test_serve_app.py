@@ -1000,6 +1000,7 @@ def test_drain_over_both_protocols(stack):
     # SIGINT/SIGTERM (deployment.cli.drain). Streams in flight over both protocols; the
     # router stops admitting; after the drain timeout what is left ends with an explicit error.
     from deployment.cli import drain
+    from deployment.ingress import HandleCaller
 
     router = serve.get_deployment_handle("OrthrusRouter", app_name="small")
     deadline = time.monotonic() + 120
@@ -1016,7 +1017,8 @@ def test_drain_over_both_protocols(stack):
             call = grpc_client.generate("hello", max_tokens=1500, temperature=0)
             next(call)
             assert router.replica_info.remote().result(timeout_s=30)["in_flight"] == 2
-            drainer = threading.Thread(target=drain, args=(["small"], 4.0))
+            caller = HandleCaller()
+            drainer = threading.Thread(target=drain, args=(caller, ["small"], 4.0))
             drainer.start()
             deadline = time.monotonic() + 30
             while not router.replica_info.remote().result(timeout_s=30)["draining"]:
@@ -1033,6 +1035,7 @@ def test_drain_over_both_protocols(stack):
             assert http.get(f"{stack.http}/small/health").status_code == 200
             rest = [x for x in lines if x.startswith("data: ")]  # until the drain ends the stream
             drainer.join(timeout=60)
+            caller.close()
             assert not drainer.is_alive()
         # The HTTP stream: an error event, then [DONE].
         assert rest[-1] == "data: [DONE]" and json.loads(rest[-2][6:])["error"]["code"] == "shutting_down"
@@ -1198,13 +1201,15 @@ def test_colocated_killed_engine_process_replaces_the_replica(stack):
 def test_colocated_drain(stack):
     # Last for "colo": `orthrus serve`'s drain finds the application's ingress, the server.
     from deployment.cli import drain
+    from deployment.ingress import HandleCaller
 
     server = stack.engine_handle(COLO)
     with stack.grpc(app=COLO) as c:
         call = c.generate("hello", max_tokens=1500, temperature=0)
         next(call)
         assert server.replica_info.remote().result(timeout_s=30)["in_flight"] == 1
-        drain([COLO], 2.0)
+        with HandleCaller() as caller:
+            drain(caller, [COLO], 2.0)
         with pytest.raises(grpc.RpcError) as e:
             for _ in call:
                 pass
