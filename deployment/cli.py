@@ -17,7 +17,7 @@ import time
 from typing import Any, Optional
 
 from .config import DEFAULT_CONFIG, load_config
-from .ingress import INGRESS_MODES, HandleCaller, use_ingress
+from .ingress import INGRESS_MODES, HandleCaller, ingress_mode, use_ingress
 
 DEFAULT_INGRESS = "proxy"
 
@@ -198,10 +198,13 @@ def run(args: argparse.Namespace) -> int:
                 prefix = (app.route_prefix or "/").rstrip("/")
                 print(f"[{app.name}] HTTP (OpenAI-compatible): http://{host}:{config.http_options.port}{prefix}/v1",
                       flush=True)
-            # Ray Serve's gRPC proxy has no host option: it listens on every interface.
             port = config.grpc_options.port
-            print(f"gRPC (orthrus.v1.Orthrus): [::]:{port} (all interfaces; from this machine: 127.0.0.1:{port})",
-                  flush=True)
+            if ingress_mode() == "haproxy":  # HAProxy's gRPC front binds the HTTP host
+                print(f"gRPC (orthrus.v1.Orthrus): {host}:{port}", flush=True)
+            else:  # Ray Serve's gRPC proxy has no host option: it listens on every interface
+                print(f"gRPC (orthrus.v1.Orthrus): [::]:{port} (all interfaces; from this machine: 127.0.0.1:{port})",
+                      flush=True)
+            print(f"ingress: {ingress_mode()}", flush=True)
             if len(names) > 1:
                 print("several applications: gRPC clients send the metadata `application: <name>`", flush=True)
             for r in _routers(caller, names, "replica_info"):

@@ -553,6 +553,18 @@ def _env(container: dict, name: str) -> dict | None:
     return next((e for e in container.get("env", []) if e["name"] == name), None)
 
 
+def test_ingress_mode_is_set_on_every_pod(chart):
+    """haproxy (the default): Ray Serve's throughput-optimized mode on head and workers alike
+    (HAProxy on each pod forwards to replicas anywhere); proxy: Ray's defaults, nothing set."""
+    for mode, want in (("haproxy", "1"), ("proxy", None)):
+        values = _defaults() if mode == "haproxy" else {**_defaults(), "ingress": "proxy"}
+        for name, tpl in _pod_templates(_one(_objects(chart, values), "RayService")).items():
+            container = tpl["spec"]["containers"][0]
+            for var in ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_THROUGHPUT_OPTIMIZED"):
+                got = _env(container, var)
+                assert (got and got["value"]) == want, (mode, name, var, got)
+
+
 def test_api_keys_from_chart_secret_and_existing_secret(chart):
     objs = _objects(chart, _gpu_autoscaling_values())
     secret = _one(objs, "Secret", "-api-keys")
@@ -753,6 +765,8 @@ BAD_VALUES = {
         "at '/serve/applications/0/deployments/0/num_replicas': minimum: got -2, want 0"),
     "negative gpusPerPod": (
         {"workers": {"gpusPerPod": -1}}, "at '/workers/gpusPerPod': minimum: got -1, want 0"),
+    "an unknown ingress": (
+        {"ingress": "nginx"}, "at '/ingress': value must be one of 'haproxy', 'proxy'"),
     "unknown top-level key": (
         {"replicas": 3}, "at '': additional properties 'replicas' not allowed"),
     "unknown engine argument": (

@@ -30,26 +30,43 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 
-def test_orthrus_serve_binds_prints_and_drains_on_a_signal(tmp_path):
+def _cli_config(tmp_path, topology: str) -> Path:
+    """serve_config.yaml (split) or gpu.yaml (colocated) on this CPU, a tiny checkpoint, free ports."""
     ckpt = tiny_checkpoint(tmp_path / "ckpt")
-    http_port, grpc_port = free_port(), free_port()
-    config = yaml.safe_load((ROOT / "deployment/configs/serve_config.yaml").read_text())
-    config["http_options"]["port"] = http_port
-    config["grpc_options"]["port"] = grpc_port
+    source = "serve_config.yaml" if topology == "split" else "gpu.yaml"
+    config = yaml.safe_load((ROOT / "deployment/configs" / source).read_text())
+    config["http_options"].update(port=free_port(), host="127.0.0.1")
+    config["grpc_options"]["port"] = free_port()
     app = config["applications"][0]
-    app["args"]["engine"].update(model=str(ckpt), max_model_len=2048)
+    app["args"]["engine"].update(model=str(ckpt), max_model_len=2048, device="cpu", dtype="float32")
+    app["args"]["engine"].pop("gpu_memory_utilization", None)
     app["args"]["metrics_port"] = 0
+    app["args"]["metrics_host"] = "127.0.0.1"
     for d in app["deployments"]:
         d.pop("autoscaling_config", None)
         d["num_replicas"] = 1
-        d["ray_actor_options"] = {"num_cpus": 0}
+        d["ray_actor_options"] = {"num_cpus": 0, "num_gpus": 0}
     cfg = tmp_path / "serve.yaml"
     cfg.write_text(yaml.safe_dump(config))
+    return cfg
+
+
+def _haproxy_pids() -> set[int]:
+    out = subprocess.run(["pgrep", "-x", "haproxy"], capture_output=True, text=True).stdout
+    return {int(x) for x in out.split()}
+
+
+@pytest.mark.parametrize("topology,ingress", [("split", "proxy"), ("colocated", "haproxy")])
+def test_orthrus_serve_binds_prints_and_drains_on_a_signal(tmp_path, topology, ingress):
+    cfg = _cli_config(tmp_path, topology)
+    config = yaml.safe_load(cfg.read_text())
+    http_port, grpc_port = config["http_options"]["port"], config["grpc_options"]["port"]
+    haproxies = _haproxy_pids()
     temp_dir = tempfile.mkdtemp(prefix="orcl", dir="/tmp")
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "deployment.cli", "--config", str(cfg), "--num-cpus", "2", "--ray-temp-dir", temp_dir,
-         "--drain-timeout", "3", "--timeout", "300"],
+         "--drain-timeout", "3", "--timeout", "300", "--ingress", ingress],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN), start_new_session=True)
     out: list[str] = []
@@ -66,9 +83,14 @@ def test_orthrus_serve_binds_prints_and_drains_on_a_signal(tmp_path):
     try:
         assert ready.wait(300), "".join(out[-40:])
         text = "".join(out)
-        # What it bound: loopback HTTP and metrics (the local config), gRPC on every interface.
+        # What it bound: loopback HTTP and metrics (the local config); gRPC on every interface
+        # through Serve's proxy, on the HTTP host through HAProxy.
         assert f"http://127.0.0.1:{http_port}/v1" in text
-        assert f"[::]:{grpc_port} (all interfaces; from this machine: 127.0.0.1:{grpc_port})" in text
+        if ingress == "proxy":
+            assert f"[::]:{grpc_port} (all interfaces; from this machine: 127.0.0.1:{grpc_port})" in text
+        else:
+            assert f"gRPC (orthrus.v1.Orthrus): 127.0.0.1:{grpc_port}" in text and "ingress: haproxy" in text
+            assert _haproxy_pids() - haproxies, "HAProxy should be running"
         m = re.search(r"metrics \(router \S+\): http://127\.0\.0\.1:(\d+)/metrics", text)
         assert m and httpx.get(f"http://127.0.0.1:{m.group(1)}/metrics", timeout=30).status_code == 200
         base = f"http://127.0.0.1:{http_port}"
@@ -100,6 +122,7 @@ def test_orthrus_serve_binds_prints_and_drains_on_a_signal(tmp_path):
         client.close()
         assert proc.wait(timeout=120) == 0
         assert "draining" in "".join(out)
+        assert not _haproxy_pids() - haproxies, "a HAProxy outlived the server"
     finally:
         if proc.poll() is None:
             proc.terminate()

@@ -297,6 +297,12 @@ volumes so that the root filesystem can stay read-only.
   value: /home/ray/.cache
 - name: PYTHONDONTWRITEBYTECODE
   value: "1"
+{{- if eq .Values.ingress "haproxy" }}
+- name: RAY_SERVE_ENABLE_HA_PROXY
+  value: "1"
+- name: RAY_SERVE_THROUGHPUT_OPTIMIZED
+  value: "1"
+{{- end }}
 {{- if eq (include "orthrus.apiKeysMode" .) "env" }}
 {{- $app := include "orthrus.app" . | fromJson }}
 - name: {{ $app.args.api_keys_env }}
