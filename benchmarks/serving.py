@@ -785,7 +785,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--cold", action="store_true", help="measure the replica's ready time on a fresh compile "
                     "cache too (a deploy more); without it the replica starts on the engine-alone run's cache")
     ap.add_argument("--cpu-dry-run", action="store_true", help="a tiny random checkpoint on the CPU, c in (1, 2)")
-    ap.add_argument("--ingress", choices=INGRESS_MODES, default="proxy",
+    ap.add_argument("--ingress", choices=INGRESS_MODES, default="haproxy",
                     help="how the bench reaches the replicas (deployment/ingress.py): Ray Serve's proxy, or "
                     "HAProxy straight to each replica (throughput-optimized Serve)")
     ap.add_argument("--engine-alone-from", default=None,

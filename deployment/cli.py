@@ -19,7 +19,7 @@ from typing import Any, Optional
 from .config import DEFAULT_CONFIG, load_config
 from .ingress import INGRESS_MODES, HandleCaller, ingress_mode, use_ingress
 
-DEFAULT_INGRESS = "proxy"
+DEFAULT_INGRESS = "haproxy"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -51,12 +51,41 @@ def _cli_config(tmp_path, topology: str) -> Path:
     return cfg
 
 
+def _gauges(url: str, *names: str) -> list[float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    found = {n: 0.0 for n in names}
+    for fam in text_string_to_metric_families(httpx.get(url, timeout=30).text):
+        for smp in fam.samples:
+            if smp.name in found:
+                found[smp.name] += smp.value
+    return [found[n] for n in names]
+
+
+def _cancel_frees_the_engine(grpc_port: int, metrics_url: str) -> None:
+    client = OrthrusClient(f"127.0.0.1:{grpc_port}", timeout=120)
+    try:
+        for _ in range(3):
+            call = client.generate("hello", max_tokens=1900, temperature=0)
+            next(call)
+            assert _gauges(metrics_url, "orthrus_num_requests_running")[0] == 1
+            call.cancel()
+            deadline = time.monotonic() + 30
+            while any(_gauges(metrics_url, "orthrus_num_requests_running", "orthrus_kv_cache_usage_perc")):
+                assert time.monotonic() < deadline, "a cancelled stream kept its engine request or KV pages"
+                time.sleep(0.2)
+    finally:
+        client.close()
+
+
 def _haproxy_pids() -> set[int]:
     out = subprocess.run(["pgrep", "-x", "haproxy"], capture_output=True, text=True).stdout
     return {int(x) for x in out.split()}
 
 
-@pytest.mark.parametrize("topology,ingress", [("split", "proxy"), ("colocated", "haproxy")])
+# `make serve` (split, haproxy), gpu.yaml under `orthrus serve` (colocated, haproxy), and Ray
+# Serve's proxy actor (--ingress proxy).
+@pytest.mark.parametrize("topology,ingress", [("split", "haproxy"), ("colocated", "haproxy"), ("colocated", "proxy")])
 def test_orthrus_serve_binds_prints_and_drains_on_a_signal(tmp_path, topology, ingress):
     cfg = _cli_config(tmp_path, topology)
     config = yaml.safe_load(cfg.read_text())
@@ -94,6 +123,11 @@ def test_orthrus_serve_binds_prints_and_drains_on_a_signal(tmp_path, topology, i
         m = re.search(r"metrics \(router \S+\): http://127\.0\.0\.1:(\d+)/metrics", text)
         assert m and httpx.get(f"http://127.0.0.1:{m.group(1)}/metrics", timeout=30).status_code == 200
         base = f"http://127.0.0.1:{http_port}"
+        if topology == "colocated":
+            # A client's cancel of a gRPC stream reaches the engine (through HAProxy: the replica's
+            # own gRPC server sees it): the request ends and its KV pages return. The printed
+            # metrics endpoint is the replica's, engine gauges included.
+            _cancel_frees_the_engine(grpc_port, f"http://127.0.0.1:{m.group(1)}/metrics")
         with httpx.Client(timeout=120) as http:
             with http.stream("POST", f"{base}/v1/completions",
                              json={"prompt": "hello", "max_tokens": 1900, "temperature": 0, "stream": True}) as r:
@@ -112,6 +146,7 @@ def test_orthrus_serve_binds_prints_and_drains_on_a_signal(tmp_path, topology, i
                         break
                     assert time.monotonic() < deadline, refused.text
                     time.sleep(0.1)
+                assert refused.headers.get("content-type", "").startswith("application/json"), refused.text
                 assert refused.json()["error"]["code"] == "shutting_down" and refused.headers["retry-after"] == "1"
                 rest = [x for x in lines if x.startswith("data: ")]
             assert rest[-1] == "data: [DONE]" and json.loads(rest[-2][6:])["error"]["code"] == "shutting_down"

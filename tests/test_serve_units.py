@@ -454,3 +454,22 @@ def test_per_position_series_exist_at_zero():
     for pos in range(3):
         assert f'orthrus_spec_decode_num_accepted_tokens_per_pos_total{{mode="orthrus",model="m",position="{pos}"' \
                f',replica="r"}} 0.0' in text
+
+
+def test_ingress_modes_set_ray_serves_environment(monkeypatch):
+    from deployment.ingress import ingress_env, ingress_mode, use_ingress
+
+    assert ingress_env("haproxy", local=False) == {"RAY_SERVE_ENABLE_HA_PROXY": "1",
+                                                   "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+    assert ingress_env("haproxy")["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "5"
+    with pytest.raises(ValueError, match="ingress must be one of proxy, haproxy"):
+        ingress_env("nginx")
+    for k in ("RAY_SERVE_ENABLE_HA_PROXY", "RAY_SERVE_THROUGHPUT_OPTIMIZED",
+              "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "9")
+    use_ingress("haproxy")
+    assert ingress_mode() == "haproxy"
+    assert os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "9"  # the caller's stays
+    use_ingress("proxy")  # the flag wins over what the environment had
+    assert ingress_mode() == "proxy" and os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "0"
