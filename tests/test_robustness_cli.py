@@ -32,7 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _cli_config(tmp_path, topology: str) -> Path:
     """serve_config.yaml (split) or gpu.yaml (colocated) on this CPU, a tiny checkpoint, free ports."""
-    ckpt = tiny_checkpoint(tmp_path / "ckpt")
+    # Eight layers: slow enough on the CPU that the streams the drain must end (1,900 tokens)
+    # cannot finish on their own within --drain-timeout, whichever ingress carries them.
+    ckpt = tiny_checkpoint(tmp_path / "ckpt", layers=8)
     source = "serve_config.yaml" if topology == "split" else "gpu.yaml"
     config = yaml.safe_load((ROOT / "deployment/configs" / source).read_text())
     config["http_options"].update(port=free_port(), host="127.0.0.1")
@@ -95,7 +97,7 @@ def test_orthrus_serve_binds_prints_and_drains_on_a_signal(tmp_path, topology, i
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "deployment.cli", "--config", str(cfg), "--num-cpus", "2", "--ray-temp-dir", temp_dir,
-         "--drain-timeout", "3", "--timeout", "300", "--ingress", ingress],
+         "--drain-timeout", "2", "--timeout", "300", "--ingress", ingress],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN), start_new_session=True)
     out: list[str] = []

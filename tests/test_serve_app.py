@@ -41,6 +41,7 @@ from ray.serve._private.constants import SERVE_NAMESPACE  # noqa: E402
 from ray.serve.schema import ServeDeploySchema  # noqa: E402
 
 from deployment.cli import deploy, wait_running  # noqa: E402
+from deployment.ingress import ingress_env  # noqa: E402
 from orthrus_runtime.client import OrthrusClient  # noqa: E402
 from orthrus_runtime.engine.args import EngineArgs  # noqa: E402
 from orthrus_runtime.proto import orthrus_pb2 as pb  # noqa: E402
@@ -49,6 +50,7 @@ from orthrus_runtime.types import GenerateRequest, SamplingParams  # noqa: E402
 from processes import free_port, pid_alive  # noqa: E402
 
 MODEL_ID = "tiny-orthrus"
+TEST_INGRESS = os.environ.get("ORTHRUS_TEST_INGRESS", "haproxy")
 KEY_ENV_VAR = "ORTHRUS_TEST_API_KEYS"
 ENV_KEY = "sk-envkey-3f9c1a77d2"
 FILE_KEY = "sk-filekey-8b2d7e41c0"
@@ -117,6 +119,10 @@ def stack(tmp_path_factory):
         # Autoscaling reacts within seconds instead of the default 10 s metric pushes.
         "RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
         "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "0.5",
+        # The product's default ingress (HAProxy straight to the replicas), inherited by the Ray
+        # this fixture starts; this process's own handles keep Serve's separate loop (its Ray
+        # Serve modules were imported before). ORTHRUS_TEST_INGRESS=proxy: Serve's proxy actor.
+        **ingress_env(TEST_INGRESS),
     }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
