@@ -49,6 +49,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from deployment.ingress import INGRESS_MODES, use_ingress  # noqa: E402
+
 CONFIG = ROOT / "deployment" / "configs" / "gpu-multi.yaml"
 APP = "orthrus"
 ENGINE = "OrthrusEngine"
@@ -625,7 +627,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--tag", default="", help="suffix of the output file names")
     ap.add_argument("--cpu-dry-run", action="store_true",
                     help="two CPU replicas of a tiny random checkpoint, scaled-down load and clocks")
+    ap.add_argument("--ingress", choices=INGRESS_MODES, default="haproxy",
+                    help="how the bench reaches the replicas (deployment/ingress.py; default %(default)s)")
     args = ap.parse_args(argv)
+    use_ingress(args.ingress)  # before Ray starts: its processes inherit it
 
     work = Path(tempfile.mkdtemp(prefix="orthrus-multi-gpu-"))
     if args.cpu_dry_run:
@@ -658,7 +663,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     import ray
 
     rep: dict = {"commit": _commit(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-                 "dry_run": args.cpu_dry_run, "config_file": str(CONFIG.relative_to(ROOT)),
+                 "dry_run": args.cpu_dry_run, "config_file": str(CONFIG.relative_to(ROOT)), "ingress": args.ingress,
                  "env": {"gpus": gpus, "gpu": gpus[0] if gpus else "cpu", "gpu_count": len(gpus),
                          "ray": ray.__version__},
                  "settings": {k: v for k, v in asdict(s).items() if k not in ("engine", "engine_deployment",

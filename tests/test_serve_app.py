@@ -1005,6 +1005,8 @@ def test_drain_over_both_protocols(stack):
     # Last: it drains the "small" application's router for good, as `orthrus serve` does on
     # SIGINT/SIGTERM (deployment.cli.drain). Streams in flight over both protocols; the
     # router stops admitting; after the drain timeout what is left ends with an explicit error.
+    # The timeout is short (0.5 s): the streams (1,500 tokens) must still be running when it
+    # ends them, and the tiny model streams fast through the HAProxy ingress.
     from deployment.cli import drain
     from deployment.ingress import HandleCaller
 
@@ -1024,7 +1026,7 @@ def test_drain_over_both_protocols(stack):
             next(call)
             assert router.replica_info.remote().result(timeout_s=30)["in_flight"] == 2
             caller = HandleCaller()
-            drainer = threading.Thread(target=drain, args=(caller, ["small"], 4.0))
+            drainer = threading.Thread(target=drain, args=(caller, ["small"], 0.5))
             drainer.start()
             deadline = time.monotonic() + 30
             while not router.replica_info.remote().result(timeout_s=30)["draining"]:
@@ -1215,7 +1217,7 @@ def test_colocated_drain(stack):
         next(call)
         assert server.replica_info.remote().result(timeout_s=30)["in_flight"] == 1
         with HandleCaller() as caller:
-            drain(caller, [COLO], 2.0)
+            drain(caller, [COLO], 0.5)
         with pytest.raises(grpc.RpcError) as e:
             for _ in call:
                 pass

@@ -28,13 +28,14 @@ from ray.serve._private.constants import SERVE_NAMESPACE  # noqa: E402
 from ray.serve.schema import ServeDeploySchema  # noqa: E402
 
 from deployment.cli import deploy, wait_running  # noqa: E402
+from deployment.ingress import ingress_env  # noqa: E402
 from orthrus_runtime.client import OrthrusClient  # noqa: E402
 from orthrus_runtime.model.testing import tiny_checkpoint  # noqa: E402
 from orthrus_runtime.proto import orthrus_pb2 as pb  # noqa: E402
 from processes import free_port  # noqa: E402
 
 MODEL_ID = "tiny-soak"
-N_REQUESTS = int(os.environ.get("SOAK_REQUESTS", "2500"))
+N_REQUESTS = int(os.environ.get("SOAK_REQUESTS", "5000"))
 CONCURRENCY = 16
 SERVICER = "deployment.grpc_service.add_OrthrusServicer_to_server"
 WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "Orthrus", "drafts", "blocks", "ünï", "🙂"]
@@ -53,6 +54,10 @@ def app(tmp_path_factory):
     ckpt = tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
     temp_dir = tempfile.mkdtemp(prefix="orsk", dir="/tmp")
     os.environ["RAY_AUTH_MODE"] = "disabled"
+    # The shipped ingress (HAProxy straight to the replica), inherited by the Ray started below.
+    env = ingress_env(os.environ.get("ORTHRUS_TEST_INGRESS", "haproxy"))
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
     http_port, grpc_port = free_port(), free_port()
     config = {
         "http_options": {"host": "127.0.0.1", "port": http_port},
@@ -81,6 +86,11 @@ def app(tmp_path_factory):
         finally:
             ray.shutdown()
             shutil.rmtree(temp_dir, ignore_errors=True)
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
 
 HOSTILE_HTTP = [
