@@ -348,23 +348,28 @@ def engine_health(caller) -> dict:
     return caller.call(APP, ENGINE, "health", timeout_s=60)
 
 
-def scrape_compiles(base_port: int, host: str = "127.0.0.1", n: int = mg.METRICS_SCAN) -> dict[str, float]:
-    """{replica: orthrus_kernel_compiles_after_ready} over the engine metrics endpoints."""
+def _metric_families(base_port: int, host: str, n: int):
+    """(port, metric family) of every metrics endpoint answering on base_port .. base_port + n - 1."""
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
-    found: dict[str, float] = {}
     for port in range(base_port, base_port + n):
         try:
             r = httpx.get(f"http://{host}:{port}/metrics", timeout=2.0)
         except httpx.HTTPError:
             continue
-        if r.status_code != 200:
-            continue
-        for fam in text_string_to_metric_families(r.text):
-            for smp in fam.samples:
-                if smp.name == COMPILES_METRIC:
-                    found[smp.labels.get("replica", f"port{port}")] = smp.value
+        if r.status_code == 200:
+            for fam in text_string_to_metric_families(r.text):
+                yield port, fam
+
+
+def scrape_compiles(base_port: int, host: str = "127.0.0.1", n: int = mg.METRICS_SCAN) -> dict[str, float]:
+    """{replica: orthrus_kernel_compiles_after_ready} over the engine metrics endpoints."""
+    found: dict[str, float] = {}
+    for port, fam in _metric_families(base_port, host, n):
+        for smp in fam.samples:
+            if smp.name == COMPILES_METRIC:
+                found[smp.labels.get("replica", f"port{port}")] = smp.value
     return found
 
 
@@ -377,31 +382,21 @@ SERVER_HISTOGRAMS = {"ttft": "orthrus_time_to_first_token_seconds", "queue": "or
 def scrape_histograms(base_port: int, host: str = "127.0.0.1", n: int = mg.METRICS_SCAN) -> dict[str, dict]:
     """{key: {"buckets": {le: cumulative count}, "sum": s, "count": n}} of SERVER_HISTOGRAMS, added
     over every replica and mode."""
-    import httpx
-    from prometheus_client.parser import text_string_to_metric_families
-
     names = {v: k for k, v in SERVER_HISTOGRAMS.items()}
     out = {k: {"buckets": {}, "sum": 0.0, "count": 0.0} for k in SERVER_HISTOGRAMS}
-    for port in range(base_port, base_port + n):
-        try:
-            r = httpx.get(f"http://{host}:{port}/metrics", timeout=2.0)
-        except httpx.HTTPError:
+    for _, fam in _metric_families(base_port, host, n):
+        key = names.get(fam.name) or names.get(fam.name + "_seconds")
+        if key is None:
             continue
-        if r.status_code != 200:
-            continue
-        for fam in text_string_to_metric_families(r.text):
-            key = names.get(fam.name) or names.get(fam.name + "_seconds")
-            if key is None:
-                continue
-            h = out[key]
-            for smp in fam.samples:
-                if smp.name.endswith("_bucket"):
-                    le = float(smp.labels["le"])
-                    h["buckets"][le] = h["buckets"].get(le, 0.0) + smp.value
-                elif smp.name.endswith("_sum"):
-                    h["sum"] += smp.value
-                elif smp.name.endswith("_count"):
-                    h["count"] += smp.value
+        h = out[key]
+        for smp in fam.samples:
+            if smp.name.endswith("_bucket"):
+                le = float(smp.labels["le"])
+                h["buckets"][le] = h["buckets"].get(le, 0.0) + smp.value
+            elif smp.name.endswith("_sum"):
+                h["sum"] += smp.value
+            elif smp.name.endswith("_count"):
+                h["count"] += smp.value
     return out
 
 

@@ -91,3 +91,16 @@ def test_serving_points_keep_the_median_of_their_repeats():
     runs = iter([{"output_throughput": 30.0}, {"output_throughput": 10.0}])
     assert median_of(2, lambda: next(runs))["output_throughput"] == 10.0  # the lower middle
     assert median_of(0, lambda: {"output_throughput": 5.0})["runs_output_throughput"] == [5.0]
+
+
+def test_serving_reads_what_a_replica_histogram_saw_between_two_scrapes():
+    from benchmarks.serving import histogram_delta
+
+    inf = float("inf")
+    before = {"buckets": {0.01: 2.0, 0.02: 4.0, 0.04: 4.0, inf: 4.0}, "sum": 0.05, "count": 4.0}
+    # Ten more: four under 10 ms, four in (10, 20], two in (20, 40].
+    after = {"buckets": {0.01: 6.0, 0.02: 12.0, 0.04: 14.0, inf: 14.0}, "sum": 0.2, "count": 14.0}
+    d = histogram_delta(before, after)
+    assert d["count"] == 10 and d["mean_ms"] == 15.0
+    assert d["p50_ms"] == 12.5  # rank 5 of 10: a quarter of the way into the (10, 20] bucket
+    assert histogram_delta(after, after) == {"mean_ms": None, "p50_ms": None, "count": 0}
