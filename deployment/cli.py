@@ -225,10 +225,10 @@ def run(args: argparse.Namespace) -> int:
                 _err(f"drain failed ({type(e).__name__}: {e}); stopping")
         _err("stopping...")
     finally:
-        caller.close()
         try:
             serve.shutdown()
         finally:
+            caller.close()  # after Serve: its routers' shared long-poll client runs on this loop
             ray.shutdown()
     return rc
 

@@ -85,6 +85,18 @@ class HandleCaller:
         return asyncio.run_coroutine_threadsafe(go(), self._loop).result(timeout_s + 5)
 
     def close(self) -> None:
+        """Shut the handles' routers down on their own loop (in the haproxy mode they live there),
+        then stop the loop."""
+
+        async def shutdown() -> None:
+            for h in self._handles.values():
+                await h.shutdown_async()
+
+        try:
+            asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(10)
+        except Exception:  # noqa: BLE001 - a router that cannot say goodbye must not stop the exit
+            pass
+        self._handles.clear()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
 
