@@ -4,7 +4,7 @@ the engine holds no KV block and no request, its replica was never replaced, its
 admission slots are all free again and its memory did not grow. It runs the colocated topology of
 gpu.yaml (one OrthrusServer replica). The figures are printed (docs/reliability.md quotes a run).
 
-A tiny random checkpoint keeps it to a few minutes on two cores; SOAK_REQUESTS scales it.
+A tiny random checkpoint keeps it under a minute on two cores (through HAProxy); SOAK_REQUESTS scales it.
 """
 from __future__ import annotations
 

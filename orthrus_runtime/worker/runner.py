@@ -96,8 +96,6 @@ class ModelRunner:
             row = t[:w]
             bt[i, : len(row)] = torch.tensor(row, dtype=torch.int32)
         dev = self.device
-        # non_blocking: host tensors are staged at once; a blocking copy would wait for the passes
-        # queued ahead on the stream (a pipelined decode cycle) before this one is even launched.
         start = start_dev if start_dev is not None else _to(torch.tensor(starts, dtype=torch.int32), dev)
         return start, _to(torch.tensor(nvalid, dtype=torch.int32), dev), _to(bt, dev)
 
