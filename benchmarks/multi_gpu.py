@@ -49,7 +49,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from deployment.ingress import INGRESS_MODES, use_ingress  # noqa: E402
+from deployment.ingress import DEFAULT_INGRESS, INGRESS_MODES, use_ingress  # noqa: E402
 
 CONFIG = ROOT / "deployment" / "configs" / "gpu-multi.yaml"
 APP = "orthrus"
@@ -627,7 +627,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--tag", default="", help="suffix of the output file names")
     ap.add_argument("--cpu-dry-run", action="store_true",
                     help="two CPU replicas of a tiny random checkpoint, scaled-down load and clocks")
-    ap.add_argument("--ingress", choices=INGRESS_MODES, default="haproxy",
+    ap.add_argument("--ingress", choices=INGRESS_MODES, default=DEFAULT_INGRESS,
                     help="how the bench reaches the replicas (deployment/ingress.py; default %(default)s)")
     args = ap.parse_args(argv)
     use_ingress(args.ingress)  # before Ray starts: its processes inherit it

@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks import multi_gpu as mg  # noqa: E402
-from deployment.ingress import INGRESS_MODES, HandleCaller, ingress_mode, use_ingress  # noqa: E402
+from deployment.ingress import DEFAULT_INGRESS, INGRESS_MODES, HandleCaller, ingress_mode, use_ingress  # noqa: E402
 
 CONFIG = ROOT / "deployment" / "configs" / "gpu.yaml"
 APP, ROUTER, SERVER = mg.APP, mg.ROUTER, mg.SERVER
@@ -780,7 +780,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--cold", action="store_true", help="measure the replica's ready time on a fresh compile "
                     "cache too (a deploy more); without it the replica starts on the engine-alone run's cache")
     ap.add_argument("--cpu-dry-run", action="store_true", help="a tiny random checkpoint on the CPU, c in (1, 2)")
-    ap.add_argument("--ingress", choices=INGRESS_MODES, default="haproxy",
+    ap.add_argument("--ingress", choices=INGRESS_MODES, default=DEFAULT_INGRESS,
                     help="how the bench reaches the replicas (deployment/ingress.py): Ray Serve's proxy, or "
                     "HAProxy straight to each replica (throughput-optimized Serve)")
     ap.add_argument("--engine-alone-from", default=None,

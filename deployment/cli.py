@@ -17,9 +17,7 @@ import time
 from typing import Any, Optional
 
 from .config import DEFAULT_CONFIG, load_config
-from .ingress import INGRESS_MODES, HandleCaller, ingress_mode, use_ingress
-
-DEFAULT_INGRESS = "haproxy"
+from .ingress import DEFAULT_INGRESS, INGRESS_MODES, HandleCaller, ingress_mode, use_ingress
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -18,11 +18,17 @@ must create and await handles inside one running loop; `HandleCaller` does that 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import threading
 from typing import Any
 
+log = logging.getLogger(__name__)
+
 INGRESS_MODES = ("proxy", "haproxy")
+# What `orthrus serve` and the benchmarks use unless told otherwise (the chart's `ingress` too):
+# measured against the proxy in docs/performance.md, runs 6 and 7.
+DEFAULT_INGRESS = "haproxy"
 
 # The environment of each mode. RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S is how long a
 # stopping replica keeps its own servers open for load balancers to notice (Ray's default, 30 s,
@@ -94,8 +100,8 @@ class HandleCaller:
 
         try:
             asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(10)
-        except Exception:  # noqa: BLE001 - a router that cannot say goodbye must not stop the exit
-            pass
+        except Exception as e:  # noqa: BLE001 - a router that cannot say goodbye must not stop the exit
+            log.warning("closing deployment handles failed (%s: %s); stopping their loop anyway", type(e).__name__, e)
         self._handles.clear()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)

@@ -41,7 +41,7 @@ from ray.serve._private.constants import SERVE_NAMESPACE  # noqa: E402
 from ray.serve.schema import ServeDeploySchema  # noqa: E402
 
 from deployment.cli import deploy, wait_running  # noqa: E402
-from deployment.ingress import ingress_env  # noqa: E402
+from deployment.ingress import DEFAULT_INGRESS, ingress_env  # noqa: E402
 from orthrus_runtime.client import OrthrusClient  # noqa: E402
 from orthrus_runtime.engine.args import EngineArgs  # noqa: E402
 from orthrus_runtime.proto import orthrus_pb2 as pb  # noqa: E402
@@ -50,7 +50,7 @@ from orthrus_runtime.types import GenerateRequest, SamplingParams  # noqa: E402
 from processes import free_port, pid_alive  # noqa: E402
 
 MODEL_ID = "tiny-orthrus"
-TEST_INGRESS = os.environ.get("ORTHRUS_TEST_INGRESS", "haproxy")
+TEST_INGRESS = os.environ.get("ORTHRUS_TEST_INGRESS", DEFAULT_INGRESS)
 KEY_ENV_VAR = "ORTHRUS_TEST_API_KEYS"
 ENV_KEY = "sk-envkey-3f9c1a77d2"
 FILE_KEY = "sk-filekey-8b2d7e41c0"

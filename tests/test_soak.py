@@ -28,7 +28,7 @@ from ray.serve._private.constants import SERVE_NAMESPACE  # noqa: E402
 from ray.serve.schema import ServeDeploySchema  # noqa: E402
 
 from deployment.cli import deploy, wait_running  # noqa: E402
-from deployment.ingress import ingress_env  # noqa: E402
+from deployment.ingress import DEFAULT_INGRESS, ingress_env  # noqa: E402
 from orthrus_runtime.client import OrthrusClient  # noqa: E402
 from orthrus_runtime.model.testing import tiny_checkpoint  # noqa: E402
 from orthrus_runtime.proto import orthrus_pb2 as pb  # noqa: E402
@@ -55,7 +55,7 @@ def app(tmp_path_factory):
     temp_dir = tempfile.mkdtemp(prefix="orsk", dir="/tmp")
     os.environ["RAY_AUTH_MODE"] = "disabled"
     # The shipped ingress (HAProxy straight to the replica), inherited by the Ray started below.
-    env = ingress_env(os.environ.get("ORTHRUS_TEST_INGRESS", "haproxy"))
+    env = ingress_env(os.environ.get("ORTHRUS_TEST_INGRESS", DEFAULT_INGRESS))
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     http_port, grpc_port = free_port(), free_port()

@@ -41,6 +41,14 @@ def _to(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
     return t.to(dev, non_blocking=True)
 
 
+def _padded_ids(tokens: list[list[int]], T: int, dev: torch.device) -> torch.Tensor:
+    """[len(tokens), T] token ids on dev, each row zero-padded past its sequence's tokens."""
+    ids = torch.zeros(len(tokens), T, dtype=torch.long)
+    for i, t in enumerate(tokens):
+        ids[i, : len(t)] = torch.tensor(t)
+    return _to(ids, dev)
+
+
 class ModelRunner:
     def __init__(self, model: DualViewModel, kv: KVCache, device: torch.device,
                  cuda_graphs: Optional[bool] = None, max_model_len: Optional[int] = None, ops=None,
@@ -132,12 +140,9 @@ class ModelRunner:
                       logits_at: list[list[int]]) -> list[torch.Tensor]:
         """One eager pass over the whole batch (the reference the graphed prefill is tested against)."""
         bs, T = len(tables), max(len(t) for t in tokens)
-        ids = torch.zeros(bs, T, dtype=torch.long)
-        for i, t in enumerate(tokens):
-            ids[i, : len(t)] = torch.tensor(t)
         dev = self.device
         start, nvalid, bt = self._meta(tables, starts, [len(t) for t in tokens], T)
-        hidden = self.fast.forward(_to(ids, dev), start, nvalid, bt, diff=False).view(bs, T, -1)
+        hidden = self.fast.forward(_padded_ids(tokens, T, dev), start, nvalid, bt, diff=False).view(bs, T, -1)
         rows = [_to(torch.as_tensor(r, dtype=torch.long), dev) for r in logits_at]
         flat = torch.cat([hidden[i, r] for i, r in enumerate(rows)], dim=0)
         logits = self._head(flat)
@@ -169,10 +174,7 @@ class ModelRunner:
         one at the shortest captured length that holds it. Same results as _run_ar_eager."""
         bs, T = len(tables), max(len(t) for t in tokens)
         dev = self.device
-        ids = torch.zeros(bs, T, dtype=torch.long)
-        for i, t in enumerate(tokens):
-            ids[i, : len(t)] = torch.tensor(t)
-        ids = _to(ids, dev)
+        ids = _padded_ids(tokens, T, dev)
         lens = [len(t) for t in tokens]
         want = [sorted(set(r)) for r in logits_at]
         got: list[dict[int, torch.Tensor]] = [{} for _ in range(bs)]
