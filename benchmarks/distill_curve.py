@@ -157,13 +157,20 @@ class Run:
         cp = self.dir / "curve.json"
         self.curve: list[dict[str, Any]] = json.loads(cp.read_text())["points"] if cp.exists() else []
 
-    def save(self, trainer: D.Trainer, loaded, models, meta: dict[str, str], *, point: bool) -> dict[str, torch.Tensor]:
-        """Write the view, the state (and, with point, evaluate and add a curve point)."""
+    def save(self, trainer: D.Trainer, loaded, models, meta: dict[str, str], *, point: bool,
+             heldout: D.DistillData | None = None) -> dict[str, torch.Tensor]:
+        """Write the view, the state (and, with point, evaluate and add a curve point; with
+        heldout, the point also gets the held-out greedy replay of the int8 view)."""
         t0 = time.monotonic()
         tensors = write_view_parts(loaded.model, loaded, self.dir, meta, int(self.a.part_mb * 1e6))
         if point:
             master = {k: p.detach().clone() for k, p in trainer.params.items()}
             acc = evaluate_point(models, tensors, self.a)
+            replay = None
+            if heldout is not None and bool(heldout.greedy.any()):  # evaluate_point left the int8 view in place
+                rs = D.greedy_cycles(loaded.model, heldout, loaded.block_size, loaded.mask_token_id)
+                replay = {"tokens_per_cycle": round(rs.tokens_per_cycle, 4), "sequences": rs.sequences,
+                          "acceptance_by_position": [round(x, 4) for x in rs.acceptance_by_position]}
             set_view(loaded.model, master)
             self.state["eval_seconds"] = round(time.monotonic() - t0, 1)
             self.curve.append({"command": self.state["commands"], "step": trainer.step_num,
@@ -171,7 +178,8 @@ class Run:
                                "train_minutes": round(trainer.train_seconds / 60, 3),
                                "data_response_tokens": self.state.get("data_response_tokens", 0),
                                "lr": trainer.lr_at(max(0, trainer.step_num - 1)) if trainer.cfg.max_steps > 0 else 0,
-                               "heldout": self.state.get("heldout"), "acceptance": acc,
+                               "heldout": self.state.get("heldout"), "heldout_greedy_replay": replay,
+                               "acceptance": acc,
                                "eval_seconds": self.state["eval_seconds"]})
             summary = ", ".join(f"{d} {ds} {r['tokens_per_cycle']:.3f}" for d, v in acc.items() for ds, r in v.items())
             log(f"point {len(self.curve)}: {trainer.tokens_seen / 1e6:.2f} M tokens seen: {summary}")
@@ -255,6 +263,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gen-max-new-tokens", type=int, default=320)
     ap.add_argument("--gen-max-num-seqs", type=int, default=384)
     ap.add_argument("--gen-greedy-fraction", type=float, default=0.5)
+    ap.add_argument("--gen-dtype", default="bfloat16", choices=["float32", "bfloat16"],
+                    help="dtype of the model answering the prompts (training runs on the float32 weights)")
+    ap.add_argument("--data", type=Path, default=None,
+                    help="folder of data shards (distill_recipes.py's STATE/data) trained on with this command's "
+                         "fresh data; a first command continues the prompt stream after them")
+    ap.add_argument("--train-on", default="all", choices=["all", "greedy"],
+                    help="greedy: train on the greedy answers only")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--blocks-per-seq", type=int, default=32)
     ap.add_argument("--lr", type=float, default=2e-4)
@@ -269,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-estimate-s", type=float, default=90, help="one evaluation's seconds until measured")
     ap.add_argument("--eval-kv-cache-mb", type=int, default=8192)
     ap.add_argument("--max-points", type=int, default=3, help="curve points a command adds at most")
+    ap.add_argument("--no-start-point", dest="start_point", action="store_false",
+                    help="a first command does not evaluate the view it starts from (known already)")
     ap.add_argument("--part-mb", type=float, default=15.0)
     ap.add_argument("--no-checkpoint", dest="checkpoint", action="store_false",
                     help="keep no checkpoint.pt (optimizer moments) in --state")
@@ -309,6 +326,10 @@ def run(a: argparse.Namespace, split: list[float]) -> int:
     models = {"float32": loaded}
     for dt in [d.strip() for d in a.eval_dtypes.split(",") if d.strip() and d.strip() != "float32"]:
         models[dt] = load_model(a.model, dt, a.device, None, None, None)
+    gen_model = models.get(a.gen_dtype) or load_model(a.model, a.gen_dtype, a.device, None, None, None)
+    preloaded = D.load_shards(a.data) if a.data else None
+    if a.data and not len(preloaded):
+        raise FileNotFoundError(f"{a.data}: no data shards")
     st = r.state
     first = not st
     if first:
@@ -320,6 +341,8 @@ def run(a: argparse.Namespace, split: list[float]) -> int:
             set_view(loaded.model, tensors)
             st["tokens_seen"] = int(meta.get("tokens_seen", 0))
             st["train_seconds"] = 60 * float(meta.get("train_minutes", 0))
+        if preloaded is not None:  # the stream continues after the data brought along
+            st["next_uid"] = int(preloaded.uids.max()) + 1
     else:
         tensors, _ = read_view_parts(r.dir)
         set_view(loaded.model, tensors)
@@ -333,7 +356,8 @@ def run(a: argparse.Namespace, split: list[float]) -> int:
     eval_s = float(st.get("eval_seconds", a.eval_estimate_s))
     # At most --max-points: once an evaluation is fast (about 20 s for SmolLM2 after the first),
     # the evaluation share alone would buy a dozen points and starve training.
-    n_points = max(1, min(a.max_points, int(split[2] * a.budget_s / eval_s)) - (1 if first else 0))
+    start_point = first and a.start_point
+    n_points = max(1, min(a.max_points, int(split[2] * a.budget_s / eval_s)) - (1 if start_point else 0))
 
     cfg = D.TrainConfig(block_size=loaded.block_size, batch_size=a.batch_size, blocks_per_seq=a.blocks_per_seq,
                         lr=a.lr, loss_decay=a.loss_decay, max_steps=0, rewarm_steps=a.rewarm_steps)
@@ -348,7 +372,7 @@ def run(a: argparse.Namespace, split: list[float]) -> int:
     gen_s = max(1.0, min(split[0] * a.budget_s, budget_left * 0.5))  # > 0: no limit would be endless
     parts: list[D.DistillData] = []
     for _ in range(5):  # enough to train on, even where the budget is already spent
-        new = D.generate_data(loaded, stream, start=int(st["next_uid"]), seconds=gen_s,
+        new = D.generate_data(gen_model, stream, start=int(st["next_uid"]), seconds=gen_s,
                               max_new_tokens=a.gen_max_new_tokens, max_num_seqs=a.gen_max_num_seqs, log=log)
         parts.append(new)
         st["next_uid"] = int(new.meta["next_uid"])
@@ -357,9 +381,16 @@ def run(a: argparse.Namespace, split: list[float]) -> int:
             break
     data = D.DistillData.concat(parts)
     st["data_response_tokens"] += data.response_tokens
+    if preloaded is not None:
+        data = D.DistillData.concat([preloaded, data])
     if len(data) < 4:
         raise ValueError(f"only {len(data)} responses in {st['gen_seconds']:.0f} s of generation")
     train_data, val_data = data.split(0.02)
+    if a.train_on == "greedy":
+        train_data = train_data.greedy_only()
+        if len(train_data) < 2:
+            raise ValueError(f"--train-on greedy: only {len(train_data)} greedy answers")
+    st["train_on"] = a.train_on
     trainer = D.Trainer(loaded.model, train_data, loaded.mask_token_id, cfg, amp=torch.bfloat16 if cuda else None)
     ck = r.dir / D.CHECKPOINT_NAME
     if not first and ck.exists() and st.get("checkpoint_step") == st["step"]:
@@ -378,9 +409,9 @@ def run(a: argparse.Namespace, split: list[float]) -> int:
         trainer, loaded, train_data, st["init"],
         {"tool": "benchmarks/distill_curve.py", "commands": st["commands"], "chain": st["chain"],
          "data_response_tokens": st["data_response_tokens"], "gen_seconds": st["gen_seconds"]})
-    if first:  # the curve's first point: the starting view
+    if start_point:  # the curve's first point: the starting view
         st["heldout"] = {"loss": round(before.loss, 4), "acc": round(before.accuracy, 4)}
-        r.save(trainer, loaded, models, meta_fn(), point=True)
+        r.save(trainer, loaded, models, meta_fn(), point=True, heldout=val_data)
         eval_s = st["eval_seconds"]
     if cfg.max_steps <= 0:  # the chain's schedule, from probe steps
         for i in range(8):
@@ -401,7 +432,7 @@ def run(a: argparse.Namespace, split: list[float]) -> int:
         D.train(trainer, minutes=seg / 60, save_every=0, log_every=50, progress=False, log=log)
         vs = trainer.evaluate(val_data)
         st["heldout"] = {"loss": round(vs.loss, 4), "acc": round(vs.accuracy, 4), "before": round(before.loss, 4)}
-        r.save(trainer, loaded, models, meta_fn(), point=True)
+        r.save(trainer, loaded, models, meta_fn(), point=True, heldout=val_data)
         eval_s = st["eval_seconds"]
     r.save(trainer, loaded, models, meta_fn(), point=False)
     log(f"command {st['commands']} done: step {trainer.step_num}/{cfg.max_steps}, "

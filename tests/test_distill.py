@@ -407,3 +407,48 @@ def test_shipped_view_is_the_default_lossless_and_better_than_the_ar_copy(startu
     copy = run("orthrus")
     assert copy.token_ids == ar.token_ids
     assert trained.stats.mean_accepted_length > copy.stats.mean_accepted_length + 0.3
+
+
+def test_replay_cycles_walks_the_accepted_prefixes():
+    # 6 response tokens (token 0 from prefill). Anchor 0 accepts 2: tokens 1, 2 drafted, 3 from AR;
+    # anchor 3 accepts 5, but only tokens 4 and 5 are left: 4 drafted, 5 from AR.
+    assert D.replay_cycles([2, 0, 0, 5, 0, 9], 6) == (2, 3, [2, 1, 0, 0, 0, 0, 0, 0, 0])
+    assert D.replay_cycles([0, 0, 0], 3) == (2, 0, [])
+    assert D.replay_cycles([1, 1, 1, 1], 4) == (2, 1, [1])  # 0 -> 2 (one accepted), then 2 -> 3
+    assert D.replay_cycles([], 1) == (0, 0, [])
+
+
+def test_greedy_cycles_equal_the_engines_greedy_orthrus_decoding(tmp_path):
+    """The teacher-forced replay on greedy answers gives the engine's own cycle counts."""
+    from orthrus_runtime.engine.llm_engine import EngineConfig, LLMEngine
+    from orthrus_runtime.types import GenerateRequest, SamplingParams
+
+    ck = tiny_checkpoint(tmp_path / "ck", arch="qwen3", block_size=4)
+    lm = load_model(str(ck), "float32", "cpu")
+    prompts = [[{"role": "user", "content": f"List the birds of island {i}."}] for i in range(8)]
+    stream = D.PromptStream(lm.tokenizer, prompts, greedy_fraction=1.0)
+    data = D.generate_data(lm, stream, max_new_tokens=24, max_num_seqs=8, log=lambda s: None)
+    # A few training steps, so that drafts are accepted at several rows, not none.
+    tr = D.Trainer(lm.model, data, lm.mask_token_id,
+                   D.TrainConfig(block_size=4, batch_size=4, blocks_per_seq=8, lr=3e-3, warmup_steps=1, max_steps=30))
+    for _ in range(30):
+        tr.train_step()
+    assert bool(data.greedy.all()) and len(data) == 8
+    got = D.greedy_cycles(lm.model, data, 4, lm.mask_token_id, seqs_per_pass=3, anchors_per_pass=5)
+
+    eng = LLMEngine(lm.model, EngineConfig(block_size=4, mask_token_id=lm.mask_token_id, max_model_len=512,
+                                           num_kv_blocks=200), None)
+    stop = [int(lm.tokenizer.eos_token_id)]
+    reqs = [GenerateRequest(prompt_token_ids=data.sequence(i)[: int(data.prompt_lens[i])].tolist(), mode="orthrus",
+                            params=SamplingParams(max_tokens=24, temperature=0, stop_token_ids=stop))
+            for i in range(len(data))]
+    outs = eng.generate(reqs)
+    cycles = sum(o.stats.num_cycles for o in outs)
+    accepted = sum(o.stats.num_accepted_tokens for o in outs)
+    for i, o in enumerate(outs):  # lossless: the same answers
+        assert o.token_ids == data.sequence(i)[int(data.prompt_lens[i]):].tolist()
+    assert accepted > 0 and max(o.stats.accepted_per_position[1] for o in outs) > 0  # beyond row 0 too
+    assert (got.cycles, got.sequences) == (cycles, 8)
+    assert got.tokens_per_cycle == pytest.approx(1 + accepted / cycles)
+    per_row = [sum(o.stats.accepted_per_position[i] for o in outs) / cycles for i in range(3)]
+    assert got.acceptance_by_position == pytest.approx(per_row)

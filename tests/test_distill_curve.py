@@ -8,6 +8,8 @@ import shutil
 import sys
 from pathlib import Path
 
+import torch
+
 from orthrus_runtime.model.testing import tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,3 +67,59 @@ def test_curve_commands_chain_and_resume_from_returned_files(tmp_path, capsys):
     # Bad input: a clear error.
     assert C.main(["--state", str(state), "--split", "0.5,0.5"]) == 2
     assert "--split" in capsys.readouterr().err
+
+
+def test_recipe_comparison_then_the_curve_continues_the_best(tmp_path, capsys):
+    """distill_recipes.py: every variant the same steps on equal-sized data from the same
+    view, measured on the same held-out greedy answers; the best view and its options
+    then start a curve that trains on the recipe call's data and continues its stream."""
+    import distill_curve as C
+    import distill_recipes as R
+    from orthrus_runtime.model.loader import read_diffusion_view
+    from orthrus_runtime.tools import distill as D
+
+    ck = tiny_checkpoint(tmp_path / "ck", arch="llama", block_size=4)
+    (tmp_path / "p.txt").write_text("\n".join(f"Describe the colour of stone number {i}." for i in range(160)))
+    rs, out = tmp_path / "recipes", tmp_path / "out"
+    assert R.main(["--out", str(out), "--state", str(rs), "--model", str(ck), "--device", "cpu", "--init", "ar-copy",
+                   "--prompts", str(tmp_path / "p.txt"), "--gen-seconds", "30", "--gen-dtype", "float32",
+                   "--gen-max-new-tokens", "10", "--gen-max-num-seqs", "16", "--batch-size", "4", "--steps", "6",
+                   "--variants", "a:data=mixed;b:data=greedy,lr=1e-3,decay=2", "--part-mb", "0.005"]) == 0
+    rep = json.loads((out / "recipes.json").read_text())
+    assert [v["name"] for v in rep["variants"]] == ["a", "b"]
+    assert all(v["steps"] == 6 for v in rep["variants"]) and rep["data"]["heldout_greedy_sequences"] >= 2
+    for rp in [rep["before"]] + [v["replay"] for v in rep["variants"]]:
+        assert 1.0 <= rp["tokens_per_cycle"] <= 4.0 and len(rp["acceptance_by_position"]) == 3
+    best = json.loads((rs / "best.json").read_text())
+    assert best["variant"]["name"] == rep["best"] == max(rep["variants"], key=lambda v: v["replay"]["tokens_per_cycle"])["name"]
+    _, meta = read_diffusion_view(rs / "best-view.safetensors")
+    assert json.loads(meta["recipe"])["variant"] == rep["best"] and int(meta["trained_steps"]) == 6
+    shipped = tmp_path / "int8.safetensors"  # the int8 parts returned from the device: the same view
+    shipped.write_bytes(b"".join((out / f"view.part{i}").read_bytes() for i in range(len(list(out.glob("view.part*"))))))
+    q, qmeta = read_diffusion_view(shipped)
+    full, _ = read_diffusion_view(rs / "best-view.safetensors")
+    assert qmeta["recipe"] == meta["recipe"] and set(q) == set(full)
+    assert all(torch.allclose(q[k], full[k].float(), atol=full[k].abs().max().item() / 100) for k in q)
+
+    data = D.load_shards(rs / "data")
+    mixed, greedy, held = R.split_data(data)
+    assert len(mixed) == len(greedy) == rep["data"]["train_sequences_per_variant"]
+    assert bool(greedy.greedy.all()) and 0 < int(mixed.greedy.sum()) < len(mixed)
+    assert not set(held.uids.tolist()) & (set(mixed.uids.tolist()) | set(greedy.uids.tolist()))
+
+    state = tmp_path / "curve"
+    assert C.main(["--state", str(state), "--out", str(tmp_path / "cout"), "--model", str(ck), "--device", "cpu",
+                   "--init", str(rs / "best-view.safetensors"), "--data", str(rs / "data"),
+                   "--prompts", str(tmp_path / "p.txt"), "--eval-dtypes", "float32", "--gen-dtype", "float32",
+                   "--eval-block-size", "4", "--eval-max-tokens", "6", "--eval-limit", "1", "--eval-estimate-s", "1",
+                   "--gen-max-new-tokens", "10", "--gen-max-num-seqs", "8", "--batch-size", "4",
+                   "--blocks-per-seq", "3", "--budget-s", "8", "--chain", "1", "--part-mb", "0.005",
+                   "--max-points", "1"] + best["curve_args"].split()) == 0
+    st = json.loads((state / "state.json").read_text())
+    pts = json.loads((state / "curve.json").read_text())["points"]
+    assert st["next_uid"] > int(data.uids.max()) + 1 and st["train_on"] == best["variant"]["data"].replace("mixed", "all")
+    assert pts[0]["tokens_seen"] == int(meta["tokens_seen"]) and pts[-1]["tokens_seen"] > pts[0]["tokens_seen"]
+    assert all(1.0 <= p["heldout_greedy_replay"]["tokens_per_cycle"] <= 4.0 for p in pts)
+
+    assert R.main(["--out", str(out), "--state", str(rs), "--variants", "a:data=sampled"]) == 2
+    assert "mixed or greedy" in capsys.readouterr().err

@@ -110,13 +110,20 @@ def encode_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
 class DistillData:
     """Sequences (prompt + response ids) stored flat: sequence i is
     tokens[offsets[i]:offsets[i+1]], its first prompt_lens[i] ids being the prompt;
-    uids[i] is the prompt-stream id that made it (see PromptStream)."""
+    uids[i] is the prompt-stream id that made it (see PromptStream); greedy[i] says
+    whether its response is the base model's greedy answer (False: sampled, or not known
+    for shards written before the flag existed)."""
 
     tokens: torch.Tensor  # int32 [total]
     offsets: torch.Tensor  # int64 [n + 1]
     prompt_lens: torch.Tensor  # int32 [n]
     uids: torch.Tensor  # int64 [n]
     meta: dict[str, str] = dataclasses.field(default_factory=dict)
+    greedy: Optional[torch.Tensor] = None  # bool [n]; None: all False
+
+    def __post_init__(self):
+        if self.greedy is None:
+            self.greedy = torch.zeros(self.prompt_lens.numel(), dtype=torch.bool)
 
     def __len__(self) -> int:
         return self.prompt_lens.numel()
@@ -133,8 +140,8 @@ class DistillData:
 
     @classmethod
     def from_sequences(cls, seqs: list[tuple[list[int], list[int]]], meta: Optional[dict[str, str]] = None,
-                       uids: Optional[list[int]] = None):
-        """seqs: [(prompt ids, response ids)]; uids default to 0..n-1."""
+                       uids: Optional[list[int]] = None, greedy: Optional[list[bool]] = None):
+        """seqs: [(prompt ids, response ids)]; uids default to 0..n-1, greedy to all False."""
         flat: list[int] = []
         offsets = [0]
         plens = []
@@ -144,7 +151,8 @@ class DistillData:
             plens.append(len(p))
         return cls(torch.tensor(flat, dtype=torch.int32), torch.tensor(offsets, dtype=torch.int64),
                    torch.tensor(plens, dtype=torch.int32),
-                   torch.tensor(uids if uids is not None else range(len(seqs)), dtype=torch.int64), dict(meta or {}))
+                   torch.tensor(uids if uids is not None else range(len(seqs)), dtype=torch.int64), dict(meta or {}),
+                   torch.tensor(greedy, dtype=torch.bool) if greedy is not None else None)
 
     @classmethod
     def concat(cls, parts: list["DistillData"]) -> "DistillData":
@@ -154,7 +162,7 @@ class DistillData:
         shift = torch.tensor([0] + [int(d.offsets[-1]) for d in parts[:-1]]).cumsum(0)
         offsets = torch.cat([parts[0].offsets[:1]] + [d.offsets[1:] + s for d, s in zip(parts, shift)])
         out = cls(torch.cat([d.tokens for d in parts]), offsets, torch.cat([d.prompt_lens for d in parts]),
-                  torch.cat([d.uids for d in parts]), dict(parts[0].meta))
+                  torch.cat([d.uids for d in parts]), dict(parts[0].meta), torch.cat([d.greedy for d in parts]))
         out.meta["response_tokens"] = str(out.response_tokens)
         return out
 
@@ -180,7 +188,11 @@ class DistillData:
             tokens = self.tokens[pos]
         else:
             tokens = self.tokens[:0]
-        return DistillData(tokens, offsets, self.prompt_lens[idx], self.uids[idx], dict(self.meta))
+        return DistillData(tokens, offsets, self.prompt_lens[idx], self.uids[idx], dict(self.meta), self.greedy[idx])
+
+    def greedy_only(self) -> "DistillData":
+        """The sequences whose response is a greedy answer."""
+        return self.subset(self.greedy.nonzero().flatten().tolist())
 
     def save(self, path: str | os.PathLike) -> None:
         from safetensors.torch import save_file
@@ -188,7 +200,8 @@ class DistillData:
         meta = {"format": DATA_FORMAT, **{k: str(v) for k, v in self.meta.items()}}
         tmp = Path(str(path) + ".tmp")
         save_file({"tokens": self.tokens.contiguous(), "offsets": self.offsets.contiguous(),
-                   "prompt_lens": self.prompt_lens.contiguous(), "uids": self.uids.contiguous()}, str(tmp),
+                   "prompt_lens": self.prompt_lens.contiguous(), "uids": self.uids.contiguous(),
+                   "greedy": self.greedy.contiguous()}, str(tmp),
                   metadata=meta)
         os.replace(tmp, path)  # a shard is there whole or not at all
 
@@ -207,8 +220,9 @@ class DistillData:
             if missing:
                 raise ValueError(f"{p}: missing tensor(s) {sorted(missing)}")
             t = {k: f.get_tensor(k) for k in ("tokens", "offsets", "prompt_lens", "uids")}
+            greedy = f.get_tensor("greedy") if "greedy" in f.keys() else None  # older shards: not recorded
         meta.pop("format")
-        return cls(t["tokens"], t["offsets"], t["prompt_lens"], t["uids"], meta)
+        return cls(t["tokens"], t["offsets"], t["prompt_lens"], t["uids"], meta, greedy)
 
 
 def shard_paths(folder: str | os.PathLike) -> list[Path]:
@@ -325,7 +339,7 @@ def generate_data(loaded: Any, stream: PromptStream, *, start: int = 0, skip: Op
     stop_ids = [int(tok.eos_token_id)] if tok.eos_token_id is not None else []
     items = stream.items(start, skip)
     live: dict[str, tuple[StreamItem, list[int]]] = {}
-    finished: list[tuple[int, list[int], list[int]]] = []  # (uid, prompt, response) not yet handed over
+    finished: list[tuple[StreamItem, list[int]]] = []  # (item, response) not yet handed over
     kept: list[DistillData] = []
     next_uid, exhausted = start, False
     total_items = max(1, len(stream) - start - len(skip or ()))
@@ -353,7 +367,8 @@ def generate_data(loaded: Any, stream: PromptStream, *, start: int = 0, skip: Op
     def hand_over() -> None:
         if not finished:
             return
-        d = DistillData.from_sequences([(p, r) for _, p, r in finished], uids=[u for u, _, _ in finished])
+        d = DistillData.from_sequences([(it.prompt_ids, r) for it, r in finished], uids=[it.uid for it, _ in finished],
+                                       greedy=[it.greedy for it, _ in finished])
         finished.clear()
         kept.append(d)
         if on_shard is not None:
@@ -369,7 +384,7 @@ def generate_data(loaded: Any, stream: PromptStream, *, start: int = 0, skip: Op
                 del live[d.request_id]
                 n_done += 1
                 if len(out) >= 2:
-                    finished.append((it.uid, it.prompt_ids, out))
+                    finished.append((it, out))
         refill()
         now = time.monotonic()
         if on_shard is not None and shard_seconds > 0 and now - t_shard >= shard_seconds:
@@ -389,7 +404,7 @@ def generate_data(loaded: Any, stream: PromptStream, *, start: int = 0, skip: Op
         if d is not None:
             out += d.token_ids
         if len(out) >= min_response_tokens:
-            finished.append((it.uid, it.prompt_ids, out))
+            finished.append((it, out))
     hand_over()
     el = time.monotonic() - t0
     # The engine holds reference cycles (scheduler -> bound method -> engine): collect them
@@ -553,6 +568,97 @@ def distill_loss(model: DualViewModel, batch: Batch, block_size: int, mask_id: i
     with torch.no_grad():
         acc = (s_logp.argmax(-1) == t_logp.argmax(-1)).float().mean().item() if kl.numel() else 0.0
     return loss, StepStats(loss.item(), acc, int(sel.sum()), int(batch.lengths.sum()))
+
+
+@dataclass
+class CycleStats:
+    """Greedy decode cycles replayed on greedy answers (see greedy_cycles)."""
+
+    tokens_per_cycle: float  # 1 + accepted drafts per cycle, as eval-acceptance counts it
+    acceptance_by_position: list[float]  # share of cycles whose draft row i was accepted
+    cycles: int
+    sequences: int
+
+
+def replay_cycles(accepted_at: list[int], response_len: int) -> tuple[int, int, list[int]]:
+    """Greedy Orthrus decoding of a response whose every token is the AR view's greedy
+    choice: accepted_at[j] is how many leading draft rows of a block anchored at response
+    token j match the response (what verification accepts there). Token 0 comes from
+    prefill; each cycle at anchor j emits its accepted drafts plus the AR token after them
+    (k + 1, fewer at the end) and the next cycle is anchored at the last token emitted.
+    Returns (cycles, accepted drafts, cycles accepting row i for each row)."""
+    j, cycles, accepted = 0, 0, 0
+    rows = [0] * (max(accepted_at) if accepted_at else 0)
+    while j < response_len - 1:
+        k = min(accepted_at[j], response_len - 1 - j - 1)  # the last token left is the AR token
+        cycles += 1
+        accepted += k
+        for i in range(k):
+            rows[i] += 1
+        j += k + 1
+    return cycles, accepted, rows
+
+
+@torch.no_grad()
+def greedy_cycles(model: DualViewModel, data: DistillData, block_size: int, mask_id: int,
+                  amp: Optional[torch.dtype] = None, max_seqs: int = 64, seqs_per_pass: int = 8,
+                  anchors_per_pass: int = 64) -> CycleStats:
+    """Tokens per cycle that greedy Orthrus decoding would reach on the greedy answers of
+    `data` (the first max_seqs of them), without decoding: a greedy answer is the path
+    greedy decoding takes, so drafting a block at every response token (teacher-forced,
+    the batched pass training uses) tells how many rows verification would accept there,
+    and replay_cycles walks the cycles. Up to bfloat16 near-ties this is what
+    `orthrus eval-acceptance` measures on those prompts; it needs no engine, so it is
+    cheap enough to compare training recipes on held-out answers (never the eval sets)."""
+    dev = model.lm_head.weight.device
+    B = block_size
+    autocast = torch.autocast(dev.type, dtype=amp) if amp is not None else _null()
+    g = data.greedy_only()
+    n = min(len(g), max_seqs)
+    cycles = accepted = 0
+    rows = [0] * (B - 1)
+    for s0 in range(0, n, seqs_per_pass):
+        idx = list(range(s0, min(n, s0 + seqs_per_pass)))
+        seqs = [g.sequence(i).long() for i in idx]
+        plens = [int(g.prompt_lens[i]) for i in idx]
+        N = max(x.numel() for x in seqs)
+        ids = torch.zeros(len(idx), N, dtype=torch.long)
+        for b, x in enumerate(seqs):
+            ids[b, : x.numel()] = x
+        ids = ids.to(dev)
+        bs = len(idx)
+        with autocast:
+            teacher = TeacherAttend(model.scale)
+            model.forward_hidden(ids, torch.arange(N, device=dev).expand(bs, N), teacher, diff=False)
+        n_anchor = [x.numel() - 1 - p for x, p in zip(seqs, plens)]  # anchors: response tokens but the last
+        hits = [torch.zeros(max(c, 0), B - 1, dtype=torch.bool) for c in n_anchor]
+        for c0 in range(0, max(n_anchor), anchors_per_pass):
+            off = torch.arange(c0, c0 + anchors_per_pass)
+            valid = off.view(1, -1) < torch.tensor(n_anchor).view(-1, 1)  # [bs, G]
+            anchors = (torch.tensor(plens).view(-1, 1) + torch.where(valid, off.view(1, -1), 0)).to(dev)
+            G = anchors.shape[1]
+            d_ids = torch.full((bs, G, B), mask_id, dtype=torch.long, device=dev)
+            d_ids[:, :, 0] = ids.gather(1, anchors)
+            d_pos = anchors.unsqueeze(-1) + torch.arange(B, device=dev)
+            with autocast:
+                hd = model.forward_hidden(d_ids.view(bs, G * B), d_pos.view(bs, G * B),
+                                          BlockDraftAttend(teacher.kv, anchors, B, model.scale), diff=True)
+                draft = model.logits(hd.view(bs, G, B, -1)[:, :, : B - 1]).argmax(-1)  # [bs, G, B-1]
+            tpos = (d_pos[:, :, 1:]).clamp(max=N - 1)  # the response token row i predicts
+            hit = (draft == ids.gather(1, tpos.view(bs, -1)).view(bs, G, B - 1)).cpu()
+            for b in range(bs):
+                m = int(valid[b].sum())
+                hits[b][c0 : c0 + m] = hit[b, :m]
+        for b, h in enumerate(hits):
+            # Leading matches per anchor (rows past the response's end never count: replay caps them).
+            k = h.to(torch.int64).cumprod(dim=1).sum(dim=1).tolist()
+            c, a, r = replay_cycles(k, n_anchor[b] + 1)
+            cycles += c
+            accepted += a
+            for i, v in enumerate(r):
+                rows[i] += v
+        del teacher
+    return CycleStats(1 + accepted / max(cycles, 1), [v / max(cycles, 1) for v in rows], cycles, n)
 
 
 class _null:
