@@ -804,15 +804,17 @@ class Trainer:
         self.model.eval()
 
     @torch.no_grad()
-    def evaluate(self, data: DistillData, max_seqs: int = 64) -> StepStats:
-        """Loss/accuracy on held-out sequences with fixed anchors (comparable across steps)."""
+    def evaluate(self, data: DistillData, max_seqs: int = 64, decay: Optional[float] = None) -> StepStats:
+        """Loss/accuracy on held-out sequences with fixed anchors (comparable across steps);
+        rows weighted as in training unless decay is given (0: every row alike)."""
         n = min(len(data), max_seqs)
         tot_loss, tot_acc, tot_t, ctx = 0.0, 0.0, 0, 0
         for s in range(0, n, self.cfg.batch_size):
             idx = list(range(s, min(n, s + self.cfg.batch_size)))
             g = torch.Generator().manual_seed(12345 + s)
             b = make_batch(data, idx, self.cfg.blocks_per_seq, g)
-            _, st = distill_loss(self.model, b, self.cfg.block_size, self.mask_id, self.cfg.loss_decay, self.amp)
+            _, st = distill_loss(self.model, b, self.cfg.block_size, self.mask_id,
+                                 self.cfg.loss_decay if decay is None else decay, self.amp)
             tot_loss += st.loss * st.targets
             tot_acc += st.accuracy * st.targets
             tot_t += st.targets
