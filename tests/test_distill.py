@@ -221,6 +221,16 @@ def test_distill_cli_end_to_end_and_resume(tmp_path, capsys):
         assert torch.equal(v, resumed[k]), k
     loaded = load_model(str(ck), "float32", "cpu", diffusion_weights=str(view))
     assert loaded.diffusion_source == str(view)
+    # Greedy answers only (half the data here: --gen-greedy-fraction 0.5), answered in bfloat16.
+    g_data = tmp_path / "g_data"
+    gargs = argv("greedy", "--train-on", "greedy", "--gen-dtype", "bfloat16")
+    gargs[gargs.index("--data") + 1] = str(g_data)
+    assert D.run(_parse(D, gargs)) == 0
+    _, gmeta = read_diffusion_view(tmp_path / "greedy" / "diffusion-view.safetensors")
+    grecipe = json.loads(gmeta["recipe"])
+    assert grecipe["train_on"] == "greedy" and grecipe["data"]["gen_dtype"] == "bfloat16"
+    g_all = D.load_shards(g_data)
+    assert int(gmeta["train_sequences"]) == int(g_all.greedy.sum()) - int((g_all.greedy & (g_all.uids % 5 == 0)).sum())
     # Bad input: a clear error, no traceback.
     assert D.run(_parse(D, ["--out", str(tmp_path / "x"), "--lr", "-1", "--max-steps", "1"])) == 2
     assert "--lr must be > 0" in capsys.readouterr().err

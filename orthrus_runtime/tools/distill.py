@@ -987,6 +987,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gen-temperature", type=float, default=0.8)
     g.add_argument("--gen-top-p", type=float, default=0.95)
     g.add_argument("--gen-max-num-seqs", type=int, default=256)
+    g.add_argument("--gen-dtype", default=None, choices=["float32", "bfloat16"],
+                   help="dtype of the model answering the prompts (default: --dtype); training keeps --dtype")
+    g.add_argument("--train-on", default="all", choices=["all", "greedy"],
+                   help="greedy: train on the greedy answers only (what greedy decoding is verified against)")
     g.add_argument("--data-only", action="store_true", help="stop after making the data")
     g.add_argument("--no-generate", action="store_true", help="train on the shards there, generate none")
     g = p.add_argument_group("training (defaults: the paper's recipe)")
@@ -1094,7 +1098,12 @@ def _run(args: argparse.Namespace) -> int:
         skip = set(load_shards(data_dir).uids.tolist()) if have else None
         if have:
             log(f"data: continuing the generation after {len(have)} shard(s) ({len(skip)} responses)")
-        new = generate_data(loaded, stream, skip=skip, max_new_tokens=args.gen_max_new_tokens,
+        gen_loaded = loaded
+        if args.gen_dtype and args.gen_dtype != args.dtype:
+            from orthrus_runtime.model.loader import load_model
+
+            gen_loaded = load_model(args.model, args.gen_dtype, args.device, args.block_size, None, None)
+        new = generate_data(gen_loaded, stream, skip=skip, max_new_tokens=args.gen_max_new_tokens,
                             temperature=args.gen_temperature, top_p=args.gen_top_p, seconds=args.gen_seconds,
                             max_num_seqs=args.gen_max_num_seqs, shard_seconds=args.gen_shard_seconds,
                             on_shard=ShardWriter(data_dir, {"model": loaded.model_id, "prompts": str(args.prompts)}),
@@ -1103,8 +1112,10 @@ def _run(args: argparse.Namespace) -> int:
                      "num_prompts": len(prompts), "passes": args.gen_passes,
                      "seconds": round(float(gen_state.get("seconds", 0)) + float(new.meta["seconds"]), 1),
                      "greedy_fraction": args.gen_greedy_fraction, "temperature": args.gen_temperature,
-                     "top_p": args.gen_top_p, "max_new_tokens": args.gen_max_new_tokens}
+                     "top_p": args.gen_top_p, "max_new_tokens": args.gen_max_new_tokens,
+                     "gen_dtype": args.gen_dtype or args.dtype}
         gen_state_path.write_text(json.dumps(gen_state, indent=2) + "\n")
+        del gen_loaded
     elif have and not gen_state.get("complete", True):
         log("data: the generation there is unfinished (--resume continues it); training on what there is")
     if args.data_only:
@@ -1115,6 +1126,10 @@ def _run(args: argparse.Namespace) -> int:
     log(f"data: {len(data)} sequences, {data.response_tokens} response tokens in {len(shard_paths(data_dir))} shard(s)")
 
     train_data, val_data = data.split(args.val_fraction)
+    if args.train_on == "greedy":
+        train_data = train_data.greedy_only()
+        if not len(train_data):
+            raise ValueError(f"{data_dir}: --train-on greedy, but no greedy answers (--gen-greedy-fraction)")
     max_steps = args.max_steps
     if not max_steps and not args.train_minutes:
         max_steps = max(1, math.ceil(args.epochs * len(train_data) / args.batch_size))
@@ -1137,7 +1152,7 @@ def _run(args: argparse.Namespace) -> int:
     train(trainer, out_dir=out, val=val_data, minutes=args.train_minutes, save_every=args.save_every,
           log_every=args.log_every, stop_at=args.stop_at_step, progress=not args.no_progress, log=log)
     export = Path(args.export) if args.export else out / "diffusion-view.safetensors"
-    recipe = {"data": gen_state, "init": args.init, "tool": "orthrus distill"}
+    recipe = {"data": gen_state, "init": args.init, "tool": "orthrus distill", "train_on": args.train_on}
     save_diffusion_view(loaded.model, export, loaded.block_size, loaded.mask_token_id,
                         extra_metadata=view_metadata(trainer, loaded, train_data, args.init, recipe),
                         quantize=None if args.quantize == "none" else args.quantize)
