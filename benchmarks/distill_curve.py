@@ -220,20 +220,20 @@ class Run:
                 shutil.copy2(f, out / f.name)
 
 
-def time_speedup(r: Run, model: str | None) -> None:
-    """speedup.json: the engine-alone speed of the view in r.dir (int8, as shipped) against AR."""
+def engine_speedup(view_dir: Path, model: str | None) -> dict[str, Any]:
+    """benchmarks/engine.py's SmolLM2 section (bfloat16, engine alone: AR and Orthrus at
+    batch 1 and 16, chat prompts) with the int8 view whose parts are in view_dir."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import engine as bench
     from orthrus_runtime.model.loader import default_gguf_path
 
     if not torch.cuda.is_available():
         bench._dry_run_setup()  # a CPU check of this path: the numbers mean nothing
-
-    view = r.dir / "_speedup_view.safetensors"
-    view.write_bytes(b"".join(p.read_bytes() for p in sorted(r.dir.glob("view.part*"),
-                                                              key=lambda p: int(p.name[len("view.part"):]))))
+    view = view_dir / "_speedup_view.safetensors"
+    parts = sorted(view_dir.glob("view.part*"), key=lambda p: int(p.name[len("view.part"):]))
+    view.write_bytes(b"".join(p.read_bytes() for p in parts))
     rep: dict[str, Any] = {"what": "engine alone, bfloat16, chat prompts, 256 greedy tokens (benchmarks/engine.py "
-                                   "section_smollm2)", "step": r.state["step"], "tokens_seen": r.state["tokens_seen"]}
+                                   "section_smollm2)"}
     try:
         bench.section_smollm2(rep, False, path=Path(model) if model else default_gguf_path(), view=str(view))
     finally:
@@ -242,10 +242,15 @@ def time_speedup(r: Run, model: str | None) -> None:
     ar, full, ad = (sm.get(f"{m}/bs1", {}).get("tokens_per_s") for m in ("ar", "orthrus-full", "orthrus-adaptive"))
     if ar:
         rep["orthrus_vs_ar_bs1"] = {"full": full / ar if full else None, "adaptive": ad / ar if ad else None}
+    return rep
+
+
+def time_speedup(r: Run, model: str | None) -> None:
+    """speedup.json: the engine-alone speed of the view in r.dir (int8, as shipped) against AR."""
+    rep = {**engine_speedup(r.dir, model), "step": r.state["step"], "tokens_seen": r.state["tokens_seen"]}
     (r.dir / "speedup.json").write_text(json.dumps(rep, indent=1, default=str) + "\n")
     log(f"speed-up at batch 1: {rep.get('orthrus_vs_ar_bs1')}")
     r.copy_out()
-
 
 def main(argv: list[str] | None = None) -> int:
     global T0

@@ -114,6 +114,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=0, help="steps per variant (0: from the budget)")
     ap.add_argument("--heldout-seqs", type=int, default=64)
     ap.add_argument("--part-mb", type=float, default=15.0, help="size of the returned int8 view's parts")
+    ap.add_argument("--eval-best", action="store_true",
+                    help="then evaluate the best variant's int8 view as distill_curve.py does (orthrus "
+                         "eval-acceptance: MT-bench and HumanEval, float32 and bfloat16) into recipes.json")
+    ap.add_argument("--speedup", action="store_true",
+                    help="then time that view through the engine alone (bfloat16, batch 1 and 16, chat prompts)")
+    ap.add_argument("--reserve-s", type=float, default=0,
+                    help="seconds of the budget kept for --eval-best and --speedup")
+    ap.add_argument("--eval-dtypes", default="float32,bfloat16")
+    ap.add_argument("--eval-datasets", default="mt-bench,humaneval")
+    ap.add_argument("--eval-block-size", type=int, default=16)
+    ap.add_argument("--eval-max-tokens", type=int, default=256)
+    ap.add_argument("--eval-max-num-seqs", type=int, default=256)
+    ap.add_argument("--eval-limit", type=int, default=0)
+    ap.add_argument("--eval-kv-cache-mb", type=int, default=8192)
     ap.add_argument("--measure-estimate-s", type=float, default=10, help="one held-out replay's seconds until measured")
     a = ap.parse_args(argv)
     try:
@@ -127,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
 def run(a: argparse.Namespace, variants: list[dict[str, Any]]) -> int:
     import distill_curve as C
 
-    deadline = T0 + a.budget_s
+    deadline = T0 + a.budget_s - a.reserve_s
     torch.backends.cuda.matmul.allow_tf32 = False
     a.out.mkdir(parents=True, exist_ok=True)
     a.state.mkdir(parents=True, exist_ok=True)
@@ -148,17 +162,13 @@ def run(a: argparse.Namespace, variants: list[dict[str, Any]]) -> int:
                            "float32, the float32 master weights", "variants": []}
 
     def write() -> None:
-        (a.out / "recipes.json").write_text(json.dumps(rep, indent=1) + "\n")
+        (a.out / "recipes.json").write_text(json.dumps(rep, indent=1, default=str) + "\n")
 
     # Data: greedy answers for 2 prompts in 3, sampled for the third (one pass of the stream).
     stream = D.PromptStream(gen_lm.tokenizer, D.load_prompts(a.prompts), greedy_fraction=2 / 3, seed=0)
     data = D.generate_data(gen_lm, stream, seconds=a.gen_seconds, max_new_tokens=a.gen_max_new_tokens,
                            max_num_seqs=a.gen_max_num_seqs, shard_seconds=0,
                            on_shard=D.ShardWriter(a.state / "data", {"model": lm.model_id}), log=log)
-    if gen_lm is not lm:
-        del gen_lm
-        if cuda:
-            torch.cuda.empty_cache()
     (a.state / "data" / "generation.json").write_text(json.dumps(
         {"complete": False, "next_uid": int(data.meta["next_uid"]), "greedy_fraction": 2 / 3,
          "gen_dtype": a.gen_dtype, "seconds": float(data.meta["seconds"])}) + "\n")
@@ -224,7 +234,7 @@ def run(a: argparse.Namespace, variants: list[dict[str, Any]]) -> int:
             save_diffusion_view(lm.model, a.state / "best-view.safetensors", lm.block_size, lm.mask_token_id,
                                 extra_metadata=meta, quantize=None)
             # The int8 view as it would ship, in parts small enough to come back from the device.
-            C.write_view_parts(lm.model, lm, a.out, meta, int(a.part_mb * 1e6))
+            best_int8 = C.write_view_parts(lm.model, lm, a.out, meta, int(a.part_mb * 1e6))
         del tr
         if cuda:
             torch.cuda.empty_cache()
@@ -238,6 +248,20 @@ def run(a: argparse.Namespace, variants: list[dict[str, Any]]) -> int:
     write()
     log(f"best: {v['name']} ({res['replay']['tokens_per_cycle']:.3f} tokens per cycle, before "
         f"{rep['before']['tokens_per_cycle']:.3f}); distill_curve.py options: {' '.join(curve_args)}")
+    if a.eval_best:
+        models = {"float32": lm}
+        for dt in [d.strip() for d in a.eval_dtypes.split(",") if d.strip() and d.strip() != "float32"]:
+            models[dt] = gen_lm if a.gen_dtype == dt else load_model(a.model, dt, a.device, None, None, None)
+        t = time.monotonic()
+        rep["best_eval"] = C.evaluate_point(models, best_int8, a)
+        rep["best_eval_seconds"] = round(time.monotonic() - t, 1)
+        write()
+        log("best, eval-acceptance: " + ", ".join(f"{d} {ds} {r['tokens_per_cycle']:.3f}"
+                                                   for d, x in rep["best_eval"].items() for ds, r in x.items()))
+    if a.speedup:
+        rep["speedup"] = C.engine_speedup(a.out, a.model)
+        write()
+        log(f"speed-up at batch 1: {rep['speedup'].get('orthrus_vs_ar_bs1')}")
     return 0
 
 
