@@ -184,8 +184,7 @@ class Run:
             summary = ", ".join(f"{d} {ds} {r['tokens_per_cycle']:.3f}" for d, v in acc.items() for ds, r in v.items())
             log(f"point {len(self.curve)}: {trainer.tokens_seen / 1e6:.2f} M tokens seen: {summary}")
         self.state.update({"step": trainer.step_num, "max_steps": trainer.cfg.max_steps,
-                           "warmup_steps": trainer.cfg.warmup_steps, "tokens_seen": trainer.tokens_seen,
-                           "targets_seen": trainer.targets_seen, "train_seconds": round(trainer.train_seconds, 2),
+                           "warmup_steps": trainer.cfg.warmup_steps, **trainer.totals(),
                            "config": dataclasses.asdict(trainer.cfg)})
         (self.dir / "curve.json").write_text(json.dumps(
             {"what": "tokens per cycle against training tokens seen (benchmarks/distill_curve.py)",
@@ -344,8 +343,9 @@ def run(a: argparse.Namespace, split: list[float]) -> int:
         if a.init != "ar-copy":
             tensors, meta = read_diffusion_view(DEFAULT_DIFFUSION_VIEW if a.init == "default" else a.init)
             set_view(loaded.model, tensors)
-            st["tokens_seen"] = int(meta.get("tokens_seen", 0))
-            st["train_seconds"] = 60 * float(meta.get("train_minutes", 0))
+            # The lineage's totals carry on (Trainer.carry_totals).
+            st["init_totals"] = {k: meta[k] for k in ("tokens_seen", "target_rows_seen", "train_minutes",
+                                                      "trained_steps") if k in meta}
         if preloaded is not None:  # the stream continues after the data brought along
             st["next_uid"] = int(preloaded.uids.max()) + 1
     else:
@@ -403,8 +403,10 @@ def run(a: argparse.Namespace, split: list[float]) -> int:
         log(f"resumed exactly from {ck} at step {trainer.step_num}")
     else:
         trainer.step_num = int(st.get("step", 0))
-        trainer.tokens_seen, trainer.targets_seen = int(st.get("tokens_seen", 0)), int(st.get("targets_seen", 0))
-        trainer.train_seconds = float(st.get("train_seconds", 0))
+        if first:
+            trainer.carry_totals(st.pop("init_totals", {}))
+        else:
+            trainer.set_totals(st)
         if not first:
             trainer.start_rewarm()
             log(f"resumed from the int8 view at step {trainer.step_num} (fresh AdamW moments, "

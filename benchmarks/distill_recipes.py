@@ -205,7 +205,7 @@ def run(a: argparse.Namespace, variants: list[dict[str, Any]]) -> int:
         cfg = D.TrainConfig(block_size=lm.block_size, batch_size=a.batch_size, blocks_per_seq=v["blocks"], lr=v["lr"],
                             loss_decay=v["decay"], max_steps=max(steps, 1))
         tr = D.Trainer(lm.model, train_data, lm.mask_token_id, cfg, amp=amp)
-        tr.tokens_seen = tokens0
+        tr.carry_totals(init_meta)
         if not steps:  # from the budget: the same count for every variant, timed on the first
             for i in range(6):
                 if i == 2:

@@ -119,6 +119,10 @@ def test_recipe_comparison_then_the_curve_continues_the_best(tmp_path, capsys):
     pts = json.loads((state / "curve.json").read_text())["points"]
     assert st["next_uid"] > int(data.uids.max()) + 1 and st["train_on"] == best["variant"]["data"].replace("mixed", "all")
     assert pts[0]["tokens_seen"] == int(meta["tokens_seen"]) and pts[-1]["tokens_seen"] > pts[0]["tokens_seen"]
+    _, cmeta = C.read_view_parts(state)  # the lineage's totals: the recipe run's, then the curve's
+    assert int(cmeta["trained_steps"]) == 6 + st["step"] and st["steps_before"] == 6
+    assert int(cmeta["target_rows_seen"]) > int(meta["target_rows_seen"]) > 0
+    assert float(cmeta["train_minutes"]) > float(meta["train_minutes"]) > 0
     assert all(1.0 <= p["heldout_greedy_replay"]["tokens_per_cycle"] <= 4.0 for p in pts)
 
     assert R.main(["--out", str(out), "--state", str(rs), "--variants", "a:data=sampled"]) == 2

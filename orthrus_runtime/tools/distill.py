@@ -733,7 +733,24 @@ class Trainer:
         self.tokens_seen = 0
         self.targets_seen = 0
         self.train_seconds = 0.0
+        self.steps_before = 0  # steps trained into the starting view by earlier runs
         self._rewarm_from: Optional[int] = None
+
+    def carry_totals(self, view_meta: dict[str, str]) -> None:
+        """Start the running totals where a trained view's metadata left them, so that a
+        view trained from another one reports the totals of its whole lineage."""
+        self.tokens_seen = int(view_meta.get("tokens_seen", 0))
+        self.targets_seen = int(view_meta.get("target_rows_seen", 0))
+        self.train_seconds = 60 * float(view_meta.get("train_minutes", 0))
+        self.steps_before = int(view_meta.get("trained_steps", 0))
+
+    def totals(self) -> dict[str, Any]:
+        return {"tokens_seen": self.tokens_seen, "targets_seen": self.targets_seen,
+                "train_seconds": self.train_seconds, "steps_before": self.steps_before}
+
+    def set_totals(self, t: dict[str, Any]) -> None:
+        self.tokens_seen, self.targets_seen = int(t.get("tokens_seen", 0)), int(t.get("targets_seen", 0))
+        self.train_seconds, self.steps_before = float(t.get("train_seconds", 0)), int(t.get("steps_before", 0))
 
     def lr_at(self, step: int) -> float:
         c = self.cfg
@@ -824,8 +841,7 @@ class Trainer:
     # -- checkpoints ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step_num, "max_steps": self.cfg.max_steps, "warmup_steps": self.cfg.warmup_steps,
-                "tokens_seen": self.tokens_seen, "targets_seen": self.targets_seen,
-                "train_seconds": self.train_seconds,
+                **self.totals(),
                 "params": {k: p.detach().cpu().clone() for k, p in self.params.items()},
                 "optimizer": self.opt.state_dict(), "config": dataclasses.asdict(self.cfg)}
 
@@ -840,8 +856,7 @@ class Trainer:
         self.step_num = int(sd["step"])
         self.cfg.max_steps = int(sd["max_steps"])
         self.cfg.warmup_steps = int(sd["warmup_steps"])
-        self.tokens_seen, self.targets_seen = int(sd["tokens_seen"]), int(sd["targets_seen"])
-        self.train_seconds = float(sd["train_seconds"])
+        self.set_totals(sd)
 
     def save(self, path: str | os.PathLike) -> None:
         tmp = Path(str(path) + ".tmp")
@@ -1056,7 +1071,8 @@ def load_for_distill(args: argparse.Namespace):
 
 def view_metadata(trainer: Trainer, loaded: Any, data: DistillData, init: str, recipe: dict[str, Any]) -> dict[str, str]:
     """What a trained view file records about itself (shown by `orthrus eval-acceptance`)."""
-    return {"trained_steps": str(trainer.step_num), "train_minutes": f"{trainer.train_seconds / 60:.6g}",
+    return {"trained_steps": str(trainer.steps_before + trainer.step_num),
+            "train_minutes": f"{trainer.train_seconds / 60:.6g}",
             "tokens_seen": str(trainer.tokens_seen), "target_rows_seen": str(trainer.targets_seen),
             "train_sequences": str(len(data)), "train_response_tokens": str(data.response_tokens),
             "base_model": loaded.model_id, "init": init,
@@ -1146,9 +1162,7 @@ def _run(args: argparse.Namespace) -> int:
         # Continuing from a trained view: its totals carry on (the curve's x axis).
         from orthrus_runtime.model.loader import read_diffusion_view
 
-        prev = read_diffusion_view(loaded.diffusion_source)[1]
-        trainer.tokens_seen = int(prev.get("tokens_seen", 0))
-        trainer.train_seconds = 60 * float(prev.get("train_minutes", 0))
+        trainer.carry_totals(read_diffusion_view(loaded.diffusion_source)[1])
     train(trainer, out_dir=out, val=val_data, minutes=args.train_minutes, save_every=args.save_every,
           log_every=args.log_every, stop_at=args.stop_at_step, progress=not args.no_progress, log=log)
     export = Path(args.export) if args.export else out / "diffusion-view.safetensors"
