@@ -266,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompts", default=str(D.DEFAULT_PROMPTS))
     ap.add_argument("--gen-max-new-tokens", type=int, default=320)
     ap.add_argument("--gen-max-num-seqs", type=int, default=384)
-    ap.add_argument("--gen-greedy-fraction", type=float, default=0.5)
+    ap.add_argument("--gen-greedy-fraction", type=float, default=1.0)
     ap.add_argument("--gen-dtype", default="bfloat16", choices=["float32", "bfloat16"],
                     help="dtype of the model answering the prompts (training runs on the float32 weights)")
     ap.add_argument("--data", type=Path, default=None,
@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--blocks-per-seq", type=int, default=32)
     ap.add_argument("--lr", type=float, default=2e-4)
-    ap.add_argument("--loss-decay", type=float, default=0.0)
+    ap.add_argument("--loss-decay", type=float, default=3.0)
     ap.add_argument("--rewarm-steps", type=int, default=20)
     ap.add_argument("--eval-dtypes", default="float32,bfloat16")
     ap.add_argument("--eval-datasets", default="mt-bench,humaneval")
