@@ -91,6 +91,17 @@ def write_view_parts(model, loaded, folder: Path, meta: dict[str, str], part_byt
     return tensors
 
 
+def add_eval_arguments(ap: argparse.ArgumentParser) -> None:
+    """How a view is evaluated (evaluate_point): orthrus eval-acceptance's settings."""
+    ap.add_argument("--eval-dtypes", default="float32,bfloat16")
+    ap.add_argument("--eval-datasets", default="mt-bench,humaneval")
+    ap.add_argument("--eval-block-size", type=int, default=16)
+    ap.add_argument("--eval-max-tokens", type=int, default=256)
+    ap.add_argument("--eval-max-num-seqs", type=int, default=256)
+    ap.add_argument("--eval-limit", type=int, default=0)
+    ap.add_argument("--eval-kv-cache-mb", type=int, default=8192)
+
+
 def eval_namespace(a: argparse.Namespace) -> argparse.Namespace:
     p = argparse.ArgumentParser()
     E.add_arguments(p)
@@ -279,14 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--loss-decay", type=float, default=3.0)
     ap.add_argument("--rewarm-steps", type=int, default=20)
-    ap.add_argument("--eval-dtypes", default="float32,bfloat16")
-    ap.add_argument("--eval-datasets", default="mt-bench,humaneval")
-    ap.add_argument("--eval-block-size", type=int, default=16)
-    ap.add_argument("--eval-max-tokens", type=int, default=256)
-    ap.add_argument("--eval-max-num-seqs", type=int, default=256)
-    ap.add_argument("--eval-limit", type=int, default=0)
+    add_eval_arguments(ap)
     ap.add_argument("--eval-estimate-s", type=float, default=90, help="one evaluation's seconds until measured")
-    ap.add_argument("--eval-kv-cache-mb", type=int, default=8192)
     ap.add_argument("--max-points", type=int, default=3, help="curve points a command adds at most")
     ap.add_argument("--no-start-point", dest="start_point", action="store_false",
                     help="a first command does not evaluate the view it starts from (known already)")

@@ -36,12 +36,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import distill_curve as C  # noqa: E402
 from orthrus_runtime.tools import distill as D  # noqa: E402
 from orthrus_runtime.model.loader import (DEFAULT_DIFFUSION_VIEW, load_model, read_diffusion_view,  # noqa: E402
                                           save_diffusion_view)
 
-DEFAULT_VARIANTS = ("mixed:data=mixed;greedy:data=greedy;greedy-decay3:data=greedy,decay=3;"
-                    "greedy-lr6e-4:data=greedy,lr=6e-4;greedy-lr6e-4-decay3:data=greedy,lr=6e-4,decay=3")
+# The comparison of 2026-12-07 (docs/distillation.md).
+DEFAULT_VARIANTS = "mixed:data=mixed;greedy:data=greedy;greedy-decay3:data=greedy,decay=3"
 KEYS = {"data": str, "lr": float, "decay": float, "blocks": int}
 T0 = time.monotonic()
 
@@ -121,13 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="then time that view through the engine alone (bfloat16, batch 1 and 16, chat prompts)")
     ap.add_argument("--reserve-s", type=float, default=0,
                     help="seconds of the budget kept for --eval-best and --speedup")
-    ap.add_argument("--eval-dtypes", default="float32,bfloat16")
-    ap.add_argument("--eval-datasets", default="mt-bench,humaneval")
-    ap.add_argument("--eval-block-size", type=int, default=16)
-    ap.add_argument("--eval-max-tokens", type=int, default=256)
-    ap.add_argument("--eval-max-num-seqs", type=int, default=256)
-    ap.add_argument("--eval-limit", type=int, default=0)
-    ap.add_argument("--eval-kv-cache-mb", type=int, default=8192)
+    C.add_eval_arguments(ap)
     ap.add_argument("--measure-estimate-s", type=float, default=10, help="one held-out replay's seconds until measured")
     a = ap.parse_args(argv)
     try:
@@ -139,8 +134,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(a: argparse.Namespace, variants: list[dict[str, Any]]) -> int:
-    import distill_curve as C
-
     deadline = T0 + a.budget_s - a.reserve_s
     torch.backends.cuda.matmul.allow_tf32 = False
     a.out.mkdir(parents=True, exist_ok=True)
