@@ -114,7 +114,9 @@ class AcceptanceStats:
     num_draft_tokens: draft tokens that were verified.
     num_accepted_tokens: verified draft tokens that were accepted.
     accepted_per_position[i]: accepted drafts at draft position i (0-based).
-    Tokens emitted by the cycles = num_accepted_tokens + num_cycles (each cycle adds one AR token).
+    Tokens emitted by the cycles = num_accepted_tokens + num_cycles (each cycle adds one AR token),
+    except in a cycle that a stop token cuts short: drafts that verification
+    accepted past the stop count as accepted (as vLLM counts acceptance) but are not emitted.
     """
 
     num_cycles: int = 0

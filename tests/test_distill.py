@@ -463,3 +463,17 @@ def test_greedy_cycles_equal_the_engines_greedy_orthrus_decoding(tmp_path):
     assert got.tokens_per_cycle == pytest.approx(1 + accepted / cycles)
     per_row = [sum(o.stats.accepted_per_position[i] for o in outs) / cycles for i in range(3)]
     assert got.acceptance_by_position == pytest.approx(per_row)
+
+    # Answers that end at a stop token: the same cycles; the engine also counts drafts that
+    # verification accepted past the stop (the answer cannot show them), so the replay is at most it.
+    stops = [o.token_ids[len(o.token_ids) // 2] for o in outs]
+    cut = eng.generate([GenerateRequest(prompt_token_ids=r.prompt_token_ids, mode="orthrus",
+                                        params=SamplingParams(max_tokens=24, temperature=0, stop_token_ids=[t]))
+                        for r, t in zip(reqs, stops)])
+    assert any(o.finish_reason == "stop" for o in cut)
+    for r, o in zip(reqs, cut):
+        one = D.greedy_cycles(lm.model, D.DistillData.from_sequences([(r.prompt_token_ids, o.token_ids)], greedy=[True]),
+                              4, lm.mask_token_id)
+        accepted_replay = round((one.tokens_per_cycle - 1) * one.cycles)
+        assert one.cycles == o.stats.num_cycles and accepted_replay <= o.stats.num_accepted_tokens
+        assert accepted_replay + one.cycles == len(o.token_ids) - 1  # the replay counts emitted tokens

@@ -608,8 +608,11 @@ def greedy_cycles(model: DualViewModel, data: DistillData, block_size: int, mask
     greedy decoding takes, so drafting a block at every response token (teacher-forced,
     the batched pass training uses) tells how many rows verification would accept there,
     and replay_cycles walks the cycles. Up to bfloat16 near-ties this is what
-    `orthrus eval-acceptance` measures on those prompts; it needs no engine, so it is
-    cheap enough to compare training recipes on held-out answers (never the eval sets)."""
+    `orthrus eval-acceptance` measures on those prompts, but for the last cycle of an
+    answer that ends at a stop token: the engine also counts drafts that verification
+    accepted past the stop, which the answer cannot show (so the replay is at most the
+    engine's count). It needs no engine, so it is cheap enough to compare training
+    recipes on held-out answers (never the eval sets)."""
     dev = model.lm_head.weight.device
     B = block_size
     autocast = torch.autocast(dev.type, dtype=amp) if amp is not None else _null()

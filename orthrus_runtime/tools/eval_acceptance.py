@@ -5,9 +5,10 @@ Every prompt runs through the real engine (continuous batching, paged cache,
 draft + verify passes), so the numbers are the ones a server gets. Reported per
 dataset and block size:
 
-- tokens_per_cycle: tokens emitted by decode cycles / cycles (accepted drafts + the
-  AR token of each cycle); the number Orthrus multiplies decode speed by when a
-  cycle costs about one AR step;
+- tokens_per_cycle: (accepted drafts + the AR token of each cycle) / cycles, the
+  tokens a cycle emits (the last cycle of an answer that ends at a stop token counts
+  the drafts verification accepted past it, as vLLM does); the number Orthrus
+  multiplies decode speed by when a cycle costs about one AR step;
 - tokens_per_forward_pass: completion tokens / every model pass a request needed
   (one prefill pass plus a draft and a verify pass per cycle); plain AR decoding
   scores 1.0 here;
