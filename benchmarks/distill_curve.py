@@ -395,7 +395,7 @@ def run(a: argparse.Namespace, split: list[float]) -> int:
         data = D.DistillData.concat([preloaded, data])
     if len(data) < 4:
         raise ValueError(f"only {len(data)} responses in {st['gen_seconds']:.0f} s of generation")
-    train_data, val_data = data.split(0.02)
+    train_data, val_data = data.split(0.02, len(prompts))
     if a.train_on == "greedy":
         train_data = train_data.greedy_only()
         if len(train_data) < 2:

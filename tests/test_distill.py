@@ -172,6 +172,15 @@ def test_data_file_round_trip_and_split(tmp_path):
     both = D.DistillData.concat([train, held])
     assert sorted(both.uids.tolist()) == list(range(5)) and both.response_tokens == data.response_tokens
     assert torch.equal(both.sequence(4), data.sequence(0))
+    # The greedy flag survives the round trip; a shard without it (older) reads as sampled.
+    g = D.DistillData(data.tokens, data.offsets, data.prompt_lens, data.uids, {}, torch.tensor([1, 0, 1, 0, 0]).bool())
+    g.save(tmp_path / "g.safetensors")
+    assert D.DistillData.load(tmp_path / "g.safetensors").greedy.tolist() == [True, False, True, False, False]
+    assert g.greedy_only().uids.tolist() == [0, 2] and not back.greedy.any()
+    # Answers of later passes (uid = pass x prompts + i) to a held-out prompt are held out too.
+    wrapped = D.DistillData(data.tokens, data.offsets, data.prompt_lens, torch.tensor([0, 3, 6, 7, 9]), {})
+    assert wrapped.split(0.5, prompts=3)[1].uids.tolist() == [0, 3, 6, 9]  # prompt 0, in every pass
+    assert wrapped.split(0.5)[1].uids.tolist() == [0, 6]  # by uid: prompt 0's answers 3 and 9 would train
 
 
 def test_load_prompts_formats_and_errors(tmp_path):

@@ -166,15 +166,18 @@ class DistillData:
         out.meta["response_tokens"] = str(out.response_tokens)
         return out
 
-    def split(self, fraction: float) -> tuple["DistillData", "DistillData"]:
-        """(train, held-out): sequences whose uid is a multiple of round(1 / fraction) are held
-        out, so the held-out set stays the same as shards are added (at least one is held out
-        when fraction > 0 and there are two or more sequences)."""
+    def split(self, fraction: float, prompts: int = 0) -> tuple["DistillData", "DistillData"]:
+        """(train, held-out): sequences whose prompt index (uid modulo prompts, the stream's
+        prompts per pass; 0: the uid itself) is a multiple of round(1 / fraction) are held
+        out, so the held-out set stays the same as shards are added, and a held-out prompt's
+        later answers (passes after the first) are held out too; at least one is held out
+        when fraction > 0 and there are two or more sequences."""
         n = len(self)
         if fraction <= 0 or n < 2:
             return self, self.subset([])
         every = max(2, round(1 / fraction))
-        held = (self.uids % every == 0).nonzero().flatten().tolist() or [n - 1]
+        index = self.uids % prompts if prompts > 0 else self.uids
+        held = (index % every == 0).nonzero().flatten().tolist() or [n - 1]
         hs = set(held)
         return self.subset([i for i in range(n) if i not in hs]), self.subset(held)
 
@@ -1148,7 +1151,7 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError(f"{data_dir}: no distillation data")
     log(f"data: {len(data)} sequences, {data.response_tokens} response tokens in {len(shard_paths(data_dir))} shard(s)")
 
-    train_data, val_data = data.split(args.val_fraction)
+    train_data, val_data = data.split(args.val_fraction, int(gen_state.get("num_prompts", 0)))
     if args.train_on == "greedy":
         train_data = train_data.greedy_only()
         if not len(train_data):
