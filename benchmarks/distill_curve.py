@@ -381,7 +381,14 @@ def run(a: argparse.Namespace, split: list[float]) -> int:
     # Data for this command.
     gen_s = max(1.0, min(split[0] * a.budget_s, budget_left * 0.5))  # > 0: no limit would be endless
     parts: list[D.DistillData] = []
-    for _ in range(5):  # enough to train on, even where the budget is already spent
+    # Greedy answers end with the first pass (a second greedy answer repeats the first).
+    greedy_left = int(st["next_uid"]) < len(prompts) and a.gen_greedy_fraction > 0
+    if a.train_on == "greedy" and not greedy_left:
+        if preloaded is None:
+            raise ValueError(f"every prompt has its greedy answer (the stream is at uid {st['next_uid']} of "
+                             f"{len(prompts)} prompts): more greedy data needs more prompts (--prompts)")
+        log("every prompt has its greedy answer: no new data, training on --data alone")
+    for _ in range(5 if a.train_on == "all" or greedy_left else 0):  # enough to train on, even past the budget
         new = D.generate_data(gen_model, stream, start=int(st["next_uid"]), seconds=gen_s,
                               max_new_tokens=a.gen_max_new_tokens, max_num_seqs=a.gen_max_num_seqs, log=log)
         parts.append(new)

@@ -114,10 +114,12 @@ def test_recipe_comparison_then_the_curve_continues_the_best(tmp_path, capsys):
                    "--eval-block-size", "4", "--eval-max-tokens", "6", "--eval-limit", "1", "--eval-estimate-s", "1",
                    "--gen-max-new-tokens", "10", "--gen-max-num-seqs", "8", "--batch-size", "4",
                    "--blocks-per-seq", "3", "--budget-s", "8", "--chain", "1", "--part-mb", "0.005",
-                   "--max-points", "1"] + best["curve_args"].split()) == 0
+                   "--max-points", "1"] + best["curve_args"].split() + ["--train-on", "greedy"]) == 0
     st = json.loads((state / "state.json").read_text())
     pts = json.loads((state / "curve.json").read_text())["points"]
-    assert st["next_uid"] > int(data.uids.max()) + 1 and st["train_on"] == best["variant"]["data"].replace("mixed", "all")
+    # The recipe run answered every prompt: no greedy answers are left, so no new data.
+    assert int(data.uids.max()) + 1 == 160 and st["next_uid"] == 160 and st["train_on"] == "greedy"
+    assert "every prompt has its greedy answer" in capsys.readouterr().err
     assert pts[0]["tokens_seen"] == int(meta["tokens_seen"]) and pts[-1]["tokens_seen"] > pts[0]["tokens_seen"]
     _, cmeta = C.read_view_parts(state)  # the lineage's totals: the recipe run's, then the curve's
     assert int(cmeta["trained_steps"]) == 6 + st["step"] and st["steps_before"] == 6
