@@ -125,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     C.add_eval_arguments(ap)
     ap.add_argument("--measure-estimate-s", type=float, default=10, help="one held-out replay's seconds until measured")
     a = ap.parse_args(argv)
+    if (a.eval_best or a.speedup) and a.reserve_s <= 0 and not a.steps:
+        print("error: --eval-best and --speedup need --reserve-s (their seconds, kept out of the training budget)",
+              file=sys.stderr)
+        return 2
     try:
         variants = parse_variants(a.variants)
         return run(a, variants)
@@ -206,7 +210,7 @@ def run(a: argparse.Namespace, variants: list[dict[str, Any]]) -> int:
                 tr.probe_step()
             per = (time.monotonic() - t_probe) / 4
             left = deadline - time.monotonic() - len(variants) * (measure_s + 3)
-            steps = max(10, int(left / len(variants) / per))
+            steps = max(10, int(0.95 * left / len(variants) / per))  # the held-out KL and saves take a little
             cfg.max_steps = steps
             log(f"{per * 1000:.0f} ms/step (probe) -> {steps} steps per variant")
         t = time.monotonic()

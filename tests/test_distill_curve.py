@@ -129,3 +129,5 @@ def test_recipe_comparison_then_the_curve_continues_the_best(tmp_path, capsys):
 
     assert R.main(["--out", str(out), "--state", str(rs), "--variants", "a:data=sampled"]) == 2
     assert "mixed or greedy" in capsys.readouterr().err
+    assert R.main(["--out", str(out), "--state", str(rs), "--eval-best"]) == 2
+    assert "--reserve-s" in capsys.readouterr().err
