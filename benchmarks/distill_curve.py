@@ -17,8 +17,10 @@ One command, `python benchmarks/distill_curve.py --state DIR --out OUT --budget-
 5. after every point saves DIR/state.json (totals, schedule, prompt cursor, timings),
    DIR/curve.json, DIR/curve.png, the int8 view in parts (view.part0, ...; at most
    --part-mb each) and DIR/checkpoint.pt (float32 master weights and AdamW moments,
-   about 320 MB, for a machine that stays warm); OUT gets copies of all but the
-   checkpoint (5 files for SmolLM2), so a command cut short still returns what it finished.
+   about 320 MB, for a machine that stays warm); the first command also keeps its
+   held-out greedy answers (heldout-greedy.safetensors), which every point's replay
+   measures; OUT gets copies of all but the checkpoint (6 files for SmolLM2), so a
+   command cut short still returns what it finished.
 
 A later command with the same DIR continues exactly (checkpoint.pt, when it matches
 state.json's step); with OUT's files carried back as DIR to a fresh machine it
@@ -49,6 +51,7 @@ from orthrus_runtime.model.loader import (DEFAULT_DIFFUSION_VIEW, load_model, re
                                           save_diffusion_view)
 
 STATE_FORMAT = "orthrus-distill-curve-v1"
+REPLAY_SET = "heldout-greedy.safetensors"  # the held-out greedy answers every point's replay measures
 TARGETS = {"mt-bench": 4.0, "humaneval": 3.6}  # issue 18, float32
 T0 = time.monotonic()
 
@@ -403,6 +406,16 @@ def run(a: argparse.Namespace, split: list[float]) -> int:
     if len(data) < 4:
         raise ValueError(f"only {len(data)} responses in {st['gen_seconds']:.0f} s of generation")
     train_data, val_data = data.split(0.02, len(prompts))
+    # The replay's held-out greedy answers: the first command's, kept, so that every point
+    # of the curve measures the same answers (held out by prompt, they never train).
+    replay_path = r.dir / REPLAY_SET
+    if replay_path.exists():
+        replay_set = D.DistillData.load(replay_path)
+    else:
+        g = val_data.greedy_only()
+        replay_set = g.subset(range(min(len(g), 64)))
+        if len(replay_set):
+            replay_set.save(replay_path)
     if a.train_on == "greedy":
         train_data = train_data.greedy_only()
         if len(train_data) < 2:
@@ -430,7 +443,7 @@ def run(a: argparse.Namespace, split: list[float]) -> int:
          "data_response_tokens": st["data_response_tokens"], "gen_seconds": st["gen_seconds"]})
     if start_point:  # the curve's first point: the starting view
         st["heldout"] = {"loss": round(before.loss, 4), "acc": round(before.accuracy, 4)}
-        r.save(trainer, loaded, models, meta_fn(), point=True, heldout=val_data)
+        r.save(trainer, loaded, models, meta_fn(), point=True, heldout=replay_set)
         eval_s = st["eval_seconds"]
     if cfg.max_steps <= 0:  # the chain's schedule, from probe steps
         for i in range(8):
@@ -451,7 +464,7 @@ def run(a: argparse.Namespace, split: list[float]) -> int:
         D.train(trainer, minutes=seg / 60, save_every=0, log_every=50, progress=False, log=log)
         vs = trainer.evaluate(val_data)
         st["heldout"] = {"loss": round(vs.loss, 4), "acc": round(vs.accuracy, 4), "before": round(before.loss, 4)}
-        r.save(trainer, loaded, models, meta_fn(), point=True, heldout=val_data)
+        r.save(trainer, loaded, models, meta_fn(), point=True, heldout=replay_set)
         eval_s = st["eval_seconds"]
     r.save(trainer, loaded, models, meta_fn(), point=False)
     log(f"command {st['commands']} done: step {trainer.step_num}/{cfg.max_steps}, "

@@ -40,8 +40,9 @@ def test_curve_commands_chain_and_resume_from_returned_files(tmp_path, capsys):
     assert pts1[0]["step"] == 0 and pts1[0]["tokens_seen"] == 0 and pts1[-1]["step"] == st1["step"]
     assert {"mt-bench", "humaneval"} <= set(pts1[-1]["acceptance"]["float32"])
     out1 = sorted(p.name for p in (tmp_path / "out1").iterdir())
-    # Besides the view's parts (two of 15 MB for SmolLM2's 27 MB int8 view): three files.
-    assert [n for n in out1 if not n.startswith("view.part")] == ["curve.json", "curve.png", "state.json"]
+    # Besides the view's parts (two of 15 MB for SmolLM2's 27 MB int8 view): four files.
+    assert [n for n in out1 if not n.startswith("view.part")] == ["curve.json", "curve.png", "heldout-greedy.safetensors",
+                                                                  "state.json"]
     parts = [p for p in (tmp_path / "out1").iterdir() if p.name.startswith("view.part")]
     assert len(parts) >= 2 and all(p.stat().st_size <= 5_000 for p in parts)
     schedule = st1["max_steps"]
@@ -63,6 +64,9 @@ def test_curve_commands_chain_and_resume_from_returned_files(tmp_path, capsys):
     assert "resumed from the int8 view" in capsys.readouterr().err
     assert st3["commands"] == 3 and st3["step"] > st2["step"] and st3["tokens_seen"] > st2["tokens_seen"]
     assert [p["tokens_seen"] for p in pts3] == sorted(p["tokens_seen"] for p in pts3)
+    # Every point's replay measured the first command's held-out greedy answers.
+    assert len({json.dumps(p["heldout_greedy_replay"]["sequences"]) for p in pts3}) == 1
+    assert pts3[0]["heldout_greedy_replay"]["sequences"] >= 1
 
     # Bad input: a clear error.
     assert C.main(["--state", str(state), "--split", "0.5,0.5"]) == 2
