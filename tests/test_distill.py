@@ -98,10 +98,11 @@ def test_a_few_steps_lower_the_kl():
 
 
 def test_checkpoint_resume_continues_identically(tmp_path):
-    def fresh():
+    def fresh(**kw):
         m = tiny_model("llama", seed=2)
         mid = m.add_mask_embedding()
-        cfg = D.TrainConfig(block_size=4, batch_size=3, blocks_per_seq=3, lr=5e-3, warmup_steps=2, max_steps=6)
+        cfg = D.TrainConfig(**{"block_size": 4, "batch_size": 3, "blocks_per_seq": 3, "lr": 5e-3, "warmup_steps": 2,
+                               "max_steps": 6, **kw})
         return D.Trainer(m, _random_data(seed=4, n=5), mid, cfg)
 
     straight = fresh()
@@ -111,9 +112,9 @@ def test_checkpoint_resume_continues_identically(tmp_path):
     for _ in range(3):
         first.train_step()
     first.save(tmp_path / "ck.pt")
-    resumed = fresh()
+    resumed = fresh(loss_decay=0.0, lr=1e-3)  # other settings now: the checkpoint's recipe wins
     resumed.load(tmp_path / "ck.pt")
-    assert resumed.step_num == 3
+    assert resumed.step_num == 3 and resumed.cfg == first.cfg
     for _ in range(3):
         resumed.train_step()
     for k, p in straight.params.items():

@@ -862,6 +862,10 @@ class Trainer:
                 p.copy_(sd["params"][k])
         self.opt.load_state_dict(sd["optimizer"])
         self.step_num = int(sd["step"])
+        # The run's own recipe, whatever the defaults are now: a resumed run continues bit for bit.
+        for k, v in sd.get("config", {}).items():
+            if hasattr(self.cfg, k):
+                setattr(self.cfg, k, v)
         self.cfg.max_steps = int(sd["max_steps"])
         self.cfg.warmup_steps = int(sd["warmup_steps"])
         self.set_totals(sd)
@@ -1118,8 +1122,11 @@ def _run(args: argparse.Namespace) -> int:
         prompts = load_prompts(args.prompts)
         if args.num_prompts:
             prompts = prompts[: args.num_prompts]
+        # An unfinished generation continues with the greedy share it started with.
+        greedy_fraction = float(gen_state.get("greedy_fraction", args.gen_greedy_fraction)) if have \
+            else args.gen_greedy_fraction
         stream = PromptStream(loaded.tokenizer, prompts, passes=args.gen_passes,
-                              greedy_fraction=args.gen_greedy_fraction, max_prompt_tokens=args.gen_max_prompt_tokens,
+                              greedy_fraction=greedy_fraction, max_prompt_tokens=args.gen_max_prompt_tokens,
                               seed=args.seed)
         skip = set(load_shards(data_dir).uids.tolist()) if have else None
         if have:
@@ -1137,7 +1144,7 @@ def _run(args: argparse.Namespace) -> int:
         gen_state = {"complete": new.meta["complete"] == "True", "prompts": str(args.prompts),
                      "num_prompts": len(prompts), "passes": args.gen_passes,
                      "seconds": round(float(gen_state.get("seconds", 0)) + float(new.meta["seconds"]), 1),
-                     "greedy_fraction": args.gen_greedy_fraction, "temperature": args.gen_temperature,
+                     "greedy_fraction": greedy_fraction, "temperature": args.gen_temperature,
                      "top_p": args.gen_top_p, "max_new_tokens": args.gen_max_new_tokens,
                      "gen_dtype": args.gen_dtype or args.dtype}
         gen_state_path.write_text(json.dumps(gen_state, indent=2) + "\n")
