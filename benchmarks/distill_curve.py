@@ -440,7 +440,9 @@ def run(a: argparse.Namespace, split: list[float]) -> int:
     meta_fn: Callable[[], dict[str, str]] = lambda: D.view_metadata(  # noqa: E731
         trainer, loaded, train_data, st["init"],
         {"tool": "benchmarks/distill_curve.py", "commands": st["commands"], "chain": st["chain"],
-         "data_response_tokens": st["data_response_tokens"], "gen_seconds": st["gen_seconds"]})
+         "data_response_tokens": st["data_response_tokens"], "gen_seconds": st["gen_seconds"],
+         "train_on": a.train_on, "gen_greedy_fraction": a.gen_greedy_fraction, "gen_dtype": a.gen_dtype,
+         "preloaded_response_tokens": preloaded.response_tokens if preloaded is not None else 0})
     if start_point:  # the curve's first point: the starting view
         st["heldout"] = {"loss": round(before.loss, 4), "acc": round(before.accuracy, 4)}
         r.save(trainer, loaded, models, meta_fn(), point=True, heldout=replay_set)

@@ -129,6 +129,8 @@ def test_recipe_comparison_then_the_curve_continues_the_best(tmp_path, capsys):
     assert int(cmeta["trained_steps"]) == 6 + st["step"] and st["steps_before"] == 6
     assert int(cmeta["target_rows_seen"]) > int(meta["target_rows_seen"]) > 0
     assert float(cmeta["train_minutes"]) > float(meta["train_minutes"]) > 0
+    crecipe = json.loads(cmeta["recipe"])
+    assert crecipe["train_on"] == "greedy" and crecipe["preloaded_response_tokens"] == data.response_tokens
     assert all(1.0 <= p["heldout_greedy_replay"]["tokens_per_cycle"] <= 4.0 for p in pts)
 
     assert R.main(["--out", str(out), "--state", str(rs), "--variants", "a:data=sampled"]) == 2
