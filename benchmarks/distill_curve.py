@@ -182,9 +182,7 @@ class Run:
             acc = evaluate_point(models, tensors, self.a)
             replay = None
             if heldout is not None and bool(heldout.greedy.any()):  # evaluate_point left the int8 view in place
-                rs = D.greedy_cycles(loaded.model, heldout, loaded.block_size, loaded.mask_token_id)
-                replay = {"tokens_per_cycle": round(rs.tokens_per_cycle, 4), "sequences": rs.sequences,
-                          "acceptance_by_position": [round(x, 4) for x in rs.acceptance_by_position]}
+                replay = D.greedy_cycles(loaded.model, heldout, loaded.block_size, loaded.mask_token_id).report()
             set_view(loaded.model, master)
             self.state["eval_seconds"] = round(time.monotonic() - t0, 1)
             self.curve.append({"command": self.state["commands"], "step": trainer.step_num,

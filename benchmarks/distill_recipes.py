@@ -88,12 +88,6 @@ def split_data(data: D.DistillData, heldout_every: int = 50) -> tuple[D.DistillD
     return mixed, greedy, data.subset(held.nonzero().flatten().tolist())
 
 
-def cycle_report(st: D.CycleStats) -> dict[str, Any]:
-    return {"tokens_per_cycle": round(st.tokens_per_cycle, 4),
-            "acceptance_by_position": [round(x, 4) for x in st.acceptance_by_position],
-            "cycles": st.cycles, "sequences": st.sequences}
-
-
 def main(argv: list[str] | None = None) -> int:
     global T0
     T0 = time.monotonic()
@@ -182,8 +176,7 @@ def run(a: argparse.Namespace, variants: list[dict[str, Any]]) -> int:
 
     def measure() -> dict[str, Any]:
         t = time.monotonic()
-        st = D.greedy_cycles(lm.model, held, lm.block_size, lm.mask_token_id, max_seqs=a.heldout_seqs)
-        out = cycle_report(st)
+        out = D.greedy_cycles(lm.model, held, lm.block_size, lm.mask_token_id, max_seqs=a.heldout_seqs).report()
         out["seconds"] = round(time.monotonic() - t, 1)
         return out
 

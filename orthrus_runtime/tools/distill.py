@@ -520,6 +520,20 @@ def make_batch(data: DistillData, idx: list[int], blocks_per_seq: int, gen: torc
     return Batch(ids, lengths, plens, anchors, valid)
 
 
+def draft_blocks(model: DualViewModel, ids: torch.Tensor, anchors: torch.Tensor,
+                 teacher_kv: list[tuple[torch.Tensor, torch.Tensor]], block_size: int, mask_id: int) -> torch.Tensor:
+    """The diffusion pass over blocks [x_a, MASK x (B-1)] at anchors [bs, M] of the sequences
+    ids [bs, N], each block seeing the clean K/V before its anchor: hidden [bs, M, B, D]."""
+    bs, M = anchors.shape
+    B = block_size
+    d_ids = torch.full((bs, M, B), mask_id, dtype=torch.long, device=ids.device)
+    d_ids[:, :, 0] = ids.gather(1, anchors)
+    d_pos = anchors.unsqueeze(-1) + torch.arange(B, device=ids.device)
+    hd = model.forward_hidden(d_ids.view(bs, M * B), d_pos.view(bs, M * B),
+                              BlockDraftAttend(teacher_kv, anchors, B, model.scale), diff=True)
+    return hd.view(bs, M, B, -1)
+
+
 @dataclass
 class StepStats:
     loss: float
@@ -558,13 +572,8 @@ def distill_loss(model: DualViewModel, batch: Batch, block_size: int, mask_id: i
         del teacher, h, th
 
     with autocast:
-        d_ids = torch.full((bs, M, B), mask_id, dtype=torch.long, device=dev)
-        d_ids[:, :, 0] = ids.gather(1, anchors)
-        d_pos = anchors.unsqueeze(-1) + torch.arange(B, device=dev)
-        hd = model.forward_hidden(d_ids.view(bs, M * B), d_pos.view(bs, M * B),
-                                  BlockDraftAttend(kv, anchors, B, model.scale), diff=True)
-        hd = hd.view(bs, M, B, -1)[:, :, : B - 1].reshape(-1, hd.shape[-1])[sel]
-        s_logp = F.log_softmax(model.logits(hd), dim=-1)
+        hd = draft_blocks(model, ids, anchors, kv, B, mask_id)[:, :, : B - 1]
+        s_logp = F.log_softmax(model.logits(hd.reshape(-1, hd.shape[-1])[sel]), dim=-1)
     p = t_logp.exp()
     kl = (p * (t_logp - s_logp)).sum(-1)
     loss = (kl * w).sum() / w.sum().clamp(min=1e-9)
@@ -581,6 +590,12 @@ class CycleStats:
     acceptance_by_position: list[float]  # share of cycles whose draft row i was accepted
     cycles: int
     sequences: int
+
+    def report(self) -> dict[str, Any]:
+        """Rounded, for JSON results."""
+        return {"tokens_per_cycle": round(self.tokens_per_cycle, 4),
+                "acceptance_by_position": [round(x, 4) for x in self.acceptance_by_position],
+                "cycles": self.cycles, "sequences": self.sequences}
 
 
 def replay_cycles(accepted_at: list[int], response_len: int) -> tuple[int, int, list[int]]:
@@ -643,14 +658,10 @@ def greedy_cycles(model: DualViewModel, data: DistillData, block_size: int, mask
             valid = off.view(1, -1) < torch.tensor(n_anchor).view(-1, 1)  # [bs, G]
             anchors = (torch.tensor(plens).view(-1, 1) + torch.where(valid, off.view(1, -1), 0)).to(dev)
             G = anchors.shape[1]
-            d_ids = torch.full((bs, G, B), mask_id, dtype=torch.long, device=dev)
-            d_ids[:, :, 0] = ids.gather(1, anchors)
-            d_pos = anchors.unsqueeze(-1) + torch.arange(B, device=dev)
             with autocast:
-                hd = model.forward_hidden(d_ids.view(bs, G * B), d_pos.view(bs, G * B),
-                                          BlockDraftAttend(teacher.kv, anchors, B, model.scale), diff=True)
-                draft = model.logits(hd.view(bs, G, B, -1)[:, :, : B - 1]).argmax(-1)  # [bs, G, B-1]
-            tpos = (d_pos[:, :, 1:]).clamp(max=N - 1)  # the response token row i predicts
+                hd = draft_blocks(model, ids, anchors, teacher.kv, B, mask_id)
+                draft = model.logits(hd[:, :, : B - 1]).argmax(-1)  # [bs, G, B-1]
+            tpos = (anchors.unsqueeze(-1) + torch.arange(1, B, device=dev)).clamp(max=N - 1)  # what row i predicts
             hit = (draft == ids.gather(1, tpos.view(bs, -1)).view(bs, G, B - 1)).cpu()
             for b in range(bs):
                 m = int(valid[b].sum())
