@@ -11,7 +11,8 @@ One command, `python benchmarks/distill_curve.py --state DIR --out OUT --budget-
 3. generates fresh self-distilled data (greedy and sampled answers, through the engine at
    large batch) for the generation share of the budget, from where the prompt stream
    stopped last time (the prompts come round again sampled only);
-4. trains on it for the rest, in segments, evaluating the int8 view (as it would ship)
+4. trains on it and on every earlier command's answers kept in DIR/data (on this machine;
+   a fresh machine starts with none) for the rest, in segments, evaluating the int8 view (as it would ship)
    after each; the number of points comes from the evaluation share and the measured
    time of one evaluation;
 5. after every point saves DIR/state.json (totals, schedule, prompt cursor, timings),
@@ -52,6 +53,7 @@ from orthrus_runtime.model.loader import (DEFAULT_DIFFUSION_VIEW, load_model, re
 
 STATE_FORMAT = "orthrus-distill-curve-v1"
 REPLAY_SET = "heldout-greedy.safetensors"  # the held-out greedy answers every point's replay measures
+DATA_DIR = "data"  # every command's generated answers, as shards (not copied to OUT: too large)
 TARGETS = {"mt-bench": 4.0, "humaneval": 3.6}  # issue 18, float32
 T0 = time.monotonic()
 
@@ -231,9 +233,10 @@ class Run:
                 shutil.copy2(f, out / f.name)
 
 
-def engine_speedup(view_dir: Path, model: str | None) -> dict[str, Any]:
+def engine_speedup(view_dir: Path, model: str | None, quick: bool = False) -> dict[str, Any]:
     """benchmarks/engine.py's SmolLM2 section (bfloat16, engine alone: AR and Orthrus at
-    batch 1 and 16, chat prompts) with the int8 view whose parts are in view_dir."""
+    batch 1 and 16, chat prompts) with the int8 view whose parts are in view_dir; quick: 64-token
+    answers, one timed run (a check of the path, not a measurement)."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import engine as bench
     from orthrus_runtime.model.loader import default_gguf_path
@@ -246,13 +249,14 @@ def engine_speedup(view_dir: Path, model: str | None) -> dict[str, Any]:
     rep: dict[str, Any] = {"what": "engine alone, bfloat16, chat prompts, 256 greedy tokens (benchmarks/engine.py "
                                    "section_smollm2)"}
     try:
-        bench.section_smollm2(rep, False, path=Path(model) if model else default_gguf_path(), view=str(view))
+        bench.section_smollm2(rep, quick, path=Path(model) if model else default_gguf_path(), view=str(view))
     finally:
         view.unlink()
     sm = rep.get("smollm2", {})
-    ar, full, ad = (sm.get(f"{m}/bs1", {}).get("tokens_per_s") for m in ("ar", "orthrus-full", "orthrus-adaptive"))
-    if ar:
-        rep["orthrus_vs_ar_bs1"] = {"full": full / ar if full else None, "adaptive": ad / ar if ad else None}
+    for tag in ("", "-first4"):  # batch 1: the 16 chat prompts one by one; the first 4 of them
+        ar, full, ad = (sm.get(f"{m}/bs1{tag}", {}).get("tokens_per_s") for m in ("ar", "orthrus-full", "orthrus-adaptive"))
+        if ar:
+            rep[f"orthrus_vs_ar_bs1{tag}"] = {"full": full / ar if full else None, "adaptive": ad / ar if ad else None}
     return rep
 
 
@@ -385,10 +389,10 @@ def run(a: argparse.Namespace, split: list[float]) -> int:
     # Greedy answers end with the first pass (a second greedy answer repeats the first).
     greedy_left = int(st["next_uid"]) < len(prompts) and a.gen_greedy_fraction > 0
     if a.train_on == "greedy" and not greedy_left:
-        if preloaded is None:
+        if preloaded is None and not D.shard_paths(r.dir / DATA_DIR):
             raise ValueError(f"every prompt has its greedy answer (the stream is at uid {st['next_uid']} of "
                              f"{len(prompts)} prompts): more greedy data needs more prompts (--prompts)")
-        log("every prompt has its greedy answer: no new data, training on --data alone")
+        log("every prompt has its greedy answer: no new data, training on the answers kept and --data")
     for _ in range(5 if a.train_on == "all" or greedy_left else 0):  # enough to train on, even past the budget
         new = D.generate_data(gen_model, stream, start=int(st["next_uid"]), seconds=gen_s,
                               max_new_tokens=a.gen_max_new_tokens, max_num_seqs=a.gen_max_num_seqs, log=log)
@@ -397,8 +401,15 @@ def run(a: argparse.Namespace, split: list[float]) -> int:
         st["gen_seconds"] = round(st["gen_seconds"] + float(new.meta["seconds"]), 1)
         if sum(map(len, parts)) >= 4:
             break
-    data = D.DistillData.concat(parts)
-    st["data_response_tokens"] += data.response_tokens
+    fresh = D.DistillData.concat(parts)
+    st["data_response_tokens"] += fresh.response_tokens
+    # Every command's answers stay in DIR/data while the machine does, and each command trains
+    # on all of them: fewer epochs over a wider set than its own answers alone.
+    if len(fresh):
+        D.ShardWriter(r.dir / DATA_DIR)(fresh)
+    data = D.load_shards(r.dir / DATA_DIR)
+    log(f"training data: {len(fresh)} new answers, {len(data)} kept in {DATA_DIR}/ "
+        f"({data.response_tokens} response tokens)" + (f", {len(preloaded)} from --data" if preloaded else ""))
     if preloaded is not None:
         data = D.DistillData.concat([preloaded, data])
     if len(data) < 4:

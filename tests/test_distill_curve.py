@@ -18,6 +18,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 def test_curve_commands_chain_and_resume_from_returned_files(tmp_path, capsys):
     import distill_curve as C
+    from orthrus_runtime.tools import distill as D
 
     ck = tiny_checkpoint(tmp_path / "ck", arch="llama", block_size=4)
     (tmp_path / "p.txt").write_text("\n".join(f"Describe the colour of stone number {i}." for i in range(40)))
@@ -48,10 +49,18 @@ def test_curve_commands_chain_and_resume_from_returned_files(tmp_path, capsys):
     schedule = st1["max_steps"]
     assert schedule > st1["step"]  # the schedule spans the chain
 
+    kept1 = D.load_shards(state / "data")
+    assert len(D.shard_paths(state / "data")) == 1 and len(kept1) > 0
+
     # Same machine: exact resume from the checkpoint kept in --state.
     assert C.main(argv(state, tmp_path / "out2")) == 0
     st2, pts2 = load(state)
-    assert "resumed exactly" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "resumed exactly" in err
+    # The second command trains on its own answers and on the first's, kept in --state.
+    kept2 = D.load_shards(state / "data")
+    assert len(D.shard_paths(state / "data")) == 2 and kept2.uids[: len(kept1)].tolist() == kept1.uids.tolist()
+    assert f"{len(kept2) - len(kept1)} new answers, {len(kept2)} kept" in err
     assert st2["commands"] == 2 and st2["max_steps"] == schedule
     assert st2["step"] > st1["step"] and st2["tokens_seen"] > st1["tokens_seen"] and st2["next_uid"] > st1["next_uid"]
     assert pts2[: len(pts1)] == pts1 and len(pts2) > len(pts1)
@@ -62,6 +71,7 @@ def test_curve_commands_chain_and_resume_from_returned_files(tmp_path, capsys):
     assert C.main(argv(fresh, tmp_path / "out3")) == 0
     st3, pts3 = load(fresh)
     assert "resumed from the int8 view" in capsys.readouterr().err
+    assert len(D.shard_paths(fresh / "data")) == 1  # the answers kept stay on the machine that made them
     assert st3["commands"] == 3 and st3["step"] > st2["step"] and st3["tokens_seen"] > st2["tokens_seen"]
     assert [p["tokens_seen"] for p in pts3] == sorted(p["tokens_seen"] for p in pts3)
     # Every point's replay measured the first command's held-out greedy answers.
@@ -137,3 +147,25 @@ def test_recipe_comparison_then_the_curve_continues_the_best(tmp_path, capsys):
     assert "mixed or greedy" in capsys.readouterr().err
     assert R.main(["--out", str(out), "--state", str(rs), "--eval-best"]) == 2
     assert "--reserve-s" in capsys.readouterr().err
+
+
+def test_engine_speedup_times_batch_1_on_every_chat_prompt_and_the_first_four(tmp_path):
+    """The speed-up at batch 1 comes from the 16 chat prompts one by one, each timed, and
+    the first 4 of them (the figure before 2026-12-07) from the same runs; every figure at
+    batch 1 has the ms of a cycle."""
+    import distill_curve as C
+    from orthrus_runtime.model.loader import load_model
+
+    ck = tiny_checkpoint(tmp_path / "ck", arch="llama", block_size=4)
+    loaded = load_model(str(ck), "float32", "cpu", None, None, None)
+    C.write_view_parts(loaded.model, loaded, tmp_path, {}, 5_000)
+    rep = C.engine_speedup(tmp_path, str(ck), quick=True)
+    sm = rep["smollm2"]
+    for mode in ("ar", "orthrus-full", "orthrus-adaptive"):
+        every, first = sm[f"{mode}/bs1"], sm[f"{mode}/bs1-first4"]
+        assert (every["requests"], first["requests"]) == (16, 4) and 0 < first["tokens"] < every["tokens"]
+        assert every["ms_per_cycle"] > 0 and first["ms_per_cycle"] > 0 and every["tokens_per_cycle"] >= 1.0
+        assert sm[f"{mode}/bs16"]["requests"] == 16 and sm[f"{mode}/bs16"]["ms_per_cycle"] is None
+    for key in ("orthrus_vs_ar_bs1", "orthrus_vs_ar_bs1-first4"):
+        assert rep[key]["full"] > 0 and rep[key]["adaptive"] > 0
+    assert not (tmp_path / "_speedup_view.safetensors").exists()
