@@ -28,7 +28,8 @@ state.json's step); with OUT's files carried back as DIR to a fresh machine it
 continues from the int8 view with fresh AdamW moments and a --rewarm-steps ramp. The
 learning-rate schedule spans --chain commands: the first one times a few probe steps
 and fixes max_steps = chain x its training seconds / step time (commands past the chain
-stay at the floor). `--plot-only` redraws DIR/curve.png from DIR/curve.json.
+stay at the floor). `--plot-only` redraws DIR/curve.png from DIR/curve.json;
+`--speedup-only` times DIR's view through the engine alone (speedup.json) and trains nothing.
 """
 from __future__ import annotations
 
@@ -260,9 +261,9 @@ def engine_speedup(view_dir: Path, model: str | None, quick: bool = False) -> di
     return rep
 
 
-def time_speedup(r: Run, model: str | None) -> None:
+def time_speedup(r: Run, model: str | None, quick: bool = False) -> None:
     """speedup.json: the engine-alone speed of the view in r.dir (int8, as shipped) against AR."""
-    rep = {**engine_speedup(r.dir, model), "step": r.state["step"], "tokens_seen": r.state["tokens_seen"]}
+    rep = {**engine_speedup(r.dir, model, quick), "step": r.state["step"], "tokens_seen": r.state["tokens_seen"]}
     (r.dir / "speedup.json").write_text(json.dumps(rep, indent=1, default=str) + "\n")
     log(f"speed-up at batch 1: {rep.get('orthrus_vs_ar_bs1')}")
     r.copy_out()
@@ -304,6 +305,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-checkpoint", dest="checkpoint", action="store_false",
                     help="keep no checkpoint.pt (optimizer moments) in --state")
     ap.add_argument("--plot-only", action="store_true")
+    ap.add_argument("--speedup-only", action="store_true",
+                    help="only time DIR's view through the engine alone (as --speedup-s does) and write speedup.json")
+    ap.add_argument("--speedup-quick", action="store_true",
+                    help="64-token answers and one timed run: a check of the timing path, not a measurement")
     ap.add_argument("--speedup-s", type=float, default=0,
                     help="seconds kept at the end to time the final view through the engine alone (bfloat16, "
                          "benchmarks/engine.py's SmolLM2 section: AR and Orthrus at batch 1 and 16); "
@@ -332,6 +337,11 @@ def run(a: argparse.Namespace, split: list[float]) -> int:
         if not r.curve:
             raise FileNotFoundError(f"{a.state}/curve.json: no points")
         plot(r.curve, a.state / "curve.png")
+        return 0
+    if a.speedup_only:
+        if not r.state or not list(r.dir.glob("view.part*")):
+            raise FileNotFoundError(f"{a.state}: no state.json and view parts to time")
+        time_speedup(r, a.model, a.speedup_quick)
         return 0
     deadline = T0 + a.budget_s - a.speedup_s
     torch.backends.cuda.matmul.allow_tf32 = False  # float32 evaluation means float32
@@ -482,7 +492,7 @@ def run(a: argparse.Namespace, split: list[float]) -> int:
         f"{trainer.tokens_seen / 1e6:.2f} M tokens seen, {len(r.curve)} point(s)")
     if a.speedup_s > 0:
         del trainer, models
-        time_speedup(r, a.model)
+        time_speedup(r, a.model, a.speedup_quick)
     return 0
 
 

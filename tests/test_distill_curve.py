@@ -149,17 +149,23 @@ def test_recipe_comparison_then_the_curve_continues_the_best(tmp_path, capsys):
     assert "--reserve-s" in capsys.readouterr().err
 
 
-def test_engine_speedup_times_batch_1_on_every_chat_prompt_and_the_first_four(tmp_path):
-    """The speed-up at batch 1 comes from the 16 chat prompts one by one, each timed, and
-    the first 4 of them (the figure before 2026-12-07) from the same runs; every figure at
-    batch 1 has the ms of a cycle."""
+def test_speedup_only_times_batch_1_on_every_chat_prompt_and_the_first_four(tmp_path, capsys):
+    """`--speedup-only` times the state's view: at batch 1 the 16 chat prompts one by one,
+    each timed, and the first 4 of them (the figure before 2026-12-07) from the same runs;
+    every figure at batch 1 has the ms of a cycle."""
     import distill_curve as C
     from orthrus_runtime.model.loader import load_model
 
     ck = tiny_checkpoint(tmp_path / "ck", arch="llama", block_size=4)
+    state = tmp_path / "state"
+    argv = ["--state", str(state), "--model", str(ck), "--speedup-only", "--speedup-quick"]
+    assert C.main(argv) == 2 and "no state.json and view parts" in capsys.readouterr().err
     loaded = load_model(str(ck), "float32", "cpu", None, None, None)
-    C.write_view_parts(loaded.model, loaded, tmp_path, {}, 5_000)
-    rep = C.engine_speedup(tmp_path, str(ck), quick=True)
+    C.write_view_parts(loaded.model, loaded, state, {}, 5_000)
+    (state / "state.json").write_text(json.dumps({"format": C.STATE_FORMAT, "step": 7, "tokens_seen": 99}))
+    assert C.main(argv) == 0
+    rep = json.loads((state / "speedup.json").read_text())
+    assert (rep["step"], rep["tokens_seen"]) == (7, 99)
     sm = rep["smollm2"]
     for mode in ("ar", "orthrus-full", "orthrus-adaptive"):
         every, first = sm[f"{mode}/bs1"], sm[f"{mode}/bs1-first4"]
@@ -168,4 +174,4 @@ def test_engine_speedup_times_batch_1_on_every_chat_prompt_and_the_first_four(tm
         assert sm[f"{mode}/bs16"]["requests"] == 16 and sm[f"{mode}/bs16"]["ms_per_cycle"] is None
     for key in ("orthrus_vs_ar_bs1", "orthrus_vs_ar_bs1-first4"):
         assert rep[key]["full"] > 0 and rep[key]["adaptive"] > 0
-    assert not (tmp_path / "_speedup_view.safetensors").exists()
+    assert not (state / "_speedup_view.safetensors").exists()
