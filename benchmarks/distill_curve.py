@@ -376,7 +376,10 @@ def run(a: argparse.Namespace, split: list[float]) -> int:
         f"{'from ' + str(r.dir) if not first else a.init}, {len(r.curve)} point(s) so far")
 
     prompts = D.load_prompts(a.prompts)
-    stream = D.PromptStream(loaded.tokenizer, prompts, passes=10_000, greedy_fraction=a.gen_greedy_fraction, seed=0)
+    # Greedy answers come from the first pass alone: training on them, the stream ends there
+    # (no time spent on sampled answers nothing trains on).
+    stream = D.PromptStream(loaded.tokenizer, prompts, passes=1 if a.train_on == "greedy" else 10_000,
+                            greedy_fraction=a.gen_greedy_fraction, seed=0)
     budget_left = deadline - time.monotonic()
     eval_s = float(st.get("eval_seconds", a.eval_estimate_s))
     # At most --max-points: once an evaluation is fast (about 20 s for SmolLM2 after the first),
@@ -409,7 +412,7 @@ def run(a: argparse.Namespace, split: list[float]) -> int:
         parts.append(new)
         st["next_uid"] = int(new.meta["next_uid"])
         st["gen_seconds"] = round(st["gen_seconds"] + float(new.meta["seconds"]), 1)
-        if sum(map(len, parts)) >= 4:
+        if sum(map(len, parts)) >= 4 or int(st["next_uid"]) >= len(stream):
             break
     fresh = D.DistillData.concat(parts)
     st["data_response_tokens"] += fresh.response_tokens

@@ -175,3 +175,27 @@ def test_speedup_only_times_batch_1_on_every_chat_prompt_and_the_first_four(tmp_
     for key in ("orthrus_vs_ar_bs1", "orthrus_vs_ar_bs1-first4"):
         assert rep[key]["full"] > 0 and rep[key]["adaptive"] > 0
     assert not (state / "_speedup_view.safetensors").exists()
+
+
+def test_greedy_training_answers_each_prompt_once_and_stops_there(tmp_path):
+    """--train-on greedy: the stream ends after the greedy pass, so no time goes to sampled
+    answers nothing trains on; a later command trains on the answers kept."""
+    import distill_curve as C
+    from orthrus_runtime.tools import distill as D
+
+    ck = tiny_checkpoint(tmp_path / "ck", arch="llama", block_size=4)
+    (tmp_path / "p.txt").write_text("\n".join(f"Describe the colour of stone number {i}." for i in range(12)))
+    state = tmp_path / "state"
+    argv = ["--state", str(state), "--model", str(ck), "--device", "cpu", "--init", "ar-copy",
+            "--prompts", str(tmp_path / "p.txt"), "--eval-dtypes", "float32", "--gen-dtype", "float32",
+            "--eval-block-size", "4", "--eval-max-tokens", "6", "--eval-limit", "1", "--eval-estimate-s", "1",
+            "--gen-max-new-tokens", "10", "--gen-max-num-seqs", "16", "--batch-size", "4", "--blocks-per-seq", "3",
+            "--budget-s", "6", "--split", "0.5,0.4,0.1", "--chain", "2", "--part-mb", "0.005", "--max-points", "1",
+            "--no-start-point", "--train-on", "greedy"]
+    assert C.main(argv) == 0
+    st = json.loads((state / "state.json").read_text())
+    kept = D.load_shards(state / "data")
+    assert st["next_uid"] == 12 and sorted(kept.uids.tolist()) == list(range(12)) and bool(kept.greedy.all())
+    assert C.main(argv) == 0  # no answers left to make: trains on the kept ones
+    assert json.loads((state / "state.json").read_text())["step"] > st["step"]
+    assert len(D.shard_paths(state / "data")) == 1
