@@ -57,6 +57,7 @@ REPLAY_SET = "heldout-greedy.safetensors"  # the held-out greedy answers every p
 DATA_DIR = "data"  # every command's generated answers, as shards (not copied to OUT: too large)
 TARGETS = {"mt-bench": 4.0, "humaneval": 3.6}  # issue 18, float32
 T0 = time.monotonic()
+SAVE_S = 15  # seconds kept for the command's last save (the view's parts, the 320 MB checkpoint)
 
 
 def log(msg: str) -> None:
@@ -173,6 +174,17 @@ class Run:
             raise ValueError(f"{sp}: format {self.state.get('format')!r}, expected {STATE_FORMAT!r}")
         cp = self.dir / "curve.json"
         self.curve: list[dict[str, Any]] = json.loads(cp.read_text())["points"] if cp.exists() else []
+        self.evals = 0  # points evaluated by this process: its first evaluation also compiles
+
+    def eval_cost(self, n: int) -> float:
+        """Seconds that n more evaluations in this process take: the first one compiles (Triton,
+        the engine's graphs) and takes about twice as long as the later ones (86 against 45 s on
+        an H100): planning it at the later cost overran a device call on 2026-12-07."""
+        if n <= 0:
+            return 0.0
+        later = float(self.state.get("eval_seconds", self.a.eval_estimate_s))
+        first = float(self.state.get("eval_first_seconds", max(self.a.eval_estimate_s, later)))
+        return (first if self.evals == 0 else later) + (n - 1) * later
 
     def save(self, trainer: D.Trainer, loaded, models, meta: dict[str, str], *, point: bool,
              heldout: D.DistillData | None = None) -> dict[str, torch.Tensor]:
@@ -187,7 +199,8 @@ class Run:
             if heldout is not None and bool(heldout.greedy.any()):  # evaluate_point left the int8 view in place
                 replay = D.greedy_cycles(loaded.model, heldout, loaded.block_size, loaded.mask_token_id).report()
             set_view(loaded.model, master)
-            self.state["eval_seconds"] = round(time.monotonic() - t0, 1)
+            self.state["eval_first_seconds" if self.evals == 0 else "eval_seconds"] = took = round(time.monotonic() - t0, 1)
+            self.evals += 1
             self.curve.append({"command": self.state["commands"], "step": trainer.step_num,
                                "tokens_seen": trainer.tokens_seen, "target_rows_seen": trainer.targets_seen,
                                "train_minutes": round(trainer.train_seconds / 60, 3),
@@ -195,7 +208,7 @@ class Run:
                                "lr": trainer.lr_at(max(0, trainer.step_num - 1)) if trainer.cfg.max_steps > 0 else 0,
                                "heldout": self.state.get("heldout"), "heldout_greedy_replay": replay,
                                "acceptance": acc,
-                               "eval_seconds": self.state["eval_seconds"]})
+                               "eval_seconds": took})
             summary = ", ".join(f"{d} {ds} {r['tokens_per_cycle']:.3f}" for d, v in acc.items() for ds, r in v.items())
             log(f"point {len(self.curve)}: {trainer.tokens_seen / 1e6:.2f} M tokens seen: {summary}")
         self.state.update({"step": trainer.step_num, "max_steps": trainer.cfg.max_steps,
@@ -282,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--prompts", default=str(D.DEFAULT_PROMPTS))
     ap.add_argument("--gen-max-new-tokens", type=int, default=320)
-    ap.add_argument("--gen-max-num-seqs", type=int, default=384)
+    ap.add_argument("--gen-max-num-seqs", type=int, default=D.GEN_MAX_NUM_SEQS)
     ap.add_argument("--gen-greedy-fraction", type=float, default=1.0)
     ap.add_argument("--gen-dtype", default="bfloat16", choices=["float32", "bfloat16"],
                     help="dtype of the model answering the prompts (training runs on the float32 weights)")
@@ -468,20 +481,19 @@ def run(a: argparse.Namespace, split: list[float]) -> int:
     if start_point:  # the curve's first point: the starting view
         st["heldout"] = {"loss": round(before.loss, 4), "acc": round(before.accuracy, 4)}
         r.save(trainer, loaded, models, meta_fn(), point=True, heldout=replay_set)
-        eval_s = st["eval_seconds"]
     if cfg.max_steps <= 0:  # the chain's schedule, from probe steps
         for i in range(8):
             if i == 3:
                 t_probe = time.monotonic()
             trainer.probe_step()
         per = (time.monotonic() - t_probe) / 5
-        train_s = max(1.0, deadline - time.monotonic() - n_points * eval_s)
+        train_s = max(1.0, deadline - time.monotonic() - r.eval_cost(n_points) - SAVE_S)
         cfg.max_steps = max(10, int(a.chain * train_s / per))
         cfg.warmup_steps = cfg.warmup()
         log(f"schedule: {per * 1000:.0f} ms/step -> {cfg.max_steps} steps over {a.chain} command(s), "
             f"warmup {cfg.warmup_steps}")
     for k in range(n_points):
-        seg = (deadline - time.monotonic() - (n_points - k) * eval_s - 5) / (n_points - k)
+        seg = (deadline - time.monotonic() - r.eval_cost(n_points - k) - SAVE_S) / (n_points - k)
         if seg < 0.5:  # over budget already: one short segment, so that every command trains
             log(f"segment {k + 1} of {n_points}: {seg:.1f} s left, training 0.5 s")
             seg = 0.5
@@ -489,7 +501,6 @@ def run(a: argparse.Namespace, split: list[float]) -> int:
         vs = trainer.evaluate(val_data)
         st["heldout"] = {"loss": round(vs.loss, 4), "acc": round(vs.accuracy, 4), "before": round(before.loss, 4)}
         r.save(trainer, loaded, models, meta_fn(), point=True, heldout=replay_set)
-        eval_s = st["eval_seconds"]
     r.save(trainer, loaded, models, meta_fn(), point=False)
     log(f"command {st['commands']} done: step {trainer.step_num}/{cfg.max_steps}, "
         f"{trainer.tokens_seen / 1e6:.2f} M tokens seen, {len(r.curve)} point(s)")

@@ -61,7 +61,7 @@ def main() -> int:
     ap.add_argument("--train-minutes", type=float, default=5.0)
     ap.add_argument("--num-prompts", type=int, default=0)
     ap.add_argument("--gen-max-new-tokens", type=int, default=320)
-    ap.add_argument("--gen-max-num-seqs", type=int, default=384)
+    ap.add_argument("--gen-max-num-seqs", type=int, default=D.GEN_MAX_NUM_SEQS)
     ap.add_argument("--gen-greedy-fraction", type=float, default=0.6)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--blocks-per-seq", type=int, default=24)

@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gen-dtype", default="bfloat16", choices=["float32", "bfloat16"],
                     help="dtype of the model answering the prompts (training and measuring run on float32 weights)")
     ap.add_argument("--gen-max-new-tokens", type=int, default=320)
-    ap.add_argument("--gen-max-num-seqs", type=int, default=384)
+    ap.add_argument("--gen-max-num-seqs", type=int, default=D.GEN_MAX_NUM_SEQS)
     ap.add_argument("--model", default=None)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--init", default="default", help="'default' (the shipped view), 'ar-copy' or a view file")

@@ -199,3 +199,20 @@ def test_greedy_training_answers_each_prompt_once_and_stops_there(tmp_path):
     assert C.main(argv) == 0  # no answers left to make: trains on the kept ones
     assert json.loads((state / "state.json").read_text())["step"] > st["step"]
     assert len(D.shard_paths(state / "data")) == 1
+
+
+def test_a_commands_first_evaluation_is_planned_at_its_own_cost(tmp_path):
+    """The first evaluation of a process compiles and costs about twice a later one; a plan
+    at the later cost overran a device call (2026-12-07)."""
+    import argparse
+
+    import distill_curve as C
+
+    r = C.Run(argparse.Namespace(state=tmp_path, eval_estimate_s=90.0))
+    assert r.eval_cost(0) == 0 and r.eval_cost(2) == 180  # nothing measured: the estimate
+    r.state["eval_seconds"] = 45.0
+    assert r.eval_cost(3) == 90 + 45 + 45  # measured later evaluations; the first not yet
+    r.state["eval_first_seconds"] = 86.0
+    assert r.eval_cost(2) == 86 + 45
+    r.evals = 1  # this process has compiled
+    assert r.eval_cost(2) == 90

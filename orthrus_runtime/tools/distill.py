@@ -45,6 +45,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 import torch.nn.functional as F
 
+from orthrus_runtime.defaults import BATCH_BUCKETS
 from orthrus_runtime.model.loader import DATA_DIR, DIFF_SUFFIXES, save_diffusion_view
 from orthrus_runtime.model.dual_view import DualViewModel
 
@@ -52,6 +53,10 @@ DEFAULT_PROMPTS = DATA_DIR / "distill_prompts.jsonl.gz"
 DATA_FORMAT = "orthrus-distill-data-v1"
 CHECKPOINT_NAME = "checkpoint.pt"
 SHARD_PREFIX = "shard-"
+# Sequences the engine answers at once: the largest batch its decode CUDA graphs are captured
+# for (larger batches decode eager). Measured on an H100: 10.3k response tokens/s at 128
+# against 9.4k at 384 (bfloat16, 2026-12-07).
+GEN_MAX_NUM_SEQS = max(BATCH_BUCKETS)
 
 
 # =============================================================================================
@@ -314,7 +319,7 @@ def _fmt_s(s: float) -> str:
 
 def generate_data(loaded: Any, stream: PromptStream, *, start: int = 0, skip: Optional[set[int]] = None,
                   max_new_tokens: int = 320, temperature: float = 0.8, top_p: float = 0.95, seconds: float = 0.0,
-                  max_num_seqs: int = 256, max_num_batched_tokens: int = 8192, min_response_tokens: int = 16,
+                  max_num_seqs: int = GEN_MAX_NUM_SEQS, max_num_batched_tokens: int = 8192, min_response_tokens: int = 16,
                   shard_seconds: float = 0.0, on_shard: Optional[Callable[[DistillData], Any]] = None,
                   log_every_s: float = 10.0, log: Callable[[str], None] = print) -> DistillData:
     """Answer the stream's prompts (from uid start, skipping uids in skip) with the base
@@ -1026,7 +1031,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "better for greedy decoding, docs/distillation.md)")
     g.add_argument("--gen-temperature", type=float, default=0.8)
     g.add_argument("--gen-top-p", type=float, default=0.95)
-    g.add_argument("--gen-max-num-seqs", type=int, default=256)
+    g.add_argument("--gen-max-num-seqs", type=int, default=GEN_MAX_NUM_SEQS)
     g.add_argument("--gen-dtype", default=None, choices=["float32", "bfloat16"],
                    help="dtype of the model answering the prompts (default: --dtype); training keeps --dtype")
     g.add_argument("--train-on", default="all", choices=["all", "greedy"],
