@@ -183,7 +183,9 @@ class Run:
         if n <= 0:
             return 0.0
         later = float(self.state.get("eval_seconds", self.a.eval_estimate_s))
-        first = float(self.state.get("eval_first_seconds", max(self.a.eval_estimate_s, later)))
+        # At least the estimate: a first evaluation measured on a machine whose caches were warm
+        # (an earlier command's compiled kernels) understates a fresh machine's.
+        first = max(self.a.eval_estimate_s, float(self.state.get("eval_first_seconds", later)))
         return (first if self.evals == 0 else later) + (n - 1) * later
 
     def save(self, trainer: D.Trainer, loaded, models, meta: dict[str, str], *, point: bool,
@@ -260,8 +262,8 @@ def engine_speedup(view_dir: Path, model: str | None, quick: bool = False) -> di
     view = view_dir / "_speedup_view.safetensors"
     parts = sorted(view_dir.glob("view.part*"), key=lambda p: int(p.name[len("view.part"):]))
     view.write_bytes(b"".join(p.read_bytes() for p in parts))
-    rep: dict[str, Any] = {"what": "engine alone, bfloat16, chat prompts, 256 greedy tokens (benchmarks/engine.py "
-                                   "section_smollm2)"}
+    rep: dict[str, Any] = {"what": f"engine alone, bfloat16, chat prompts, {64 if quick else 256} greedy tokens "
+                                   f"(benchmarks/engine.py section_smollm2)"}
     try:
         bench.section_smollm2(rep, quick, path=Path(model) if model else default_gguf_path(), view=str(view))
     finally:
@@ -276,7 +278,7 @@ def engine_speedup(view_dir: Path, model: str | None, quick: bool = False) -> di
 
 def time_speedup(r: Run, model: str | None, quick: bool = False) -> None:
     """speedup.json: the engine-alone speed of the view in r.dir (int8, as shipped) against AR."""
-    rep = {**engine_speedup(r.dir, model, quick), "step": r.state["step"], "tokens_seen": r.state["tokens_seen"]}
+    rep = {**engine_speedup(r.dir, model, quick), "step": r.state.get("step"), "tokens_seen": r.state.get("tokens_seen")}
     (r.dir / "speedup.json").write_text(json.dumps(rep, indent=1, default=str) + "\n")
     log(f"speed-up at batch 1: {rep.get('orthrus_vs_ar_bs1')}")
     r.copy_out()
@@ -302,8 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", type=Path, default=None,
                     help="folder of data shards (distill_recipes.py's STATE/data) trained on with this command's "
                          "fresh data; a first command continues the prompt stream after them")
-    ap.add_argument("--train-on", default="all", choices=["all", "greedy"],
-                    help="greedy: train on the greedy answers only")
+    ap.add_argument("--train-on", default=None, choices=["all", "greedy"],
+                    help="greedy: train on the greedy answers only (default: the state's, else all)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--blocks-per-seq", type=int, default=32)
     ap.add_argument("--lr", type=float, default=2e-4)
@@ -369,6 +371,11 @@ def run(a: argparse.Namespace, split: list[float]) -> int:
         raise FileNotFoundError(f"{a.data}: no data shards")
     st = r.state
     first = not st
+    # A resumed curve keeps its data recipe unless told otherwise.
+    if a.train_on is None:
+        a.train_on = st.get("train_on", "all")
+    elif st.get("train_on", a.train_on) != a.train_on:
+        log(f"--train-on {a.train_on}: the state trained on {st['train_on']} answers until now")
     if first:
         st.update({"format": STATE_FORMAT, "commands": 0, "next_uid": 0, "init": a.init, "chain": a.chain,
                    "data_response_tokens": 0, "gen_seconds": 0.0,
@@ -394,11 +401,14 @@ def run(a: argparse.Namespace, split: list[float]) -> int:
     stream = D.PromptStream(loaded.tokenizer, prompts, passes=1 if a.train_on == "greedy" else 10_000,
                             greedy_fraction=a.gen_greedy_fraction, seed=0)
     budget_left = deadline - time.monotonic()
-    eval_s = float(st.get("eval_seconds", a.eval_estimate_s))
-    # At most --max-points: once an evaluation is fast (about 20 s for SmolLM2 after the first),
-    # the evaluation share alone would buy a dozen points and starve training.
+    # As many evaluations as the evaluation share pays for, at most --max-points: once an
+    # evaluation is fast (about 20 s for SmolLM2 after the first) the share alone would buy a
+    # dozen points and starve training. The first command's start point is one of them.
     start_point = first and a.start_point
-    n_points = max(1, min(a.max_points, int(split[2] * a.budget_s / eval_s)) - (1 if start_point else 0))
+    n_evals = 1
+    while n_evals < a.max_points and r.eval_cost(n_evals + 1) <= split[2] * a.budget_s:
+        n_evals += 1
+    n_points = max(1, n_evals - (1 if start_point else 0))
 
     cfg = D.TrainConfig(block_size=loaded.block_size, batch_size=a.batch_size, blocks_per_seq=a.blocks_per_seq,
                         lr=a.lr, loss_decay=a.loss_decay, max_steps=0, rewarm_steps=a.rewarm_steps)
@@ -420,10 +430,11 @@ def run(a: argparse.Namespace, split: list[float]) -> int:
                              f"{len(prompts)} prompts): more greedy data needs more prompts (--prompts)")
         log("every prompt has its greedy answer: no new data, training on the answers kept and --data")
     for _ in range(5 if a.train_on == "all" or greedy_left else 0):  # enough to train on, even past the budget
-        new = D.generate_data(gen_model, stream, start=int(st["next_uid"]), seconds=gen_s,
+        skip = st.get("answered_ahead", [])  # answered past the cursor (D.resume_skip)
+        new = D.generate_data(gen_model, stream, start=int(st["next_uid"]), skip=set(skip), seconds=gen_s,
                               max_new_tokens=a.gen_max_new_tokens, max_num_seqs=a.gen_max_num_seqs, log=log)
         parts.append(new)
-        st["next_uid"] = int(new.meta["next_uid"])
+        st["next_uid"], st["answered_ahead"] = D.resume_skip(new, skip)
         st["gen_seconds"] = round(st["gen_seconds"] + float(new.meta["seconds"]), 1)
         if sum(map(len, parts)) >= 4 or int(st["next_uid"]) >= len(stream):
             break
@@ -433,7 +444,7 @@ def run(a: argparse.Namespace, split: list[float]) -> int:
     # on all of them: fewer epochs over a wider set than its own answers alone.
     if len(fresh):
         D.ShardWriter(r.dir / DATA_DIR)(fresh)
-    data = D.load_shards(r.dir / DATA_DIR)
+    data = D.load_shards(r.dir / DATA_DIR).first_of_each_uid()
     log(f"training data: {len(fresh)} new answers, {len(data)} kept in {DATA_DIR}/ "
         f"({data.response_tokens} response tokens)" + (f", {len(preloaded)} from --data" if preloaded else ""))
     if preloaded is not None:
@@ -501,7 +512,8 @@ def run(a: argparse.Namespace, split: list[float]) -> int:
         vs = trainer.evaluate(val_data)
         st["heldout"] = {"loss": round(vs.loss, 4), "acc": round(vs.accuracy, 4), "before": round(before.loss, 4)}
         r.save(trainer, loaded, models, meta_fn(), point=True, heldout=replay_set)
-    r.save(trainer, loaded, models, meta_fn(), point=False)
+    if not r.curve or r.curve[-1]["step"] != trainer.step_num:  # else the last point's save wrote it all
+        r.save(trainer, loaded, models, meta_fn(), point=False)
     log(f"command {st['commands']} done: step {trainer.step_num}/{cfg.max_steps}, "
         f"{trainer.tokens_seen / 1e6:.2f} M tokens seen, {len(r.curve)} point(s)")
     if a.speedup_s > 0:

@@ -378,6 +378,9 @@ def test_generation_writes_shards_and_continues_where_it_stopped(tmp_path):
     # A deadline already past: nothing written, the stream is not complete.
     cut = D.generate_data(loaded, stream, seconds=1e-9, on_shard=D.ShardWriter(folder), **kw)
     assert len(cut) == 0 and cut.meta["complete"] == "False" and not D.shard_paths(folder)
+    # The prompts submitted before the deadline were dropped unanswered: a later call resumes at the first.
+    assert int(cut.meta["next_uid"]) > 0 and D.resume_skip(cut) == (0, [])
+    assert D.resume_skip(D.generate_data(loaded, stream, skip={0, 1}, seconds=1e-9, **kw), [0, 1]) == (2, [])
     # A first run that only got to uid 4, handing shards over after every step ...
     first = D.generate_data(loaded, stream, skip=set(range(5, 12)), shard_seconds=1e-9,
                             on_shard=D.ShardWriter(folder), **kw)
@@ -487,3 +490,8 @@ def test_greedy_cycles_equal_the_engines_greedy_orthrus_decoding(tmp_path):
         accepted_replay = round((one.tokens_per_cycle - 1) * one.cycles)
         assert one.cycles == o.stats.num_cycles and accepted_replay <= o.stats.num_accepted_tokens
         assert accepted_replay + one.cycles == len(o.token_ids) - 1  # the replay counts emitted tokens
+
+
+def test_resume_skip_starts_at_the_first_dropped_prompt_and_skips_those_answered_past_it():
+    data = D.DistillData.from_sequences([([1, 2], [3, 4])] * 3, uids=[1, 4, 5], meta={"resume_uid": "3"})
+    assert D.resume_skip(data, [2, 7]) == (3, [4, 5, 7])

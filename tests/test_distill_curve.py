@@ -40,6 +40,7 @@ def test_curve_commands_chain_and_resume_from_returned_files(tmp_path, capsys):
     assert st1["commands"] == 1 and st1["next_uid"] > 0 and st1["step"] > 0
     assert pts1[0]["step"] == 0 and pts1[0]["tokens_seen"] == 0 and pts1[-1]["step"] == st1["step"]
     assert {"mt-bench", "humaneval"} <= set(pts1[-1]["acceptance"]["float32"])
+    assert st1["eval_first_seconds"] > 0 and st1["eval_seconds"] > 0  # a start point, then one after training
     out1 = sorted(p.name for p in (tmp_path / "out1").iterdir())
     # Besides the view's parts (two of 15 MB for SmolLM2's 27 MB int8 view): four files.
     assert [n for n in out1 if not n.startswith("view.part")] == ["curve.json", "curve.png", "heldout-greedy.safetensors",
@@ -177,7 +178,7 @@ def test_speedup_only_times_batch_1_on_every_chat_prompt_and_the_first_four(tmp_
     assert not (state / "_speedup_view.safetensors").exists()
 
 
-def test_greedy_training_answers_each_prompt_once_and_stops_there(tmp_path):
+def test_greedy_training_answers_each_prompt_once_and_stops_there(tmp_path, capsys):
     """--train-on greedy: the stream ends after the greedy pass, so no time goes to sampled
     answers nothing trains on; a later command trains on the answers kept."""
     import distill_curve as C
@@ -196,9 +197,16 @@ def test_greedy_training_answers_each_prompt_once_and_stops_there(tmp_path):
     st = json.loads((state / "state.json").read_text())
     kept = D.load_shards(state / "data")
     assert st["next_uid"] == 12 and sorted(kept.uids.tolist()) == list(range(12)) and bool(kept.greedy.all())
-    assert C.main(argv) == 0  # no answers left to make: trains on the kept ones
-    assert json.loads((state / "state.json").read_text())["step"] > st["step"]
-    assert len(D.shard_paths(state / "data")) == 1
+    capsys.readouterr()
+    # A command that failed after writing its answers leaves a second copy of them: each uid trains once.
+    shard = D.shard_paths(state / "data")[0]
+    shutil.copy(shard, shard.with_name("shard-00001.safetensors"))
+    # Resumed without --train-on: the state's recipe (greedy) goes on, and no answers are left to make.
+    assert C.main(argv[: argv.index("--train-on")]) == 0
+    err = capsys.readouterr().err
+    assert "every prompt has its greedy answer" in err and "0 new answers, 12 kept" in err
+    st2 = json.loads((state / "state.json").read_text())
+    assert st2["step"] > st["step"] and st2["train_on"] == "greedy"
 
 
 def test_a_commands_first_evaluation_is_planned_at_its_own_cost(tmp_path):
@@ -213,6 +221,8 @@ def test_a_commands_first_evaluation_is_planned_at_its_own_cost(tmp_path):
     r.state["eval_seconds"] = 45.0
     assert r.eval_cost(3) == 90 + 45 + 45  # measured later evaluations; the first not yet
     r.state["eval_first_seconds"] = 86.0
+    assert r.eval_cost(2) == 90 + 45  # never below the estimate (an earlier command may have warmed caches)
+    r.a.eval_estimate_s = 60.0
     assert r.eval_cost(2) == 86 + 45
     r.evals = 1  # this process has compiled
     assert r.eval_cost(2) == 90

@@ -198,6 +198,13 @@ class DistillData:
             tokens = self.tokens[:0]
         return DistillData(tokens, offsets, self.prompt_lens[idx], self.uids[idx], dict(self.meta), self.greedy[idx])
 
+    def first_of_each_uid(self) -> "DistillData":
+        """Each uid's first sequence: a command that failed after writing its answers leaves
+        them to be answered again by the next one."""
+        seen: set[int] = set()
+        keep = [i for i, u in enumerate(self.uids.tolist()) if not (u in seen or seen.add(u))]
+        return self if len(keep) == len(self) else self.subset(keep)
+
     def greedy_only(self) -> "DistillData":
         """The sequences whose response is a greedy answer."""
         return self.subset(self.greedy.nonzero().flatten().tolist())
@@ -312,6 +319,13 @@ class PromptStream:
                 yield it
 
 
+def resume_skip(data: "DistillData", skip: Iterable[int] = ()) -> tuple[int, list[int]]:
+    """(start, skip) for the call after generate_data returned data (called with skip):
+    it starts at the first prompt dropped at the deadline and skips those answered past it."""
+    start = int(data.meta["resume_uid"])
+    return start, sorted(u for u in set(skip) | set(data.uids.tolist()) if u >= start)
+
+
 def _fmt_s(s: float) -> str:
     s = max(0, int(s))
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
@@ -329,7 +343,9 @@ def generate_data(loaded: Any, stream: PromptStream, *, start: int = 0, skip: Op
     when they have min_response_tokens (a cut response is still text the model wrote).
     With on_shard, finished responses are handed over every shard_seconds (and at the
     end) as they come, so an interrupted run keeps them. Returns all of them; meta
-    "next_uid" is the first uid not yet submitted (where a later call continues)."""
+    "next_uid" is the first uid not yet submitted, "resume_uid" the first one submitted but
+    dropped at the deadline (else next_uid): a later call that starts there, skipping the
+    uids answered (resume_skip), loses no prompt."""
     from orthrus_runtime.engine.setup import engine_config_from_args
     from orthrus_runtime.engine.llm_engine import LLMEngine
     from orthrus_runtime.engine.args import EngineArgs
@@ -406,6 +422,7 @@ def generate_data(loaded: Any, stream: PromptStream, *, start: int = 0, skip: Op
                 + (" (budget)" if eta == deadline - now else ""))
             t_log = now
     complete = exhausted and not live
+    dropped: list[int] = []  # uids cut at the deadline with too little written: not answered
     for rid in list(live):  # the deadline: keep what was written so far
         it, out = live.pop(rid)
         d = engine.abort(rid)
@@ -413,6 +430,8 @@ def generate_data(loaded: Any, stream: PromptStream, *, start: int = 0, skip: Op
             out += d.token_ids
         if len(out) >= min_response_tokens:
             finished.append((it, out))
+        else:
+            dropped.append(it.uid)
     hand_over()
     el = time.monotonic() - t0
     # The engine holds reference cycles (scheduler -> bound method -> engine): collect them
@@ -424,6 +443,9 @@ def generate_data(loaded: Any, stream: PromptStream, *, start: int = 0, skip: Op
     data = DistillData.concat(kept)
     data.meta.update({"model": loaded.model_id, "responses": str(len(data)), "seconds": f"{el:.1f}",
                       "next_uid": str(next_uid), "complete": str(complete),
+                      # where a later call resumes without losing the prompts dropped at the deadline
+                      # (the answers kept past it are then skipped: resume_skip)
+                      "resume_uid": str(min(dropped, default=next_uid)),
                       "max_new_tokens": str(max_new_tokens), "greedy_fraction": str(stream.greedy_fraction),
                       "temperature": str(temperature), "top_p": str(top_p), "response_tokens": str(data.response_tokens)})
     log(f"generate: {len(data)} responses, {data.response_tokens} response tokens in {_fmt_s(el)} "
