@@ -44,11 +44,7 @@ from orthrus_runtime.model.loader import (DEFAULT_DIFFUSION_VIEW, load_model, re
 # The comparison of 2026-12-07 (docs/distillation.md).
 DEFAULT_VARIANTS = "mixed:data=mixed;greedy:data=greedy;greedy-decay3:data=greedy,decay=3"
 KEYS = {"data": str, "lr": float, "decay": float, "blocks": int}
-T0 = time.monotonic()
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')} +{time.monotonic() - T0:5.0f}s] {msg}", file=sys.stderr, flush=True)
+log = C.log  # one clock (C.T0) for this script's lines and distill_curve's
 
 
 def parse_variants(spec: str) -> list[dict[str, Any]]:
@@ -89,8 +85,7 @@ def split_data(data: D.DistillData, heldout_every: int = 50) -> tuple[D.DistillD
 
 
 def main(argv: list[str] | None = None) -> int:
-    global T0
-    T0 = time.monotonic()
+    C.T0 = time.monotonic()  # the budget counts from here
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--state", type=Path, required=True, help="folder for the data and the best view")
@@ -132,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(a: argparse.Namespace, variants: list[dict[str, Any]]) -> int:
-    deadline = T0 + a.budget_s - a.reserve_s
+    deadline = C.T0 + a.budget_s - a.reserve_s
     torch.backends.cuda.matmul.allow_tf32 = False
     a.out.mkdir(parents=True, exist_ok=True)
     a.state.mkdir(parents=True, exist_ok=True)

@@ -173,6 +173,10 @@ def test_speedup_only_times_batch_1_on_every_chat_prompt_and_the_first_four(tmp_
         assert (every["requests"], first["requests"]) == (16, 4) and 0 < first["tokens"] < every["tokens"]
         assert every["ms_per_cycle"] > 0 and first["ms_per_cycle"] > 0 and every["tokens_per_cycle"] >= 1.0
         assert sm[f"{mode}/bs16"]["requests"] == 16 and sm[f"{mode}/bs16"]["ms_per_cycle"] is None
+        for r in (every, first):  # the figures of one run: its rate, and its ms over its steps
+            assert r["tokens_per_s"] in r["runs_tokens_per_s"]
+            steps = (r["tokens"] - r["requests"]) / r["tokens_per_cycle"] + r["requests"]
+            assert abs(r["ms_per_cycle"] - 1000 * r["tokens"] / r["tokens_per_s"] / steps) < 1e-6 * r["ms_per_cycle"]
     for key in ("orthrus_vs_ar_bs1", "orthrus_vs_ar_bs1-first4"):
         assert rep[key]["full"] > 0 and rep[key]["adaptive"] > 0
     assert not (state / "_speedup_view.safetensors").exists()
