@@ -283,6 +283,36 @@ def time_speedup(r: Run, model: str | None, quick: bool = False) -> None:
     log(f"speed-up at batch 1: {rep.get('orthrus_vs_ar_bs1')}")
     r.copy_out()
 
+def log_memory() -> None:
+    """The caching allocator's counters: retries (a cudaMalloc that failed, the cache freed
+    and tried again) mean training runs at the memory's edge, each one a device sync."""
+    if not torch.cuda.is_available():
+        return
+    m = torch.cuda.memory_stats()
+    log(f"memory: peak {m.get('allocated_bytes.all.peak', 0) / 2**30:.1f} GiB allocated, "
+        f"{torch.cuda.memory_reserved() / 2**30:.1f} GiB reserved, {m.get('segment.all.allocated', 0)} cudaMallocs, "
+        f"{m.get('num_alloc_retries', 0)} alloc retries, {m.get('num_ooms', 0)} OOMs")
+
+
+def profile_steps(trainer: D.Trainer, n: int) -> None:
+    """n training steps (they count) under torch.profiler: where a step's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    t0 = time.monotonic()
+    with profile(activities=acts) as prof:
+        for _ in range(n):
+            trainer.train_step()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    wall = (time.monotonic() - t0) / n
+    key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60)
+    log(f"profile of {n} training step(s) at step {trainer.step_num} ({wall * 1000:.0f} ms a step under the "
+        f"profiler), sorted by {key}:\n{table}")
+    log_memory()
+
+
 def main(argv: list[str] | None = None) -> int:
     global T0
     T0 = time.monotonic()  # the budget counts from here
@@ -295,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--init", default="default", help="first command's view: 'default' (shipped), 'ar-copy' or a file")
     ap.add_argument("--model", default=None, help="base model (default: the embedded SmolLM2); a tiny one for dry runs")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--cache-dir", default=str(Path.home() / ".cache" / "orthrus"),
+                    help="keeps the GGUF's conversion for the next load (the float32 and bfloat16 models, a later "
+                         "command on the same machine); '' keeps none")
     ap.add_argument("--prompts", default=str(D.DEFAULT_PROMPTS))
     ap.add_argument("--gen-max-new-tokens", type=int, default=320)
     ap.add_argument("--gen-max-num-seqs", type=int, default=D.GEN_MAX_NUM_SEQS)
@@ -317,6 +350,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-start-point", dest="start_point", action="store_false",
                     help="a first command does not evaluate the view it starts from (known already)")
     ap.add_argument("--part-mb", type=float, default=15.0)
+    ap.add_argument("--profile-steps", type=int, default=0,
+                    help="training steps run under torch.profiler once --profile-after-s of the first segment have "
+                         "passed (steady state); their top kernels and the allocator's counters go to the log")
+    ap.add_argument("--profile-after-s", type=float, default=60.0)
     ap.add_argument("--no-checkpoint", dest="checkpoint", action="store_false",
                     help="keep no checkpoint.pt (optimizer moments) in --state")
     ap.add_argument("--plot-only", action="store_true")
@@ -360,12 +397,14 @@ def run(a: argparse.Namespace, split: list[float]) -> int:
         return 0
     deadline = T0 + a.budget_s - a.speedup_s
     torch.backends.cuda.matmul.allow_tf32 = False  # float32 evaluation means float32
-    loaded = load_model(a.model, "float32", a.device, None, None, None)
+    cache = a.cache_dir or None  # a GGUF is dequantized once, not once a dtype (15 s each on 2 cores)
+    loaded = load_model(a.model, "float32", a.device, None, None, None, cache_dir=cache)
     cuda = loaded.model.lm_head.weight.device.type == "cuda"
     models = {"float32": loaded}
     for dt in [d.strip() for d in a.eval_dtypes.split(",") if d.strip() and d.strip() != "float32"]:
-        models[dt] = load_model(a.model, dt, a.device, None, None, None)
-    gen_model = models.get(a.gen_dtype) or load_model(a.model, a.gen_dtype, a.device, None, None, None)
+        models[dt] = load_model(a.model, dt, a.device, None, None, None, cache_dir=cache)
+    gen_model = models.get(a.gen_dtype) or load_model(a.model, a.gen_dtype, a.device, None, None, None, cache_dir=cache)
+    log(f"models loaded ({', '.join(models)})")
     preloaded = D.load_shards(a.data) if a.data else None
     if a.data and not len(preloaded):
         raise FileNotFoundError(f"{a.data}: no data shards")
@@ -508,7 +547,13 @@ def run(a: argparse.Namespace, split: list[float]) -> int:
         if seg < 0.5:  # over budget already: one short segment, so that every command trains
             log(f"segment {k + 1} of {n_points}: {seg:.1f} s left, training 0.5 s")
             seg = 0.5
-        D.train(trainer, minutes=seg / 60, save_every=0, log_every=50, progress=False, log=log)
+        if k == 0 and a.profile_steps > 0 and seg > a.profile_after_s:
+            t_seg = time.monotonic()
+            D.train(trainer, minutes=a.profile_after_s / 60, save_every=0, log_every=50, progress=False, log=log)
+            profile_steps(trainer, a.profile_steps)
+            seg -= time.monotonic() - t_seg
+        D.train(trainer, minutes=max(seg, 0.5) / 60, save_every=0, log_every=50, progress=False, log=log)
+        log_memory()
         vs = trainer.evaluate(val_data)
         st["heldout"] = {"loss": round(vs.loss, 4), "acc": round(vs.accuracy, 4), "before": round(before.loss, 4)}
         r.save(trainer, loaded, models, meta_fn(), point=True, heldout=replay_set)

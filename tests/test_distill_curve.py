@@ -206,9 +206,11 @@ def test_greedy_training_answers_each_prompt_once_and_stops_there(tmp_path, caps
     shard = D.shard_paths(state / "data")[0]
     shutil.copy(shard, shard.with_name("shard-00001.safetensors"))
     # Resumed without --train-on: the state's recipe (greedy) goes on, and no answers are left to make.
-    assert C.main(argv[: argv.index("--train-on")]) == 0
+    # (With a profile of one training step: the table goes to the log.)
+    assert C.main(argv[: argv.index("--train-on")] + ["--profile-steps", "1", "--profile-after-s", "0.1"]) == 0
     err = capsys.readouterr().err
     assert "every prompt has its greedy answer" in err and "0 new answers, 12 kept" in err
+    assert "profile of 1 training step(s)" in err and "aten::" in err
     st2 = json.loads((state / "state.json").read_text())
     assert st2["step"] > st["step"] and st2["train_on"] == "greedy"
 
