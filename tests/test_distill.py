@@ -271,6 +271,15 @@ def test_eval_acceptance_writes_consistent_json(tmp_path):
             acc = r["acceptance_by_position"]
             assert all(x >= y for x, y in zip(acc, acc[1:]))  # accepting draft i needs all before it
             assert sum(r["accepted_per_position"]) == r["num_accepted_tokens"]
+            if name == "mt-bench":  # each turn and each category: the cycles add up to the whole
+                g = r["by_group"]
+                cats = {q["category"] for q in E.mt_bench_questions()[:3]}
+                assert set(g) == {"turn 1", "turn 2"} | {f"category {c}" for c in cats}
+                for prefix in ("turn ", "category "):
+                    part = [v for k, v in g.items() if k.startswith(prefix)]
+                    assert sum(v["num_cycles"] for v in part) == r["num_cycles"]
+            else:
+                assert "by_group" not in r
 
 
 def test_eval_acceptance_rejects_bad_arguments(tmp_path, capsys):

@@ -14,7 +14,8 @@ dataset and block size:
   scores 1.0 here;
 - acceptance_by_position[i]: fraction of cycles whose draft i was accepted (it needs
   drafts 0..i-1 accepted too), and conditional_acceptance[i] = P(draft i accepted |
-  drafts before it accepted).
+  drafts before it accepted);
+- by_group (MT-bench): tokens_per_cycle and cycles of each turn and each category.
 
 Data: the 80 MT-bench questions (both turns; the second turn follows the model's
 own first answer) and the 164 HumanEval prompts. The `fschat` package on PyPI does
@@ -104,15 +105,23 @@ class Tally:
     prefill_passes: int = 0
     seconds: float = 0.0
     spec: Optional[AcceptanceStats] = None
+    # The same counters per group of requests (MT-bench: each turn, each category): where the
+    # drafts fall short.
+    groups: dict[str, AcceptanceStats] = dataclasses.field(default_factory=dict)
 
-    def add(self, d: Any) -> None:
+    def _stats(self) -> AcceptanceStats:
+        return AcceptanceStats(accepted_per_position=[0] * (self.block_size - 1))
+
+    def add(self, d: Any, groups: tuple[str, ...] = ()) -> None:
         self.requests += 1
         self.prompt_tokens += d.usage.prompt_tokens
         self.completion_tokens += d.usage.completion_tokens
         self.prefill_passes += 1
         if self.spec is None:
-            self.spec = AcceptanceStats(accepted_per_position=[0] * (self.block_size - 1))
+            self.spec = self._stats()
         self.spec.add(d.stats)
+        for g in groups:
+            self.groups.setdefault(g, self._stats()).add(d.stats)
 
     def report(self) -> dict[str, Any]:
         s = self.spec or AcceptanceStats(accepted_per_position=[0] * (self.block_size - 1))
@@ -138,6 +147,8 @@ class Tally:
             "conditional_acceptance": cond,
             "accepted_per_position": list(s.accepted_per_position),
             "seconds": self.seconds,
+            **({"by_group": {g: {"tokens_per_cycle": round(gs.mean_accepted_length, 4), "num_cycles": gs.num_cycles}
+                             for g, gs in sorted(self.groups.items())}} if self.groups else {}),
         }
 
 
@@ -176,7 +187,7 @@ def run_mt_bench(loaded: Any, engine: Any, questions: list[dict[str, Any]], turn
         outs = engine.generate([_request(loaded, convs[i], None, max_tokens) for i in idx])
         tally.seconds += time.perf_counter() - t0
         for i, d in zip(idx, outs):
-            tally.add(d)
+            tally.add(d, (f"turn {t + 1}", f"category {questions[i].get('category', '?')}"))
             convs[i].append({"role": "assistant", "content": d.text})
 
 
@@ -239,6 +250,9 @@ def evaluate(loaded: Any, args: argparse.Namespace, log=print) -> dict[str, Any]
             log(f"{name:10s} B={B:<3d} {rep['tokens_per_cycle']:.3f} tokens/cycle, "
                 f"{rep['tokens_per_forward_pass']:.3f} tokens/pass, {rep['requests']} requests, "
                 f"{rep['completion_tokens']} tokens, {rep['seconds']:.1f}s")
+            if rep.get("by_group"):
+                log(f"{name:10s} B={B:<3d} tokens/cycle by " + ", ".join(
+                    f"{g} {v['tokens_per_cycle']:.2f}" for g, v in rep["by_group"].items()))
         del engine
         gc.collect()  # the engine's reference cycles hold its KV cache until collected
         if dev.type == "cuda":
