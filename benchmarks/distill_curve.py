@@ -59,7 +59,6 @@ REPLAY_SET = "heldout-greedy.safetensors"  # the held-out greedy answers every p
 DATA_DIR = "data"  # every command's generated answers, as shards (OUT gets the command's own: answers_name)
 TARGETS = {"mt-bench": 4.0, "humaneval": 3.6}  # issue 18, float32
 T0 = time.monotonic()
-DEVICE_FILES = 8  # files a device call returns at most (run.log, written by distill_gpu.sh, among them)
 SAVE_S = 15  # seconds kept for the command's last save (the view's parts, the 320 MB checkpoint)
 
 
@@ -258,13 +257,13 @@ class Run:
                 shutil.copy2(f, out / f.name)
         # This command's answers go back too (about 6 MB a million response tokens, one file): a
         # later machine trains on them again (--data) instead of on its own answers alone. Not
-        # when speedup.json is to come: the device returns at most DEVICE_FILES files.
+        # when speedup.json is to come: the device returns at most --out-files files.
         if self.fresh_shard is not None and not getattr(self.a, "speedup_s", 0):
             dest = out / answers_name(int(self.state["commands"]))
-            if not dest.exists() and len(list(out.iterdir())) < DEVICE_FILES:
+            if not dest.exists() and len(list(out.iterdir())) < self.a.out_files:
                 shutil.copy2(self.fresh_shard, dest)
             elif not dest.exists():
-                log(f"{dest.name} not returned: {out} holds {DEVICE_FILES} files already")
+                log(f"{dest.name} not returned: {out} holds {self.a.out_files} files already")
 
 
 def engine_speedup(view_dir: Path, model: str | None, quick: bool = False) -> dict[str, Any]:
@@ -368,6 +367,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-start-point", dest="start_point", action="store_false",
                     help="a first command does not evaluate the view it starts from (known already)")
     ap.add_argument("--part-mb", type=float, default=15.0)
+    ap.add_argument("--out-files", type=int, default=8,
+                    help="files --out may hold (the device returns 8, run.log among them): the command's answers "
+                         "are returned only within it")
     ap.add_argument("--profile-steps", type=int, default=0,
                     help="training steps run under torch.profiler once --profile-after-s of the first segment have "
                          "passed (steady state); their top kernels and the allocator's counters go to the log")

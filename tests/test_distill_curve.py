@@ -29,7 +29,8 @@ def test_curve_commands_chain_and_resume_from_returned_files(tmp_path, capsys):
                 "--init", "ar-copy", "--prompts", str(tmp_path / "p.txt"), "--eval-dtypes", "float32",
                 "--eval-block-size", "4", "--eval-max-tokens", "6", "--eval-limit", "1", "--eval-estimate-s", "1",
                 "--gen-max-new-tokens", "10", "--gen-max-num-seqs", "8", "--batch-size", "4",
-                "--blocks-per-seq", "3", "--budget-s", "10", "--chain", "3", "--part-mb", "0.005"]
+                "--blocks-per-seq", "3", "--budget-s", "10", "--chain", "3", "--part-mb", "0.005",
+                "--out-files", "20"]  # (the tiny view's 5 KB parts are 3 or 4, with its metadata's length)
 
     def load(folder):
         return (json.loads((folder / "state.json").read_text()),
