@@ -69,6 +69,22 @@ def test_many_blocks_pass_equals_per_block_dense_draft(arch):
     assert checked >= 10
 
 
+def test_padding_to_a_multiple_changes_no_loss():
+    """Batches are padded to a multiple of 64 (few shapes); the padding is never attended."""
+    model = tiny_model("qwen3", seed=2)
+    mask_id = model.add_mask_embedding()
+    data = _random_data(seed=4, n=4)
+    losses = []
+    for pad_to in (1, 64):
+        batch = D.make_batch(data, [0, 1, 2, 3], blocks_per_seq=4, gen=torch.Generator().manual_seed(0), pad_to=pad_to)
+        assert batch.ids.shape[1] % pad_to == 0 and batch.ids.shape[1] >= int(batch.lengths.max())
+        with torch.no_grad():
+            loss, st = D.distill_loss(model, batch, 4, mask_id, decay=3.0)
+        losses.append((loss.item(), st.targets, st.context_tokens))
+    assert losses[0][1:] == losses[1][1:] and losses[1][0] == pytest.approx(losses[0][0], rel=1e-5)
+    assert D.make_batch(data, [0], 4, torch.Generator()).ids.shape[1] == 64  # the default
+
+
 def test_block_mask_shape_and_rule():
     anchors = torch.tensor([[2, 5]])
     m = D.block_draft_mask(anchors, block_size=3, ctx_len=8)
