@@ -30,9 +30,12 @@ A build is not reproducible draw for draw: a GSM-Symbolic template skipped at it
 on one machine may finish on another, which moves every later draw. So the shipped file is
 never rebuilt, only extended: `--extend N` keeps its prompts in order and appends up to N a
 category (1:1:1), new to the file, from ShareGPT's later user turns (80+ characters, asked on
-their own) and remaining first turns and fresh math draws (seed + 1), through the same filters.
-A prompt's place is its uid in a prompt stream's first pass, so the greedy answers already
-trained on keep meaning the same prompts (tests/test_distill_prompts.py pins the first 16,116).
+their own) and remaining first turns and fresh math draws (seed + 1: give each extension its
+own --seed, or its math draws repeat the last one's and are dropped as duplicates), through the
+same filters. A prompt's place is its uid in a prompt stream's first pass, so the greedy answers
+already trained on keep meaning the same prompts (tests/test_distill_prompts.py pins the file as
+it was before each extension: 16,116, then 27,375 prompts). Extensions so far: `--extend 6000`
+(seed 0), then `--extend 5000 --seed 1` with three more NeetCode phrasings.
 """
 from __future__ import annotations
 
@@ -66,6 +69,12 @@ NEETCODE_TEMPLATES = (
     "Write a {lang} solution to \"{name}\". Start with the idea in two or three sentences, then the code.",
     "I am practising {category} problems. Walk me through \"{name}\" and give a clean {lang} implementation "
     "with a few test cases.",
+    # Added for the second extension (2026-12-07 night), when the three above and ShareGPT's code
+    # turns were all taken; appended, so the earlier source ids keep their prompts.
+    "What is the brute-force approach to \"{name}\" ({difficulty}), and how can it be improved? Show both "
+    "in {lang}.",
+    "Write {lang} code for the {category} problem \"{name}\" with comments, then list the edge cases to test.",
+    "Explain how to recognise that \"{name}\" is a {category} problem, then solve it in {lang}.",
 )
 MATHGEN_TEMPLATES = ("Solve: {q}", "{q} Show your working.", "Compute the following. {q}",
                      "Work out {q} step by step.")

