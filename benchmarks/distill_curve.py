@@ -361,6 +361,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--loss-decay", type=float, default=3.0)
     ap.add_argument("--rewarm-steps", type=int, default=20)
+    ap.add_argument("--train-compile", action="store_true",
+                    help="run training's passes through torch.compile (fuses the element-wise work that took over "
+                         "half of a step's kernels on an H100; not yet measured on a GPU: compare ms/step and "
+                         "--profile-steps against a command without it)")
     add_eval_arguments(ap)
     ap.add_argument("--eval-estimate-s", type=float, default=90, help="one evaluation's seconds until measured")
     ap.add_argument("--max-points", type=int, default=3, help="curve points a command adds at most")
@@ -526,7 +530,8 @@ def run(a: argparse.Namespace, split: list[float]) -> int:
         if len(train_data) < 2:
             raise ValueError(f"--train-on greedy: only {len(train_data)} greedy answers")
     st["train_on"] = a.train_on
-    trainer = D.Trainer(loaded.model, train_data, loaded.mask_token_id, cfg, amp=torch.bfloat16 if cuda else None)
+    trainer = D.Trainer(loaded.model, train_data, loaded.mask_token_id, cfg, amp=torch.bfloat16 if cuda else None,
+                        compile=a.train_compile)
     ck = r.dir / D.CHECKPOINT_NAME
     if not first and ck.exists() and st.get("checkpoint_step") == st["step"]:
         trainer.load(ck)

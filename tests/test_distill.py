@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import pytest
@@ -83,6 +84,30 @@ def test_padding_to_a_multiple_changes_no_loss():
         losses.append((loss.item(), st.targets, st.context_tokens))
     assert losses[0][1:] == losses[1][1:] and losses[1][0] == pytest.approx(losses[0][0], rel=1e-5)
     assert D.make_batch(data, [0], 4, torch.Generator()).ids.shape[1] == 64  # the default
+
+
+def test_compiled_training_steps_equal_eager_ones():
+    """Trainer(compile=True) runs both passes through torch.compile: the same loss and the
+    same update as eager steps (float32, CPU), and the model's own forward is untouched."""
+    import copy
+
+    base = tiny_model("qwen3", seed=5)
+    mask_id = base.add_mask_embedding()
+    data = _random_data(seed=6, n=8)
+    cfg = D.TrainConfig(block_size=4, batch_size=4, blocks_per_seq=4, lr=1e-2, warmup_steps=1, max_steps=4)
+    runs = []
+    for compile in (False, True):
+        model = copy.deepcopy(base)
+        tr = D.Trainer(model, data, mask_id, dataclasses.replace(cfg), compile=compile)
+        stats = [tr.train_step() for _ in range(2)]
+        runs.append((stats, {k: p.detach().clone() for k, p in tr.params.items()}, tr.evaluate(data)))
+    (eager, w_eager, v_eager), (comp, w_comp, v_comp) = runs
+    for a, b in zip(eager, comp):
+        assert b.loss == pytest.approx(a.loss, rel=1e-4) and b.targets == a.targets
+    for k in w_eager:
+        torch.testing.assert_close(w_comp[k], w_eager[k], atol=1e-4, rtol=1e-4)
+    assert v_comp.loss == pytest.approx(v_eager.loss, rel=1e-4)
+    assert D.Trainer(base, data, mask_id, cfg).forward is None  # eager: model.forward_hidden itself
 
 
 def test_block_mask_shape_and_rule():

@@ -78,7 +78,7 @@ def test_curve_commands_chain_and_resume_from_returned_files(tmp_path, capsys):
         for f in (tmp_path / out).glob("shard-c*.safetensors"):
             shutil.copy(f, answers / f.name)
     assert sorted(p.name for p in answers.iterdir()) == ["shard-c0001.safetensors", "shard-c0002.safetensors"]
-    assert C.main(argv(fresh, tmp_path / "out3") + ["--data", str(answers)]) == 0
+    assert C.main(argv(fresh, tmp_path / "out3") + ["--data", str(answers), "--train-compile"]) == 0
     st3, pts3 = load(fresh)
     err = capsys.readouterr().err
     assert "resumed from the int8 view" in err and f"{len(kept2)} from --data" in err

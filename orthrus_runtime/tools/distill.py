@@ -553,16 +553,18 @@ def make_batch(data: DistillData, idx: list[int], blocks_per_seq: int, gen: torc
 
 
 def draft_blocks(model: DualViewModel, ids: torch.Tensor, anchors: torch.Tensor,
-                 teacher_kv: list[tuple[torch.Tensor, torch.Tensor]], block_size: int, mask_id: int) -> torch.Tensor:
+                 teacher_kv: list[tuple[torch.Tensor, torch.Tensor]], block_size: int, mask_id: int,
+                 forward: Optional[Callable[..., torch.Tensor]] = None) -> torch.Tensor:
     """The diffusion pass over blocks [x_a, MASK x (B-1)] at anchors [bs, M] of the sequences
-    ids [bs, N], each block seeing the clean K/V before its anchor: hidden [bs, M, B, D]."""
+    ids [bs, N], each block seeing the clean K/V before its anchor: hidden [bs, M, B, D].
+    forward: model.forward_hidden, or a compiled copy of it (Trainer's compile)."""
     bs, M = anchors.shape
     B = block_size
     d_ids = torch.full((bs, M, B), mask_id, dtype=torch.long, device=ids.device)
     d_ids[:, :, 0] = ids.gather(1, anchors)
     d_pos = anchors.unsqueeze(-1) + torch.arange(B, device=ids.device)
-    hd = model.forward_hidden(d_ids.view(bs, M * B), d_pos.view(bs, M * B),
-                              BlockDraftAttend(teacher_kv, anchors, B, model.scale), diff=True)
+    hd = (forward or model.forward_hidden)(d_ids.view(bs, M * B), d_pos.view(bs, M * B),
+                                           BlockDraftAttend(teacher_kv, anchors, B, model.scale), diff=True)
     return hd.view(bs, M, B, -1)
 
 
@@ -575,8 +577,11 @@ class StepStats:
 
 
 def distill_loss(model: DualViewModel, batch: Batch, block_size: int, mask_id: int, decay: float = 0.0,
-                 amp: Optional[torch.dtype] = None) -> tuple[torch.Tensor, StepStats]:
-    """Forward KL(p_AR || q_draft) over every target row of every block of the batch."""
+                 amp: Optional[torch.dtype] = None,
+                 forward: Optional[Callable[..., torch.Tensor]] = None) -> tuple[torch.Tensor, StepStats]:
+    """Forward KL(p_AR || q_draft) over every target row of every block of the batch.
+    forward: how both passes run the layers (default model.forward_hidden)."""
+    forward = forward or model.forward_hidden
     dev = model.lm_head.weight.device
     B = block_size
     ids = batch.ids.to(dev)
@@ -597,14 +602,14 @@ def distill_loss(model: DualViewModel, batch: Batch, block_size: int, mask_id: i
     with torch.no_grad(), autocast:
         pos = torch.arange(N, device=dev).expand(bs, N)
         teacher = TeacherAttend(model.scale)
-        h = model.forward_hidden(ids, pos, teacher, diff=False)
+        h = forward(ids, pos, teacher, diff=False)
         th = h.gather(1, tpos.clamp(max=N - 1).reshape(bs, -1, 1).expand(-1, -1, h.shape[-1]))
         t_logp = F.log_softmax(model.logits(th.reshape(-1, h.shape[-1])[sel]), dim=-1)
         kv = [(k.detach(), v.detach()) for k, v in teacher.kv]
         del teacher, h, th
 
     with autocast:
-        hd = draft_blocks(model, ids, anchors, kv, B, mask_id)[:, :, : B - 1]
+        hd = draft_blocks(model, ids, anchors, kv, B, mask_id, forward)[:, :, : B - 1]
         s_logp = F.log_softmax(model.logits(hd.reshape(-1, hd.shape[-1])[sel]), dim=-1)
     p = t_logp.exp()
     kl = (p * (t_logp - s_logp)).sum(-1)
@@ -765,10 +770,15 @@ class Trainer:
     """Owns the optimizer and the step counter; batches depend only on (seed, step)."""
 
     def __init__(self, model: DualViewModel, data: DistillData, mask_id: int, cfg: TrainConfig,
-                 amp: Optional[torch.dtype] = None):
+                 amp: Optional[torch.dtype] = None, compile: bool = False):
         if len(data) == 0:
             raise ValueError("no training sequences")
         self.model, self.data, self.mask_id, self.cfg, self.amp = model, data, mask_id, cfg, amp
+        # compile: the layers' passes through torch.compile (sequence length dynamic), for
+        # training and its held-out loss only; the engine keeps its own path. A step's kernels
+        # were mostly unfused element-wise work (norms, rotary, SiLU, casts: over half of them
+        # on an H100, 2026-12-07), which compiling fuses.
+        self.forward = torch.compile(model.forward_hidden, dynamic=True) if compile else None
         self.params = trainable_parameters(model)
         # Master weights of the trained view in float32; the frozen base keeps its dtype.
         for p in self.params.values():
@@ -842,7 +852,8 @@ class Trainer:
 
     def _forward_backward(self, step: int) -> StepStats:
         batch = self.make_step_batch(step)
-        loss, st = distill_loss(self.model, batch, self.cfg.block_size, self.mask_id, self.cfg.loss_decay, self.amp)
+        loss, st = distill_loss(self.model, batch, self.cfg.block_size, self.mask_id, self.cfg.loss_decay, self.amp,
+                                self.forward)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         return st
@@ -882,7 +893,7 @@ class Trainer:
             g = torch.Generator().manual_seed(12345 + s)
             b = make_batch(data, idx, self.cfg.blocks_per_seq, g)
             _, st = distill_loss(self.model, b, self.cfg.block_size, self.mask_id,
-                                 self.cfg.loss_decay if decay is None else decay, self.amp)
+                                 self.cfg.loss_decay if decay is None else decay, self.amp, self.forward)
             tot_loss += st.loss * st.targets
             tot_acc += st.accuracy * st.targets
             tot_t += st.targets
