@@ -182,7 +182,7 @@ class Run:
         cp = self.dir / "curve.json"
         self.curve: list[dict[str, Any]] = json.loads(cp.read_text())["points"] if cp.exists() else []
         self.evals = 0  # points evaluated by this process: its first evaluation also compiles
-        self.fresh_shard: Path | None = None  # this command's answers (DIR/data/shard-N), returned to OUT
+        self.fresh_shard: Path | None = None  # this command's answers (DIR/data/shard-N), to return to OUT
 
     def eval_cost(self, n: int) -> float:
         """Seconds that n more evaluations in this process take: the first one compiles (Triton,
@@ -257,13 +257,15 @@ class Run:
                 shutil.copy2(f, out / f.name)
         # This command's answers go back too (about 6 MB a million response tokens, one file): a
         # later machine trains on them again (--data) instead of on its own answers alone. Not
-        # when speedup.json is to come: the device returns at most --out-files files.
-        if self.fresh_shard is not None and not getattr(self.a, "speedup_s", 0):
+        # when speedup.json is to come: the device returns at most --out-files files. Decided
+        # at the first copy (the files OUT gets are all there by then), once.
+        if self.fresh_shard is not None and not self.a.speedup_s:
             dest = out / answers_name(int(self.state["commands"]))
-            if not dest.exists() and len(list(out.iterdir())) < self.a.out_files:
+            if len(list(out.iterdir())) < self.a.out_files:
                 shutil.copy2(self.fresh_shard, dest)
-            elif not dest.exists():
+            else:
                 log(f"{dest.name} not returned: {out} holds {self.a.out_files} files already")
+            self.fresh_shard = None
 
 
 def engine_speedup(view_dir: Path, model: str | None, quick: bool = False) -> dict[str, Any]:

@@ -124,7 +124,7 @@ class Tally:
             self.groups.setdefault(g, self._stats()).add(d.stats)
 
     def report(self) -> dict[str, Any]:
-        s = self.spec or AcceptanceStats(accepted_per_position=[0] * (self.block_size - 1))
+        s = self.spec or self._stats()
         cycles = s.num_cycles
         by_pos = [a / cycles if cycles else 0.0 for a in s.accepted_per_position]
         cond = []
