@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from orthrus_runtime.tools import distill as D
 from orthrus_runtime.tools import eval_acceptance as E
@@ -84,6 +85,53 @@ def test_padding_to_a_multiple_changes_no_loss():
         losses.append((loss.item(), st.targets, st.context_tokens))
     assert losses[0][1:] == losses[1][1:] and losses[1][0] == pytest.approx(losses[0][0], rel=1e-5)
     assert D.make_batch(data, [0], 4, torch.Generator()).ids.shape[1] == 64  # the default
+
+
+def test_chunked_block_kl_equals_the_whole_logits_formula():
+    """BlockKL (row chunks, gradient formed in the forward pass) gives the loss, the argmax
+    agreement and the gradient of the plain formula over whole [rows, vocab] logits."""
+    model = tiny_model("qwen3", seed=3)
+    g = torch.Generator().manual_seed(0)
+    R, dim = 23, model.lm_head.weight.shape[1]
+    t_h = torch.randn(R, dim, generator=g)
+    s0 = torch.randn(R, dim, generator=g)
+    w = torch.rand(R, generator=g) + 0.1
+
+    ref_h = s0.clone().requires_grad_(True)
+    t_logp = F.log_softmax(model.logits(t_h), dim=-1).detach()
+    s_logp = F.log_softmax(model.logits(ref_h), dim=-1)
+    ref = ((t_logp.exp() * (t_logp - s_logp)).sum(-1) * w).sum() / w.sum()
+    ref.backward()
+    ref_agree = s_logp.argmax(-1) == t_logp.argmax(-1)
+    for chunk in (5, 23, 4096):
+        s_h = s0.clone().requires_grad_(True)
+        loss, agree = D.BlockKL.apply(s_h, t_h, w, model, D.kl_rows, chunk)
+        (2 * loss).backward()  # the upstream gradient scales the kept one
+        assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+        assert torch.equal(agree, ref_agree)
+        torch.testing.assert_close(s_h.grad, 2 * ref_h.grad, atol=1e-6, rtol=1e-4)
+    assert not any(p.grad is not None for p in model.parameters())  # the head is not trained
+
+
+def test_distill_loss_chunks_change_nothing():
+    """distill_loss with a few rows a chunk: the loss and the view's gradients of one chunk."""
+    model = tiny_model("qwen3", seed=2)
+    mask_id = model.add_mask_embedding()
+    params = D.trainable_parameters(model)
+    for p in params.values():
+        p.requires_grad_(True)
+    batch = D.make_batch(_random_data(seed=4, n=4), [0, 1, 2, 3], blocks_per_seq=4,
+                         gen=torch.Generator().manual_seed(0))
+    runs = []
+    for chunk in (7, 10**6):
+        model.zero_grad(set_to_none=True)
+        loss, st = D.distill_loss(model, batch, 4, mask_id, decay=3.0, chunk_rows=chunk)
+        loss.backward()
+        runs.append((loss.item(), st, {k: p.grad.clone() for k, p in params.items()}))
+    assert runs[0][1].targets > 7 and runs[0][1].accuracy == runs[1][1].accuracy
+    assert runs[0][0] == pytest.approx(runs[1][0], rel=1e-6)
+    for k in params:
+        torch.testing.assert_close(runs[0][2][k], runs[1][2][k], atol=1e-7, rtol=1e-5)
 
 
 def test_compiled_training_steps_equal_eager_ones():

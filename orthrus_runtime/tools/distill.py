@@ -576,11 +576,66 @@ class StepStats:
     context_tokens: int
 
 
+def kl_rows(t_logits: torch.Tensor, s_logits: torch.Tensor,
+            coef: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows of float32 logits [R, V] (teacher t, draft s) and row coefficients [R] ->
+    KL(p_t || q_s) [R], whether the two argmaxes agree [R], and the loss's gradient with
+    respect to s_logits [R, V] when the loss is sum(coef * KL): coef * (softmax(s) - p_t)
+    (the log-softmax's backward with sum(p_t) = 1). All element-wise: one fused kernel or
+    two when compiled (Trainer's compile)."""
+    t = F.log_softmax(t_logits, dim=-1)
+    s = F.log_softmax(s_logits, dim=-1)
+    p = t.exp()
+    kl = (p * (t - s)).sum(-1)
+    agree = s.argmax(-1) == t.argmax(-1)
+    return kl, agree, (s.exp() - p) * coef.unsqueeze(-1)
+
+
+class BlockKL(torch.autograd.Function):
+    """sum_r w_r KL(p_AR,r || q_draft,r) / sum_r w_r from the rows' final hidden states,
+    computed KL_CHUNK_ROWS rows at a time: the [rows, vocab] logits (3 GB each in float32
+    for a SmolLM2 batch of 15k target rows) never exist whole, and the gradient with
+    respect to the draft's hidden states is formed in the same pass and kept ([rows,
+    hidden], small) for backward. Under autocast the head's matmuls run in its dtype, as
+    model.logits does, the gradient's matmul included."""
+
+    @staticmethod
+    def forward(ctx, s_h: torch.Tensor, t_h: torch.Tensor, w: torch.Tensor, model: DualViewModel,
+                rows_fn: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]], chunk: int):
+        # s_h, t_h [R, D] draft / AR final hidden states; w [R] row weights
+        R = s_h.shape[0]
+        coef = w / w.sum().clamp(min=1e-9)
+        kl = torch.zeros(R, device=s_h.device)
+        agree = torch.zeros(R, dtype=torch.bool, device=s_h.device)
+        grad = torch.empty_like(s_h)
+        head = model.lm_head.weight
+        for c in range(0, R, chunk):
+            e = min(R, c + chunk)
+            t_logits = model.logits(t_h[c:e])
+            raw = model.lm_head(s_h[c:e])  # the head's dtype under autocast (model.logits before .float())
+            kl[c:e], agree[c:e], g = rows_fn(t_logits, raw.float(), coef[c:e])
+            grad[c:e] = (g.to(raw.dtype) @ head.to(raw.dtype)).to(grad.dtype)
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(agree)
+        return (kl * coef).sum(), agree
+
+    @staticmethod
+    def backward(ctx, g_loss: torch.Tensor, _g_agree: Optional[torch.Tensor]):
+        (grad,) = ctx.saved_tensors
+        return g_loss * grad, None, None, None, None, None
+
+
+KL_CHUNK_ROWS = 4096  # 800 MB of float32 logits a chunk on SmolLM2's 49k vocabulary
+
+
 def distill_loss(model: DualViewModel, batch: Batch, block_size: int, mask_id: int, decay: float = 0.0,
                  amp: Optional[torch.dtype] = None,
-                 forward: Optional[Callable[..., torch.Tensor]] = None) -> tuple[torch.Tensor, StepStats]:
+                 forward: Optional[Callable[..., torch.Tensor]] = None,
+                 rows_fn: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = kl_rows,
+                 chunk_rows: int = KL_CHUNK_ROWS) -> tuple[torch.Tensor, StepStats]:
     """Forward KL(p_AR || q_draft) over every target row of every block of the batch.
-    forward: how both passes run the layers (default model.forward_hidden)."""
+    forward: how both passes run the layers (default model.forward_hidden); rows_fn: the
+    KL's element-wise part (kl_rows, or a compiled copy of it)."""
     forward = forward or model.forward_hidden
     dev = model.lm_head.weight.device
     B = block_size
@@ -604,18 +659,14 @@ def distill_loss(model: DualViewModel, batch: Batch, block_size: int, mask_id: i
         teacher = TeacherAttend(model.scale)
         h = forward(ids, pos, teacher, diff=False)
         th = h.gather(1, tpos.clamp(max=N - 1).reshape(bs, -1, 1).expand(-1, -1, h.shape[-1]))
-        t_logp = F.log_softmax(model.logits(th.reshape(-1, h.shape[-1])[sel]), dim=-1)
+        t_h = th.reshape(-1, h.shape[-1])[sel]  # [R, D]
         kv = [(k.detach(), v.detach()) for k, v in teacher.kv]
         del teacher, h, th
 
     with autocast:
         hd = draft_blocks(model, ids, anchors, kv, B, mask_id, forward)[:, :, : B - 1]
-        s_logp = F.log_softmax(model.logits(hd.reshape(-1, hd.shape[-1])[sel]), dim=-1)
-    p = t_logp.exp()
-    kl = (p * (t_logp - s_logp)).sum(-1)
-    loss = (kl * w).sum() / w.sum().clamp(min=1e-9)
-    with torch.no_grad():
-        acc = (s_logp.argmax(-1) == t_logp.argmax(-1)).float().mean().item() if kl.numel() else 0.0
+        loss, agree = BlockKL.apply(hd.reshape(-1, hd.shape[-1])[sel], t_h, w, model, rows_fn, chunk_rows)
+    acc = agree.float().mean().item() if agree.numel() else 0.0
     return loss, StepStats(loss.item(), acc, int(sel.sum()), int(batch.lengths.sum()))
 
 
@@ -779,6 +830,8 @@ class Trainer:
         # were mostly unfused element-wise work (norms, rotary, SiLU, casts: over half of them
         # on an H100, 2026-12-07), which compiling fuses.
         self.forward = torch.compile(model.forward_hidden, dynamic=True) if compile else None
+        # and the KL's element-wise part (log-softmaxes, KL, gradient) over a chunk of rows
+        self.rows_fn = torch.compile(kl_rows, dynamic=True) if compile else kl_rows
         self.params = trainable_parameters(model)
         # Master weights of the trained view in float32; the frozen base keeps its dtype.
         for p in self.params.values():
@@ -853,7 +906,7 @@ class Trainer:
     def _forward_backward(self, step: int) -> StepStats:
         batch = self.make_step_batch(step)
         loss, st = distill_loss(self.model, batch, self.cfg.block_size, self.mask_id, self.cfg.loss_decay, self.amp,
-                                self.forward)
+                                self.forward, self.rows_fn)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         return st
@@ -893,7 +946,7 @@ class Trainer:
             g = torch.Generator().manual_seed(12345 + s)
             b = make_batch(data, idx, self.cfg.blocks_per_seq, g)
             _, st = distill_loss(self.model, b, self.cfg.block_size, self.mask_id,
-                                 self.cfg.loss_decay if decay is None else decay, self.amp, self.forward)
+                                 self.cfg.loss_decay if decay is None else decay, self.amp, self.forward, self.rows_fn)
             tot_loss += st.loss * st.targets
             tot_acc += st.accuracy * st.targets
             tot_t += st.targets
