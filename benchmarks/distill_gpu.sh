@@ -79,7 +79,8 @@ curve)
         for xzf in "$src"/shard-*.safetensors.xz; do
             [ -e "$xzf" ] || continue
             dst="$ans/$(basename "${xzf%.xz}")"
-            [ -e "$dst" ] || python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$xzf" "$dst"
+            # (through a temporary name: a cut-short unpack is not taken for a done one next call)
+            [ -e "$dst" ] || { python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$xzf" "$dst.part" && mv "$dst.part" "$dst"; }
         done
     done
     extra=()

@@ -114,7 +114,8 @@ def test_chunked_block_kl_equals_the_whole_logits_formula():
 
 
 def test_distill_loss_chunks_change_nothing():
-    """distill_loss with a few rows a chunk: the loss and the view's gradients of one chunk."""
+    """distill_loss with a few rows a chunk: the loss and the view's gradients equal those
+    computed in one chunk."""
     model = tiny_model("qwen3", seed=2)
     mask_id = model.add_mask_embedding()
     params = D.trainable_parameters(model)

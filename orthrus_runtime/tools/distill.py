@@ -581,8 +581,8 @@ def kl_rows(t_logits: torch.Tensor, s_logits: torch.Tensor,
     """Rows of float32 logits [R, V] (teacher t, draft s) and row coefficients [R] ->
     KL(p_t || q_s) [R], whether the two argmaxes agree [R], and the loss's gradient with
     respect to s_logits [R, V] when the loss is sum(coef * KL): coef * (softmax(s) - p_t)
-    (the log-softmax's backward with sum(p_t) = 1). All element-wise: one fused kernel or
-    two when compiled (Trainer's compile)."""
+    (the log-softmax's backward with sum(p_t) = 1). Element-wise work and row reductions
+    only, which Trainer's compile fuses."""
     t = F.log_softmax(t_logits, dim=-1)
     s = F.log_softmax(s_logits, dim=-1)
     p = t.exp()
@@ -593,7 +593,7 @@ def kl_rows(t_logits: torch.Tensor, s_logits: torch.Tensor,
 
 class BlockKL(torch.autograd.Function):
     """sum_r w_r KL(p_AR,r || q_draft,r) / sum_r w_r from the rows' final hidden states,
-    computed KL_CHUNK_ROWS rows at a time: the [rows, vocab] logits (3 GB each in float32
+    computed `chunk` rows at a time (KL_CHUNK_ROWS in distill_loss): the [rows, vocab] logits (3 GB each in float32
     for a SmolLM2 batch of 15k target rows) never exist whole, and the gradient with
     respect to the draft's hidden states is formed in the same pass and kept ([rows,
     hidden], small) for backward. Under autocast the head's matmuls run in its dtype, as
@@ -608,13 +608,15 @@ class BlockKL(torch.autograd.Function):
         kl = torch.zeros(R, device=s_h.device)
         agree = torch.zeros(R, dtype=torch.bool, device=s_h.device)
         grad = torch.empty_like(s_h)
-        head = model.lm_head.weight
+        head: Optional[torch.Tensor] = None  # the head's weight in the logits' matmul dtype, cast once
         for c in range(0, R, chunk):
             e = min(R, c + chunk)
             t_logits = model.logits(t_h[c:e])
             raw = model.lm_head(s_h[c:e])  # the head's dtype under autocast (model.logits before .float())
             kl[c:e], agree[c:e], g = rows_fn(t_logits, raw.float(), coef[c:e])
-            grad[c:e] = (g.to(raw.dtype) @ head.to(raw.dtype)).to(grad.dtype)
+            if head is None:
+                head = model.lm_head.weight.to(raw.dtype)
+            grad[c:e] = (g.to(raw.dtype) @ head).to(grad.dtype)
         ctx.save_for_backward(grad)
         ctx.mark_non_differentiable(agree)
         return (kl * coef).sum(), agree
