@@ -249,10 +249,13 @@ class Run:
         self.copy_out()
         return tensors
 
-    def write_state(self) -> None:
-        tmp = self.dir / "state.json.tmp"
+    def write_state(self, folder: Path | None = None) -> None:
+        """folder/state.json (default DIR), through a temporary name: a run killed while
+        writing leaves the last whole state."""
+        folder = folder or self.dir
+        tmp = folder / "state.json.tmp"
         tmp.write_text(json.dumps(self.state, indent=1) + "\n")
-        tmp.replace(self.dir / "state.json")
+        tmp.replace(folder / "state.json")
 
     def copy_out(self) -> None:
         out: Path = self.a.out
@@ -283,6 +286,11 @@ def prompt_stream(tokenizer, prompts: list, a: argparse.Namespace) -> D.PromptSt
                           greedy_fraction=a.gen_greedy_fraction, seed=0)
 
 
+def gen_kv_bytes(a: argparse.Namespace) -> int | None:
+    """--gen-kv-cache-mb in bytes (None: generate_data's CPU default)."""
+    return int(a.gen_kv_cache_mb * 2**20) or None
+
+
 def answer_ahead(r: Run, a: argparse.Namespace) -> int:
     """--answer-only: answer the stream's next prompts on this machine (any device: the CPU
     while no GPU is lent) for the budget, and move the state's prompt cursor past them, so
@@ -310,9 +318,7 @@ def answer_ahead(r: Run, a: argparse.Namespace) -> int:
 
     def save_state() -> None:
         r.write_state()
-        tmp = a.out / "state.json.tmp"  # (a run killed while copying leaves the last whole copy)
-        shutil.copy2(r.dir / "state.json", tmp)
-        tmp.replace(a.out / "state.json")
+        r.write_state(a.out)
 
     def hand_over(d: D.DistillData) -> None:
         n = int(st.get("ahead_shards", 0))
@@ -327,9 +333,8 @@ def answer_ahead(r: Run, a: argparse.Namespace) -> int:
     seconds = max(1.0, a.budget_s - (time.monotonic() - T0) - SAVE_S)
     data = D.generate_data(loaded, stream, start=start, skip=skip, seconds=seconds,
                            max_new_tokens=a.gen_max_new_tokens, max_num_seqs=a.gen_max_num_seqs,
-                           shard_seconds=a.ahead_shard_s, on_shard=hand_over,
-                           kv_cache_bytes=int(a.gen_kv_cache_mb * 2**20) or None, max_prompts=a.ahead_max_prompts,
-                           log=log)
+                           shard_seconds=a.ahead_shard_s, on_shard=hand_over, kv_cache_bytes=gen_kv_bytes(a),
+                           max_prompts=a.ahead_max_prompts, log=log)
     st["next_uid"], st["answered_ahead"] = D.resume_skip(data, skip)
     st.setdefault("ahead", []).append({"device": where, "gen_dtype": a.gen_dtype, "from_uid": start,
                                        "next_uid": st["next_uid"], "responses": len(data),
@@ -579,7 +584,8 @@ def run(a: argparse.Namespace, split: list[float]) -> int:
     for _ in range(5 if a.train_on == "all" or greedy_left else 0):  # enough to train on, even past the budget
         skip = st.get("answered_ahead", [])  # answered past the cursor (D.resume_skip)
         new = D.generate_data(gen_model, stream, start=int(st["next_uid"]), skip=set(skip), seconds=gen_s,
-                              max_new_tokens=a.gen_max_new_tokens, max_num_seqs=a.gen_max_num_seqs, log=log)
+                              max_new_tokens=a.gen_max_new_tokens, max_num_seqs=a.gen_max_num_seqs,
+                              kv_cache_bytes=gen_kv_bytes(a), log=log)
         parts.append(new)
         st["next_uid"], st["answered_ahead"] = D.resume_skip(new, skip)
         st["gen_seconds"] = round(st["gen_seconds"] + float(new.meta["seconds"]), 1)
